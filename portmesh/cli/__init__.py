@@ -1,0 +1,1 @@
+"""portmesh cli component."""

@@ -1,0 +1,179 @@
+"""Desired state → the exact flow set of one switch. Pure: no I/O, no switch, no clock.
+
+The controller calls :func:`compile_switch` for each connected switch and
+installs the difference; tests call it directly. Flows are grouped by owner
+(host, container, mapping) so that removing an owner removes precisely its
+flows, and a change to one mapping touches only that mapping's flows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping as MappingABC
+from ipaddress import IPv4Address
+
+from portmesh.controller.flows import (
+    OFPP_CONTROLLER,
+    OFPP_IN_PORT,
+    OFPP_LOCAL,
+    Flow,
+    Move,
+    Output,
+    OwnerKind,
+    SetField,
+    ToController,
+    flow,
+)
+from portmesh.controller.pipeline import Table
+from portmesh.model.config import NetworkConfig
+from portmesh.model.entities import Container, DesiredState, Mapping, Proto
+
+ETH_IP = 0x0800
+ETH_ARP = 0x0806
+IPPROTO = {Proto.TCP: 6, Proto.UDP: 17}
+IPPROTO_ICMP = 1
+SRC_FIELD = {Proto.TCP: "tcp_src", Proto.UDP: "udp_src"}
+DST_FIELD = {Proto.TCP: "tcp_dst", Proto.UDP: "udp_dst"}
+
+# Priorities, highest first; named so the pipeline reads the same in code and in dumps.
+PRIO_SERVICE = 300
+PRIO_BLOCK = 200
+PRIO_ALLOW = 100
+PRIO_REJECT = 50
+PRIO_PORT_DROP = 10
+PRIO_DEFAULT = 0
+
+__all__ = ["compile_switch", "OFPP_CONTROLLER"]
+
+
+def compile_switch(
+    state: DesiredState,
+    config: NetworkConfig,
+    host: str,
+    ports: MappingABC[str, int],
+) -> dict[int, Flow]:
+    """All flows the switch of ``host`` must hold, keyed by cookie.
+
+    ``ports`` maps bridge-port names to OpenFlow port numbers as the switch
+    reports them; a local container whose port is not there yet gets no
+    port-bound flows (its traffic is dropped until the port appears).
+    """
+    flows: dict[int, Flow] = {}
+    seen: dict[tuple[int, int, object], Flow] = {}
+    for f in _all_flows(state, config, host, ports):
+        key = (f.table.number, f.priority, f.match)
+        other = seen.get(key)
+        if other is not None and other.cookie != f.cookie:
+            raise ValueError(f"two flows share table/priority/match: {other} and {f}")
+        seen[key] = f
+        flows[f.cookie] = f
+    return flows
+
+
+def _all_flows(state: DesiredState, config: NetworkConfig, host: str, ports: MappingABC[str, int]) -> Iterator[Flow]:
+    yield from host_flows(config, host)
+    for ip in sorted(state.public_ips()):
+        yield from public_ip_flows(config, ip)
+    for mapping in state.mappings.values():
+        owner = state.containers.get(mapping.container)
+        if owner is not None:
+            yield from mapping_flows(mapping, owner, ports if owner.host == host else None)
+    for container in state.containers.values():
+        yield from block_flows(container)
+        if container.host == host and container.port_name in ports:
+            yield from container_port_flows(container, ports[container.port_name])
+
+
+def host_flows(config: NetworkConfig, host: str) -> Iterator[Flow]:
+    """Flows every switch has: trust the gateway port, answer ARP for the gateway, default paths."""
+    h = OwnerKind.HOST
+    yield flow(Table.CLASSIFY, PRIO_ALLOW, h, host, goto=Table.ARP, in_port=OFPP_LOCAL, eth_type=ETH_ARP)
+    yield flow(Table.CLASSIFY, PRIO_ALLOW, h, host, goto=Table.MAPPING, in_port=OFPP_LOCAL, eth_type=ETH_IP)
+    yield flow(Table.CLASSIFY, PRIO_DEFAULT, h, host)
+    yield flow(Table.ARP, PRIO_ALLOW, h, host, arp_responder(config.gateway_ip, config.gateway_mac),
+               eth_type=ETH_ARP, arp_op=1, arp_tpa=str(config.gateway_ip))
+    yield flow(Table.ARP, PRIO_DEFAULT, h, host)
+    yield flow(Table.MAPPING, PRIO_DEFAULT, h, host, goto=Table.L2)
+    yield flow(Table.L2, PRIO_ALLOW, h, host, (Output(OFPP_LOCAL),), eth_dst=config.gateway_mac)
+    yield flow(Table.L2, PRIO_DEFAULT, h, host)
+
+
+def public_ip_flows(config: NetworkConfig, ip: IPv4Address) -> Iterator[Flow]:
+    """Per public IP: ARP and ICMP echo answered by the switch; unmapped TCP/UDP rejected."""
+    name = str(ip)
+    k = OwnerKind.REJECT
+    yield flow(Table.ARP, PRIO_ALLOW, k, name, arp_responder(ip, config.virtual_mac),
+               eth_type=ETH_ARP, arp_op=1, arp_tpa=name)
+    yield flow(Table.MAPPING, PRIO_ALLOW, k, name, icmp_echo_responder(ip, config.virtual_mac),
+               eth_type=ETH_IP, ipv4_dst=name, ip_proto=IPPROTO_ICMP, icmpv4_type=8)
+    for proto in Proto:
+        yield flow(Table.MAPPING, PRIO_REJECT, k, name, (ToController(),),
+                   eth_type=ETH_IP, ipv4_dst=name, ip_proto=IPPROTO[proto])
+
+
+def mapping_flows(mapping: Mapping, owner: Container, ports: MappingABC[str, int] | None) -> Iterator[Flow]:
+    """The mapping's rewrite flow (every switch) and, on the owner's switch, its source-port allowance."""
+    name = str(mapping.key)
+    k = OwnerKind.MAPPING
+    ip = str(mapping.public_ip)
+    yield flow(Table.MAPPING, PRIO_SERVICE, k, name, (SetField("eth_dst", owner.mac),), Table.L2,
+               eth_type=ETH_IP, ipv4_dst=ip, ip_proto=IPPROTO[mapping.proto], **{DST_FIELD[mapping.proto]: mapping.port})
+    if ports is not None and owner.port_name in ports:
+        yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, goto=Table.MAPPING,
+                   in_port=ports[owner.port_name], eth_src=owner.mac, eth_type=ETH_IP, ipv4_src=ip,
+                   ip_proto=IPPROTO[mapping.proto], **{SRC_FIELD[mapping.proto]: mapping.port})
+
+
+def block_flows(container: Container) -> Iterator[Flow]:
+    """Replies to the container's own connections: one masked flow per IP and protocol."""
+    block = container.block
+    for ip in container.ips:
+        for proto in Proto:
+            yield flow(Table.MAPPING, PRIO_BLOCK, OwnerKind.CONTAINER, container.name,
+                       (SetField("eth_dst", container.mac),), Table.L2,
+                       eth_type=ETH_IP, ipv4_dst=str(ip), ip_proto=IPPROTO[proto],
+                       **{DST_FIELD[proto]: (block.start, block.mask)})
+
+
+def container_port_flows(container: Container, port: int) -> Iterator[Flow]:
+    """Port security and L2 delivery for a container on this switch."""
+    k = OwnerKind.CONTAINER
+    name = container.name
+    mac = container.mac
+    for ip in container.ips:
+        yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, goto=Table.ARP,
+                   in_port=port, eth_src=mac, eth_type=ETH_ARP, arp_spa=str(ip), arp_sha=mac)
+        yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, goto=Table.MAPPING,
+                   in_port=port, eth_src=mac, eth_type=ETH_IP, ipv4_src=str(ip), ip_proto=IPPROTO_ICMP)
+        for proto in Proto:
+            yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, goto=Table.MAPPING,
+                       in_port=port, eth_src=mac, eth_type=ETH_IP, ipv4_src=str(ip), ip_proto=IPPROTO[proto],
+                       **{SRC_FIELD[proto]: (container.block.start, container.block.mask)})
+    yield flow(Table.CLASSIFY, PRIO_PORT_DROP, k, name, in_port=port)
+    yield flow(Table.L2, PRIO_BLOCK, k, name, (Output(OFPP_IN_PORT),), eth_dst=mac, in_port=port)
+    yield flow(Table.L2, PRIO_ALLOW, k, name, (Output(port),), eth_dst=mac)
+
+
+def arp_responder(ip: IPv4Address, mac: str) -> tuple[SetField | Move | Output, ...]:
+    """Turn an ARP request for ``ip`` into the reply ``ip is-at mac`` and send it back (as OVN does)."""
+    return (
+        Move("eth_src", "eth_dst", 48),
+        SetField("eth_src", mac),
+        SetField("arp_op", 2),
+        Move("arp_sha", "arp_tha", 48),
+        SetField("arp_sha", mac),
+        Move("arp_spa", "arp_tpa", 32),
+        SetField("arp_spa", str(ip)),
+        Output(OFPP_IN_PORT),
+    )
+
+
+def icmp_echo_responder(ip: IPv4Address, mac: str) -> tuple[SetField | Move | Output, ...]:
+    """Turn an ICMP echo request to ``ip`` into its reply (OVS fixes the checksums)."""
+    return (
+        Move("eth_src", "eth_dst", 48),
+        SetField("eth_src", mac),
+        Move("ipv4_src", "ipv4_dst", 32),
+        SetField("ipv4_src", str(ip)),
+        SetField("icmpv4_type", 0),
+        Output(OFPP_IN_PORT),
+    )

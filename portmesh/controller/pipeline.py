@@ -1,0 +1,119 @@
+"""The OpenFlow pipeline, declared once as data.
+
+Every table the controller programs is listed here with its number, the match
+fields its flows may use and the tables they may jump to. The compiler builds
+flows against these declarations and :meth:`Table.check` rejects a flow that
+steps outside them; ``docs/pipeline.md`` is generated from this module
+(``python -m portmesh.controller.pipeline``) and a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """What one table is for and what its flows may do."""
+
+    number: int
+    purpose: str
+    match_fields: frozenset[str]
+    next_tables: tuple[str, ...]
+    miss: str
+
+
+class Table(enum.Enum):
+    """The pipeline's tables, in packet order. Names are the ones the code uses."""
+
+    CLASSIFY = TableSpec(
+        number=0,
+        purpose=(
+            "Ingress classification and port security. A container port may send only with its own MAC, "
+            "from one of its IPs, and (TCP/UDP) from a source port it owns: a mapped service port or its "
+            "ephemeral block. ARP must carry its own MAC and IP. The host's gateway port and tunnel ports "
+            "are trusted. Everything else hits the container's drop flow, whose counter is the port-security count."
+        ),
+        match_fields=frozenset(
+            {"in_port", "eth_src", "eth_type", "ipv4_src", "ip_proto", "tcp_src", "udp_src", "arp_spa", "arp_sha"}
+        ),
+        next_tables=("ARP", "MAPPING"),
+        miss="drop",
+    )
+    ARP = TableSpec(
+        number=1,
+        purpose=(
+            "ARP responder. Requests for a public IP are answered with the virtual MAC, requests for the "
+            "gateway with the gateway MAC, by rewriting the request into a reply and sending it back out of "
+            "IN_PORT. No ARP ever reaches a container, so containers sharing an IP never answer for each other."
+        ),
+        match_fields=frozenset({"eth_type", "arp_op", "arp_tpa"}),
+        next_tables=(),
+        miss="drop",
+    )
+    MAPPING = TableSpec(
+        number=2,
+        purpose=(
+            "The mapping table: (ipv4_dst, ip_proto, tp_dst) -> set eth_dst to the owning container's MAC. "
+            "Exact flows for service ports, one masked flow per ephemeral block. ICMP echo requests to a "
+            "public IP are answered here. An unmapped TCP/UDP destination on a public IP goes to the "
+            "controller, which answers with a TCP reset or ICMP port unreachable. Other destinations pass to L2."
+        ),
+        match_fields=frozenset({"eth_type", "ipv4_dst", "ip_proto", "tcp_dst", "udp_dst", "icmpv4_type"}),
+        next_tables=("L2",),
+        miss="goto L2",
+    )
+    L2 = TableSpec(
+        number=3,
+        purpose=(
+            "L2 forwarding keyed by (switch, eth_dst): a container MAC goes to its port (IN_PORT when the "
+            "packet came from that very port), the gateway MAC to the host's LOCAL port. Programmed "
+            "proactively from desired state; nothing is learned."
+        ),
+        match_fields=frozenset({"eth_dst", "in_port"}),
+        next_tables=(),
+        miss="drop",
+    )
+
+    @property
+    def number(self) -> int:
+        return self.value.number
+
+    def check(self, match: dict[str, object], goto: Table | None) -> None:
+        """Raise ``ValueError`` if a flow uses a field or a jump this table does not declare."""
+        unknown = set(match) - self.value.match_fields
+        if unknown:
+            raise ValueError(f"table {self.name} does not match on {sorted(unknown)}")
+        if goto is not None and goto.name not in self.value.next_tables:
+            raise ValueError(f"table {self.name} may not go to {goto.name}")
+
+
+def render_markdown() -> str:
+    """The pipeline document, generated from the declarations above."""
+    lines = [
+        "# portmesh OpenFlow pipeline",
+        "",
+        "Generated from `portmesh/controller/pipeline.py` by `python -m portmesh.controller.pipeline`;",
+        "a test fails when this file and the module disagree. OpenFlow 1.3, one bridge per host,",
+        "`fail_mode=secure`, every flow installed proactively with a cookie naming its owner.",
+        "",
+    ]
+    for table in Table:
+        spec = table.value
+        lines += [
+            f"## Table {spec.number}: `{table.name}`",
+            "",
+            spec.purpose,
+            "",
+            f"- match fields: {', '.join(f'`{f}`' for f in sorted(spec.match_fields))}",
+            f"- goes to: {', '.join(f'`{t}`' for t in spec.next_tables) or 'nothing (terminal)'}",
+            f"- on a miss: {spec.miss}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_markdown())

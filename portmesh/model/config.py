@@ -1,0 +1,41 @@
+"""Network-wide constants of a portmesh cloud, overridable but never hard-coded elsewhere.
+
+The defaults keep every address inside ranges reserved for documentation and
+benchmarking (RFC 5737 / RFC 2544), so a lab can never talk to a real network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Addresses and sizes shared by the controller, the agents and the API.
+
+    - ``public_pools``: public IPs that may be given to containers.
+    - ``gateway_ip``/``gateway_mac``: the link-local next hop every container
+      uses; the switch answers ARP for it, the host's bridge port owns it.
+    - ``virtual_mac``: the one MAC that ARP replies give for every public IP;
+      the mapping table rewrites it to the owning container's MAC.
+    - ``ephemeral_*``: the range carved into per-container source-port blocks.
+    - ``container_mtu``: leaves 50 bytes of VXLAN header on a 1500 underlay.
+    """
+
+    public_pools: tuple[IPv4Network, ...] = (IPv4Network("203.0.113.0/24"),)
+    gateway_ip: IPv4Address = IPv4Address("169.254.1.1")
+    gateway_prefix: int = 16
+    gateway_mac: str = "0a:00:00:00:00:01"
+    virtual_mac: str = "0a:00:00:00:00:02"
+    ephemeral_start: int = 32768
+    ephemeral_end: int = 65535
+    block_size: int = 1024
+    container_mtu: int = 1450
+
+    def in_pools(self, ip: IPv4Address) -> bool:
+        """True if ``ip`` belongs to one of the configured public pools."""
+        return any(ip in pool for pool in self.public_pools)
+
+
+DEFAULT_CONFIG = NetworkConfig()

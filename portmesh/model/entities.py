@@ -1,0 +1,190 @@
+"""The desired-state vocabulary: hosts, containers, port blocks and mappings.
+
+These are plain, immutable values. Every other component (store, controller,
+agent, api) speaks in these types, so they import nothing of ours and carry no
+I/O. Validation lives in :mod:`portmesh.model.validation`; a value built through
+:func:`Container.new` and friends is already valid.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+
+class Proto(str, enum.Enum):
+    """Transport protocols a mapping can name."""
+
+    TCP = "tcp"
+    UDP = "udp"
+
+
+@dataclass(frozen=True, order=True)
+class PortBlock:
+    """An aligned block of ephemeral source ports owned by one container.
+
+    ``size`` is a power of two and ``start`` a multiple of it, so the whole block
+    is matched by one masked ``tp_dst`` flow: ``start/mask``.
+    """
+
+    start: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        """Last port of the block (inclusive)."""
+        return self.start + self.size - 1
+
+    @property
+    def mask(self) -> int:
+        """The 16-bit mask that matches exactly this block."""
+        return 0xFFFF & ~(self.size - 1)
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.start <= port <= self.end
+
+    def __str__(self) -> str:
+        return f"{self.start}-{self.end}"
+
+
+@dataclass(frozen=True)
+class Host:
+    """A machine running one Open vSwitch bridge and one portmesh agent.
+
+    ``underlay_ip`` is where other hosts' VXLAN tunnels end; ``datapath_id`` is
+    the bridge's OpenFlow datapath id, which is how the controller recognises
+    the switch when it connects.
+    """
+
+    name: str
+    datapath_id: int
+    underlay_ip: IPv4Address | None = None
+
+
+@dataclass(frozen=True)
+class Container:
+    """An endpoint that holds one or more public IPs on one host.
+
+    The MAC is fixed for the container's life (it is what the mapping rewrites
+    to), and survives restarts of the container and of every portmesh process.
+    """
+
+    name: str
+    host: str
+    mac: str
+    ips: tuple[IPv4Address, ...]
+    block: PortBlock
+    command: tuple[str, ...] = ()
+    image: str | None = None
+
+    @property
+    def port_name(self) -> str:
+        """Name of the container's veth end on the host's bridge (<=15 chars)."""
+        return port_name_for(self.name)
+
+
+@dataclass(frozen=True, order=True)
+class MappingKey:
+    """What a mapping matches: ``(public_ip, proto, port)``; unique across the cloud."""
+
+    public_ip: IPv4Address
+    proto: Proto
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.public_ip}:{self.port}/{self.proto.value}"
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """``(public_ip, proto, port) → container``: the heart of the design."""
+
+    key: MappingKey
+    container: str
+
+    @property
+    def public_ip(self) -> IPv4Address:
+        return self.key.public_ip
+
+    @property
+    def proto(self) -> Proto:
+        return self.key.proto
+
+    @property
+    def port(self) -> int:
+        return self.key.port
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """One consistent snapshot of everything the cloud should be.
+
+    ``generation`` increases with every write to the store; a switch or agent
+    that has realised a snapshot reports its generation back (``--wait``).
+    """
+
+    generation: int = 0
+    hosts: dict[str, Host] = field(default_factory=dict)
+    containers: dict[str, Container] = field(default_factory=dict)
+    mappings: dict[MappingKey, Mapping] = field(default_factory=dict)
+
+    def containers_on(self, host: str) -> list[Container]:
+        """Containers placed on ``host``, in name order (stable output)."""
+        return sorted((c for c in self.containers.values() if c.host == host), key=lambda c: c.name)
+
+    def mappings_of(self, container: str) -> list[Mapping]:
+        """Mappings that point at ``container``, in key order."""
+        return sorted((m for m in self.mappings.values() if m.container == container), key=lambda m: m.key)
+
+    def public_ips(self) -> set[IPv4Address]:
+        """Every public IP held by some container."""
+        return {ip for c in self.containers.values() for ip in c.ips}
+
+
+def port_name_for(container_name: str) -> str:
+    """Deterministic bridge-port name for a container: ``pm`` + 12 hex digits.
+
+    Interface names are limited to 15 characters, container names are not, so
+    the name is a digest; the controller finds the container's OpenFlow port by it.
+    """
+    return "pm" + hashlib.blake2b(container_name.encode(), digest_size=6).hexdigest()
+
+
+def mac_for(container_name: str) -> str:
+    """A stable, locally administered unicast MAC derived from the container name."""
+    digest = hashlib.blake2b(b"mac:" + container_name.encode(), digest_size=5).digest()
+    return "02:" + ":".join(f"{b:02x}" for b in digest)
+
+
+class RunState(str, enum.Enum):
+    """What the host agent last saw of a container (status, written by the agent)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    EXITED = "exited"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class ContainerStatus:
+    """Realised state of a container, reported by its host's agent.
+
+    ``netns`` names the network namespace the agent plumbed (what ``exec`` enters),
+    ``pid`` is the container's main process, ``message`` explains an error.
+    """
+
+    state: RunState = RunState.PENDING
+    netns: str = ""
+    pid: int | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    """How far a host has caught up: the generation its switch and its agent have realised."""
+
+    switch_generation: int = 0
+    agent_generation: int = 0
+    switch_connected: bool = False

@@ -1,0 +1,120 @@
+"""Checks that turn user input into model values, or say which field is wrong and why.
+
+Every check raises :class:`InvalidInput` (malformed) or :class:`Conflict`
+(well-formed but clashing with the current state) carrying the field name, so
+the API can answer 422/409 with a body naming it and the CLI can print it. The
+functions are pure: they read a :class:`DesiredState` and never change it.
+"""
+
+from __future__ import annotations
+
+import re
+from ipaddress import AddressValueError, IPv4Address
+
+from portmesh.model.blocks import allocate_block
+from portmesh.model.config import NetworkConfig
+from portmesh.model.entities import Container, DesiredState, Mapping, MappingKey, Proto, mac_for
+from portmesh.model.errors import Conflict, InvalidInput, NotFound
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+def parse_name(value: str, field: str = "name") -> str:
+    """A container or host name: lowercase letters, digits, ``_.-``, 1-63 chars."""
+    if not NAME_RE.match(value):
+        raise InvalidInput(field, f"{value!r} is not a valid name (lowercase letters, digits, '_', '.', '-'; 1-63 chars)")
+    return value
+
+
+def parse_ip(value: str, field: str = "ip") -> IPv4Address:
+    """An IPv4 address in dotted form."""
+    try:
+        return IPv4Address(value)
+    except (AddressValueError, ValueError):
+        raise InvalidInput(field, f"{value!r} is not an IPv4 address") from None
+
+
+def parse_port(value: int | str, field: str = "port") -> int:
+    """A TCP/UDP port number, 1-65535."""
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(field, f"{value!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise InvalidInput(field, f"{port} is outside 1-65535")
+    return port
+
+
+def parse_proto(value: str, field: str = "proto") -> Proto:
+    """``tcp`` or ``udp`` (case-insensitive)."""
+    try:
+        return Proto(value.lower())
+    except ValueError:
+        raise InvalidInput(field, f"{value!r} is not a protocol (tcp or udp)") from None
+
+
+def parse_port_spec(value: str, field: str = "port") -> tuple[int, Proto]:
+    """``80/tcp``, ``53/udp`` or a bare ``80`` (TCP), as docker's ``-p`` reads it."""
+    port, _, proto = value.partition("/")
+    return parse_port(port, field), parse_proto(proto or "tcp", field)
+
+
+def check_public_ip(ip: IPv4Address, config: NetworkConfig, field: str = "ip") -> None:
+    """The IP must come from a configured public pool (409 otherwise: it is well-formed)."""
+    if not config.in_pools(ip):
+        pools = ", ".join(str(p) for p in config.public_pools)
+        raise Conflict(field, f"{ip} is not in the public pools ({pools})")
+
+
+def new_container(
+    state: DesiredState,
+    config: NetworkConfig,
+    *,
+    name: str,
+    host: str,
+    ips: list[IPv4Address],
+    command: tuple[str, ...] = (),
+    image: str | None = None,
+) -> Container:
+    """Build a container for ``state``: checks names and IPs, derives the MAC, allocates its block."""
+    parse_name(name, "name")
+    if name in state.containers:
+        raise Conflict("name", f"container {name!r} already exists")
+    if host not in state.hosts:
+        raise NotFound("host", f"host {host!r} does not exist")
+    if not ips:
+        raise InvalidInput("ips", "a container needs at least one public IP")
+    if len(set(ips)) != len(ips):
+        raise InvalidInput("ips", "the same IP is listed twice")
+    for ip in ips:
+        check_public_ip(ip, config, "ips")
+    mac = mac_for(name)
+    if any(c.mac == mac for c in state.containers.values()):
+        raise Conflict("name", f"derived MAC {mac} collides with another container; pick another name")
+    block = allocate_block(state, config, ips)
+    return Container(name=name, host=host, mac=mac, ips=tuple(ips), block=block, command=command, image=image)
+
+
+def new_mapping(state: DesiredState, key: MappingKey, container: str) -> Mapping:
+    """Check that ``key`` may be mapped to ``container`` and build the mapping.
+
+    Refused: an unknown container (404); an IP the container does not hold
+    (409: the packet would reach a container that drops it); a key already
+    mapped (409, even to the same container: mappings are never taken over);
+    a port inside another container's ephemeral block on that IP (409: the
+    block flow would be shadowed, and replies would go astray).
+    """
+    owner = state.containers.get(container)
+    if owner is None:
+        raise NotFound("container", f"container {container!r} does not exist")
+    if key.public_ip not in owner.ips:
+        raise Conflict("public_ip", f"container {container!r} does not hold {key.public_ip}")
+    existing = state.mappings.get(key)
+    if existing is not None:
+        raise Conflict("port", f"{key} is already mapped to {existing.container!r}")
+    for other in state.containers.values():
+        if other.name != container and key.public_ip in other.ips and key.port in other.block:
+            raise Conflict("port", f"{key.port} lies in {other.name!r}'s ephemeral block {other.block} on {key.public_ip}")
+    if key.port in owner.block:
+        raise Conflict("port", f"{key.port} lies in the container's own ephemeral block {owner.block}")
+    return Mapping(key=key, container=container)
