@@ -8,7 +8,8 @@ flows, and a change to one mapping touches only that mapping's flows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping as MappingABC
+from collections.abc import Iterator
+from collections.abc import Mapping as MappingABC
 from ipaddress import IPv4Address
 
 from portmesh.controller.flows import (
@@ -42,7 +43,7 @@ PRIO_REJECT = 50
 PRIO_PORT_DROP = 10
 PRIO_DEFAULT = 0
 
-__all__ = ["compile_switch", "OFPP_CONTROLLER"]
+__all__ = ["OFPP_CONTROLLER", "compile_switch"]
 
 
 def compile_switch(
@@ -86,13 +87,13 @@ def _all_flows(state: DesiredState, config: NetworkConfig, host: str, ports: Map
 def host_flows(config: NetworkConfig, host: str) -> Iterator[Flow]:
     """Flows every switch has: trust the gateway port, answer ARP for the gateway, default paths."""
     h = OwnerKind.HOST
-    yield flow(Table.CLASSIFY, PRIO_ALLOW, h, host, goto=Table.ARP, in_port=OFPP_LOCAL, eth_type=ETH_ARP)
-    yield flow(Table.CLASSIFY, PRIO_ALLOW, h, host, goto=Table.MAPPING, in_port=OFPP_LOCAL, eth_type=ETH_IP)
+    yield flow(Table.CLASSIFY, PRIO_ALLOW, h, host, (), Table.ARP, in_port=OFPP_LOCAL, eth_type=ETH_ARP)
+    yield flow(Table.CLASSIFY, PRIO_ALLOW, h, host, (), Table.MAPPING, in_port=OFPP_LOCAL, eth_type=ETH_IP)
     yield flow(Table.CLASSIFY, PRIO_DEFAULT, h, host)
     yield flow(Table.ARP, PRIO_ALLOW, h, host, arp_responder(config.gateway_ip, config.gateway_mac),
                eth_type=ETH_ARP, arp_op=1, arp_tpa=str(config.gateway_ip))
     yield flow(Table.ARP, PRIO_DEFAULT, h, host)
-    yield flow(Table.MAPPING, PRIO_DEFAULT, h, host, goto=Table.L2)
+    yield flow(Table.MAPPING, PRIO_DEFAULT, h, host, (), Table.L2)
     yield flow(Table.L2, PRIO_ALLOW, h, host, (Output(OFPP_LOCAL),), eth_dst=config.gateway_mac)
     yield flow(Table.L2, PRIO_DEFAULT, h, host)
 
@@ -118,7 +119,7 @@ def mapping_flows(mapping: Mapping, owner: Container, ports: MappingABC[str, int
     yield flow(Table.MAPPING, PRIO_SERVICE, k, name, (SetField("eth_dst", owner.mac),), Table.L2,
                eth_type=ETH_IP, ipv4_dst=ip, ip_proto=IPPROTO[mapping.proto], **{DST_FIELD[mapping.proto]: mapping.port})
     if ports is not None and owner.port_name in ports:
-        yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, goto=Table.MAPPING,
+        yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, (), Table.MAPPING,
                    in_port=ports[owner.port_name], eth_src=owner.mac, eth_type=ETH_IP, ipv4_src=ip,
                    ip_proto=IPPROTO[mapping.proto], **{SRC_FIELD[mapping.proto]: mapping.port})
 
@@ -140,12 +141,12 @@ def container_port_flows(container: Container, port: int) -> Iterator[Flow]:
     name = container.name
     mac = container.mac
     for ip in container.ips:
-        yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, goto=Table.ARP,
+        yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, (), Table.ARP,
                    in_port=port, eth_src=mac, eth_type=ETH_ARP, arp_spa=str(ip), arp_sha=mac)
-        yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, goto=Table.MAPPING,
+        yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, (), Table.MAPPING,
                    in_port=port, eth_src=mac, eth_type=ETH_IP, ipv4_src=str(ip), ip_proto=IPPROTO_ICMP)
         for proto in Proto:
-            yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, goto=Table.MAPPING,
+            yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, (), Table.MAPPING,
                        in_port=port, eth_src=mac, eth_type=ETH_IP, ipv4_src=str(ip), ip_proto=IPPROTO[proto],
                        **{SRC_FIELD[proto]: (container.block.start, container.block.mask)})
     yield flow(Table.CLASSIFY, PRIO_PORT_DROP, k, name, in_port=port)

@@ -98,6 +98,7 @@ def flow(
     owner: str,
     actions: tuple[Action, ...] = (),
     goto: Table | None = None,
+    /,
     **match: MatchValue,
 ) -> Flow:
     """Convenience constructor: match fields as keyword arguments, sorted into the canonical tuple."""

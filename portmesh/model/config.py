@@ -24,7 +24,7 @@ class NetworkConfig:
     """
 
     public_pools: tuple[IPv4Network, ...] = (IPv4Network("203.0.113.0/24"),)
-    gateway_ip: IPv4Address = IPv4Address("169.254.1.1")
+    gateway_ip: IPv4Address = IPv4Address("169.254.1.1")  # noqa: RUF009 (immutable value)
     gateway_prefix: int = 16
     gateway_mac: str = "0a:00:00:00:00:01"
     virtual_mac: str = "0a:00:00:00:00:02"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
 
-class Proto(str, enum.Enum):
+class Proto(enum.StrEnum):
     """Transport protocols a mapping can name."""
 
     TCP = "tcp"
@@ -158,7 +158,7 @@ def mac_for(container_name: str) -> str:
     return "02:" + ":".join(f"{b:02x}" for b in digest)
 
 
-class RunState(str, enum.Enum):
+class RunState(enum.StrEnum):
     """What the host agent last saw of a container (status, written by the agent)."""
 
     PENDING = "pending"

@@ -1,0 +1,57 @@
+"""``python -m portmesh.controller``: the OpenFlow controller process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from portmesh.controller.service import Controller
+from portmesh.model.config import DEFAULT_CONFIG
+from portmesh.store.client import Store
+
+log = logging.getLogger("portmesh.controller")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m portmesh.controller", description=__doc__)
+    ap.add_argument("--store", required=True, help="state store remote, e.g. unix:/run/portmesh/lab/store.sock")
+    ap.add_argument("--listen", default="tcp:127.0.0.1:6653", help="tcp:IP:PORT or unix:PATH for switches")
+    ap.add_argument("--log-level", default="INFO")
+    return ap.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    store = Store(args.store)
+    await asyncio.to_thread(store.start)
+    controller = Controller(store, DEFAULT_CONFIG)
+    controller.attach()
+    kind, _, where = args.listen.partition(":")
+    if kind == "tcp":
+        host, _, port = where.rpartition(":")
+        server = await asyncio.start_server(controller.handle_switch, host, int(port))
+    elif kind == "unix":
+        server = await asyncio.start_unix_server(controller.handle_switch, where)
+    else:
+        raise SystemExit(f"--listen: {args.listen!r} is neither tcp:IP:PORT nor unix:PATH")
+    log.info("listening for switches on %s", args.listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    converge = asyncio.create_task(controller.run())
+    async with server:
+        await stop.wait()
+    converge.cancel()
+    store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""One OpenFlow 1.3 connection to a switch, on asyncio streams.
+
+Framing is done here (an OpenFlow header carries the message length); decoding
+and encoding are os-ken's. Requests that expect an answer (features, multipart,
+bundle control, barrier) get a future keyed by xid; everything the switch sends
+on its own (packet-in, port-status, errors without a waiter) goes to a handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from os_ken.ofproto import ofproto_parser
+
+from portmesh.controller.encoding import DP, bundle_ctrl, ofp, parser, serialize
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("!BBHI")
+REPLY_TIMEOUT_S = 30.0
+
+
+class SwitchError(RuntimeError):
+    """The switch answered a request with an OpenFlow error."""
+
+
+Handler = Callable[[Any], Awaitable[None]]
+
+
+class OpenFlowConnection:
+    """Framing, xid bookkeeping and request/reply for one switch."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._xids = itertools.count(1)
+        self._waiters: dict[int, asyncio.Future[list[Any]]] = {}
+        self._parts: dict[int, list[Any]] = {}
+        self.datapath_id = 0
+        self.peer = str(writer.get_extra_info("peername") or "?")
+
+    async def handshake(self) -> int:
+        """Exchange HELLO and FEATURES; returns the datapath id."""
+        self.send(serialize(parser.OFPHello(DP), 0))
+        hello = await self._read_message()
+        if hello is None or hello.msg_type != ofp.OFPT_HELLO:
+            raise ConnectionError(f"{self.peer}: expected HELLO, got {hello!r}")
+        if hello.version < ofp.OFP_VERSION:
+            raise ConnectionError(f"{self.peer}: switch speaks OpenFlow version {hello.version}, 1.3 needed")
+        xid = next(self._xids)
+        self.send(serialize(parser.OFPFeaturesRequest(DP), xid))
+        while True:
+            msg = await self._read_message()
+            if msg is not None and msg.msg_type == ofp.OFPT_FEATURES_REPLY and msg.xid == xid:
+                self.datapath_id = int(msg.datapath_id)
+                return self.datapath_id
+            if msg is not None and msg.msg_type == ofp.OFPT_ECHO_REQUEST:
+                self.send(serialize(parser.OFPEchoReply(DP, data=msg.data), msg.xid))
+
+    def send(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    def next_xid(self) -> int:
+        return next(self._xids)
+
+    async def request(self, msg: Any) -> list[Any]:
+        """Send ``msg`` and return its reply (all parts of a multipart reply)."""
+        xid = self.next_xid()
+        return await self.request_bytes(serialize(msg, xid), xid)
+
+    async def request_bytes(self, data: bytes, xid: int) -> list[Any]:
+        """Send pre-encoded bytes carrying ``xid`` and wait for the reply with that xid."""
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._waiters[xid] = future
+        self.send(data)
+        try:
+            return await asyncio.wait_for(future, REPLY_TIMEOUT_S)
+        finally:
+            self._waiters.pop(xid, None)
+
+    async def barrier(self) -> None:
+        await self.request(parser.OFPBarrierRequest(DP))
+
+    async def bundle_ctrl(self, type_: int) -> None:
+        xid = self.next_xid()
+        await self.request_bytes(bundle_ctrl(type_, xid), xid)
+
+    async def serve(self, on_async: Handler) -> None:
+        """Read until the switch goes away, dispatching replies and async messages."""
+        while True:
+            msg = await self._read_message()
+            if msg is None:
+                continue
+            await self._dispatch(msg, on_async)
+
+    async def _dispatch(self, msg: Any, on_async: Handler) -> None:
+        if msg.msg_type == ofp.OFPT_ECHO_REQUEST:
+            self.send(serialize(parser.OFPEchoReply(DP, data=msg.data), msg.xid))
+            return
+        waiter = self._waiters.get(msg.xid)
+        if waiter is None or waiter.done():
+            await on_async(msg)
+            return
+        if msg.msg_type == ofp.OFPT_ERROR:
+            self._parts.pop(msg.xid, None)
+            waiter.set_exception(SwitchError(describe_error(msg)))
+            return
+        parts = self._parts.setdefault(msg.xid, [])
+        parts.append(msg)
+        if msg.msg_type == ofp.OFPT_MULTIPART_REPLY and msg.flags & ofp.OFPMPF_REPLY_MORE:
+            return
+        del self._parts[msg.xid]
+        waiter.set_result(parts)
+
+    async def _read_message(self) -> Any:
+        header = await self._reader.readexactly(HEADER.size)
+        version, msg_type, length, xid = HEADER.unpack(header)
+        body = await self._reader.readexactly(length - HEADER.size)
+        return ofproto_parser.msg(DP, version, msg_type, length, xid, header + body)
+
+    def close(self) -> None:
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(ConnectionError("switch connection closed"))
+        self._writer.close()
+
+
+def describe_error(msg: Any) -> str:
+    """A readable OpenFlow error: type/code names when os-ken knows them."""
+    try:
+        names = ofp.ofp_error_to_jsondict(msg.type, msg.code)
+        return f"OpenFlow error {names.get('type')}/{names.get('code')} for xid {msg.xid}"
+    except (KeyError, AttributeError, ValueError):
+        return f"OpenFlow error type={msg.type} code={msg.code} for xid {msg.xid}"

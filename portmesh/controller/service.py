@@ -1,0 +1,155 @@
+"""The controller process: desired state from the store in, flows on every switch out.
+
+Store changes only set a flag; one task turns the newest snapshot into each
+connected switch's desired flow set and syncs it, so a burst of writes becomes
+one bundle per switch. After a switch holds the flows of generation G the
+controller reports G for that host (what ``--wait`` waits for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from portmesh.controller.compiler import compile_switch
+from portmesh.controller.connection import OpenFlowConnection
+from portmesh.controller.encoding import DP, EncodingCache, ofp, parser, serialize
+from portmesh.controller.reject import refusal
+from portmesh.controller.switch import Switch
+from portmesh.model.config import NetworkConfig
+from portmesh.model.entities import DesiredState
+
+log = logging.getLogger(__name__)
+
+
+class StateSource(Protocol):
+    """What the controller needs from the store (portmesh.store.client.Store satisfies it)."""
+
+    def snapshot(self) -> DesiredState: ...
+
+    def subscribe(self, callback: Any) -> None: ...
+
+    def report_switch(self, host: str, generation: int, connected: bool) -> None: ...
+
+
+class Controller:
+    """Accepts switch connections and keeps every switch equal to the compiled desired state."""
+
+    def __init__(self, store: StateSource, config: NetworkConfig) -> None:
+        self.store = store
+        self.config = config
+        self.cache = EncodingCache()
+        self.switches: dict[int, Switch] = {}
+        self._dirty = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.syncs = 0
+        self.flow_mods = 0
+
+    def attach(self) -> None:
+        """Subscribe to the store; its callback runs on the store's thread, so hop to our loop."""
+        self._loop = asyncio.get_running_loop()
+        loop = self._loop
+        self.store.subscribe(lambda: loop.call_soon_threadsafe(self._dirty.set))
+        self._dirty.set()
+
+    async def run(self) -> None:
+        """Converge forever: wait for a change, sync every switch against the newest snapshot."""
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            state = await asyncio.to_thread(self.store.snapshot)
+            wanted: set[int] = set()
+            for switch in list(self.switches.values()):
+                wanted |= await self._sync(switch, state)
+            self.cache.retain(wanted)
+
+    async def _sync(self, switch: Switch, state: DesiredState) -> set[int]:
+        """Sync one switch; returns the cookies it should hold (for the encoding cache)."""
+        host = self.host_of(state, switch.datapath_id)
+        if host is None:
+            log.warning("switch %016x belongs to no known host; leaving it alone", switch.datapath_id)
+            return set()
+        desired = compile_switch(state, self.config, host, switch.ports)
+        try:
+            result = await switch.sync(desired)
+        except (TimeoutError, ConnectionError, RuntimeError) as exc:
+            log.error("switch %016x (%s): sync failed: %s", switch.datapath_id, host, exc)
+            self._dirty.set()
+            return set(desired)
+        self.syncs += 1
+        self.flow_mods += result.flow_mods
+        await asyncio.to_thread(self.store.report_switch, host, state.generation, True)
+        return set(desired)
+
+    @staticmethod
+    def host_of(state: DesiredState, datapath_id: int) -> str | None:
+        for host in state.hosts.values():
+            if host.datapath_id == datapath_id:
+                return host.name
+        return None
+
+    async def handle_switch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One switch connection: handshake, read what it holds, sync, then serve its events."""
+        conn = OpenFlowConnection(reader, writer)
+        switch: Switch | None = None
+        serving: asyncio.Task[None] | None = None
+        try:
+            dpid = await conn.handshake()
+            switch = Switch(conn, self.cache)
+            serving = asyncio.create_task(conn.serve(self._handler(switch)))
+            await switch.read_ports()
+            await switch.read_installed()
+            old = self.switches.get(dpid)
+            if old is not None:
+                old.conn.close()
+            self.switches[dpid] = switch
+            log.info("switch %016x connected from %s with %d flows", dpid, conn.peer, len(switch.installed))
+            self._dirty.set()
+            await serving
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            log.info("switch connection %s ended: %s", conn.peer, exc)
+        finally:
+            if serving is not None:
+                serving.cancel()
+            conn.close()
+            if switch is not None and self.switches.get(switch.datapath_id) is switch:
+                del self.switches[switch.datapath_id]
+                await self._report_disconnected(switch.datapath_id)
+
+    async def _report_disconnected(self, dpid: int) -> None:
+        """Tell the store the switch is gone, so ``--wait`` does not trust a stale generation."""
+        state = await asyncio.to_thread(self.store.snapshot)
+        host = self.host_of(state, dpid)
+        if host is not None:
+            await asyncio.to_thread(self.store.report_switch, host, 0, False)
+
+    def _handler(self, switch: Switch) -> Callable[[Any], Awaitable[None]]:
+        async def handle(msg: Any) -> None:
+            await self._on_message(switch, msg)
+
+        return handle
+
+    async def _on_message(self, switch: Switch, msg: Any) -> None:
+        if msg.msg_type == ofp.OFPT_PORT_STATUS:
+            if switch.port_status(msg):
+                self._dirty.set()
+        elif msg.msg_type == ofp.OFPT_PACKET_IN:
+            self._reject(switch, msg)
+        elif msg.msg_type == ofp.OFPT_ERROR:
+            log.error("switch %016x: unsolicited OpenFlow error type=%s code=%s", switch.datapath_id, msg.type, msg.code)
+
+    def _reject(self, switch: Switch, msg: Any) -> None:
+        reply = refusal(bytes(msg.data), self.config.virtual_mac)
+        if reply is None:
+            return
+        in_port = msg.match["in_port"]
+        out = parser.OFPPacketOut(
+            DP,
+            buffer_id=ofp.OFP_NO_BUFFER,
+            in_port=ofp.OFPP_CONTROLLER,
+            actions=[parser.OFPActionOutput(in_port)],
+            data=reply,
+        )
+        switch.conn.send(serialize(out, switch.conn.next_xid()))
