@@ -1,0 +1,250 @@
+"""Host and container networking through netlink (pyroute2), as CONTRACTS.md "Host dataplane" says.
+
+Every function here reads first and changes only what differs, so running it
+again, or after an agent restart, leaves flowing traffic untouched: no address
+is re-added, no link bounced, no route replaced by an identical one.
+
+pyroute2's sync API runs its own event loop, so call these from a worker thread
+(``asyncio.to_thread``), never from inside a running loop.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterable, Mapping
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+
+from portmesh.model.config import NetworkConfig
+from portmesh.model.entities import Container
+
+BRIDGE = "br0"
+CONTAINER_IF = "eth0"
+LOCAL_COPY_TABLE = 100  # the container's public IPs' local routes, consulted only for packets from eth0
+RULE_PREF = 1
+TABLE_MAIN, TABLE_LOCAL = 254, 255
+RTN_UNICAST, RTN_LOCAL = 1, 2
+SCOPE_UNIVERSE, SCOPE_LINK, SCOPE_HOST = 0, 253, 254
+RTPROT_STATIC = 4
+RTNH_F_ONLINK = 4
+IFF_UP = 1
+
+
+class PlumbingError(RuntimeError):
+    """Something the host does not let us build (missing bridge port, missing namespace...)."""
+
+
+# -- small netlink helpers -------------------------------------------------------
+
+
+def _index(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return int(found[0]) if found else None
+
+
+def _link(ipr: IPRoute, index: int) -> Any:
+    return ipr.link("get", index=index)[0]
+
+
+def _ensure_up(ipr: IPRoute, index: int) -> None:
+    if not _link(ipr, index)["flags"] & IFF_UP:
+        ipr.link("set", index=index, state="up")
+
+
+def _addresses(ipr: IPRoute, index: int) -> set[tuple[str, int]]:
+    return {
+        (str(m.get("address")), int(m["prefixlen"]))
+        for m in ipr.addr("dump", index=index)
+        if m["family"] == socket.AF_INET
+    }
+
+
+def _routes(ipr: IPRoute, table: int) -> list[Any]:
+    return [r for r in ipr.route("dump", family=socket.AF_INET) if r.get("table") == table]
+
+
+def _has_route(routes: Iterable[Any], dst: str, dst_len: int, oif: int, rtype: int = RTN_UNICAST,
+               gateway: str | None = None) -> bool:
+    for r in routes:
+        if (r.get("dst") or "0.0.0.0") == dst and r["dst_len"] == dst_len and r["type"] == rtype \
+                and r.get("oif") == oif and r.get("gateway") == gateway:
+            return True
+    return False
+
+
+def _ensure_route(ipr: IPRoute, table: int, dst: str, dst_len: int, oif: int, *, rtype: int = RTN_UNICAST,
+                  scope: int = SCOPE_LINK, gateway: str | None = None, flags: int = 0) -> None:
+    if _has_route(_routes(ipr, table), dst, dst_len, oif, rtype, gateway):
+        return
+    spec: dict[str, Any] = {"dst": f"{dst}/{dst_len}", "oif": oif, "table": table, "type": rtype,
+                            "scope": scope, "proto": RTPROT_STATIC}
+    if gateway is not None:
+        spec["gateway"] = gateway
+    if flags:
+        spec["flags"] = flags
+    ipr.route("replace", **spec)
+
+
+def write_sysctls(values: Mapping[str, str], netns: str | None = None) -> None:
+    """Set ``/proc/sys`` values that differ, inside ``netns`` if given.
+
+    Net sysctls are per namespace and resolved against the calling *thread's*
+    namespace, so a short-lived thread enters the namespace and writes them;
+    the agent's own threads never move.
+    """
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            if netns is not None:
+                with open(f"/run/netns/{netns}", "rb") as ns:
+                    pr_netns.setns(ns.fileno(), flags=0)
+            for key, value in values.items():
+                path = Path("/proc/sys") / key.replace(".", "/")
+                if " ".join(path.read_text().split()) != " ".join(value.split()):
+                    path.write_text(value)
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=work, name=f"sysctl-{netns or 'host'}")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+# -- host ------------------------------------------------------------------------
+
+
+def ensure_host_gateway(config: NetworkConfig, bridge: str = BRIDGE) -> None:
+    """The bridge's internal port is the containers' gateway: address, up, pool routes, forwarding.
+
+    Runs in the host's namespace; the bridge's internal port must already exist
+    (``ovs-vswitchd`` makes it when the bridge is created).
+    """
+    with IPRoute() as ipr:
+        index = _index(ipr, bridge)
+        if index is None:
+            raise PlumbingError(f"bridge port {bridge} does not exist yet")
+        _ensure_up(ipr, index)
+        if (str(config.gateway_ip), config.gateway_prefix) not in _addresses(ipr, index):
+            ipr.addr("add", index=index, address=str(config.gateway_ip), prefixlen=config.gateway_prefix)
+        for pool in config.public_pools:
+            _ensure_route(ipr, TABLE_MAIN, str(pool.network_address), pool.prefixlen, index)
+    write_sysctls({"net.ipv4.ip_forward": "1"})
+
+
+# -- containers --------------------------------------------------------------------
+
+
+def container_sysctls(container: Container) -> dict[str, str]:
+    """The per-namespace settings a container needs (CONTRACTS.md)."""
+    return {
+        "net.ipv4.ip_nonlocal_bind": "1",
+        "net.ipv4.ip_local_port_range": f"{container.block.start} {container.block.end}",
+        "net.ipv6.conf.all.disable_ipv6": "1",
+        "net.ipv6.conf.default.disable_ipv6": "1",
+    }
+
+
+def plumb_container(container: Container, netns: str, config: NetworkConfig) -> None:
+    """Connect ``container`` (already in namespace ``netns``) to the host; idempotent.
+
+    Host end ``container.port_name`` stays in the host namespace (bridge.py adds
+    it to br0); container end ``eth0`` gets the MAC, MTU, /32 public IPs, the
+    gateway routes, and the policy-routing rule that sends traffic to its own
+    public IP out through the switch while arriving traffic is still delivered.
+    """
+    if netns not in pr_netns.listnetns():
+        raise PlumbingError(f"network namespace {netns} does not exist")
+    host_if = container.port_name
+    with IPRoute() as ipr:
+        index = _index(ipr, host_if)
+        if index is None:
+            ipr.link("add", ifname=host_if, kind="veth",
+                     peer={"ifname": CONTAINER_IF, "net_ns_fd": netns, "address": container.mac,
+                           "mtu": config.container_mtu})
+            index = _index(ipr, host_if)
+            if index is None:
+                raise PlumbingError(f"veth {host_if} vanished right after creation")
+        _ensure_up(ipr, index)
+    # Disabling IPv6 first keeps eth0 from ever sending router solicitations or DAD probes.
+    write_sysctls(container_sysctls(container), netns)
+    with IPRoute(netns=netns, flags=0) as ipr:
+        _plumb_inside(ipr, container, config)
+
+
+def _plumb_inside(ipr: IPRoute, container: Container, config: NetworkConfig) -> None:
+    lo = _index(ipr, "lo")
+    if lo is not None:
+        _ensure_up(ipr, lo)
+    eth = _index(ipr, CONTAINER_IF)
+    if eth is None:
+        raise PlumbingError(f"{CONTAINER_IF} is missing in the container's namespace")
+    link = _link(ipr, eth)
+    if str(link.get("address")).lower() != container.mac.lower():
+        ipr.link("set", index=eth, state="down")
+        ipr.link("set", index=eth, address=container.mac)
+    if link.get("mtu") != config.container_mtu:
+        ipr.link("set", index=eth, mtu=config.container_mtu)
+    _ensure_up(ipr, eth)
+
+    wanted = {(str(ip), 32) for ip in container.ips}
+    have = _addresses(ipr, eth)
+    for address, prefixlen in sorted(have - wanted):
+        ipr.addr("del", index=eth, address=address, prefixlen=prefixlen)
+    for address, prefixlen in sorted(wanted - have):
+        ipr.addr("add", index=eth, address=address, prefixlen=prefixlen)
+
+    gw = str(config.gateway_ip)
+    _ensure_route(ipr, TABLE_MAIN, gw, 32, eth)
+    _ensure_route(ipr, TABLE_MAIN, "0.0.0.0", 0, eth, scope=SCOPE_UNIVERSE, gateway=gw, flags=RTNH_F_ONLINK)
+    _move_local_routes(ipr, container.ips, eth)
+    _ensure_rule(ipr)
+
+
+def _move_local_routes(ipr: IPRoute, ips: Iterable[IPv4Address], eth: int) -> None:
+    """Each public IP's ``local`` route lives in table 100 (only for packets from eth0), not in ``local``."""
+    for ip in ips:
+        dst = str(ip)
+        _ensure_route(ipr, LOCAL_COPY_TABLE, dst, 32, eth, rtype=RTN_LOCAL, scope=SCOPE_HOST)
+        for r in _routes(ipr, TABLE_LOCAL):
+            if r.get("dst") == dst and r["dst_len"] == 32 and r["type"] == RTN_LOCAL:
+                ipr.route("del", dst=f"{dst}/32", table=TABLE_LOCAL, type=RTN_LOCAL, oif=r.get("oif"),
+                          scope=SCOPE_HOST, proto=r["proto"])
+
+
+def _ensure_rule(ipr: IPRoute) -> None:
+    for rule in ipr.rule("dump", family=socket.AF_INET):
+        if rule.get("priority") == RULE_PREF and rule.get("iifname") == CONTAINER_IF \
+                and rule.get("table") == LOCAL_COPY_TABLE:
+            return
+    ipr.rule("add", family=socket.AF_INET, priority=RULE_PREF, iifname=CONTAINER_IF, table=LOCAL_COPY_TABLE)
+
+
+def unplumb_container(container_port_name: str) -> None:
+    """Delete the container's veth (both ends go); harmless if it is already gone."""
+    with IPRoute() as ipr:
+        index = _index(ipr, container_port_name)
+        if index is not None:
+            ipr.link("del", index=index)
+
+
+def host_ports() -> set[str]:
+    """Names of links in this namespace that look like container ports (``pm`` + 12 hex)."""
+    with IPRoute() as ipr:
+        names = {str(m.get("ifname")) for m in ipr.link("dump")}
+    return {n for n in names if len(n) == 14 and n.startswith("pm") and _is_hex(n[2:])}
+
+
+def _is_hex(s: str) -> bool:
+    try:
+        int(s, 16)
+    except ValueError:
+        return False
+    return True
