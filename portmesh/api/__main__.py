@@ -1,0 +1,60 @@
+"""``python -m portmesh.api --store unix:PATH --listen 127.0.0.1:8470 [--token-file PATH]``.
+
+Connects to the state store, then serves the HTTP API with uvicorn on one
+event loop. The API listens on loopback by default: it is the machine's control
+point, and writes need the bearer token as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from portmesh.api.app import create_app
+from portmesh.api.token import DEFAULT_TOKEN_FILE, load_or_create_token
+from portmesh.model.config import DEFAULT_CONFIG
+
+log = logging.getLogger("portmesh.api")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) → (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m portmesh.api", description=__doc__)
+    parser.add_argument("--store", required=True, help="state store remote: unix:PATH or tcp:IP:PORT[,...]")
+    parser.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 8470), help="HOST:PORT to serve on")
+    parser.add_argument("--token-file", type=Path, default=DEFAULT_TOKEN_FILE, help="bearer token file")
+    parser.add_argument("--wait-timeout", type=float, default=30.0, help="default seconds for ?wait=true")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    token, created = load_or_create_token(args.token_file)
+    if created:
+        log.info("generated a new API token in %s (mode 0600)", args.token_file)
+
+    from portmesh.store.client import Store  # the meeting point; imported late so --help works without ovs
+
+    store = Store(args.store)
+    store.start()
+    try:
+        app = create_app(store, token, DEFAULT_CONFIG, wait_timeout=args.wait_timeout)
+        host, port = args.listen
+        uvicorn.run(app, host=host, port=port, log_level=args.log_level.lower())
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The FastAPI application: one factory, so tests can hand it a fake store.
+
+Every refusal, whatever raised it (the model's checks, the store's constraints,
+pydantic's request parsing, the token check, a wait that timed out), is answered
+with the same body, ``{"detail": {"field": ..., "reason": ...}}``, so the CLI and
+scripts have one thing to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from portmesh.api.routes import router
+from portmesh.api.service import Service, StoreAPI, WaitTimeout
+from portmesh.model.config import DEFAULT_CONFIG, NetworkConfig
+from portmesh.model.errors import Conflict, InvalidInput, ModelError, NotFound
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: dict[type[ModelError], int] = {InvalidInput: 422, NotFound: 404, Conflict: 409}
+
+
+def error(code: int, field: str | None, reason: str, **extra: object) -> JSONResponse:
+    """A refusal in the API's one error shape."""
+    return JSONResponse(status_code=code, content={"detail": {"field": field, "reason": reason}, **extra})
+
+
+def _loc_to_field(loc: tuple[int | str, ...] | list[int | str]) -> str:
+    # ("body", "ports", 0, "port") -> "ports[0].port"; ("query", "wait") -> "wait"
+    parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else list(loc)
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+async def _model_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ModelError)
+    status = next((code for cls, code in STATUS_OF.items() if isinstance(exc, cls)), 422)
+    return error(status, exc.field, exc.reason)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    field = _loc_to_field(tuple(first.get("loc", ())))
+    # Keep pydantic's full list too (without "input"/"ctx", which may echo secrets or be unserialisable).
+    listing = [{"field": _loc_to_field(tuple(e.get("loc", ()))), "reason": str(e.get("msg", ""))} for e in errors]
+    return error(422, field, str(first.get("msg", "invalid request")), errors=listing)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if isinstance(exc.detail, dict) else {"field": None, "reason": str(exc.detail)}
+    content = {"detail": detail}
+    return JSONResponse(status_code=exc.status_code, content=content, headers=exc.headers)
+
+
+async def _wait_timeout(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, WaitTimeout)
+    return error(504, "wait", str(exc), generation=exc.generation, status=exc.status.model_dump())
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("request failed", exc_info=exc)
+    return error(500, None, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def create_app(store: StoreAPI, token: str, config: NetworkConfig = DEFAULT_CONFIG, *, wait_timeout: float = 30.0) -> FastAPI:
+    """The API over ``store``; mutating calls need ``Authorization: Bearer <token>``."""
+    if not token:
+        raise ValueError("an API token is required")
+    service = Service(store, config, wait_timeout)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.attach(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            service.detach()
+
+    app = FastAPI(
+        title="portmesh",
+        version="1",
+        summary="Standard ports on shared public IPs for containers: no NAT, no proxy.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.token = token
+    app.include_router(router)
+    for cls in (ModelError, InvalidInput, NotFound, Conflict):
+        app.add_exception_handler(cls, _model_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(WaitTimeout, _wait_timeout)
+    app.add_exception_handler(Exception, _unexpected)
+    return app

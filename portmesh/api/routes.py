@@ -1,0 +1,166 @@
+"""The /v1 resources. Thin: parse HTTP, call :class:`Service`, shape the answer.
+
+Reads are open; every write needs the bearer token. Every write answers with the
+generation it produced; with ``?wait=true`` it answers only once every host's
+switch and agent have realised that generation (or 504 after ``timeout`` s).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from portmesh.api.schemas import (
+    ContainerIn,
+    ContainerOut,
+    ContainerWriteOut,
+    ErrorBody,
+    HostIn,
+    HostOut,
+    HostWriteOut,
+    MappingIn,
+    MappingOut,
+    MappingWriteOut,
+    StatusOut,
+    WriteOut,
+)
+from portmesh.api.service import Service
+
+_bearer = HTTPBearer(auto_error=False, description="The token from PORTMESH_TOKEN or the API's token file.")
+
+
+def get_service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+def require_token(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """Refuse a write without the right bearer token (constant-time compare)."""
+    expected: str = request.app.state.token
+    if creds is None or not secrets.compare_digest(creds.credentials.encode(), expected.encode()):
+        raise HTTPException(
+            status_code=401,
+            detail={"field": "authorization", "reason": "a valid 'Authorization: Bearer <token>' header is required"},
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+Svc = Annotated[Service, Depends(get_service)]
+Wait = Annotated[bool, Query(description="Answer only once the change is live on every host.")]
+Timeout = Annotated[float | None, Query(gt=0, le=3600, description="Seconds to wait before answering 504.")]
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        401: "Missing or wrong token",
+        404: "A named thing does not exist",
+        409: "Clashes with the current state",
+        422: "Malformed input",
+        504: "Written, but not live everywhere within the timeout",
+    }.items()
+}
+
+router = APIRouter(prefix="/v1", responses=ERRORS)
+writes = [Depends(require_token)]
+
+
+async def _converged(service: Service, generation: int, wait: bool, timeout: float | None) -> bool:
+    if wait:
+        await service.wait_converged(generation, timeout)
+        return True
+    return (await service.status(generation)).converged
+
+
+# --- hosts ---
+
+
+@router.get("/hosts", tags=["hosts"])
+async def list_hosts(service: Svc) -> list[HostOut]:
+    return await service.hosts()
+
+
+@router.get("/hosts/{name}", tags=["hosts"])
+async def get_host(name: str, service: Svc) -> HostOut:
+    return await service.host(name)
+
+
+@router.post("/hosts", status_code=201, dependencies=writes, tags=["hosts"])
+async def add_host(body: HostIn, service: Svc, wait: Wait = False, timeout: Timeout = None) -> HostWriteOut:
+    generation, host = await service.add_host(body)
+    done = await _converged(service, generation, wait, timeout)
+    return HostWriteOut(generation=generation, converged=done, host=HostOut.of(host))
+
+
+# --- containers ---
+
+
+@router.get("/containers", tags=["containers"])
+async def list_containers(service: Svc) -> list[ContainerOut]:
+    return await service.containers()
+
+
+@router.get("/containers/{name}", tags=["containers"])
+async def get_container(name: str, service: Svc) -> ContainerOut:
+    return await service.container(name)
+
+
+@router.post("/containers", status_code=201, dependencies=writes, tags=["containers"])
+async def add_container(body: ContainerIn, service: Svc, wait: Wait = False, timeout: Timeout = None) -> ContainerWriteOut:
+    """Create a container and its mappings (every IP x every port) in one store transaction."""
+    generation, container, _ = await service.add_container(body)
+    done = await _converged(service, generation, wait, timeout)
+    return ContainerWriteOut(generation=generation, converged=done, container=await service.container(container.name))
+
+
+@router.delete("/containers/{name}", dependencies=writes, tags=["containers"])
+async def remove_container(name: str, service: Svc, wait: Wait = False, timeout: Timeout = None) -> WriteOut:
+    """Remove a container and, in the same transaction, its mappings."""
+    generation = await service.remove_container(name)
+    return WriteOut(generation=generation, converged=await _converged(service, generation, wait, timeout))
+
+
+@router.post("/containers/{name}/stop", dependencies=writes, tags=["containers"])
+async def stop_container(name: str, service: Svc, wait: Wait = False, timeout: Timeout = None) -> WriteOut:
+    generation = await service.set_running(name, False)
+    return WriteOut(generation=generation, converged=await _converged(service, generation, wait, timeout))
+
+
+@router.post("/containers/{name}/start", dependencies=writes, tags=["containers"])
+async def start_container(name: str, service: Svc, wait: Wait = False, timeout: Timeout = None) -> WriteOut:
+    generation = await service.set_running(name, True)
+    return WriteOut(generation=generation, converged=await _converged(service, generation, wait, timeout))
+
+
+# --- mappings ---
+
+
+@router.get("/mappings", tags=["mappings"])
+async def list_mappings(service: Svc) -> list[MappingOut]:
+    return [MappingOut.of(m) for m in await service.mappings()]
+
+
+@router.post("/mappings", status_code=201, dependencies=writes, tags=["mappings"])
+async def add_mapping(body: MappingIn, service: Svc, wait: Wait = False, timeout: Timeout = None) -> MappingWriteOut:
+    generation, mapping = await service.add_mapping(body)
+    done = await _converged(service, generation, wait, timeout)
+    return MappingWriteOut(generation=generation, converged=done, mapping=MappingOut.of(mapping))
+
+
+@router.delete("/mappings/{public_ip}/{proto}/{port}", dependencies=writes, tags=["mappings"])
+async def remove_mapping(
+    public_ip: str, proto: str, port: str, service: Svc, wait: Wait = False, timeout: Timeout = None
+) -> WriteOut:
+    generation = await service.remove_mapping(public_ip, proto, port)
+    return WriteOut(generation=generation, converged=await _converged(service, generation, wait, timeout))
+
+
+# --- convergence ---
+
+
+@router.get("/status", tags=["status"])
+async def status(service: Svc) -> StatusOut:
+    """The store's generation and, per host, the generation its switch and agent have realised."""
+    return await service.status()

@@ -1,0 +1,172 @@
+"""An in-memory stand-in for :class:`portmesh.store.client.Store` (same methods, same errors).
+
+Thread-safe like the real one (the API calls it from worker threads). Writes bump
+the generation and notify subscribers; with ``auto_converge`` every host reports
+the new generation at once, as a lab whose switches and agents keep up would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Sequence
+
+from portmesh.model.entities import (
+    Container,
+    ContainerStatus,
+    DesiredState,
+    Host,
+    HostStatus,
+    Mapping,
+    MappingKey,
+)
+from portmesh.model.errors import Conflict, NotFound
+
+
+class FakeStore:
+    def __init__(self, auto_converge: bool = False) -> None:
+        self.auto_converge = auto_converge
+        self._lock = threading.RLock()
+        self._state = DesiredState()
+        self._running: dict[str, bool] = {}
+        self._status: dict[str, ContainerStatus] = {}
+        self._hosts: dict[str, HostStatus] = {}
+        self._subscribers: list[Callable[[], None]] = []
+        self.writes = 0
+
+    # --- lifecycle ---
+
+    def start(self, timeout: float = 10.0) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def snapshot(self) -> DesiredState:
+        with self._lock:
+            s = self._state
+            return DesiredState(s.generation, dict(s.hosts), dict(s.containers), dict(s.mappings))
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            self._subscribers.append(callback)
+
+    def _notify(self) -> None:
+        for cb in list(self._subscribers):
+            cb()
+
+    def _commit(self, **changes: object) -> int:
+        with self._lock:
+            gen = self._state.generation + 1
+            self._state = dataclasses.replace(self._state, generation=gen, **changes)  # type: ignore[arg-type]
+            self.writes += 1
+            if self.auto_converge:
+                for name in self._state.hosts:
+                    self._hosts[name] = HostStatus(gen, gen, True)
+        self._notify()
+        return gen
+
+    # --- writes ---
+
+    def add_host(self, host: Host, may_exist: bool = False) -> int:
+        with self._lock:
+            if host.name in self._state.hosts and not may_exist:
+                raise Conflict("name", f"host {host.name!r} exists")
+            return self._commit(hosts={**self._state.hosts, host.name: host})
+
+    def remove_host(self, name: str, if_exists: bool = False) -> int:
+        with self._lock:
+            if name not in self._state.hosts:
+                if if_exists:
+                    return self._state.generation
+                raise NotFound("name", f"host {name!r} does not exist")
+            return self._commit(hosts={k: v for k, v in self._state.hosts.items() if k != name})
+
+    def add_container(self, c: Container, mappings: Sequence[Mapping] = ()) -> int:
+        with self._lock:
+            if c.name in self._state.containers:
+                raise Conflict("name", f"container {c.name!r} exists")
+            for m in mappings:
+                if m.key in self._state.mappings:
+                    raise Conflict("port", f"{m.key} is mapped")
+            self._running[c.name] = True
+            return self._commit(
+                containers={**self._state.containers, c.name: c},
+                mappings={**self._state.mappings, **{m.key: m for m in mappings}},
+            )
+
+    def remove_container(self, name: str, if_exists: bool = False) -> int:
+        with self._lock:
+            if name not in self._state.containers:
+                if if_exists:
+                    return self._state.generation
+                raise NotFound("name", f"container {name!r} does not exist")
+            self._running.pop(name, None)
+            self._status.pop(name, None)
+            return self._commit(
+                containers={k: v for k, v in self._state.containers.items() if k != name},
+                mappings={k: m for k, m in self._state.mappings.items() if m.container != name},
+            )
+
+    def add_mapping(self, m: Mapping) -> int:
+        with self._lock:
+            if m.key in self._state.mappings:
+                raise Conflict("port", f"{m.key} is mapped")
+            if m.container not in self._state.containers:
+                raise NotFound("container", f"container {m.container!r} does not exist")
+            return self._commit(mappings={**self._state.mappings, m.key: m})
+
+    def remove_mapping(self, key: MappingKey, if_exists: bool = False) -> int:
+        with self._lock:
+            if key not in self._state.mappings:
+                if if_exists:
+                    return self._state.generation
+                raise NotFound("mapping", f"{key} is not mapped")
+            return self._commit(mappings={k: m for k, m in self._state.mappings.items() if k != key})
+
+    def set_container_running(self, name: str, running: bool) -> int:
+        with self._lock:
+            if name not in self._state.containers:
+                raise NotFound("name", f"container {name!r} does not exist")
+            self._running[name] = running
+            return self._commit()
+
+    # --- status (reported by agents and the controller; no generation bump) ---
+
+    def container_running(self, name: str) -> bool:
+        with self._lock:
+            return self._running.get(name, False)
+
+    def report_container_status(self, name: str, status: ContainerStatus) -> None:
+        with self._lock:
+            self._status[name] = status
+        self._notify()
+
+    def container_status(self, name: str) -> ContainerStatus | None:
+        with self._lock:
+            return self._status.get(name)
+
+    def report_switch(self, host: str, generation: int, connected: bool) -> None:
+        with self._lock:
+            old = self._hosts.get(host, HostStatus())
+            self._hosts[host] = dataclasses.replace(old, switch_generation=generation, switch_connected=connected)
+        self._notify()
+
+    def report_agent(self, host: str, generation: int) -> None:
+        with self._lock:
+            old = self._hosts.get(host, HostStatus())
+            self._hosts[host] = dataclasses.replace(old, agent_generation=generation)
+        self._notify()
+
+    def host_status(self, host: str) -> HostStatus:
+        with self._lock:
+            return self._hosts.get(host, HostStatus())
+
+    def converge(self) -> None:
+        """Every host reports the current generation (switch connected)."""
+        with self._lock:
+            gen = self._state.generation
+            names = list(self._state.hosts)
+        for name in names:
+            self.report_switch(name, gen, True)
+            self.report_agent(name, gen)
