@@ -77,6 +77,9 @@ class Table(enum.Enum):
         miss="drop",
     )
 
+    def __repr__(self) -> str:
+        return f"Table.{self.name}"
+
     @property
     def number(self) -> int:
         return self.value.number

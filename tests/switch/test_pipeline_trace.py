@@ -120,7 +120,7 @@ def test_reply_to_container_block_and_port_security(dummy_ovs: DummyOVS, tmp_pat
 
 def test_arp_answered_by_switch_and_unmapped_punted(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
     state = build_state()
-    source, ctl, ports = setup(dummy_ovs, tmp_path, state)
+    source, ctl, _ports = setup(dummy_ovs, tmp_path, state)
     try:
         source.wait_realized("h1")
         arp = dummy_ovs.trace("br0", f"in_port=LOCAL,arp,dl_src={CFG.gateway_mac},dl_dst=ff:ff:ff:ff:ff:ff,"

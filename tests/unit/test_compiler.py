@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -66,7 +67,7 @@ def test_pipeline_document_matches_module() -> None:
 
 def test_cached_encoding_equals_os_ken_encoding() -> None:
     state = state_with(2)
-    flows = compile_switch(state, CFG, "h1", {c.port_name: 7 for c in state.containers.values()})
+    flows = compile_switch(state, CFG, "h1", {c.port_name: i for i, c in enumerate(state.containers.values(), 7)})
     cache = EncodingCache()
     for f in flows.values():
         assert cache.add(f) == bundle_add(flow_mod_add(f))
@@ -82,4 +83,4 @@ def test_blocks_are_disjoint_and_aligned(n: int) -> None:
     for b in blocks:
         assert b.start % b.size == 0 and CFG.ephemeral_start <= b.start and b.end <= CFG.ephemeral_end
     spans = sorted((b.start, b.end) for b in blocks)
-    assert all(prev[1] < nxt[0] for prev, nxt in zip(spans, spans[1:], strict=False))
+    assert all(prev[1] < nxt[0] for prev, nxt in itertools.pairwise(spans))
