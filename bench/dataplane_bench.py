@@ -1,0 +1,665 @@
+"""Data-plane benchmark: the same three figures over four paths, in one run.
+
+Figures, each from an outside client namespace to a server namespace:
+  - TCP throughput: one iperf3 stream (``-t 5 -O 1``), Gbit/s received;
+  - round-trip latency: HTTP request/response over one kept-alive TCP connection,
+    median and p99 over a bounded count (bench/dataplane_tools.py ``rr``);
+  - new TCP connections per second: connect / request / close with a few dozen in
+    flight, bounded in count and time (bench/dataplane_tools.py ``cps``).
+
+Paths:
+  direct       a veth pair, client ↔ server (the limit);
+  bridge_dnat  client → host ns (iptables DNAT publicIP:8080 → private:80, the rules
+               Docker writes for ``-p``) → Linux bridge → container;
+  ovs_ctnat    client → one userspace OVS (datapath netdev) → container, the VIP
+               mapped by conntrack DNAT flows (ct(nat)), as an OVN load balancer does;
+  portmesh     the product: ``python -m portmesh.lab up``, ``portmesh run``, traffic
+               from the lab's inet namespace to the container's public IP, no NAT.
+
+Everything lives in namespaces named ``pmb-<pid>-*`` (so runs never collide with the
+lab, the tests or each other); addresses come only from 198.51.100.0/24 (outside),
+203.0.113.0/24 (public) and 198.18.0.0/15 (private side). The root namespace gets
+nothing except, unless ``--rmem-default 0``, a raised ``net.core.rmem_default`` (OVS
+reads each port through a packet socket sized by it; ARCHITECTURE.md, facts), which
+is recorded and put back. Cleanup — processes by PID, namespaces by name, the lab,
+the sysctl — runs in a ``finally``, also on Ctrl-C / SIGTERM.
+
+The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TOOLS = HERE / "dataplane_tools.py"
+PATHS = ("direct", "bridge_dnat", "ovs_ctnat", "portmesh")
+RMEM_SYSCTL = Path("/proc/sys/net/core/rmem_default")
+
+CLIENT_IP = "198.51.100.2"
+OUTSIDE_GW = "198.51.100.1"
+PUBLIC_IP = "203.0.113.10"
+PRIVATE_GW = "198.18.0.1"
+PRIVATE_IP = "198.18.0.2"
+HTTP_PORT = 80
+IPERF_PORT = 5201
+PUBLISHED_HTTP = 8080  # docker run -p 8080:80
+GW_MAC = "0a:50:4d:42:00:01"
+CLI_MAC = "0a:50:4d:42:00:02"
+SRV_MAC = "0a:50:4d:42:00:03"
+
+
+class BenchError(RuntimeError):
+    """A path could not be set up or measured; the message says why."""
+
+
+def log(msg: str) -> None:
+    print(f"[dataplane] {msg}", file=sys.stderr, flush=True)
+
+
+def python_exe() -> str:
+    """The project venv's interpreter (it has portmesh); the current one otherwise."""
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+class Bench:
+    """Owns every resource a run creates, so :meth:`cleanup` removes exactly those."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.prefix = f"{args.prefix}{os.getpid()}-"
+        self.tmp = Path(tempfile.mkdtemp(prefix="pmb-dataplane-"))
+        self.namespaces: list[str] = []
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.rmem_saved: int | None = None
+        self.rmem_used = int(RMEM_SYSCTL.read_text())
+        self.lab_up = False
+        self.notes: list[str] = []
+        self.cleanup_hooks: list[Callable[[], object]] = []
+
+    # -- plumbing helpers -------------------------------------------------------
+
+    def run(
+        self,
+        cmd: Sequence[str],
+        ns: str | None = None,
+        check: bool = True,
+        timeout: float = 30.0,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        full = ["ip", "netns", "exec", ns, *cmd] if ns else list(cmd)
+        p = subprocess.run(full, capture_output=True, text=True, timeout=timeout, env=env)
+        if check and p.returncode != 0:
+            raise BenchError(f"{' '.join(full)} -> rc {p.returncode}: {(p.stderr or p.stdout).strip()}")
+        return p
+
+    def ns(self, name: str) -> str:
+        full = self.prefix + name
+        self.run(["ip", "netns", "add", full])
+        self.namespaces.append(full)
+        self.run(["ip", "-n", full, "link", "set", "lo", "up"])
+        return full
+
+    def veth(self, ns_a: str, if_a: str, ns_b: str, if_b: str, mac_a: str | None = None, mac_b: str | None = None) -> None:
+        """A veth pair made directly inside the two namespaces: no end ever touches the root ns."""
+        cmd = ["ip", "-n", ns_a, "link", "add", if_a]
+        if mac_a:
+            cmd += ["address", mac_a]
+        cmd += ["type", "veth", "peer", "name", if_b, "netns", ns_b]
+        if mac_b:
+            cmd += ["address", mac_b]
+        self.run(cmd)
+        self.run(["ip", "-n", ns_a, "link", "set", if_a, "up"])
+        self.run(["ip", "-n", ns_b, "link", "set", if_b, "up"])
+
+    def addr(self, ns: str, ifname: str, cidr: str) -> None:
+        self.run(["ip", "-n", ns, "addr", "add", cidr, "dev", ifname])
+
+    def sysctl(self, ns: str, key: str, value: str) -> None:
+        self.run(["sysctl", "-qw", f"{key}={value}"], ns=ns)
+
+    def spawn(
+        self, tag: str, cmd: Sequence[str], ns: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a long-lived process (own session, so Ctrl-C reaches only us); record its PID."""
+        full = ["ip", "netns", "exec", ns, *cmd] if ns else list(cmd)
+        logf = open(self.tmp / f"{tag}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        p = subprocess.Popen(
+            full, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
+        )
+        logf.close()
+        self.procs.append((tag, p))
+        return p
+
+    def log_tail(self, tag: str, lines: int = 8) -> str:
+        try:
+            return "\n".join((self.tmp / f"{tag}.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_listen(self, ns: str, port: int, tag: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.run(["ss", "-Hltn", f"sport = :{port}"], ns=ns, check=False).stdout
+            if out.strip():
+                return
+            time.sleep(0.05)
+        raise BenchError(f"{tag} is not listening on :{port} after {timeout}s: {self.log_tail(tag)}")
+
+    def start_servers(self, ns: str, tag: str) -> None:
+        self.spawn(f"{tag}-http", [python_exe(), str(TOOLS), "server", "--port", str(HTTP_PORT)], ns=ns)
+        self.spawn(f"{tag}-iperf3", ["iperf3", "-s", "-p", str(IPERF_PORT)], ns=ns)
+        self.wait_listen(ns, HTTP_PORT, f"{tag}-http")
+        self.wait_listen(ns, IPERF_PORT, f"{tag}-iperf3")
+
+    def client_ns(self, name: str) -> str:
+        """The outside client: wide ephemeral range and TIME_WAIT reuse so the connection loop is not port-bound."""
+        ns = self.ns(name)
+        self.sysctl(ns, "net.ipv4.ip_local_port_range", "1024 65000")
+        self.sysctl(ns, "net.ipv4.tcp_tw_reuse", "1")
+        return ns
+
+    # -- measurements -----------------------------------------------------------
+
+    def measure(self, path: str, ns: str, host: str, http_port: int, iperf_port: int) -> dict[str, Any]:
+        a = self.args
+        out: dict[str, Any] = {}
+        # Latency first, on an idle path.
+        rr = self._tool_json(
+            ns,
+            ["rr", "--host", host, "--port", str(http_port), "--count", str(a.rr_count), "--seconds", str(a.rr_seconds)],
+            timeout=a.rr_seconds + 10,
+        )
+        out["rtt_ms_p50"] = rr["rtt_ms_p50"]
+        out["rtt_ms_p99"] = rr["rtt_ms_p99"]
+        out["rtt_samples"] = rr["samples"]
+        cps = self._tool_json(
+            ns,
+            [
+                "cps",
+                "--host",
+                host,
+                "--port",
+                str(http_port),
+                "--count",
+                str(a.cps_count),
+                "--seconds",
+                str(a.cps_seconds),
+                "--concurrency",
+                str(a.cps_concurrency),
+            ],
+            timeout=a.cps_seconds + 15,
+        )
+        out["conn_per_s"] = cps["conn_per_s"]
+        out["conn_failed"] = cps["failed"]
+        out["gbps"], out["tcp_retransmits"] = self._iperf(ns, host, iperf_port)
+        log(
+            f"{path}: {out['gbps']:.2f} Gbit/s, rtt p50 {out['rtt_ms_p50']:.3f} ms p99 {out['rtt_ms_p99']:.3f} ms, "
+            f"{out['conn_per_s']:.0f} conn/s ({out['conn_failed']} failed), {out['tcp_retransmits']} retransmits"
+        )
+        return out
+
+    def _tool_json(self, ns: str, argv: list[str], timeout: float) -> dict[str, Any]:
+        p = self.run([python_exe(), str(TOOLS), *argv], ns=ns, timeout=timeout)
+        return dict(json.loads(p.stdout.strip().splitlines()[-1]))
+
+    def _iperf(self, ns: str, host: str, port: int) -> tuple[float, int]:
+        secs = self.args.iperf_seconds
+        cmd = ["iperf3", "-c", host, "-p", str(port), "-t", str(secs), "-O", "1", "-J", "--connect-timeout", "3000"]
+        last = ""
+        for _ in range(3):  # a server that just started may refuse the first attempt
+            p = self.run(cmd, ns=ns, check=False, timeout=secs + 20)
+            try:
+                data = json.loads(p.stdout)
+            except json.JSONDecodeError:
+                data = {"error": (p.stderr or p.stdout).strip()[:300]}
+            if "error" not in data:
+                end = data["end"]
+                gbps = end["sum_received"]["bits_per_second"] / 1e9
+                return round(gbps, 3), int(end.get("sum_sent", {}).get("retransmits", 0))
+            last = str(data["error"])
+            time.sleep(1.0)
+        raise BenchError(f"iperf3 to {host}:{port} failed: {last}")
+
+    # -- the four paths ---------------------------------------------------------
+
+    def path_direct(self) -> dict[str, Any]:
+        cli = self.client_ns("a-cli")
+        srv = self.ns("a-srv")
+        self.veth(cli, "eth0", srv, "eth0")
+        self.addr(cli, "eth0", f"{CLIENT_IP}/24")
+        self.addr(srv, "eth0", f"{OUTSIDE_GW}/24")
+        self.start_servers(srv, "a")
+        return self.measure("direct", cli, OUTSIDE_GW, HTTP_PORT, IPERF_PORT)
+
+    def path_bridge_dnat(self) -> dict[str, Any]:
+        cli = self.client_ns("b-cli")
+        host = self.ns("b-host")
+        srv = self.ns("b-srv")
+        self.veth(cli, "eth0", host, "up0")
+        self.addr(cli, "eth0", f"{CLIENT_IP}/24")
+        self.run(["ip", "-n", cli, "route", "add", "203.0.113.0/24", "via", OUTSIDE_GW])
+        self.addr(host, "up0", f"{OUTSIDE_GW}/24")
+        self.addr(host, "up0", f"{PUBLIC_IP}/32")  # the host's public address, where -p publishes
+        self.run(["ip", "-n", host, "link", "add", "br0", "type", "bridge"])
+        self.run(["ip", "-n", host, "link", "set", "br0", "up"])
+        self.addr(host, "br0", f"{PRIVATE_GW}/24")
+        self.veth(host, "vethsrv", srv, "eth0")
+        self.run(["ip", "-n", host, "link", "set", "vethsrv", "master", "br0"])
+        self.addr(srv, "eth0", f"{PRIVATE_IP}/24")
+        self.run(["ip", "-n", srv, "route", "add", "default", "via", PRIVATE_GW])
+        self.sysctl(host, "net.ipv4.ip_forward", "1")
+        # What dockerd writes for `docker run -p 8080:80 -p 5201:5201` on bridge br0 (iptables backend).
+        rules = [
+            ["-t", "nat", "-N", "DOCKER"],
+            ["-t", "nat", "-A", "PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "DOCKER"],
+            ["-t", "nat", "-A", "POSTROUTING", "-s", "198.18.0.0/24", "!", "-o", "br0", "-j", "MASQUERADE"],
+            ["-t", "nat", "-A", "DOCKER", "-i", "br0", "-j", "RETURN"],
+            [
+                "-t",
+                "nat",
+                "-A",
+                "DOCKER",
+                "!",
+                "-i",
+                "br0",
+                "-p",
+                "tcp",
+                "--dport",
+                str(PUBLISHED_HTTP),
+                "-j",
+                "DNAT",
+                "--to-destination",
+                f"{PRIVATE_IP}:{HTTP_PORT}",
+            ],
+            [
+                "-t",
+                "nat",
+                "-A",
+                "DOCKER",
+                "!",
+                "-i",
+                "br0",
+                "-p",
+                "tcp",
+                "--dport",
+                str(IPERF_PORT),
+                "-j",
+                "DNAT",
+                "--to-destination",
+                f"{PRIVATE_IP}:{IPERF_PORT}",
+            ],
+            ["-N", "DOCKER"],
+            ["-P", "FORWARD", "DROP"],
+            ["-A", "FORWARD", "-o", "br0", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"],
+            ["-A", "FORWARD", "-o", "br0", "-j", "DOCKER"],
+            ["-A", "FORWARD", "-i", "br0", "!", "-o", "br0", "-j", "ACCEPT"],
+            ["-A", "FORWARD", "-i", "br0", "-o", "br0", "-j", "ACCEPT"],
+            [
+                "-A",
+                "DOCKER",
+                "-d",
+                PRIVATE_IP,
+                "!",
+                "-i",
+                "br0",
+                "-o",
+                "br0",
+                "-p",
+                "tcp",
+                "--dport",
+                str(HTTP_PORT),
+                "-j",
+                "ACCEPT",
+            ],
+            [
+                "-A",
+                "DOCKER",
+                "-d",
+                PRIVATE_IP,
+                "!",
+                "-i",
+                "br0",
+                "-o",
+                "br0",
+                "-p",
+                "tcp",
+                "--dport",
+                str(IPERF_PORT),
+                "-j",
+                "ACCEPT",
+            ],
+        ]
+        for r in rules:
+            self.run(["iptables", "-w", *r], ns=host)
+        self.start_servers(srv, "b")
+        return self.measure("bridge_dnat", cli, PUBLIC_IP, PUBLISHED_HTTP, IPERF_PORT)
+
+    def path_ovs_ctnat(self) -> dict[str, Any]:
+        cli = self.client_ns("c-cli")
+        host = self.ns("c-host")
+        srv = self.ns("c-srv")
+        self.veth(cli, "eth0", host, "pcli", mac_a=CLI_MAC)
+        self.veth(srv, "eth0", host, "psrv", mac_a=SRV_MAC)
+        # Static next hops: the benchmark is about the TCP path, not ARP.
+        self.addr(cli, "eth0", f"{CLIENT_IP}/24")
+        self.run(["ip", "-n", cli, "neigh", "replace", OUTSIDE_GW, "lladdr", GW_MAC, "dev", "eth0", "nud", "permanent"])
+        self.run(["ip", "-n", cli, "route", "add", "203.0.113.0/24", "via", OUTSIDE_GW])
+        self.addr(srv, "eth0", f"{PRIVATE_IP}/24")
+        self.run(["ip", "-n", srv, "neigh", "replace", PRIVATE_GW, "lladdr", GW_MAC, "dev", "eth0", "nud", "permanent"])
+        self.run(["ip", "-n", srv, "route", "add", "default", "via", PRIVATE_GW])
+        self.start_servers(srv, "c")
+
+        rundir = self.tmp / "ovs"
+        rundir.mkdir()
+        env = dict(os.environ, OVS_RUNDIR=str(rundir), OVS_DBDIR=str(rundir), OVS_LOGDIR=str(rundir))
+        db = rundir / "conf.db"
+        sock = f"unix:{rundir}/db.sock"
+        schema = "/usr/share/openvswitch/vswitch.ovsschema"
+        self.run(["ovsdb-tool", "create", str(db), schema], env=env)
+        self.spawn(
+            "c-ovsdb",
+            [
+                "ovsdb-server",
+                str(db),
+                f"--remote=p{sock}",
+                f"--pidfile={rundir}/ovsdb-server.pid",
+                f"--unixctl={rundir}/ovsdb-server.ctl",
+                f"--log-file={rundir}/ovsdb-server.log",
+            ],
+            ns=host,
+            env=env,
+        )
+        vsctl = ["ovs-vsctl", f"--db={sock}", "--timeout=10"]
+        self._retry(lambda: self.run([*vsctl, "--no-wait", "init"], ns=host, env=env, check=True))
+        # Read once at start: must be set before ovs-vswitchd runs.
+        self.run([*vsctl, "--no-wait", "set", "Open_vSwitch", ".", "other_config:userspace-tso-enable=true"], ns=host, env=env)
+        self.spawn(
+            "c-vswitchd",
+            [
+                "ovs-vswitchd",
+                sock,
+                f"--pidfile={rundir}/ovs-vswitchd.pid",
+                f"--unixctl={rundir}/ovs-vswitchd.ctl",
+                f"--log-file={rundir}/ovs-vswitchd.log",
+            ],
+            ns=host,
+            env=env,
+        )
+        self.run(
+            [
+                *vsctl,
+                "add-br",
+                "br0",
+                "--",
+                "set",
+                "Bridge",
+                "br0",
+                "datapath_type=netdev",
+                "fail_mode=secure",
+                "protocols=OpenFlow13",
+                "--",
+                "add-port",
+                "br0",
+                "pcli",
+                "--",
+                "set",
+                "Interface",
+                "pcli",
+                "ofport_request=1",
+                "--",
+                "add-port",
+                "br0",
+                "psrv",
+                "--",
+                "set",
+                "Interface",
+                "psrv",
+                "ofport_request=2",
+            ],
+            ns=host,
+            env=env,
+        )
+        # The OVN load-balancer shape: every IP packet through conntrack (zone 1) with nat; a new
+        # connection to VIP:port is committed with nat(dst=backend) (OVN's ct_lb); established
+        # traffic is un-/re-NATed by ct(nat) and routed by destination.
+        flows = [
+            "table=0,priority=100,ip,in_port=1,actions=ct(zone=1,nat,table=1)",
+            "table=0,priority=100,ip,in_port=2,actions=ct(zone=1,nat,table=2)",
+            "table=0,priority=0,actions=drop",
+            *(
+                f"table=1,priority=100,ct_state=+new+trk,tcp,nw_dst={PUBLIC_IP},tp_dst={port},"
+                f"actions=ct(commit,zone=1,nat(dst={PRIVATE_IP}:{port}),table=3)"
+                for port in (HTTP_PORT, IPERF_PORT)
+            ),
+            "table=1,priority=90,ct_state=+est+trk,ip,actions=goto_table:3",
+            "table=1,priority=90,ct_state=+rel+trk,ip,actions=goto_table:3",
+            "table=1,priority=0,actions=drop",
+            "table=2,priority=90,ct_state=+est+trk,ip,actions=goto_table:3",
+            "table=2,priority=90,ct_state=+rel+trk,ip,actions=goto_table:3",
+            "table=2,priority=0,actions=drop",
+            f"table=3,priority=100,ip,nw_dst={PRIVATE_IP},"
+            f"actions=set_field:{GW_MAC}->eth_src,set_field:{SRV_MAC}->eth_dst,output:2",
+            f"table=3,priority=100,ip,nw_dst={CLIENT_IP},"
+            f"actions=set_field:{GW_MAC}->eth_src,set_field:{CLI_MAC}->eth_dst,output:1",
+            "table=3,priority=0,actions=drop",
+        ]
+        (rundir / "flows.txt").write_text("\n".join(flows) + "\n")
+        self.run(["ovs-ofctl", "-O", "OpenFlow13", "add-flows", "br0", str(rundir / "flows.txt")], ns=host, env=env)
+        tso = self.run(
+            [*vsctl, "get", "Open_vSwitch", ".", "other_config:userspace-tso-enable"], ns=host, env=env, check=False
+        ).stdout.strip()
+        res = self.measure("ovs_ctnat", cli, PUBLIC_IP, HTTP_PORT, IPERF_PORT)
+        res["userspace_tso"] = tso.strip('"') == "true"
+        res["socket_drops"] = self._packet_socket_drops(host)
+        return res
+
+    def _packet_socket_drops(self, ns: str) -> int:
+        """Drops on OVS's packet sockets (skmem d<N>), which OVS's own counters never show."""
+        out = self.run(["ss", "-0", "-m", "-a"], ns=ns, check=False).stdout
+        return sum(int(m) for m in re.findall(r"\bd(\d+)\)", out))
+
+    @staticmethod
+    def _retry(fn: Callable[[], object], tries: int = 50, delay: float = 0.1) -> None:
+        for i in range(tries):
+            try:
+                fn()
+                return
+            except BenchError:
+                if i == tries - 1:
+                    raise
+                time.sleep(delay)
+
+    # -- portmesh ---------------------------------------------------------------
+
+    def path_portmesh(self) -> dict[str, Any]:
+        from dataplane_portmesh import PortmeshPath  # local helper; keeps the product-specific glue apart
+
+        pm = PortmeshPath(self)
+        try:
+            return pm.run()
+        finally:
+            self.notes.extend(pm.notes)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def set_rmem(self) -> None:
+        want = self.args.rmem_default
+        if not want:
+            return
+        current = int(RMEM_SYSCTL.read_text())
+        if current != want:
+            self.rmem_saved = current
+            RMEM_SYSCTL.write_text(str(want))
+            log(f"net.core.rmem_default {current} -> {want} (put back at the end)")
+        self.rmem_used = want
+
+    def cleanup(self) -> None:
+        """Remove exactly what this run made, in reverse order; never raises."""
+        for hook in reversed(self.cleanup_hooks):
+            with contextlib.suppress(Exception):
+                hook()
+        for _tag, p in reversed(self.procs):
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGTERM)
+        for _tag, p in reversed(self.procs):
+            try:
+                p.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=3)
+        for ns in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        if self.rmem_saved is not None:
+            with contextlib.suppress(OSError):
+                RMEM_SYSCTL.write_text(str(self.rmem_saved))
+                log(f"net.core.rmem_default restored to {self.rmem_saved}")
+        if not self.args.keep_logs:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            log(f"logs kept in {self.tmp}")
+
+
+# -- reporting -------------------------------------------------------------------
+
+METRICS = (
+    ("gbps", "Gbit/s", True),
+    ("rtt_ms_p50", "rtt p50 ms", False),
+    ("rtt_ms_p99", "rtt p99 ms", False),
+    ("conn_per_s", "conn/s", True),
+)
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """``"x/y"`` → metric ratio for every measured pair (x after y in PATHS), direct as the base first."""
+    ok = [p for p in PATHS if p in results and "status" not in results[p]]
+    out: dict[str, dict[str, float]] = {}
+    for base, other in itertools.combinations(ok, 2):
+        r: dict[str, float] = {}
+        for key, _label, _hib in METRICS:
+            b, o = results[base].get(key), results[other].get(key)
+            if isinstance(b, int | float) and isinstance(o, int | float) and b:
+                r[key] = round(o / b, 3)
+        out[f"{other}/{base}"] = r
+    return out
+
+
+def print_table(results: dict[str, dict[str, Any]], rat: dict[str, dict[str, float]]) -> None:
+    print(f"{'path':<12} " + " ".join(f"{label:>12}" for _k, label, _h in METRICS))
+    for p in PATHS:
+        r = results.get(p, {})
+        if not r:
+            continue
+        if "status" in r:
+            print(f"{p:<12} {r['status']}: {r['reason']}")
+            continue
+        print(
+            f"{p:<12} "
+            + " ".join(
+                f"{r.get(k, float('nan')):>12.3f}" if k != "conn_per_s" else f"{r.get(k, float('nan')):>12.0f}"
+                for k, _l, _h in METRICS
+            )
+        )
+    print("ratios (throughput and conn/s: higher is better; rtt: lower is better)")
+    for pair, r in rat.items():
+        print(f"  {pair:<24} " + "  ".join(f"{k} x{v:.3f}" for k, v in r.items()))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
+    p.add_argument("--prefix", default="pmb-", help="namespace prefix; the PID is appended (default pmb-)")
+    p.add_argument("--iperf-seconds", type=int, default=5)
+    p.add_argument("--rr-count", type=int, default=3000)
+    p.add_argument("--rr-seconds", type=float, default=5.0)
+    p.add_argument("--cps-count", type=int, default=20000)
+    p.add_argument("--cps-seconds", type=float, default=3.0)
+    p.add_argument("--cps-concurrency", type=int, default=32)
+    p.add_argument(
+        "--rmem-default",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="net.core.rmem_default during the run (bytes; 0 leaves it alone); restored afterwards",
+    )
+    p.add_argument("--lab-name", default="bench", help="name for `portmesh.lab up --name`")
+    p.add_argument("--lab-timeout", type=float, default=60.0, help="seconds to wait for the lab and containers")
+    p.add_argument("--keep-logs", action="store_true")
+    a = p.parse_args(argv)
+    a.paths = list(dict.fromkeys(x.strip() for x in a.paths.split(",") if x.strip()))
+    bad = set(a.paths) - set(PATHS)
+    if bad:
+        p.error(f"unknown path(s): {', '.join(sorted(bad))}")
+    return a
+
+
+def _sigterm(_signo: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _signals() -> Iterator[None]:
+    old = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench/dataplane needs root (namespaces, OVS, iptables)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(HERE))
+    bench = Bench(args)
+    results: dict[str, dict[str, Any]] = {}
+    t0 = time.monotonic()
+    interrupted = False
+    with _signals():
+        try:
+            bench.set_rmem()
+            for path in args.paths:
+                log(f"--- {path}")
+                try:
+                    results[path] = getattr(bench, f"path_{path}")()
+                except BenchError as e:
+                    log(f"{path}: unavailable: {e}")
+                    results[path] = {"status": "unavailable", "reason": str(e)}
+        except KeyboardInterrupt:
+            interrupted = True
+            log("interrupted; cleaning up")
+        finally:
+            bench.cleanup()
+    rat = ratios(results)
+    print_table(results, rat)
+    for note in bench.notes:
+        print(f"note: {note}")
+    summary: dict[str, Any] = {
+        **results,
+        "ratios": rat,
+        "rmem_default": bench.rmem_used,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    if interrupted:
+        summary["interrupted"] = True
+    print(json.dumps(summary, sort_keys=False))
+    return 130 if interrupted else 0

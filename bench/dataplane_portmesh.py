@@ -1,0 +1,141 @@
+"""Path (d) of bench/dataplane: the real product, driven only through its front doors.
+
+``python -m portmesh.lab up --name <lab>`` builds the lab, ``portmesh run`` starts two
+containers that share one public IP — the benchmark's HTTP server on :80 and
+``iperf3 -s`` on :5201, the point of portmesh — and traffic goes from the lab's
+``inet`` namespace straight to that public IP: no DNAT, no proxy. The lab is torn
+down with ``lab down`` (which removes exactly what it recorded) only if this run
+brought it up. Anything missing or failing makes the path "unavailable" with the
+reason, never a crash of the whole benchmark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dataplane_bench import HTTP_PORT, IPERF_PORT, PUBLIC_IP, REPO, TOOLS, BenchError, log, python_exe
+
+if TYPE_CHECKING:
+    from dataplane_bench import Bench
+
+LAB_ROOT = Path("/run/portmesh")
+WEB = "pmb-web"
+IPERF = "pmb-iperf"
+
+
+def portmesh_cli() -> str:
+    """The ``portmesh`` console script of the project venv (``python -m portmesh.cli`` is not assumed)."""
+    exe = REPO / ".venv" / "bin" / "portmesh"
+    if not exe.exists():
+        raise BenchError(f"{exe} not found (the CLI is not installed in the venv)")
+    return str(exe)
+
+
+class PortmeshPath:
+    """Brings the lab up, runs the servers as portmesh containers, measures, tears down."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.notes: list[str] = []
+        self.lab = bench.args.lab_name
+        self.env = dict(os.environ)
+        self.lab_state: dict[str, Any] = {}
+
+    def _py(self, argv: list[str], timeout: float, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.bench.run([python_exe(), *argv], timeout=timeout, check=check, env=self.env)
+
+    def _cli(self, argv: list[str], timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.bench.run([portmesh_cli(), *argv], timeout=timeout, check=check, env=self.env)
+
+    def preflight(self) -> None:
+        probe = self._py(
+            ["-c", "import importlib.util as u; print(bool(u.find_spec('portmesh.lab.__main__')))"], timeout=30, check=False
+        )
+        if probe.stdout.strip() != "True":
+            raise BenchError("portmesh.lab has no __main__ yet (python -m portmesh.lab up is not available)")
+        helps = self._cli(["run", "--help"], timeout=30, check=False)
+        if helps.returncode != 0:
+            raise BenchError(f"`portmesh run --help` failed: {(helps.stderr or helps.stdout).strip()[-300:]}")
+        self.run_help = helps.stdout
+        if (LAB_ROOT / self.lab / "lab.json").exists():
+            raise BenchError(f"a lab named {self.lab!r} already exists ({LAB_ROOT / self.lab}); not touching it (use --lab-name)")
+
+    def lab_up(self) -> None:
+        # Registered before `up`: a lab that fails half-way is still torn down (it records as it goes).
+        self.bench.cleanup_hooks.append(self.lab_down)
+        t0 = time.monotonic()
+        p = self._py(["-m", "portmesh.lab", "up", "--name", self.lab], timeout=self.bench.args.lab_timeout, check=False)
+        if p.returncode != 0:
+            raise BenchError(f"lab up failed (rc {p.returncode}): {(p.stderr or p.stdout).strip()[-400:]}")
+        log(f"portmesh: lab {self.lab!r} up in {time.monotonic() - t0:.1f}s")
+        try:
+            self.lab_state = json.loads((LAB_ROOT / self.lab / "lab.json").read_text())
+        except (OSError, ValueError) as e:
+            raise BenchError(f"lab up succeeded but its state is unreadable: {e}") from None
+        api = self.lab_state.get("api_url")
+        if api:
+            self.env["PORTMESH_API"] = str(api)
+        token = LAB_ROOT / self.lab / "token"
+        if token.exists() and "PORTMESH_TOKEN" not in self.env:
+            self.env["PORTMESH_TOKEN"] = token.read_text().strip()
+
+    def lab_down(self) -> None:
+        p = self._py(["-m", "portmesh.lab", "down", "--name", self.lab], timeout=60, check=False)
+        if p.returncode != 0:
+            log(f"portmesh: lab down rc {p.returncode}: {(p.stderr or p.stdout).strip()[-300:]}")
+        else:
+            log(f"portmesh: lab {self.lab!r} down")
+
+    @property
+    def prefix(self) -> str:
+        return str(self.lab_state.get("prefix") or f"pm-{self.lab}-")
+
+    def container_ns(self, name: str) -> str:
+        return f"{self.prefix}c-{name}"
+
+    def run_container(self, name: str, port: int, command: list[str]) -> None:
+        hosts = self.lab_state.get("hosts") or []
+        argv = ["run", "--name", name, "--ip", PUBLIC_IP, "--port", f"{port}/tcp"]
+        if hosts and "--host" in self.run_help:
+            argv += ["--host", str(hosts[0])]
+        if "--wait" in self.run_help:
+            argv.append("--wait")
+        self._cli([*argv, "--", *command], timeout=self.bench.args.lab_timeout)
+
+    def wait_listening(self, name: str, port: int) -> None:
+        ns = self.container_ns(name)
+        deadline = time.monotonic() + self.bench.args.lab_timeout
+        last = ""
+        while time.monotonic() < deadline:
+            p = self.bench.run(["ss", "-Hltn", f"sport = :{port}"], ns=ns, check=False)
+            if p.returncode == 0 and p.stdout.strip():
+                return
+            last = p.stderr.strip()
+            time.sleep(0.2)
+        raise BenchError(f"container {name} ({ns}) not listening on :{port}: {last}")
+
+    def run(self) -> dict[str, Any]:
+        self.preflight()
+        self.lab_up()
+        self.run_container(WEB, HTTP_PORT, [python_exe(), str(TOOLS), "server", "--port", str(HTTP_PORT)])
+        self.run_container(IPERF, IPERF_PORT, ["iperf3", "-s", "-p", str(IPERF_PORT)])
+        self.wait_listening(WEB, HTTP_PORT)
+        self.wait_listening(IPERF, IPERF_PORT)
+        inet = self.prefix + "inet"
+        # Same client tuning as the other paths' client namespaces (the lab is ours and goes away after).
+        for key, value in (("net.ipv4.ip_local_port_range", "1024 65000"), ("net.ipv4.tcp_tw_reuse", "1")):
+            with contextlib.suppress(BenchError):
+                self.bench.sysctl(inet, key, value)
+        res = self.bench.measure("portmesh", inet, PUBLIC_IP, HTTP_PORT, IPERF_PORT)
+        mtu = self.bench.run(["cat", "/sys/class/net/eth0/mtu"], ns=self.container_ns(WEB), check=False).stdout
+        if mtu.strip():
+            res["container_mtu"] = int(mtu)
+            if int(mtu) != 1500:
+                self.notes.append(f"portmesh containers run with MTU {int(mtu)} (VXLAN headroom); the others with 1500")
+        return res
