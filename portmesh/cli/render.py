@@ -1,0 +1,112 @@
+"""Turning API answers into rich tables for people (``-o json`` bypasses all of this).
+
+Functions take the API's JSON as it comes: the CLI does not share types with the
+API, only the wire format, so a field the API adds later shows up in JSON output
+without a CLI change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+Json = dict[str, Any]
+
+
+def _ports(mappings: list[Json]) -> str:
+    seen: dict[str, list[str]] = {}
+    for m in mappings:
+        seen.setdefault(f"{m['port']}/{m['proto']}", []).append(m["public_ip"])
+    return ", ".join(seen) or "-"
+
+
+def _state(c: Json) -> str:
+    status = c.get("status")
+    actual = status["state"] if status else "pending"
+    desired = "up" if c.get("running") else "down"
+    return f"{actual} (want {desired})"
+
+
+def containers(console: Console, items: list[Json]) -> None:
+    table = Table("NAME", "HOST", "IPS", "PORTS", "STATE", "BLOCK", box=None, header_style="bold")
+    for c in items:
+        block = c["block"]
+        table.add_row(
+            c["name"], c["host"], ", ".join(c["ips"]), _ports(c["mappings"]), _state(c), f"{block['start']}-{block['end']}"
+        )
+    console.print(table)
+
+
+def container(console: Console, c: Json) -> None:
+    table = Table(box=None, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    status = c.get("status") or {}
+    rows = [
+        ("name", c["name"]),
+        ("host", c["host"]),
+        ("state", _state(c)),
+        ("ips", ", ".join(c["ips"])),
+        ("mac", c["mac"]),
+        ("port", c["port_name"]),
+        ("block", f"{c['block']['start']}-{c['block']['end']} ({c['block']['size']} ports)"),
+        ("image", c.get("image") or "-"),
+        ("command", " ".join(c.get("command") or []) or "-"),
+        ("netns", status.get("netns") or "-"),
+        ("pid", str(status.get("pid") or "-")),
+    ]
+    if status.get("message"):
+        rows.append(("message", status["message"]))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    if c["mappings"]:
+        console.print()
+        mappings(console, c["mappings"])
+
+
+def mappings(console: Console, items: list[Json]) -> None:
+    table = Table("PUBLIC IP", "PORT", "PROTO", "CONTAINER", box=None, header_style="bold")
+    for m in items:
+        table.add_row(m["public_ip"], str(m["port"]), m["proto"], m["container"])
+    console.print(table)
+
+
+def hosts(console: Console, items: list[Json]) -> None:
+    table = Table("NAME", "DATAPATH ID", "UNDERLAY", "SWITCH", "AGENT", "CONNECTED", box=None, header_style="bold")
+    for h in items:
+        st = h.get("status") or {}
+        table.add_row(
+            h["name"],
+            f"{h['datapath_id']:016x}",
+            h.get("underlay_ip") or "-",
+            str(st.get("switch_generation", "-")),
+            str(st.get("agent_generation", "-")),
+            "yes" if st.get("switch_connected") else "no",
+        )
+    console.print(table)
+
+
+def status(console: Console, st: Json) -> None:
+    verdict = "[green]converged[/]" if st["converged"] else "[yellow]converging[/]"
+    console.print(f"generation {st['generation']}: {verdict}")
+    if not st["hosts"]:
+        return
+    table = Table("HOST", "SWITCH", "AGENT", "CONNECTED", "UP TO DATE", box=None, header_style="bold")
+    for h in st["hosts"]:
+        table.add_row(
+            h["name"],
+            str(h["switch_generation"]),
+            str(h["agent_generation"]),
+            "yes" if h["switch_connected"] else "no",
+            "yes" if h["converged"] else "no",
+        )
+    console.print(table)
+
+
+def write(console: Console, what: str, body: Json) -> None:
+    """One line for a write: what happened, at which generation, and whether it is live yet."""
+    live = "live everywhere" if body.get("converged") else "not yet live everywhere"
+    console.print(f"{what} (generation {body['generation']}, {live})")

@@ -1,0 +1,217 @@
+"""The CLI end to end over real HTTP: the API (fake store) served by uvicorn on a loopback port."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+from typer.testing import CliRunner, Result
+
+from portmesh.api.app import create_app
+from portmesh.cli import app as cli
+from portmesh.model.entities import Host
+from tests.unit.fakes import FakeStore
+
+TOKEN = "cli-test-token"
+IP = "203.0.113.10"
+
+
+class Server:
+    """uvicorn in a thread on a free loopback port; stops when the test ends."""
+
+    def __init__(self, store: FakeStore) -> None:
+        self.store = store
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(
+            create_app(store, TOKEN, wait_timeout=2.0), host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+@pytest.fixture
+def store() -> FakeStore:
+    return FakeStore(auto_converge=True)
+
+
+@pytest.fixture
+def server(store: FakeStore) -> Iterator[Server]:
+    with Server(store) as s:
+        yield s
+
+
+@pytest.fixture
+def invoke(server: Server) -> Any:
+    runner = CliRunner()
+
+    def run(*args: str, token: str | None = TOKEN) -> Result:
+        env = {"PORTMESH_API": server.url, "PORTMESH_TOKEN": token or "", "PORTMESH_TOKEN_FILE": "/nonexistent"}
+        return runner.invoke(cli.app, list(args), env=env)
+
+    return run
+
+
+def setup_host(server: Server) -> None:
+    server.store.add_host(Host("h1", 1))
+
+
+def test_run_ps_inspect_rm(invoke: Any, server: Server) -> None:
+    setup_host(server)
+    r = invoke("run", "web", "--host", "h1", "--ip", IP, "-p", "80/tcp", "-p", "53/udp", "--", "sleep", "-x", "9")
+    assert r.exit_code == 0, r.output
+    assert "web created on h1" in r.stdout and "live everywhere" in r.stdout
+    c = server.store.snapshot().containers["web"]
+    assert c.command == ("sleep", "-x", "9")
+    assert len(server.store.snapshot().mappings) == 2
+
+    r = invoke("ps")
+    assert r.exit_code == 0 and "web" in r.stdout and "80/tcp" in r.stdout
+    r = invoke("ps", "-o", "json")
+    assert [c["name"] for c in json.loads(r.stdout)] == ["web"]
+    r = invoke("inspect", "web")
+    assert r.exit_code == 0 and "32768-33791" in r.stdout
+    assert json.loads(invoke("inspect", "web", "-o", "json").stdout)["mac"] == c.mac
+
+    assert invoke("stop", "web").exit_code == 0
+    assert not server.store.container_running("web")
+    assert invoke("start", "web", "--no-wait").exit_code == 0
+    assert server.store.container_running("web")
+    r = invoke("rm", "web", "-o", "json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["converged"] is True
+    assert server.store.snapshot().containers == {}
+
+
+def test_map_commands(invoke: Any, server: Server) -> None:
+    setup_host(server)
+    assert invoke("run", "web", "--host", "h1", "--ip", IP).exit_code == 0
+    r = invoke("map", "add", IP, "8080/tcp", "web")
+    assert r.exit_code == 0, r.output
+    assert f"{IP}:8080/tcp -> web" in r.stdout
+    assert json.loads(invoke("map", "ls", "-o", "json").stdout) == [
+        {"public_ip": IP, "proto": "tcp", "port": 8080, "container": "web"}
+    ]
+    assert invoke("map", "rm", IP, "8080").exit_code == 0
+    assert server.store.snapshot().mappings == {}
+
+
+def test_api_errors_exit_1_naming_the_field(invoke: Any, server: Server) -> None:
+    setup_host(server)
+    r = invoke("run", "web", "--host", "nope", "--ip", IP)
+    assert r.exit_code == 1
+    assert "host:" in r.stderr and "does not exist" in r.stderr and "404" in r.stderr
+    r = invoke("run", "web", "--host", "h1", "--ip", IP, "-p", "70000/tcp")
+    assert r.exit_code == 1 and "ports[0].port" in r.stderr
+    r = invoke("map", "rm", IP, "80/tcp")
+    assert r.exit_code == 1 and "mapping:" in r.stderr
+    r = invoke("inspect", "ghost")
+    assert r.exit_code == 1 and "name:" in r.stderr
+    assert r.stdout == ""
+    assert server.store.writes == 1  # only the host
+
+
+def test_missing_token_is_401_with_a_hint(invoke: Any, server: Server) -> None:
+    setup_host(server)
+    r = invoke("run", "web", "--host", "h1", "--ip", IP, token=None)
+    assert r.exit_code == 1 and "authorization" in r.stderr and "PORTMESH_TOKEN" in r.stderr
+    assert invoke("ps", token=None).exit_code == 0  # reads need no token
+
+
+def test_wait_timeout_is_an_error(invoke: Any, server: Server) -> None:
+    server.store.auto_converge = False
+    setup_host(server)
+    r = invoke("run", "web", "--host", "h1", "--ip", IP, "--timeout", "0.2")
+    assert r.exit_code == 1 and "wait:" in r.stderr and "504" in r.stderr
+    assert "web" in server.store.snapshot().containers  # written; just not live yet
+    r = invoke("status", "-o", "json")
+    assert json.loads(r.stdout)["converged"] is False
+    assert "converging" in invoke("status").stdout
+
+
+def test_hosts_and_status(invoke: Any, server: Server) -> None:
+    setup_host(server)
+    server.store.converge()
+    r = invoke("hosts")
+    assert r.exit_code == 0 and "h1" in r.stdout and "0000000000000001" in r.stdout
+    assert json.loads(invoke("hosts", "-o", "json").stdout)[0]["status"]["switch_connected"] is True
+    assert "converged" in invoke("status").stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "web", "--ip", IP],  # no --host
+        ["run", "web", "--host", "h1", "--ip", IP, "-p", "http"],
+        ["map", "add", IP, "x/tcp", "web"],
+        ["ps", "-o", "yaml"],
+        ["frobnicate"],
+    ],
+)
+def test_usage_errors_exit_2(invoke: Any, server: Server, args: list[str]) -> None:
+    r = invoke(*args)
+    assert r.exit_code == 2, r.output
+    assert server.store.writes == 0
+
+
+def test_unreachable_api_exits_1() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = CliRunner().invoke(cli.app, ["--api", f"http://127.0.0.1:{port}", "ps"])
+    assert r.exit_code == 1 and "cannot reach the API" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "forwarded"),
+    [
+        (["lab", "up", "--hosts", "2"], ["up", "--hosts", "2"]),
+        (["lab", "--help"], ["--help"]),
+        (["demo"], ["demo"]),
+        (["demo", "--fast"], ["demo", "--fast"]),
+        (["exec", "web", "--", "ip", "-br", "addr"], ["exec", "web", "--", "ip", "-br", "addr"]),
+    ],
+)
+def test_lab_pass_through(monkeypatch: pytest.MonkeyPatch, args: list[str], forwarded: list[str]) -> None:
+    calls: list[list[str]] = []
+
+    def fake_execv(path: str, argv: list[str]) -> None:
+        calls.append(argv)
+
+    monkeypatch.setattr("portmesh.cli.app.os.execv", fake_execv)
+    r = CliRunner().invoke(cli.app, args)
+    assert r.exit_code == 0, r.output
+    assert calls == [[sys.executable, "-m", "portmesh.lab", *forwarded]]
+
+
+def test_cli_does_not_import_lab_or_api() -> None:
+    import ast
+    from pathlib import Path
+
+    for path in Path(cli.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith(("portmesh.lab", "portmesh.api", "portmesh.store")), path
