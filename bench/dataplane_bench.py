@@ -617,11 +617,17 @@ def _sigterm(_signo: int, _frame: object) -> None:
 
 @contextlib.contextmanager
 def _signals() -> Iterator[None]:
-    old = signal.signal(signal.SIGTERM, _sigterm)
+    # Installed explicitly: a shell that starts us in the background leaves SIGINT ignored,
+    # and Ctrl-C / SIGTERM / SIGHUP must all reach the `finally` that cleans up.
+    olds = {
+        s: signal.signal(s, h)
+        for s, h in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, _sigterm), (signal.SIGHUP, _sigterm))
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in olds.items():
+            signal.signal(s, h)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -633,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args)
     results: dict[str, dict[str, Any]] = {}
     t0 = time.monotonic()
+    load_before = round(os.getloadavg()[0], 2)
     interrupted = False
     with _signals():
         try:
@@ -658,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": rat,
         "rmem_default": bench.rmem_used,
         "seconds": round(time.monotonic() - t0, 1),
+        "loadavg_1m": {"before": load_before, "after": round(os.getloadavg()[0], 2)},
+        "cpus": os.cpu_count(),
     }
     if interrupted:
         summary["interrupted"] = True
