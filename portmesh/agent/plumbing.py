@@ -235,16 +235,12 @@ def unplumb_container(container_port_name: str) -> None:
             ipr.link("del", index=index)
 
 
+def is_container_port(name: str) -> bool:
+    """True for names made by :func:`portmesh.model.entities.port_name_for` (``pm`` + 12 hex digits)."""
+    return len(name) == 14 and name.startswith("pm") and all(ch in "0123456789abcdef" for ch in name[2:])
+
+
 def host_ports() -> set[str]:
-    """Names of links in this namespace that look like container ports (``pm`` + 12 hex)."""
+    """Container ports (host ends of container veths) present in this namespace."""
     with IPRoute() as ipr:
-        names = {str(m.get("ifname")) for m in ipr.link("dump")}
-    return {n for n in names if len(n) == 14 and n.startswith("pm") and _is_hex(n[2:])}
-
-
-def _is_hex(s: str) -> bool:
-    try:
-        int(s, 16)
-    except ValueError:
-        return False
-    return True
+        return {str(m.get("ifname")) for m in ipr.link("dump") if is_container_port(str(m.get("ifname")))}

@@ -1,0 +1,66 @@
+"""``python -m portmesh.agent --host H --store unix:... --ovsdb unix:... --controller tcp:IP:PORT``.
+
+Runs inside the host's network namespace (the lab puts it there). Stopping the
+agent leaves containers and plumbing as they are: traffic keeps flowing and a
+new agent adopts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from portmesh.agent.bridge import Bridge
+from portmesh.agent.service import Agent, AgentConfig
+from portmesh.model.config import DEFAULT_CONFIG
+from portmesh.runtime.light import LightRuntime
+from portmesh.store.client import Store
+
+log = logging.getLogger("portmesh.agent")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m portmesh.agent", description=__doc__)
+    ap.add_argument("--host", required=True, help="this host's name in the store")
+    ap.add_argument("--store", required=True, help="state store remote: unix:PATH or tcp:IP:PORT[,...]")
+    ap.add_argument("--ovsdb", required=True, help="this host's Open_vSwitch db: unix:PATH or tcp:IP:PORT")
+    ap.add_argument("--controller", required=True, help="OpenFlow controller target for br0, e.g. tcp:IP:6653")
+    ap.add_argument("--netns-prefix", default="", help="prefix of the containers' namespace names")
+    ap.add_argument("--state-dir", type=Path, default=None,
+                    help="where the runtime records containers (default /var/lib/portmesh/agent/HOST)")
+    ap.add_argument("--log-level", default="INFO")
+    return ap.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    state_dir = args.state_dir or Path("/var/lib/portmesh/agent") / args.host
+    store = Store(args.store)
+    await asyncio.to_thread(store.start)
+    bridge = Bridge(args.ovsdb)
+    await asyncio.to_thread(bridge.start)
+    cfg = AgentConfig(args.host, args.controller, args.netns_prefix, DEFAULT_CONFIG)
+    agent = Agent(cfg, store, bridge, LightRuntime(state_dir))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("agent for host %s started (state in %s)", args.host, state_dir)
+    try:
+        await agent.run(stop)
+    finally:
+        await asyncio.to_thread(bridge.close)
+        await asyncio.to_thread(store.close)
+    log.info("agent for host %s stopped; containers left running", args.host)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The host's OVS bridge, kept as the contract says, through OVSDB (ovsdbapp's Open_vSwitch API).
+
+Only differences are written: an unchanged bridge gets an empty transaction-free
+pass. That matters because replacing the Controller row makes ``ovs-vswitchd``
+drop the connection and flush every flow; the agent restarting must not do that.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ovsdbapp.backend.ovs_idl import connection, idlutils
+from ovsdbapp.schema.open_vswitch import impl_idl
+
+BRIDGE = "br0"
+PROTOCOLS = ["OpenFlow13"]
+CONTROLLER_RATE_LIMIT = 100  # packet-ins per second: they only carry rejects
+CONTROLLER_BURST_LIMIT = 25
+
+
+def default_datapath_type() -> str:
+    """``system`` where the OVS kernel module is loaded, else the userspace ``netdev`` datapath."""
+    return "system" if Path("/sys/module/openvswitch").exists() else "netdev"
+
+
+@dataclass(frozen=True)
+class BridgeSpec:
+    """What br0 must look like on one host."""
+
+    datapath_id: int
+    hwaddr: str
+    controller: str
+    datapath_type: str = ""
+    name: str = BRIDGE
+
+    @property
+    def dpid_hex(self) -> str:
+        """``other_config:datapath-id`` wants exactly 16 hex digits."""
+        return f"{self.datapath_id:016x}"
+
+
+class Bridge:
+    """A connection to one host's ``ovsdb-server`` and the bridge kept on it."""
+
+    def __init__(self, remote: str, timeout: float = 10.0) -> None:
+        self.remote = remote
+        self.timeout = timeout
+        self.api: Any = None
+
+    def start(self, wait: float = 30.0) -> None:
+        """Connect, retrying while the server is not up yet (the lab starts everything at once)."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                idl = connection.OvsdbIdl.from_server(self.remote, "Open_vSwitch")
+                conn = connection.Connection(idl=idl, timeout=self.timeout)
+                self.api = impl_idl.OvsdbIdl(conn)
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def close(self) -> None:
+        if self.api is not None:
+            self.api.ovsdb_connection.stop()
+            self.api = None
+
+    def _bridge_row(self, name: str) -> Any:
+        return idlutils.row_by_value(self.api.idl, "Bridge", "name", name, None)
+
+    def ensure(self, spec: BridgeSpec) -> bool:
+        """Make br0 match ``spec``; return True if anything was written."""
+        dp_type = spec.datapath_type or default_datapath_type()
+        changed = False
+        row = self._bridge_row(spec.name)
+        with self.api.transaction(check_error=True) as txn:
+            if row is None:
+                txn.add(self.api.add_br(spec.name, may_exist=True, datapath_type=dp_type))
+                changed = True
+            columns: list[tuple[str, Any]] = []
+            if row is None or row.datapath_type != dp_type:
+                columns.append(("datapath_type", dp_type))
+            if row is None or list(row.fail_mode) != ["secure"]:
+                columns.append(("fail_mode", "secure"))
+            if row is None or sorted(row.protocols) != PROTOCOLS:
+                columns.append(("protocols", PROTOCOLS))
+            other = dict(row.other_config) if row is not None else {}
+            wanted = {"hwaddr": spec.hwaddr, "datapath-id": spec.dpid_hex}
+            if any(other.get(k) != v for k, v in wanted.items()):
+                columns.append(("other_config", wanted))
+            if columns:
+                txn.add(self.api.db_set("Bridge", spec.name, *columns))
+                changed = True
+            targets = [c.target for c in row.controller] if row is not None else []
+            if targets != [spec.controller]:
+                txn.add(self.api.set_controller(spec.name, [spec.controller]))
+                changed = True
+        return self._ensure_controller_limits(spec) or changed
+
+    def _ensure_controller_limits(self, spec: BridgeSpec) -> bool:
+        row = self._bridge_row(spec.name)
+        if row is None:
+            return False
+        commands = []
+        for ctl in row.controller:
+            if list(ctl.controller_rate_limit) != [CONTROLLER_RATE_LIMIT] or \
+                    list(ctl.controller_burst_limit) != [CONTROLLER_BURST_LIMIT]:
+                commands.append(self.api.db_set("Controller", ctl.uuid,
+                                                ("controller_rate_limit", CONTROLLER_RATE_LIMIT),
+                                                ("controller_burst_limit", CONTROLLER_BURST_LIMIT)))
+        if commands:
+            with self.api.transaction(check_error=True) as txn:
+                for command in commands:
+                    txn.add(command)
+        return bool(commands)
+
+    def ports(self, bridge: str = BRIDGE) -> set[str]:
+        """Names of the bridge's ports, the bridge's own internal port excluded."""
+        row = self._bridge_row(bridge)
+        if row is None:
+            return set()
+        return {p.name for p in row.ports if p.name != bridge}
+
+    def ensure_port(self, port: str, bridge: str = BRIDGE) -> bool:
+        """Add ``port`` to the bridge unless it is there; True if added."""
+        if port in self.ports(bridge):
+            return False
+        self.api.add_port(bridge, port, may_exist=True).execute(check_error=True)
+        return True
+
+    def remove_port(self, port: str, bridge: str = BRIDGE) -> bool:
+        """Remove ``port`` from the bridge if it is there; True if removed."""
+        if port not in self.ports(bridge):
+            return False
+        self.api.del_port(port, bridge=bridge, if_exists=True).execute(check_error=True)
+        return True

@@ -1,0 +1,153 @@
+"""The host agent: make this host's bridge and containers match the store, and say how far it got.
+
+One asyncio loop. The store's monitor wakes it (never polling the store); a
+slow timer only re-checks the container processes, which have no monitor.
+Every step is idempotent and reads before it writes, so the agent may be
+killed and restarted at any time: it adopts the bridge, the plumbing and the
+processes it finds (the runtime recorded their PIDs) and disturbs no traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from portmesh.agent import plumbing
+from portmesh.agent.bridge import Bridge, BridgeSpec
+from portmesh.model.config import NetworkConfig
+from portmesh.model.entities import Container, ContainerStatus, DesiredState, RunState, port_name_for
+from portmesh.runtime.base import Runtime
+from portmesh.store.client import Store
+
+log = logging.getLogger("portmesh.agent")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Who this agent is and where things are."""
+
+    host: str
+    controller: str
+    netns_prefix: str
+    network: NetworkConfig
+    recheck_interval: float = 5.0  # seconds between process-liveness checks
+    retry_interval: float = 2.0  # after a failed convergence
+
+
+class Agent:
+    """Converges one host; see the module docstring."""
+
+    def __init__(self, cfg: AgentConfig, store: Store, bridge: Bridge, runtime: Runtime) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.bridge = bridge
+        self.runtime = runtime
+        self._wake = asyncio.Event()
+        self._plumbed: dict[str, Container] = {}  # what this process has plumbed and verified
+        self._reported_generation = -1
+        self._bridge_ok: BridgeSpec | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def notify(self) -> None:
+        """Store callback (called from the store's IDL thread): converge soon."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Converge on every store change (and re-check processes now and then) until ``stop``."""
+        self._loop = asyncio.get_running_loop()
+        self.store.subscribe(self.notify)
+        self._wake.set()
+        while not stop.is_set():
+            waiter = asyncio.ensure_future(self._wake.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({waiter, stopper}, timeout=self.cfg.recheck_interval,
+                               return_when=asyncio.FIRST_COMPLETED)
+            for task in (waiter, stopper):
+                task.cancel()
+            if stop.is_set():
+                break
+            self._wake.clear()
+            try:
+                state = await asyncio.to_thread(self.store.snapshot)
+                ok = await asyncio.to_thread(self.converge, state)
+            except Exception:
+                log.exception("convergence failed; retrying in %.0f s", self.cfg.retry_interval)
+                ok = False
+            if not ok:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.cfg.retry_interval)
+                self._wake.set()
+
+    # -- one pass (runs in a worker thread: pyroute2 and ovsdbapp calls block) --------
+
+    def converge(self, state: DesiredState) -> bool:
+        """One idempotent pass; True if the host now matches ``state`` (then its generation is reported)."""
+        host = state.hosts.get(self.cfg.host)
+        if host is None:
+            log.info("host %s is not registered in the store yet", self.cfg.host)
+            return True
+        spec = BridgeSpec(host.datapath_id, self.cfg.network.gateway_mac, self.cfg.controller)
+        if self._bridge_ok != spec:
+            if self.bridge.ensure(spec):
+                log.info("bridge br0 set for datapath %s, controller %s", spec.dpid_hex, spec.controller)
+            plumbing.ensure_host_gateway(self.cfg.network)
+            self._bridge_ok = spec
+
+        wanted = {c.name: c for c in state.containers_on(self.cfg.host)}
+        ok = self._remove_unwanted(wanted)
+        for container in wanted.values():
+            ok = self._converge_container(container) and ok
+        if ok and state.generation != self._reported_generation:
+            self.store.report_agent(self.cfg.host, state.generation)
+            self._reported_generation = state.generation
+            log.info("host %s realised generation %d (%d containers)", self.cfg.host, state.generation, len(wanted))
+        return ok
+
+    def _remove_unwanted(self, wanted: dict[str, Container]) -> bool:
+        ok = True
+        wanted_ports = {c.port_name for c in wanted.values()}
+        for name in sorted(set(self.runtime.known()) - set(wanted)):
+            try:
+                self._tear_down(name)
+            except Exception:
+                log.exception("could not tear down container %s", name)
+                ok = False
+        # Ports left behind by a crash between plumbing and recording (named like ours, owned by nobody).
+        orphans = {p for p in self.bridge.ports() | plumbing.host_ports() if plumbing.is_container_port(p)}
+        for port in sorted(orphans - wanted_ports):
+            log.info("removing orphan port %s", port)
+            self.bridge.remove_port(port)
+            plumbing.unplumb_container(port)
+        return ok
+
+    def _tear_down(self, name: str) -> None:
+        port = port_name_for(name)
+        self.bridge.remove_port(port)
+        plumbing.unplumb_container(port)
+        self.runtime.remove(name)
+        self._plumbed.pop(name, None)
+        log.info("container %s removed", name)
+
+    def _converge_container(self, c: Container) -> bool:
+        try:
+            if self._plumbed.get(c.name) != c:
+                netns = self.runtime.prepare(c, self.cfg.netns_prefix)
+                plumbing.plumb_container(c, netns, self.cfg.network)
+                self.bridge.ensure_port(c.port_name)
+                self._plumbed[c.name] = c
+                log.info("container %s plumbed in %s on port %s", c.name, netns, c.port_name)
+            if self.store.container_running(c.name):
+                status = self.runtime.start(c, self.cfg.netns_prefix)
+            else:
+                self.runtime.stop(c.name)
+                status = self.runtime.status(c.name) or ContainerStatus(RunState.EXITED)
+        except Exception as exc:
+            log.exception("container %s failed", c.name)
+            self._plumbed.pop(c.name, None)
+            status = ContainerStatus(RunState.ERROR, "", None, f"{type(exc).__name__}: {exc}")
+        if self.store.container_status(c.name) != status:
+            self.store.report_container_status(c.name, status)
+        return status.state != RunState.ERROR

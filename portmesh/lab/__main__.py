@@ -1,0 +1,5 @@
+"""``python -m portmesh.lab``."""
+
+from portmesh.lab.cli import main
+
+main()

@@ -1,0 +1,239 @@
+"""A whole portmesh cloud on one machine: ``up`` builds it, ``down`` removes exactly what ``up`` recorded.
+
+Topology (every address in a documentation/benchmark range, nothing in the
+machine's namespace but the API on loopback and the store's unix socket):
+
+    <prefix>mgmt   Linux bridge mgmt0 198.18.0.1/24; the controller listens there
+    <prefix>hN     host N: mgmt0 198.18.0.(10+N)/24, OVS + agent; h1 also has up0 198.51.100.1/24
+    <prefix>inet   the outside world: eth0 198.51.100.2/24, route to the public pools via h1
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+
+from portmesh.lab import link, node, services
+from portmesh.lab.ovs import OvsInstance, wait_unix_socket
+from portmesh.lab.state import LAB_NAME_RE, LabState, Process, lab_dir
+from portmesh.model.config import DEFAULT_CONFIG, NetworkConfig
+from portmesh.runtime import procs
+from portmesh.runtime.light import LightRuntime
+
+log = logging.getLogger("portmesh.lab")
+
+MGMT_NET = "198.18.0"
+INET_IP, UPLINK_IP = "198.51.100.2", "198.51.100.1"
+INET_PREFIXLEN = 24
+RMEM_KEY = "net.core.rmem_default"
+RMEM_LAB = 4 * 1024 * 1024  # OVS reads each port through a packet socket with this buffer (see ARCHITECTURE)
+
+Say = Callable[[str], None]
+
+
+def mgmt_ip(index: int) -> str:
+    """Host number ``index`` (1-based) on the management network."""
+    return f"{MGMT_NET}.{10 + index}"
+
+
+def ovs_of(state: LabState, host: str) -> OvsInstance:
+    return OvsInstance(host, state.ns(host), state.dir / host)
+
+
+class Lab:
+    """Lab ``name``: its recorded state and the operations on it."""
+
+    def __init__(self, name: str, say: Say = print, config: NetworkConfig = DEFAULT_CONFIG) -> None:
+        if not LAB_NAME_RE.match(name):
+            raise ValueError(f"lab name {name!r}: lowercase letters, digits and '-', at most 16 characters")
+        self.name = name
+        self.say = say
+        self.config = config
+
+    def state(self) -> LabState | None:
+        return LabState.load(self.name)
+
+    # -- up -----------------------------------------------------------------------
+
+    def up(self, hosts: int = 1, tune_rmem: bool = True) -> LabState:
+        """Build the lab; on any failure tear down what was built, then re-raise."""
+        if self.state() is not None:
+            raise FileExistsError(f"lab {self.name} is already up (state in {lab_dir(self.name)}); run down first")
+        state = LabState(self.name, hosts=[f"h{i}" for i in range(1, hosts + 1)])
+        state.dir.mkdir(parents=True, exist_ok=True)
+        state.save()
+        try:
+            self._up(state, tune_rmem)
+        except BaseException:
+            self.say(f"lab {self.name}: up failed, tearing down what was made")
+            self.down()
+            raise
+        return state
+
+    def _up(self, state: LabState, tune_rmem: bool) -> None:
+        if tune_rmem:
+            self._set_machine_sysctl(state, RMEM_KEY, str(RMEM_LAB))
+        for ns in ["mgmt", "inet", *state.hosts]:
+            self._namespace(state, state.ns(ns))
+        mgmt = state.ns("mgmt")
+        link.bridge(mgmt, "mgmt0")
+        link.address(mgmt, "mgmt0", f"{services.CONTROLLER_IP}/24")
+        for i, host in enumerate(state.hosts, start=1):
+            self._veth(state, state.ns(host), "mgmt0", mgmt, f"m-{host}")
+            link.enslave(mgmt, f"m-{host}", "mgmt0")
+            link.address(state.ns(host), "mgmt0", f"{mgmt_ip(i)}/24")
+        h1, inet = state.ns(state.hosts[0]), state.ns("inet")
+        self._veth(state, inet, "eth0", h1, "up0")
+        link.address(inet, "eth0", f"{INET_IP}/{INET_PREFIXLEN}")
+        link.address(h1, "up0", f"{UPLINK_IP}/{INET_PREFIXLEN}")
+        for pool in self.config.public_pools:
+            link.route(inet, str(pool), UPLINK_IP)
+        self.say(f"lab {self.name}: namespaces and links made ({', '.join(state.namespaces)})")
+
+        for host in state.hosts:
+            ovs = ovs_of(state, host)
+            self._record(state, f"ovsdb-server:{host}", ovs.start_db, ovs.netns, ovs.rundir / "ovsdb-server.log")
+            self._record(state, f"ovs-vswitchd:{host}", ovs.start_vswitchd, ovs.netns,
+                         ovs.rundir / "ovs-vswitchd.log")
+        self.say(f"lab {self.name}: OVS running in {', '.join(state.ns(h) for h in state.hosts)}")
+        self._start_components(state)
+
+    def _start_components(self, state: LabState) -> None:
+        labdir = state.dir
+        if not services.available("portmesh.store.__main__"):
+            self.say("portmesh.store is not there yet: no store, controller, agents or API started")
+            return
+        store = self._spawn(state, "store", services.store_argv(labdir))
+        wait_unix_socket(services.store_socket(labdir), store.ref)
+        if services.available("portmesh.controller.__main__"):
+            self._spawn(state, "controller", services.controller_argv(labdir), state.ns("mgmt"))
+        else:
+            self.say("portmesh.controller is not there yet: no controller started (switches stay fail-secure)")
+        if not services.available("portmesh.api.__main__"):
+            self.say("portmesh.api is not there yet: no API started and no host registered")
+        else:
+            token = services.make_token(labdir)
+            port = services.free_port()
+            state.api_url = f"http://127.0.0.1:{port}"
+            self._spawn(state, "api", services.api_argv(labdir, port))
+            services.wait_http(f"{state.api_url}/v1/hosts")
+            api = services.ApiClient(state.api_url, token)
+            for i, host in enumerate(state.hosts, start=1):
+                api.register_host(host, i, mgmt_ip(i))
+            self.say(f"lab {self.name}: API on {state.api_url}, hosts registered: {', '.join(state.hosts)}")
+        if services.available("portmesh.agent.__main__"):
+            for host in state.hosts:
+                state.agent_state_dirs.append(str(services.agent_state_dir(labdir, host)))
+                state.save()
+                argv = services.agent_argv(labdir, host, ovs_of(state, host).remote, state.prefix)
+                self._spawn(state, f"agent:{host}", argv, state.ns(host))
+        else:
+            self.say("portmesh.agent is not there yet: no agents started")
+
+    def _namespace(self, state: LabState, ns: str) -> None:
+        if node.exists(ns):
+            raise FileExistsError(f"network namespace {ns} exists but is not this lab's: refusing to touch it")
+        state.namespaces.append(ns)
+        state.save()
+        node.create(ns)
+
+    def _veth(self, state: LabState, ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
+        state.links.append((ns_a, if_a))
+        state.save()
+        link.veth(ns_a, if_a, ns_b, if_b)
+
+    def _set_machine_sysctl(self, state: LabState, key: str, value: str) -> None:
+        path = Path("/proc/sys") / key.replace(".", "/")
+        before = path.read_text().strip()
+        if before == value:
+            return
+        state.sysctls[key] = before
+        state.save()
+        path.write_text(value)
+        self.say(f"lab {self.name}: {key} {before} -> {value} (put back on down)")
+
+    def _spawn(self, state: LabState, label: str, argv: Sequence[str], netns: str | None = None) -> Process:
+        logfile = state.dir / "logs" / f"{label.replace(':', '-')}.log"
+        return self._record(state, label, lambda: procs.spawn(argv, logfile, netns=netns), netns, logfile, argv)
+
+    def _record(self, state: LabState, label: str, start: Callable[[], procs.ProcRef], netns: str | None,
+                logfile: Path, argv: Sequence[str] = ()) -> Process:
+        ref = start()
+        proc = Process(label, ref.pid, ref.start_time, list(argv), netns, str(logfile))
+        state.processes.append(proc)
+        state.save()
+        return proc
+
+    # -- down ---------------------------------------------------------------------
+
+    def down(self) -> list[str]:
+        """Remove everything the lab recorded; returns the problems met (empty when all went)."""
+        state = self.state()
+        if state is None:
+            self.say(f"lab {self.name} is not up")
+            return []
+        problems: list[str] = []
+
+        def attempt(what: str, action: Callable[[], object]) -> None:
+            try:
+                action()
+            except Exception as exc:
+                problems.append(f"{what}: {exc}")
+
+        for proc in reversed(state.processes):
+            attempt(f"stop {proc.label} ({proc.pid})", partial(procs.stop, proc.ref))
+        for state_dir in state.agent_state_dirs:
+            if Path(state_dir).is_dir():
+                runtime = LightRuntime(Path(state_dir))
+                for name in runtime.known():
+                    attempt(f"remove container {name}", partial(runtime.remove, name))
+        for ns, ifname in reversed(state.links):
+            if node.exists(ns):
+                attempt(f"delete {ns}:{ifname}", partial(link.delete, ns, ifname))
+        for ns in reversed(state.namespaces):
+            attempt(f"remove namespace {ns}", partial(node.remove, ns))
+        for key, value in state.sysctls.items():
+            path = Path("/proc/sys") / key.replace(".", "/")
+            attempt(f"restore {key}", partial(path.write_text, value))
+        if problems:
+            self.say(f"lab {self.name}: down left problems (state kept in {state.dir}):")
+            for problem in problems:
+                self.say(f"  {problem}")
+        else:
+            shutil.rmtree(state.dir, ignore_errors=True)
+            self.say(f"lab {self.name}: down, nothing left")
+        return problems
+
+    # -- status / exec ------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        """What is recorded and whether it is still there."""
+        state = self.state()
+        if state is None:
+            return {"name": self.name, "up": False}
+        return {
+            "name": self.name,
+            "up": True,
+            "dir": str(state.dir),
+            "api": state.api_url,
+            "hosts": state.hosts,
+            "namespaces": {ns: node.exists(ns) for ns in state.namespaces},
+            "processes": {p.label: {"pid": p.pid, "alive": procs.alive(p.ref), "netns": p.netns, "log": p.log}
+                          for p in state.processes},
+            "sysctls_changed": state.sysctls,
+        }
+
+    def netns_of(self, target: str) -> str:
+        """Namespace of a lab node (``inet``, ``mgmt``, ``h1``...) or of a container (asked from the API)."""
+        state = self.state()
+        if state is None:
+            raise LookupError(f"lab {self.name} is not up")
+        if state.ns(target) in state.namespaces:
+            return state.ns(target)
+        if not state.api_url:
+            raise LookupError(f"{target!r} is not a lab node and this lab has no API to ask about containers")
+        token = services.token_file(state.dir).read_text().strip()
+        return services.ApiClient(state.api_url, token).container_netns(target)

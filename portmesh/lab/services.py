@@ -1,0 +1,125 @@
+"""The portmesh processes a lab runs (store, controller, agents, API), and talking to the API.
+
+The argv builders are the single place that knows each component's command
+line; the lab only decides where (which namespace) each one runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import secrets
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+PY = sys.executable
+CONTROLLER_IP = "198.18.0.1"
+CONTROLLER_PORT = 6653
+
+
+def available(module: str) -> bool:
+    """True if ``python -m module`` can run (components are written in parallel; the lab tolerates gaps)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def store_socket(labdir: Path) -> Path:
+    return labdir / "store.sock"
+
+
+def store_remote(labdir: Path) -> str:
+    return f"unix:{store_socket(labdir)}"
+
+
+def store_argv(labdir: Path) -> list[str]:
+    return [PY, "-m", "portmesh.store", "serve", "--db", str(labdir / "store.db"),
+            "--socket", str(store_socket(labdir)), "--log-file", str(labdir / "store.log")]
+
+
+def controller_target() -> str:
+    return f"tcp:{CONTROLLER_IP}:{CONTROLLER_PORT}"
+
+
+def controller_argv(labdir: Path) -> list[str]:
+    return [PY, "-m", "portmesh.controller", "--store", store_remote(labdir), "--listen", controller_target()]
+
+
+def agent_argv(labdir: Path, host: str, ovsdb_remote: str, prefix: str) -> list[str]:
+    return [PY, "-m", "portmesh.agent", "--host", host, "--store", store_remote(labdir),
+            "--ovsdb", ovsdb_remote, "--controller", controller_target(), "--netns-prefix", prefix,
+            "--state-dir", str(agent_state_dir(labdir, host))]
+
+
+def agent_state_dir(labdir: Path, host: str) -> Path:
+    return labdir / host / "agent"
+
+
+def api_argv(labdir: Path, port: int) -> list[str]:
+    return [PY, "-m", "portmesh.api", "--store", store_remote(labdir), "--listen", f"127.0.0.1:{port}",
+            "--token-file", str(token_file(labdir))]
+
+
+def token_file(labdir: Path) -> Path:
+    return labdir / "api.token"
+
+
+def make_token(labdir: Path) -> str:
+    """A fresh API token for this lab, written 0600 (the API reads it, the lab uses it to register hosts)."""
+    path = token_file(labdir)
+    token = secrets.token_urlsafe(32)
+    path.touch(mode=0o600, exist_ok=False)
+    path.write_text(token + "\n")
+    return token
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for the lab's API)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    """Wait until ``GET url`` answers at all (any status)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(url, timeout=2.0)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout:.0f} s") from None
+            time.sleep(0.2)
+
+
+class ApiClient:
+    """The few API calls the lab makes."""
+
+    def __init__(self, base_url: str, token: str = "") -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=base_url, headers=headers, timeout=15.0)
+
+    def register_host(self, name: str, datapath_id: int, underlay_ip: str | None = None) -> None:
+        body: dict[str, Any] = {"name": name, "datapath_id": datapath_id}
+        if underlay_ip:
+            body["underlay_ip"] = underlay_ip
+        reply = self.http.post("/v1/hosts", json=body)
+        if reply.status_code not in (200, 201, 409):
+            raise RuntimeError(f"POST /v1/hosts {name}: {reply.status_code} {reply.text}")
+
+    def container_netns(self, name: str) -> str:
+        reply = self.http.get(f"/v1/containers/{name}")
+        if reply.status_code == 404:
+            raise LookupError(f"no container {name!r}")
+        reply.raise_for_status()
+        status = reply.json().get("status") or {}
+        netns = str(status.get("netns") or "")
+        if not netns:
+            raise LookupError(f"container {name!r} has no network namespace yet (status: {status})")
+        return netns
