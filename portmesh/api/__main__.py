@@ -43,12 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     if created:
         log.info("generated a new API token in %s (mode 0600)", args.token_file)
 
-    from portmesh.store.client import Store  # the meeting point; imported late so --help works without ovs
+    # The meeting point; imported late so --help works without the ovs libraries.
+    from portmesh.store.client import Store, StoreError
 
     store = Store(args.store)
     store.start()
     try:
-        app = create_app(store, token, DEFAULT_CONFIG, wait_timeout=args.wait_timeout)
+        app = create_app(store, token, DEFAULT_CONFIG, wait_timeout=args.wait_timeout, unavailable=(StoreError,))
         host, port = args.listen
         uvicorn.run(app, host=host, port=port, log_level=args.log_level.lower())
     finally:

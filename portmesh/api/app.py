@@ -70,13 +70,28 @@ async def _wait_timeout(_: Request, exc: Exception) -> JSONResponse:
     return error(504, "wait", str(exc), generation=exc.generation, status=exc.status.model_dump())
 
 
+async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
+    return error(503, "store", str(exc))
+
+
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("request failed", exc_info=exc)
     return error(500, None, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def create_app(store: StoreAPI, token: str, config: NetworkConfig = DEFAULT_CONFIG, *, wait_timeout: float = 30.0) -> FastAPI:
-    """The API over ``store``; mutating calls need ``Authorization: Bearer <token>``."""
+def create_app(
+    store: StoreAPI,
+    token: str,
+    config: NetworkConfig = DEFAULT_CONFIG,
+    *,
+    wait_timeout: float = 30.0,
+    unavailable: tuple[type[Exception], ...] = (),
+) -> FastAPI:
+    """The API over ``store``; mutating calls need ``Authorization: Bearer <token>``.
+
+    ``unavailable`` lists the store's "could not reach it / commit timed out" errors,
+    answered 503 (retry later) rather than 500; passed in so this module needs no store import.
+    """
     if not token:
         raise ValueError("an API token is required")
     service = Service(store, config, wait_timeout)
@@ -103,5 +118,7 @@ def create_app(store: StoreAPI, token: str, config: NetworkConfig = DEFAULT_CONF
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(WaitTimeout, _wait_timeout)
+    for down in unavailable:
+        app.add_exception_handler(down, _unavailable)
     app.add_exception_handler(Exception, _unexpected)
     return app

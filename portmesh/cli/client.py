@@ -37,6 +37,8 @@ class ApiError(Exception):
         hint = ""
         if self.status == 401:
             hint = "; set PORTMESH_TOKEN or --token-file to the API's token"
+        elif self.status == 504:
+            hint = "; the change is stored and applies as hosts catch up (see `portmesh status`)"
         return f"{where}{self.reason}{code}{hint}"
 
 

@@ -268,6 +268,20 @@ def test_concurrent_creates_are_serialised() -> None:
     assert asyncio.run(race()) == [201] + [409] * 7
 
 
+def test_store_unavailable_is_503(store: FakeStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Down(RuntimeError):
+        pass
+
+    def refuse(*_: object) -> int:
+        raise Down("store did not answer within 10 s")
+
+    with TestClient(create_app(store, TOKEN, unavailable=(Down,))) as client:
+        add_host(client)
+        monkeypatch.setattr(store, "add_container", refuse)
+        r = client.post("/v1/containers", json={"name": "a", "host": "h1", "ips": [IP]}, headers=AUTH)
+        assert_refused(r, 503, "store")
+
+
 # --- token ---
 
 
