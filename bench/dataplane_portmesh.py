@@ -63,6 +63,7 @@ class PortmeshPath:
         if helps.returncode != 0:
             raise BenchError(f"`portmesh run --help` failed: {(helps.stderr or helps.stdout).strip()[-300:]}")
         self.run_help = helps.stdout
+        self.up_help = self._py(["-m", "portmesh.lab", "up", "--help"], timeout=30, check=False).stdout
         if (LAB_ROOT / self.lab / "lab.json").exists():
             raise BenchError(f"a lab named {self.lab!r} already exists ({LAB_ROOT / self.lab}); not touching it (use --lab-name)")
 
@@ -70,7 +71,9 @@ class PortmeshPath:
         # Registered before `up`: a lab that fails half-way is still torn down (it records as it goes).
         self.bench.cleanup_hooks.append(self.lab_down)
         t0 = time.monotonic()
-        p = self._py(["-m", "portmesh.lab", "up", "--name", self.lab], timeout=self.bench.args.lab_timeout, check=False)
+        p = self._py(
+            ["-m", "portmesh.lab", "up", "--name", self.lab, *self.rmem_flag()], timeout=self.bench.args.lab_timeout, check=False
+        )
         if p.returncode != 0:
             raise BenchError(f"lab up failed (rc {p.returncode}): {(p.stderr or p.stdout).strip()[-400:]}")
         log(f"portmesh: lab {self.lab!r} up in {time.monotonic() - t0:.1f}s")
@@ -81,9 +84,13 @@ class PortmeshPath:
         api = self.lab_state.get("api_url")
         if api:
             self.env["PORTMESH_API"] = str(api)
-        token = LAB_ROOT / self.lab / "token"
-        if token.exists() and "PORTMESH_TOKEN" not in self.env:
-            self.env["PORTMESH_TOKEN"] = token.read_text().strip()
+        token = LAB_ROOT / self.lab / "api.token"
+        if token.exists():
+            self.env["PORTMESH_TOKEN_FILE"] = str(token)
+
+    def rmem_flag(self) -> list[str]:
+        """The bench owns net.core.rmem_default (it reports the value); the lab must leave it alone."""
+        return ["--no-tune-rmem"] if "--no-tune-rmem" in self.up_help else []
 
     def lab_down(self) -> None:
         p = self._py(["-m", "portmesh.lab", "down", "--name", self.lab], timeout=60, check=False)
@@ -100,12 +107,8 @@ class PortmeshPath:
         return f"{self.prefix}c-{name}"
 
     def run_container(self, name: str, port: int, command: list[str]) -> None:
-        hosts = self.lab_state.get("hosts") or []
-        argv = ["run", "--name", name, "--ip", PUBLIC_IP, "--port", f"{port}/tcp"]
-        if hosts and "--host" in self.run_help:
-            argv += ["--host", str(hosts[0])]
-        if "--wait" in self.run_help:
-            argv.append("--wait")
+        hosts = self.lab_state.get("hosts") or ["h1"]
+        argv = ["run", name, "--host", str(hosts[0]), "--ip", PUBLIC_IP, "--port", f"{port}/tcp", "--wait"]
         self._cli([*argv, "--", *command], timeout=self.bench.args.lab_timeout)
 
     def wait_listening(self, name: str, port: int) -> None:
