@@ -1,0 +1,253 @@
+"""The store client: the one place the other components read and write desired state.
+
+It keeps a replica of the Portmesh OVSDB database in memory through the OVS
+Python IDL, driven by ovsdbapp's :class:`Connection` thread, so reads are local
+and cheap and changes arrive as a stream (monitors), never by polling. Writes
+are shipped to that thread and committed there, because the IDL is not
+thread-safe; every caller-facing method is synchronous and thread-safe.
+
+Every write of desired state increments ``Global.generation`` in the same
+transaction and returns the new value: a switch or agent that has realised a
+snapshot reports that number back, which is how ``--wait`` knows when a change
+is live. Status reports (agent, controller) do not bump it, so they never make
+the controller recompute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from portmesh.model.entities import Container, ContainerStatus, DesiredState, Host, HostStatus, Mapping, MappingKey
+from portmesh.model.errors import Conflict, InvalidInput, NotFound
+from portmesh.store import rows as R
+from portmesh.store.engine import Engine, StoreError, Txn
+
+__all__ = ["Store", "StoreError"]
+
+
+class Store(Engine):
+    """Synchronous, thread-safe access to the Portmesh database (see docs/CONTRACTS.md).
+
+    ``remote`` is ``unix:/path``, ``tcp:ip:port`` or a comma-separated list of
+    those for a Raft cluster; the IDL then talks to the leader only. Call
+    :meth:`start` (or use it as a context manager); a closed Store cannot be restarted.
+    """
+
+    _cache: tuple[int, DesiredState] | None = None  # snapshot, valid while the IDL's change_seqno is
+
+    # -- reads (local cache, consistent under the connection lock) -------------------------------
+
+    def snapshot(self) -> DesiredState:
+        """A consistent copy of the desired state, including its generation."""
+        with self._lock():
+            seqno = self._idl.change_seqno
+            if self._cache is None or self._cache[0] != seqno:
+                self._cache = (seqno, self._build_state())
+            state = self._cache[1]
+        return DesiredState(state.generation, dict(state.hosts), dict(state.containers), dict(state.mappings))
+
+    # Reads of one entity are lenient (a name that vanished since the caller's snapshot
+    # gives the neutral value, not an error), so listings built from a snapshot never race.
+
+    def container_running(self, name: str) -> bool:
+        """Whether the container should run (desired run state); False if there is no such container."""
+        with self._lock():
+            row = self._find("Container", name=name)
+            return bool(row.running) if row is not None else False
+
+    def container_status(self, name: str) -> ContainerStatus | None:
+        """What the agent last reported; None if nothing yet or there is no such container."""
+        with self._lock():
+            row = self._find("Container", name=name)
+            return R.container_status_from_row(row) if row is not None else None
+
+    def host_status(self, host: str) -> HostStatus:
+        """How far the host's switch and agent have caught up (all zero for an unknown host)."""
+        with self._lock():
+            row = self._find("Host", name=host)
+            return R.host_status_from_row(row) if row is not None else HostStatus()
+
+    def container_statuses(self) -> dict[str, ContainerStatus]:
+        """Every reported container status, by name (one lock, for listings)."""
+        with self._lock():
+            found = ((r.name, R.container_status_from_row(r)) for r in self._rows("Container"))
+            return {name: status for name, status in found if status is not None}
+
+    def running_containers(self) -> set[str]:
+        """Names of containers whose desired run state is running."""
+        with self._lock():
+            return {r.name for r in self._rows("Container") if r.running}
+
+    # -- desired-state writes (bump the generation) ----------------------------------------------
+
+    def add_host(self, host: Host, may_exist: bool = False) -> int:
+        """Add a host; with ``may_exist`` an existing one is updated to ``host`` instead."""
+
+        def build(txn: Txn) -> bool:
+            R.check_host(host)  # before txn.insert: an inserted row must get its columns before any raise
+            row = self._find("Host", name=host.name)
+            if row is not None:
+                if not may_exist:
+                    raise Conflict("name", f"host {host.name!r} already exists")
+                if R.host_from_row(row) == host:
+                    return False
+            else:
+                row = txn.insert(self._idl.tables["Host"])
+            R.fill_host_row(row, host)
+            return True
+
+        return self._write(build)
+
+    def remove_host(self, name: str, if_exists: bool = False) -> int:
+        """Remove a host that no container is placed on (Conflict otherwise)."""
+
+        def build(txn: Txn) -> bool:
+            row = self._find("Host", name=name)
+            if row is None:
+                if if_exists:
+                    return False
+                raise NotFound("name", f"host {name!r} does not exist")
+            placed = sorted(r.name for r in self._rows("Container") if r.host == name)
+            if placed:
+                raise Conflict("name", f"host {name!r} still has containers: {', '.join(placed[:5])}")
+            row.delete()
+            return True
+
+        return self._write(build)
+
+    def add_container(self, c: Container, mappings: Sequence[Mapping] = ()) -> int:
+        """Add a container (desired to run) and its mappings in one transaction."""
+
+        def build(txn: Txn) -> bool:
+            if self._find("Container", name=c.name) is not None:
+                raise Conflict("name", f"container {c.name!r} already exists")
+            self._host(c.host, field="host").verify("name")  # fails the commit if the host goes meanwhile
+            row = txn.insert(self._idl.tables["Container"])
+            R.fill_container_row(row, c)
+            row.running = True
+            keys: set[MappingKey] = set()
+            for m in mappings:
+                if m.container != c.name:
+                    raise InvalidInput("container", f"mapping {m.key} names {m.container!r}, not {c.name!r}")
+                if m.key in keys:
+                    raise Conflict("port", f"{m.key} is listed twice")
+                keys.add(m.key)
+                self._insert_mapping(txn, m)
+            return True
+
+        return self._write(build)
+
+    def remove_container(self, name: str, if_exists: bool = False) -> int:
+        """Remove a container and every mapping that points at it, in one transaction."""
+
+        def build(txn: Txn) -> bool:
+            row = self._find("Container", name=name)
+            if row is None:
+                if if_exists:
+                    return False
+                raise NotFound("name", f"container {name!r} does not exist")
+            for mapping in self._find_all("Mapping", container=name):
+                mapping.delete()
+            row.delete()
+            return True
+
+        return self._write(build)
+
+    def add_mapping(self, m: Mapping) -> int:
+        """Add one mapping; its container must exist (NotFound) and its key be free (Conflict)."""
+
+        def build(txn: Txn) -> bool:
+            self._container(m.container, field="container").verify("name")
+            self._insert_mapping(txn, m)
+            return True
+
+        return self._write(build)
+
+    def remove_mapping(self, key: MappingKey, if_exists: bool = False) -> int:
+        """Remove the mapping with ``key``."""
+
+        def build(txn: Txn) -> bool:
+            row = self._mapping(key)
+            if row is None:
+                if if_exists:
+                    return False
+                raise NotFound("mapping", f"{key} is not mapped")
+            row.delete()
+            return True
+
+        return self._write(build)
+
+    def set_container_running(self, name: str, running: bool) -> int:
+        """Set the desired run state (stop/start); unchanged state does not bump the generation."""
+
+        def build(txn: Txn) -> bool:
+            row = self._container(name)
+            if bool(row.running) == running:
+                return False
+            row.running = running
+            return True
+
+        return self._write(build)
+
+    # -- status reports (no generation bump) -----------------------------------------------------
+
+    def report_container_status(self, name: str, status: ContainerStatus) -> None:
+        """Agent: what it observed of the container; NotFound if the container is gone."""
+
+        def build(txn: Txn) -> bool:
+            R.fill_container_status(self._container(name), status)
+            return True
+
+        self._write(build, bump=False)
+
+    def report_switch(self, host: str, generation: int, connected: bool) -> None:
+        """Controller: the generation the host's switch has realised, and whether it is connected."""
+
+        def build(txn: Txn) -> bool:
+            row = self._host(host, field="host")
+            row.switch_generation = generation
+            row.switch_connected = connected
+            return True
+
+        self._write(build, bump=False)
+
+    def report_agent(self, host: str, generation: int) -> None:
+        """Agent: the generation it has realised on its host."""
+
+        def build(txn: Txn) -> bool:
+            self._host(host, field="host").agent_generation = generation
+            return True
+
+        self._write(build, bump=False)
+
+    def _host(self, name: str, field: str = "name") -> R.Row:
+        row = self._find("Host", name=name)
+        if row is None:
+            raise NotFound(field, f"host {name!r} does not exist")
+        return row
+
+    def _container(self, name: str, field: str = "name") -> R.Row:
+        row = self._find("Container", name=name)
+        if row is None:
+            raise NotFound(field, f"container {name!r} does not exist")
+        return row
+
+    def _mapping(self, key: MappingKey) -> R.Row:
+        return self._find("Mapping", public_ip=str(key.public_ip), proto=key.proto.value, port=key.port)
+
+    def _insert_mapping(self, txn: Txn, m: Mapping) -> None:
+        existing = self._mapping(m.key)
+        if existing is not None:
+            raise Conflict("port", f"{m.key} is already mapped to {existing.container!r}")
+        R.fill_mapping_row(txn.insert(self._idl.tables["Mapping"]), m)
+
+    def _build_state(self) -> DesiredState:
+        hosts = (R.host_from_row(r) for r in self._rows("Host"))
+        containers = (R.container_from_row(r) for r in self._rows("Container"))
+        mappings = (R.mapping_from_row(r) for r in self._rows("Mapping"))
+        return DesiredState(
+            generation=self._generation(),
+            hosts={h.name: h for h in hosts},
+            containers={c.name: c for c in containers},
+            mappings={m.key: m for m in mappings},
+        )

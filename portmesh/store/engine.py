@@ -1,0 +1,251 @@
+"""The machinery under :class:`portmesh.store.client.Store`: IDL thread, notifications, commits.
+
+The OVS Python IDL keeps a replica of the database in memory and is not
+thread-safe, so it lives in ovsdbapp's :class:`Connection` thread: reads take
+that connection's lock, writes are shipped to the thread as jobs and committed
+there. Changes arrive as a monitor stream (never polled) and subscribers are
+told after each batch, never in the middle of a commit (the cache then holds
+uncommitted rows).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+with warnings.catch_warnings():
+    # ovs.poller (imported by ovs.db.idl) imports eventlet only to detect
+    # monkey-patching, which we never do; its deprecation banner is noise.
+    warnings.simplefilter("ignore")
+    from ovs.db import idl as ovs_idl
+    from ovsdbapp import exceptions as ovsdbapp_exc
+    from ovsdbapp.backend.ovs_idl import connection as ovs_conn
+    from ovsdbapp.backend.ovs_idl import idlutils
+
+from portmesh.store import rows as R
+
+LOG = logging.getLogger(__name__)
+
+# A constraint violation fails on every attempt, a lost leader or a concurrent
+# writer only for a moment: retry TRY_AGAIN, but not forever.
+MAX_ATTEMPTS = 20
+# The IDL's reconnect backoff doubles up to 8 s by default; after a Raft leader
+# dies that delayed recovery by 7-20 s. Capped at 1 s it takes 2-3 s.
+RECONNECT_BACKOFF_MS = 1000
+
+Txn = Any  # ovs.db.idl.Transaction (untyped library)
+# Builds a transaction from the cache; returns False when there is nothing to change.
+Build = Callable[[Txn], bool]
+
+
+class StoreError(RuntimeError):
+    """The store could not be reached, or a commit did not go through in time."""
+
+
+class _Idl(ovs_conn.OvsdbIdl):  # type: ignore[misc]
+    """The IDL, with a hook after every ``run`` so the store can tell subscribers about changes."""
+
+    def __init__(self, remote: str, helper: Any, after_run: Callable[[bool], None]) -> None:
+        super().__init__(remote, helper, leader_only=True)
+        self._after_run = after_run
+
+    def run(self) -> bool:
+        seqno = self.change_seqno
+        changed = bool(super().run())
+        self._after_run(changed or self.change_seqno != seqno)
+        return changed
+
+
+class _Job:
+    """A write queued to the connection thread; quacks like an ovsdbapp transaction."""
+
+    def __init__(self, store: Engine, build: Build, bump: bool) -> None:
+        self.store, self.build, self.bump = store, build, bump
+        self.results: queue.Queue[Any] = queue.Queue(1)
+        self.commands = [build]  # ovsdbapp's TimeoutException reports these
+
+    def do_commit(self) -> int:
+        return self.store._commit(self.build, self.bump)
+
+
+class Engine:
+    """Owns the IDL and its thread; :class:`Store` adds the Portmesh operations on top."""
+
+    def __init__(self, remote: str, timeout: float = 10.0) -> None:
+        self.remote = remote
+        self.timeout = timeout
+        helper = ovs_idl.SchemaHelper(location=str(R.schema_path()))
+        helper.register_all()
+        self._idl = _Idl(remote, helper, self._after_run)
+        reconnect = getattr(getattr(self._idl, "_session", None), "reconnect", None)
+        if reconnect is not None:
+            reconnect.set_backoff(RECONNECT_BACKOFF_MS, RECONNECT_BACKOFF_MS)
+        for table, columns in (("Host", ("name",)), ("Container", ("name",)), ("Mapping", ("container",)),
+                               ("Mapping", ("public_ip", "proto", "port"))):
+            self._idl.tables[table].rows.index_create(idlutils.index_name(*columns)).add_columns(*columns)
+        self._conn: ovs_conn.Connection | None = None
+        self._callbacks: list[Callable[[], None]] = []
+        self._notify_ready = False  # subscribers are told only from the connection thread, once started
+        self._pending = False  # a change arrived that subscribers have not been told about
+        self._in_txn = False  # never notify mid-commit: the cache then holds uncommitted rows
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Connect and load the whole database; subscribers are called once right after."""
+        if self._conn is None:
+            self._conn = ovs_conn.Connection(self._idl, timeout)
+        try:
+            self._conn.start()
+        except ovsdbapp_exc.TimeoutException as exc:
+            raise StoreError(f"store {self.remote} did not answer within {timeout} s") from exc
+        self._notify_ready = True
+        self._pending = True
+        self._conn.txns.alert_notify()  # wake the thread so it tells subscribers about the initial load
+
+    def close(self) -> None:
+        """Stop the connection thread and drop the connection."""
+        if self._conn is not None:
+            self._notify_ready = False
+            self._conn.stop(timeout=self.timeout)
+            self._conn = None
+
+    def __enter__(self) -> Engine:
+        self.start(self.timeout)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` from the IDL thread after each batch of changes (desired or status).
+
+        Keep it short and never write from it (that would deadlock; it raises
+        instead): set an event, or hand over to your loop with ``call_soon_threadsafe``,
+        then read :meth:`snapshot`. Compare ``snapshot().generation`` to skip
+        batches that only carried status reports.
+        """
+        self._callbacks.append(callback)
+
+    # -- internals: cache access (call with the connection lock held) ----------------------------
+
+    def _lock(self) -> threading.RLock:
+        if self._conn is None:
+            raise StoreError("store client is not started")
+        lock: threading.RLock = self._conn.lock
+        return lock
+
+    def _table(self, name: str) -> Any:
+        return self._idl.tables[name]
+
+    def _rows(self, table: str) -> list[Any]:
+        return list(self._table(table).rows.values())
+
+    def _find_all(self, table: str, **match: Any) -> list[Any]:
+        """Rows of ``table`` matching ``match`` through one of the indexes made in ``__init__``."""
+        return list(idlutils.index_lookup_all(self._table(table), **match))
+
+    def _find(self, table: str, **match: Any) -> Any:
+        return next(iter(idlutils.index_lookup_all(self._table(table), **match)), None)
+
+    def _generation(self) -> int:
+        rows = self._rows("Global")
+        return int(rows[0].generation) if rows else 0
+
+    # -- internals: notification and commit (connection thread) ----------------------------------
+
+    def _after_run(self, changed: bool) -> None:
+        self._pending = self._pending or changed
+        self._notify()
+
+    def _notify(self) -> None:
+        if not (self._pending and self._notify_ready) or self._in_txn:
+            return
+        if self._conn is None or threading.current_thread() is not self._conn.thread:
+            return
+        self._pending = False
+        for callback in list(self._callbacks):
+            try:
+                callback()
+            except Exception:
+                LOG.exception("store subscriber %r failed", callback)
+
+    def _write(self, build: Build, bump: bool = True) -> int:
+        conn = self._conn
+        if conn is None:
+            raise StoreError("store client is not started")
+        if threading.current_thread() is conn.thread:
+            raise StoreError("writes from a subscribe callback would deadlock the IDL thread")
+        job = _Job(self, build, bump)
+        try:
+            conn.queue_txn(job)
+            result = job.results.get(timeout=self.timeout + 5)
+        except (ovsdbapp_exc.TimeoutException, queue.Empty) as exc:
+            raise StoreError(f"store {self.remote} did not take the write within {self.timeout} s") from exc
+        if isinstance(result, idlutils.ExceptionResult):
+            raise result.ex
+        return int(result)
+
+    def _commit(self, build: Build, bump: bool) -> int:
+        """Build and commit in the connection thread, retrying TRY_AGAIN a bounded number of times."""
+        deadline = time.monotonic() + self.timeout
+        self._in_txn = True
+        try:
+            for _attempt in range(MAX_ATTEMPTS):
+                seqno = self._idl.change_seqno
+                txn = ovs_idl.Transaction(self._idl)
+                try:
+                    if not build(txn):
+                        txn.abort()
+                        return self._generation()
+                    inserted = self._bump(txn) if bump else False
+                except BaseException:
+                    txn.abort()
+                    raise
+                status = txn.commit_block()
+                if status in (txn.SUCCESS, txn.UNCHANGED):
+                    if not bump:
+                        return self._generation()
+                    generation = 1 if inserted else int(txn.get_increment_new_value())
+                    self._await_generation(generation, deadline)
+                    return generation
+                error = txn.get_error()
+                if status == txn.ERROR and not R.is_max_rows_violation(error, "Global"):
+                    raise R.error_from_commit(error) or StoreError(f"commit failed: {error}")
+                if status not in (txn.TRY_AGAIN, txn.ERROR):
+                    raise StoreError(f"commit failed: {error}")
+                if not self._wait_for_change(seqno, deadline):
+                    break
+            raise StoreError(f"commit to {self.remote} did not go through (TRY_AGAIN until the retry bound)")
+        finally:
+            self._in_txn = False
+            self._notify()
+
+    def _bump(self, txn: Txn) -> bool:
+        """Increment Global.generation in ``txn``; True if the Global row had to be created."""
+        rows = self._rows("Global")
+        if rows:
+            rows[0].increment("generation")
+            return False
+        txn.insert(self._idl.tables["Global"]).generation = 1
+        return True
+
+    def _wait_for_change(self, seqno: int, deadline: float) -> bool:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            idlutils.wait_for_change(self._idl, remaining, seqno)
+        except ovsdbapp_exc.TimeoutException:
+            return False
+        return True
+
+    def _await_generation(self, generation: int, deadline: float) -> None:
+        """Read-your-writes: return only once the cache holds what was just committed."""
+        while self._generation() < generation and self._wait_for_change(self._idl.change_seqno, deadline):
+            pass

@@ -1,0 +1,179 @@
+"""Conversion between OVSDB rows of the Portmesh schema and model values.
+
+Kept apart from the client so the wire layout (column names, JSON-in-a-string
+for ``command``, optional columns as 0/1-element lists) is described in one
+place, and the client only deals with transactions and threads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from portmesh.model.entities import (
+    Container,
+    ContainerStatus,
+    Host,
+    HostStatus,
+    Mapping,
+    MappingKey,
+    PortBlock,
+    Proto,
+    RunState,
+)
+from portmesh.model.errors import Conflict, InvalidInput, ModelError
+
+SCHEMA_NAME = "Portmesh"
+
+# OVSDB integers are signed 64-bit; a datapath id above this cannot be stored.
+MAX_DATAPATH_ID = 2**63 - 1
+
+# An OVS IDL row: attributes are the schema's columns. The library is untyped.
+Row = Any
+
+
+def schema_path() -> Path:
+    """Filesystem path of the bundled ``portmesh.ovsschema`` (ovsdb-tool needs a file)."""
+    return Path(str(resources.files("portmesh.store").joinpath("portmesh.ovsschema")))
+
+
+def _optional(value: list[Any]) -> Any:
+    """An optional (min 0, max 1) column reads as a 0- or 1-element list."""
+    return value[0] if value else None
+
+
+def host_from_row(row: Row) -> Host:
+    """The desired part of a Host row."""
+    ip = _optional(row.underlay_ip)
+    return Host(name=row.name, datapath_id=row.datapath_id, underlay_ip=IPv4Address(ip) if ip else None)
+
+
+def host_status_from_row(row: Row) -> HostStatus:
+    """The status part of a Host row (written by the controller and the agent)."""
+    return HostStatus(
+        switch_generation=row.switch_generation,
+        agent_generation=row.agent_generation,
+        switch_connected=row.switch_connected,
+    )
+
+
+def container_from_row(row: Row) -> Container:
+    """The desired part of a Container row.
+
+    ``ips`` is an OVSDB set, which has no order: the IPs come back sorted.
+    """
+    ips = tuple(sorted(IPv4Address(ip) for ip in row.ips))
+    command = json.loads(row.command) if row.command else []
+    return Container(
+        name=row.name,
+        host=row.host,
+        mac=row.mac,
+        ips=ips,
+        block=PortBlock(start=row.block_start, size=row.block_size),
+        command=tuple(str(part) for part in command),
+        image=_optional(row.image),
+    )
+
+
+def container_status_from_row(row: Row) -> ContainerStatus | None:
+    """The status part of a Container row; None if the agent has not reported on it yet."""
+    state = _optional(row.state)
+    if state is None:
+        return None
+    return ContainerStatus(
+        state=RunState(state),
+        netns=row.netns,
+        pid=_optional(row.pid),
+        message=row.message,
+    )
+
+
+def mapping_from_row(row: Row) -> Mapping:
+    """A Mapping row as a model mapping."""
+    key = MappingKey(public_ip=IPv4Address(row.public_ip), proto=Proto(row.proto), port=row.port)
+    return Mapping(key=key, container=row.container)
+
+
+def check_host(host: Host) -> None:
+    """Refuse what the schema cannot hold, before any row is touched."""
+    if not 0 <= host.datapath_id <= MAX_DATAPATH_ID:
+        raise InvalidInput("datapath_id", f"{host.datapath_id} is outside 0..{MAX_DATAPATH_ID}")
+
+
+def fill_host_row(row: Row, host: Host) -> None:
+    """Write the desired columns of ``host`` (status columns are left alone)."""
+    check_host(host)
+    row.name = host.name
+    row.datapath_id = host.datapath_id
+    row.underlay_ip = [str(host.underlay_ip)] if host.underlay_ip is not None else []
+
+
+def fill_container_row(row: Row, c: Container) -> None:
+    """Write the desired columns of a new container (``running`` is set by the caller)."""
+    row.name = c.name
+    row.host = c.host
+    row.mac = c.mac
+    row.ips = [str(ip) for ip in c.ips]
+    row.block_start = c.block.start
+    row.block_size = c.block.size
+    row.command = json.dumps(list(c.command))
+    row.image = [c.image] if c.image is not None else []
+
+
+def fill_container_status(row: Row, status: ContainerStatus) -> None:
+    """Write the status columns reported by the agent."""
+    row.state = [status.state.value]
+    row.netns = status.netns
+    row.pid = [status.pid] if status.pid is not None else []
+    row.message = status.message
+
+
+def fill_mapping_row(row: Row, m: Mapping) -> None:
+    """Write a mapping."""
+    row.public_ip = str(m.public_ip)
+    row.proto = m.proto.value
+    row.port = m.port
+    row.container = m.container
+
+
+# Which caller-facing field a violated index stands for, and how to say it.
+_INDEX_FIELDS: dict[tuple[str, str], tuple[str, str]] = {
+    ("Host", "name"): ("name", "a host with this name already exists"),
+    ("Host", "datapath_id"): ("datapath_id", "another host already has this datapath id"),
+    ("Container", "name"): ("name", "a container with this name already exists"),
+    ("Container", "mac"): ("mac", "another container already has this MAC"),
+    ("Mapping", "public_ip"): ("port", "this (public_ip, proto, port) is already mapped"),
+}
+
+_INDEX_RE = re.compile(r'rows in "(?P<table>\w+)" table .* for index on columns? "(?P<column>\w+)"')
+_MAX_ROWS_RE = re.compile(r'causes "(?P<table>\w+)" table to contain \d+ rows, greater than')
+
+
+def _details(error: str) -> str:
+    """The IDL reports a failed operation as its JSON reply; the ``details`` member says what broke."""
+    try:
+        reply = json.loads(error)
+    except ValueError:
+        return error
+    return str(reply.get("details", error)) if isinstance(reply, dict) else error
+
+
+def is_max_rows_violation(error: str, table: str) -> bool:
+    """True if a commit failed only because a second ``table`` row was inserted concurrently."""
+    match = _MAX_ROWS_RE.search(_details(error))
+    return match is not None and match.group("table") == table
+
+
+def error_from_commit(error: str) -> ModelError | None:
+    """Turn a failed commit's error text into a model error naming the field, if it is one we know."""
+    match = _INDEX_RE.search(_details(error))
+    if match is None:
+        return None
+    field, reason = _INDEX_FIELDS.get(
+        (match.group("table"), match.group("column")), (match.group("column"), "value already in use")
+    )
+    return Conflict(field, reason)

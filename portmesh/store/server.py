@@ -1,0 +1,118 @@
+"""Create the Portmesh database and run a standalone ``ovsdb-server`` for it.
+
+Used by the lab and the tests. The server daemonizes and is stopped by the
+PID it was given back, never by name, so nothing else on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from portmesh.store.rows import schema_path
+
+
+def create_db(db: Path | str, schema: Path | str | None = None) -> Path:
+    """Create ``db`` from the Portmesh schema with ``ovsdb-tool create`` (it must not exist yet)."""
+    db = Path(db)
+    subprocess.run(
+        ["ovsdb-tool", "create", str(db), str(schema or schema_path())],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return db
+
+
+def server_command(
+    db: Path | str,
+    socket: Path | str,
+    *,
+    tcp: str | None = None,
+    pidfile: Path | str | None = None,
+    log_file: Path | str | None = None,
+) -> list[str]:
+    """The ``ovsdb-server`` command line for ``db`` on unix ``socket`` (and ``tcp`` = ``ip:port``)."""
+    socket = Path(socket)
+    cmd = [
+        "ovsdb-server",
+        str(db),
+        f"--remote=punix:{socket}",
+        f"--unixctl={socket.with_suffix('.ctl')}",
+        f"--log-file={log_file or socket.with_suffix('.log')}",
+        "--no-chdir",
+    ]
+    if tcp:
+        ip, _, port = tcp.rpartition(":")
+        cmd.append(f"--remote=ptcp:{port}:{ip}" if ip else f"--remote=ptcp:{port}")
+    if pidfile:
+        cmd.append(f"--pidfile={pidfile}")
+    return cmd
+
+
+def server_env(socket: Path | str) -> dict[str, str]:
+    """Environment for our ovsdb-server: its own OVS_RUNDIR, so it never looks in /var/run/openvswitch."""
+    rundir = str(Path(socket).parent)
+    return {**os.environ, "OVS_RUNDIR": rundir, "OVS_DBDIR": rundir, "OVS_LOGDIR": rundir}
+
+
+def start_server(
+    db: Path | str,
+    socket: Path | str,
+    *,
+    tcp: str | None = None,
+    pidfile: Path | str | None = None,
+    log_file: Path | str | None = None,
+    create: bool = True,
+    timeout: float = 10.0,
+) -> int:
+    """Start ``ovsdb-server`` for ``db`` (created first if missing and ``create``); return its PID.
+
+    The server daemonizes (``--detach``): the call returns once it is listening,
+    and it outlives the caller, as the lab needs. Its PID is read from
+    ``pidfile`` (default: next to the socket).
+    """
+    db, socket = Path(db), Path(socket)
+    pidfile = Path(pidfile) if pidfile else socket.with_suffix(".pid")
+    if create and not db.exists():
+        create_db(db)
+    with contextlib.suppress(FileNotFoundError):
+        socket.unlink()  # a stale socket from a killed server
+    cmd = [*server_command(db, socket, tcp=tcp, pidfile=pidfile, log_file=log_file), "--detach"]
+    result = subprocess.run(cmd, env=server_env(socket), capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"ovsdb-server for {db} failed: {result.stderr.strip()}")
+    return int(pidfile.read_text().strip())
+
+
+def _reap(pid: int) -> bool:
+    """True once ``pid`` is gone (reaping it if it is our child)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == pid
+    except ChildProcessError:  # not our child (it daemonized): exited once gone or a zombie
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
+def stop_server(pid: int, timeout: float = 5.0) -> None:
+    """Stop the server with this PID: SIGTERM, then SIGKILL after ``timeout``. Quiet if already gone."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, timeout)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            _reap(pid)
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if _reap(pid):
+                return
+            time.sleep(0.01)
+    raise RuntimeError(f"ovsdb-server {pid} did not exit")
