@@ -29,8 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ovsdb", required=True, help="this host's Open_vSwitch db: unix:PATH or tcp:IP:PORT")
     ap.add_argument("--controller", required=True, help="OpenFlow controller target for br0, e.g. tcp:IP:6653")
     ap.add_argument("--netns-prefix", default="", help="prefix of the containers' namespace names")
-    ap.add_argument("--state-dir", type=Path, default=None,
-                    help="where the runtime records containers (default /var/lib/portmesh/agent/HOST)")
+    ap.add_argument(
+        "--state-dir", type=Path, default=None, help="where the runtime records containers (default /var/lib/portmesh/agent/HOST)"
+    )
     ap.add_argument("--log-level", default="INFO")
     return ap.parse_args(argv)
 

@@ -107,11 +107,17 @@ class Bridge:
             return False
         commands = []
         for ctl in row.controller:
-            if list(ctl.controller_rate_limit) != [CONTROLLER_RATE_LIMIT] or \
-                    list(ctl.controller_burst_limit) != [CONTROLLER_BURST_LIMIT]:
-                commands.append(self.api.db_set("Controller", ctl.uuid,
-                                                ("controller_rate_limit", CONTROLLER_RATE_LIMIT),
-                                                ("controller_burst_limit", CONTROLLER_BURST_LIMIT)))
+            if list(ctl.controller_rate_limit) != [CONTROLLER_RATE_LIMIT] or list(ctl.controller_burst_limit) != [
+                CONTROLLER_BURST_LIMIT
+            ]:
+                commands.append(
+                    self.api.db_set(
+                        "Controller",
+                        ctl.uuid,
+                        ("controller_rate_limit", CONTROLLER_RATE_LIMIT),
+                        ("controller_burst_limit", CONTROLLER_BURST_LIMIT),
+                    )
+                )
         if commands:
             with self.api.transaction(check_error=True) as txn:
                 for command in commands:

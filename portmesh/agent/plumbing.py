@@ -57,32 +57,50 @@ def _ensure_up(ipr: IPRoute, index: int) -> None:
 
 
 def _addresses(ipr: IPRoute, index: int) -> set[tuple[str, int]]:
-    return {
-        (str(m.get("address")), int(m["prefixlen"]))
-        for m in ipr.addr("dump", index=index)
-        if m["family"] == socket.AF_INET
-    }
+    return {(str(m.get("address")), int(m["prefixlen"])) for m in ipr.addr("dump", index=index) if m["family"] == socket.AF_INET}
 
 
 def _routes(ipr: IPRoute, table: int) -> list[Any]:
     return [r for r in ipr.route("dump", family=socket.AF_INET) if r.get("table") == table]
 
 
-def _has_route(routes: Iterable[Any], dst: str, dst_len: int, oif: int, rtype: int = RTN_UNICAST,
-               gateway: str | None = None) -> bool:
+def _has_route(
+    routes: Iterable[Any], dst: str, dst_len: int, oif: int, rtype: int = RTN_UNICAST, gateway: str | None = None
+) -> bool:
     for r in routes:
-        if (r.get("dst") or "0.0.0.0") == dst and r["dst_len"] == dst_len and r["type"] == rtype \
-                and r.get("oif") == oif and r.get("gateway") == gateway:
+        if (
+            (r.get("dst") or "0.0.0.0") == dst
+            and r["dst_len"] == dst_len
+            and r["type"] == rtype
+            and r.get("oif") == oif
+            and r.get("gateway") == gateway
+        ):
             return True
     return False
 
 
-def _ensure_route(ipr: IPRoute, table: int, dst: str, dst_len: int, oif: int, *, rtype: int = RTN_UNICAST,
-                  scope: int = SCOPE_LINK, gateway: str | None = None, flags: int = 0) -> None:
+def _ensure_route(
+    ipr: IPRoute,
+    table: int,
+    dst: str,
+    dst_len: int,
+    oif: int,
+    *,
+    rtype: int = RTN_UNICAST,
+    scope: int = SCOPE_LINK,
+    gateway: str | None = None,
+    flags: int = 0,
+) -> None:
     if _has_route(_routes(ipr, table), dst, dst_len, oif, rtype, gateway):
         return
-    spec: dict[str, Any] = {"dst": f"{dst}/{dst_len}", "oif": oif, "table": table, "type": rtype,
-                            "scope": scope, "proto": RTPROT_STATIC}
+    spec: dict[str, Any] = {
+        "dst": f"{dst}/{dst_len}",
+        "oif": oif,
+        "table": table,
+        "type": rtype,
+        "scope": scope,
+        "proto": RTPROT_STATIC,
+    }
     if gateway is not None:
         spec["gateway"] = gateway
     if flags:
@@ -166,9 +184,12 @@ def plumb_container(container: Container, netns: str, config: NetworkConfig) -> 
     with IPRoute() as ipr:
         index = _index(ipr, host_if)
         if index is None:
-            ipr.link("add", ifname=host_if, kind="veth",
-                     peer={"ifname": CONTAINER_IF, "net_ns_fd": netns, "address": container.mac,
-                           "mtu": config.container_mtu})
+            ipr.link(
+                "add",
+                ifname=host_if,
+                kind="veth",
+                peer={"ifname": CONTAINER_IF, "net_ns_fd": netns, "address": container.mac, "mtu": config.container_mtu},
+            )
             index = _index(ipr, host_if)
             if index is None:
                 raise PlumbingError(f"veth {host_if} vanished right after creation")
@@ -215,14 +236,20 @@ def _move_local_routes(ipr: IPRoute, ips: Iterable[IPv4Address], eth: int) -> No
         _ensure_route(ipr, LOCAL_COPY_TABLE, dst, 32, eth, rtype=RTN_LOCAL, scope=SCOPE_HOST)
         for r in _routes(ipr, TABLE_LOCAL):
             if r.get("dst") == dst and r["dst_len"] == 32 and r["type"] == RTN_LOCAL:
-                ipr.route("del", dst=f"{dst}/32", table=TABLE_LOCAL, type=RTN_LOCAL, oif=r.get("oif"),
-                          scope=SCOPE_HOST, proto=r["proto"])
+                ipr.route(
+                    "del",
+                    dst=f"{dst}/32",
+                    table=TABLE_LOCAL,
+                    type=RTN_LOCAL,
+                    oif=r.get("oif"),
+                    scope=SCOPE_HOST,
+                    proto=r["proto"],
+                )
 
 
 def _ensure_rule(ipr: IPRoute) -> None:
     for rule in ipr.rule("dump", family=socket.AF_INET):
-        if rule.get("priority") == RULE_PREF and rule.get("iifname") == CONTAINER_IF \
-                and rule.get("table") == LOCAL_COPY_TABLE:
+        if rule.get("priority") == RULE_PREF and rule.get("iifname") == CONTAINER_IF and rule.get("table") == LOCAL_COPY_TABLE:
             return
     ipr.rule("add", family=socket.AF_INET, priority=RULE_PREF, iifname=CONTAINER_IF, table=LOCAL_COPY_TABLE)
 

@@ -63,8 +63,7 @@ class Agent:
         while not stop.is_set():
             waiter = asyncio.ensure_future(self._wake.wait())
             stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({waiter, stopper}, timeout=self.cfg.recheck_interval,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waiter, stopper}, timeout=self.cfg.recheck_interval, return_when=asyncio.FIRST_COMPLETED)
             for task in (waiter, stopper):
                 task.cancel()
             if stop.is_set():
@@ -138,7 +137,7 @@ class Agent:
                 plumbing.plumb_container(c, netns, self.cfg.network)
                 self.bridge.ensure_port(c.port_name)
                 self._plumbed[c.name] = c
-                log.info("container %s plumbed in %s on port %s", c.name, netns, c.port_name)
+                log.info("container %s plumbed (checked) in %s on port %s", c.name, netns, c.port_name)
             if self.store.container_running(c.name):
                 status = self.runtime.start(c, self.cfg.netns_prefix)
             else:

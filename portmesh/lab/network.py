@@ -96,8 +96,7 @@ class Lab:
         for host in state.hosts:
             ovs = ovs_of(state, host)
             self._record(state, f"ovsdb-server:{host}", ovs.start_db, ovs.netns, ovs.rundir / "ovsdb-server.log")
-            self._record(state, f"ovs-vswitchd:{host}", ovs.start_vswitchd, ovs.netns,
-                         ovs.rundir / "ovs-vswitchd.log")
+            self._record(state, f"ovs-vswitchd:{host}", ovs.start_vswitchd, ovs.netns, ovs.rundir / "ovs-vswitchd.log")
         self.say(f"lab {self.name}: OVS running in {', '.join(state.ns(h) for h in state.hosts)}")
         self._start_components(state)
 
@@ -159,8 +158,15 @@ class Lab:
         logfile = state.dir / "logs" / f"{label.replace(':', '-')}.log"
         return self._record(state, label, lambda: procs.spawn(argv, logfile, netns=netns), netns, logfile, argv)
 
-    def _record(self, state: LabState, label: str, start: Callable[[], procs.ProcRef], netns: str | None,
-                logfile: Path, argv: Sequence[str] = ()) -> Process:
+    def _record(
+        self,
+        state: LabState,
+        label: str,
+        start: Callable[[], procs.ProcRef],
+        netns: str | None,
+        logfile: Path,
+        argv: Sequence[str] = (),
+    ) -> Process:
         ref = start()
         proc = Process(label, ref.pid, ref.start_time, list(argv), netns, str(logfile))
         state.processes.append(proc)
@@ -221,8 +227,9 @@ class Lab:
             "api": state.api_url,
             "hosts": state.hosts,
             "namespaces": {ns: node.exists(ns) for ns in state.namespaces},
-            "processes": {p.label: {"pid": p.pid, "alive": procs.alive(p.ref), "netns": p.netns, "log": p.log}
-                          for p in state.processes},
+            "processes": {
+                p.label: {"pid": p.pid, "alive": procs.alive(p.ref), "netns": p.netns, "log": p.log} for p in state.processes
+            },
             "sysctls_changed": state.sysctls,
         }
 

@@ -15,8 +15,13 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
 
+def names() -> list[str]:
+    """Every named network namespace on the machine (``/run/netns``)."""
+    return [str(n) for n in pr_netns.listnetns()]
+
+
 def exists(name: str) -> bool:
-    return name in pr_netns.listnetns()
+    return name in names()
 
 
 def create(name: str) -> None:
@@ -40,14 +45,19 @@ def _enter(netns: str | None) -> None:
             pr_netns.setns(ns.fileno(), flags=0)
 
 
-def run(argv: Sequence[str], netns: str | None = None, env: Mapping[str, str] | None = None,
-        check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: Sequence[str], netns: str | None = None, env: Mapping[str, str] | None = None, check: bool = True, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
     """Run a short command (``ovsdb-tool``, ``ovs-vsctl``) inside ``netns`` and wait for it."""
     if netns is not None and not exists(netns):
         raise FileNotFoundError(f"network namespace {netns} does not exist")
     return subprocess.run(
-        list(argv), env=dict(env) if env is not None else None, check=check, timeout=timeout,
-        capture_output=True, text=True,
+        list(argv),
+        env=dict(env) if env is not None else None,
+        check=check,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
         preexec_fn=(lambda: _enter(netns)) if netns else None,
     )
 

@@ -58,7 +58,8 @@ class OvsInstance:
         if not self.db.exists():
             node.run(["ovsdb-tool", "create", str(self.db), str(VSWITCH_SCHEMA)], env=self.env())
         argv = [
-            "ovsdb-server", str(self.db),
+            "ovsdb-server",
+            str(self.db),
             f"--remote=punix:{self.db_sock}",
             "--remote=db:Open_vSwitch,Open_vSwitch,manager_options",
             f"--pidfile={self.rundir / 'ovsdb-server.pid'}",
@@ -74,7 +75,8 @@ class OvsInstance:
     def start_vswitchd(self) -> procs.ProcRef:
         """Start ``ovs-vswitchd`` on the database (after :meth:`start_db`)."""
         argv = [
-            "ovs-vswitchd", self.remote,
+            "ovs-vswitchd",
+            self.remote,
             f"--pidfile={self.rundir / 'ovs-vswitchd.pid'}",
             f"--unixctl={self.rundir / 'ovs-vswitchd.ctl'}",
             f"--log-file={self.rundir / 'ovs-vswitchd.log'}",

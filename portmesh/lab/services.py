@@ -38,8 +38,18 @@ def store_remote(labdir: Path) -> str:
 
 
 def store_argv(labdir: Path) -> list[str]:
-    return [PY, "-m", "portmesh.store", "serve", "--db", str(labdir / "store.db"),
-            "--socket", str(store_socket(labdir)), "--log-file", str(labdir / "store.log")]
+    return [
+        PY,
+        "-m",
+        "portmesh.store",
+        "serve",
+        "--db",
+        str(labdir / "store.db"),
+        "--socket",
+        str(store_socket(labdir)),
+        "--log-file",
+        str(labdir / "store.log"),
+    ]
 
 
 def controller_target() -> str:
@@ -51,9 +61,23 @@ def controller_argv(labdir: Path) -> list[str]:
 
 
 def agent_argv(labdir: Path, host: str, ovsdb_remote: str, prefix: str) -> list[str]:
-    return [PY, "-m", "portmesh.agent", "--host", host, "--store", store_remote(labdir),
-            "--ovsdb", ovsdb_remote, "--controller", controller_target(), "--netns-prefix", prefix,
-            "--state-dir", str(agent_state_dir(labdir, host))]
+    return [
+        PY,
+        "-m",
+        "portmesh.agent",
+        "--host",
+        host,
+        "--store",
+        store_remote(labdir),
+        "--ovsdb",
+        ovsdb_remote,
+        "--controller",
+        controller_target(),
+        "--netns-prefix",
+        prefix,
+        "--state-dir",
+        str(agent_state_dir(labdir, host)),
+    ]
 
 
 def agent_state_dir(labdir: Path, host: str) -> Path:
@@ -61,8 +85,17 @@ def agent_state_dir(labdir: Path, host: str) -> Path:
 
 
 def api_argv(labdir: Path, port: int) -> list[str]:
-    return [PY, "-m", "portmesh.api", "--store", store_remote(labdir), "--listen", f"127.0.0.1:{port}",
-            "--token-file", str(token_file(labdir))]
+    return [
+        PY,
+        "-m",
+        "portmesh.api",
+        "--store",
+        store_remote(labdir),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--token-file",
+        str(token_file(labdir)),
+    ]
 
 
 def token_file(labdir: Path) -> Path:

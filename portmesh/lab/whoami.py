@@ -42,8 +42,7 @@ async def serve(name: str, tcp: list[int], udp: list[int], host: str = "0.0.0.0"
 
     servers = [await asyncio.start_server(on_tcp, host, port, reuse_address=True) for port in tcp]
     loop = asyncio.get_running_loop()
-    transports = [(await loop.create_datagram_endpoint(lambda: _Udp(name), local_addr=(host, port)))[0]
-                  for port in udp]
+    transports = [(await loop.create_datagram_endpoint(lambda: _Udp(name), local_addr=(host, port)))[0] for port in udp]
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

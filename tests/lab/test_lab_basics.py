@@ -1,0 +1,183 @@
+"""Tier 3 basics: a lab comes up sealed in its namespaces, per-host OVS is separate, and down leaves nothing.
+
+Needs root, openvswitch-switch and busybox; each lab gets a unique name and is
+torn down in a ``finally`` even when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from portmesh.lab import node, services
+from portmesh.lab.network import Lab, ovs_of
+from portmesh.lab.state import LabState, lab_dir
+from portmesh.runtime import procs
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
+    pytest.mark.skipif(shutil.which("ovs-vswitchd") is None, reason="openvswitch-switch is not installed"),
+]
+
+LAB_RANGES = ("198.18.", "198.19.", "198.51.100.", "203.0.113.")
+
+
+def unique_name(tag: str) -> str:
+    return f"t{tag}{os.getpid() % 100000}"
+
+
+def quiet(msg: str) -> None:
+    print(msg)
+
+
+@pytest.fixture
+def lab_factory() -> Iterator[list[Lab]]:
+    """Labs made by a test; every one is taken down afterwards, whatever happened."""
+    made: list[Lab] = []
+    try:
+        yield made
+    finally:
+        for lab in made:
+            lab.down()
+
+
+@pytest.fixture(scope="module")
+def lab2() -> Iterator[LabState]:
+    """One lab with two hosts, shared by the read-only tests of this module."""
+    lab = Lab(unique_name("m"), say=quiet)
+    try:
+        yield lab.up(hosts=2)
+    finally:
+        lab.down()
+
+
+def run_in(ns: str, *argv: str, env: dict[str, str] | None = None, check: bool = True) -> str:
+    return node.run(argv, netns=ns, env=env, check=check).stdout
+
+
+def root_addresses() -> str:
+    return (
+        subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, check=True).stdout
+        + subprocess.run(["ip", "-o", "route", "show", "table", "all"], capture_output=True, text=True, check=True).stdout
+    )
+
+
+def test_up_then_down_leaves_nothing(lab_factory: list[Lab]) -> None:
+    rmem = Path("/proc/sys/net/core/rmem_default").read_text().strip()
+    root_before = root_addresses()
+    lab = Lab(unique_name("u"), say=quiet)
+    lab_factory.append(lab)
+    state = lab.up(hosts=1)
+
+    assert state.namespaces and all(node.exists(ns) for ns in state.namespaces)
+    assert all(ns.startswith(state.prefix) for ns in state.namespaces)
+    assert state.processes and all(procs.alive(p.ref) for p in state.processes)
+    assert Path("/proc/sys/net/core/rmem_default").read_text().strip() == str(4 * 1024 * 1024)
+    # Nothing of the lab in the machine's own namespace (the API's loopback socket aside).
+    for line in set(root_addresses().splitlines()) - set(root_before.splitlines()):
+        assert not any(r in line for r in LAB_RANGES), line
+
+    assert lab.down() == []
+    assert not [ns for ns in node.names() if ns.startswith(state.prefix)]
+    assert not [p.label for p in state.processes if procs.alive(p.ref)]
+    assert not lab_dir(state.name).exists()
+    assert Path("/proc/sys/net/core/rmem_default").read_text().strip() == rmem
+
+
+def test_two_labs_never_share_names(lab_factory: list[Lab]) -> None:
+    a = Lab(unique_name("a"), say=quiet)
+    b = Lab(unique_name("b"), say=quiet)
+    lab_factory.extend([a, b])
+    sa, sb = a.up(hosts=1, tune_rmem=False), b.up(hosts=1, tune_rmem=False)
+    assert not set(sa.namespaces) & set(sb.namespaces)
+    assert a.down() == []
+    assert all(node.exists(ns) for ns in sb.namespaces), "taking lab a down touched lab b"
+
+
+def test_down_without_up_is_harmless() -> None:
+    assert Lab(unique_name("n"), say=quiet).down() == []
+
+
+def test_each_host_runs_its_own_ovs(lab2: LabState) -> None:
+    pids = set()
+    for host in lab2.hosts:
+        ovs = ovs_of(lab2, host)
+        env = ovs.env()
+        vswitchd = lab2.process(f"ovs-vswitchd:{host}")
+        assert vswitchd is not None and procs.alive(vswitchd.ref)
+        assert int((ovs.rundir / "ovs-vswitchd.pid").read_text()) == vswitchd.pid
+        pids.add(vswitchd.pid)
+        ctl = str(ovs.rundir / "ovs-vswitchd.ctl")
+        assert "Open vSwitch" in run_in(ovs.netns, "ovs-appctl", "-t", ctl, "version", env=env)
+        tso = run_in(
+            ovs.netns, "ovs-vsctl", f"--db={ovs.remote}", "get", "Open_vSwitch", ".", "other_config:userspace-tso-enable", env=env
+        )
+        assert tso.strip().strip('"') == "true"
+    assert len(pids) == len(lab2.hosts)
+
+
+def test_agent_makes_br0_reachable_through_its_own_rundir(lab2: LabState) -> None:
+    if lab2.process("agent:h1") is None:
+        pytest.skip("no agent in this lab (portmesh.store or portmesh.agent missing)")
+    ovs = ovs_of(lab2, "h1")
+    deadline = time.monotonic() + 20
+    out = ""
+    while time.monotonic() < deadline:
+        out = run_in(ovs.netns, "ovs-ofctl", "-O", "OpenFlow13", "show", "br0", env=ovs.env(), check=False)
+        if "dpid:0000000000000001" in out:
+            break
+        time.sleep(0.5)
+    assert "dpid:0000000000000001" in out
+    fail_mode = run_in(ovs.netns, "ovs-vsctl", f"--db={ovs.remote}", "get-fail-mode", "br0", env=ovs.env())
+    assert fail_mode.strip() == "secure"
+
+
+def test_inet_reaches_h1_uplink_and_hosts_reach_mgmt(lab2: LabState) -> None:
+    run_in(lab2.ns("inet"), "ping", "-c1", "-W2", "198.51.100.1")
+    for host in lab2.hosts:
+        run_in(lab2.ns(host), "ping", "-c1", "-W2", services.CONTROLLER_IP)
+
+
+def test_container_sees_the_real_client_address(lab2: LabState) -> None:
+    """End to end through the API: whoami in a container answers inet with no NAT either way."""
+    if not lab2.api_url or lab2.process("agent:h1") is None:
+        pytest.skip("no API or agent in this lab")
+    token = services.token_file(lab2.dir).read_text().strip()
+    http = httpx.Client(base_url=lab2.api_url, headers={"Authorization": f"Bearer {token}"}, timeout=15)
+    whoami = [sys.executable, "-m", "portmesh.lab.whoami", "--name", "web", "--tcp", "80"]
+    reply = http.post(
+        "/v1/containers", json={"name": "web", "host": "h1", "ips": ["203.0.113.10"], "ports": [{"port": 80}], "command": whoami}
+    )
+    assert reply.status_code == 201, reply.text
+    try:
+        deadline = time.monotonic() + 20
+        answer = ""
+        while time.monotonic() < deadline and "name=web" not in answer:
+            answer = run_in(lab2.ns("inet"), "busybox", "nc", "-w", "2", "203.0.113.10", "80", check=False)
+            time.sleep(0.3)
+        assert "name=web client=198.51.100.2:" in answer
+        assert "local=203.0.113.10:80" in answer
+        status = http.get("/v1/containers/web").json()["status"]
+        assert status["state"] == "running" and status["netns"] == lab2.ns("c-web")
+    finally:
+        http.delete("/v1/containers/web")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and node.exists(lab2.ns("c-web")):
+        time.sleep(0.3)
+    assert not node.exists(lab2.ns("c-web")), "the agent did not tear the container's namespace down"
+
+
+def test_status_reports_what_is_recorded(lab2: LabState) -> None:
+    status = Lab(lab2.name, say=quiet).status()
+    assert status["up"] is True
+    assert json.loads(json.dumps(status))["namespaces"] == {ns: True for ns in lab2.namespaces}
