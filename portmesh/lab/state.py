@@ -78,7 +78,7 @@ class LabState:
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.write_text(json.dumps({**asdict(self), "prefix": self.prefix, "dir": str(self.dir)}, indent=2))
         os.replace(tmp, self.path)
 
     @classmethod
@@ -87,6 +87,8 @@ class LabState:
             data: dict[str, Any] = json.loads((lab_dir(name) / "lab.json").read_text())
         except FileNotFoundError:
             return None
+        data.pop("prefix", None)  # derived from the name; saved for readers of the JSON (bench, demo)
+        data.pop("dir", None)
         data["processes"] = [Process(**p) for p in data.get("processes", [])]
         data["links"] = [tuple(link) for link in data.get("links", [])]
         return cls(**data)
