@@ -60,28 +60,35 @@ class Controller:
             await self._dirty.wait()
             self._dirty.clear()
             state = await asyncio.to_thread(self.store.snapshot)
+            stale = [s for s in self.switches.values() if s.realized_generation != state.generation]
+            if not stale:
+                continue  # e.g. our own status report came back through the store
+            for switch in stale:
+                await self._sync(switch, state)
             wanted: set[int] = set()
-            for switch in list(self.switches.values()):
-                wanted |= await self._sync(switch, state)
+            for switch in self.switches.values():
+                wanted |= switch.installed
             self.cache.retain(wanted)
 
-    async def _sync(self, switch: Switch, state: DesiredState) -> set[int]:
-        """Sync one switch; returns the cookies it should hold (for the encoding cache)."""
+    async def _sync(self, switch: Switch, state: DesiredState) -> None:
+        """Sync one switch to ``state`` and report the generation it now realises."""
         host = self.host_of(state, switch.datapath_id)
         if host is None:
             log.warning("switch %016x belongs to no known host; leaving it alone", switch.datapath_id)
-            return set()
+            switch.realized_generation = state.generation
+            return
         desired = compile_switch(state, self.config, host, switch.ports)
         try:
             result = await switch.sync(desired)
         except (TimeoutError, ConnectionError, RuntimeError) as exc:
-            log.error("switch %016x (%s): sync failed: %s", switch.datapath_id, host, exc)
+            log.error("switch %016x (%s): sync failed: %s; retrying", switch.datapath_id, host, exc)
+            await asyncio.sleep(0.5)  # a persistent failure must not spin the loop
             self._dirty.set()
-            return set(desired)
+            return
+        switch.realized_generation = state.generation
         self.syncs += 1
         self.flow_mods += result.flow_mods
         await asyncio.to_thread(self.store.report_switch, host, state.generation, True)
-        return set(desired)
 
     @staticmethod
     def host_of(state: DesiredState, datapath_id: int) -> str | None:

@@ -43,6 +43,8 @@ class Switch:
         self.cache = cache
         self.ports: dict[str, int] = {}
         self.installed: set[int] = set()
+        # The generation this switch last realised; -1 forces a sync (new connection, port change).
+        self.realized_generation = -1
 
     @property
     def datapath_id(self) -> int:
@@ -63,7 +65,10 @@ class Switch:
             self.ports.pop(name, None)
         elif desc.port_no < ofp.OFPP_MAX:
             self.ports[name] = desc.port_no
-        return before != self.ports
+        if before != self.ports:
+            self.realized_generation = -1
+            return True
+        return False
 
     async def read_installed(self) -> set[int]:
         """The cookies of every flow in every table, as the switch reports them."""

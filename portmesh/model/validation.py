@@ -92,7 +92,7 @@ def new_container(
     if any(c.mac == mac for c in state.containers.values()):
         raise Conflict("name", f"derived MAC {mac} collides with another container; pick another name")
     block = allocate_block(state, config, ips)
-    return Container(name=name, host=host, mac=mac, ips=tuple(ips), block=block, command=command, image=image)
+    return Container(name=name, host=host, mac=mac, ips=tuple(sorted(ips)), block=block, command=command, image=image)
 
 
 def new_mapping(state: DesiredState, key: MappingKey, container: str) -> Mapping:
