@@ -173,6 +173,19 @@ class Lab:
         state.save()
         return proc
 
+    def restart(self, label: str) -> Process:
+        """Stop a recorded daemon by its PID and start it again the same way (fault and restart tests)."""
+        state = self.state()
+        old = state.process(label) if state is not None else None
+        if state is None or old is None:
+            raise LookupError(f"lab {self.name} has no process {label!r}")
+        if not old.argv:
+            raise ValueError(f"{label} was not started from a recorded command line")
+        procs.stop(old.ref)
+        state.processes.remove(old)
+        state.save()
+        return self._spawn(state, label, old.argv, old.netns)
+
     # -- down ---------------------------------------------------------------------
 
     def down(self) -> list[str]:

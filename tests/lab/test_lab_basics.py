@@ -181,3 +181,58 @@ def test_status_reports_what_is_recorded(lab2: LabState) -> None:
     status = Lab(lab2.name, say=quiet).status()
     assert status["up"] is True
     assert json.loads(json.dumps(status))["namespaces"] == {ns: True for ns in lab2.namespaces}
+
+
+def test_agent_restart_disturbs_nothing(lab2: LabState) -> None:
+    """A restarted agent adopts plumbing and process: no netlink change, same PID, same flows."""
+    if not lab2.api_url or lab2.process("agent:h1") is None:
+        pytest.skip("no API or agent in this lab")
+    token = services.token_file(lab2.dir).read_text().strip()
+    http = httpx.Client(base_url=lab2.api_url, headers={"Authorization": f"Bearer {token}"}, timeout=15)
+    whoami = [sys.executable, "-m", "portmesh.lab.whoami", "--name", "db", "--tcp", "5432"]
+    body = {"name": "db", "host": "h1", "ips": ["203.0.113.20"], "ports": [{"port": 5432}], "command": whoami}
+    assert http.post("/v1/containers", json=body).status_code == 201
+    ovs = ovs_of(lab2, "h1")
+    try:
+        deadline = time.monotonic() + 20
+        status: dict[str, object] = {}
+        while time.monotonic() < deadline and status.get("state") != "running":
+            status = http.get("/v1/containers/db").json().get("status") or {}
+            time.sleep(0.3)
+        assert status.get("state") == "running"
+        time.sleep(1)  # let the controller finish installing
+
+        def flows() -> list[str]:
+            out = run_in(ovs.netns, "ovs-ofctl", "-O", "OpenFlow13", "--no-stats", "dump-flows", "br0", env=ovs.env())
+            return sorted(out.splitlines()[1:])
+
+        before = flows()
+        monitors = [
+            subprocess.Popen(["ip", "-n", ns, "monitor", "link", "address", "route", "rule"], stdout=subprocess.PIPE, text=True)
+            for ns in (lab2.ns("h1"), lab2.ns("c-db"))
+        ]
+        time.sleep(0.3)
+        old = lab2.process("agent:h1")
+        assert old is not None
+        seen = Path(old.log).stat().st_size  # the new agent appends to the same log
+
+        def new_log() -> str:
+            return Path(old.log).read_text()[seen:]
+
+        agent = Lab(lab2.name, say=quiet).restart("agent:h1")
+        assert agent.pid != old.pid
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "realised generation" not in new_log():
+            time.sleep(0.3)
+        time.sleep(0.5)
+        events = []
+        for mon in monitors:
+            mon.terminate()
+            events.append(mon.communicate(timeout=5)[0])
+        assert "realised generation" in new_log(), new_log()
+        assert events == ["", ""], events
+        after = http.get("/v1/containers/db").json()["status"]
+        assert after["pid"] == status["pid"]
+        assert flows() == before
+    finally:
+        http.delete("/v1/containers/db")
