@@ -37,11 +37,13 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,17 @@ PUBLISHED_HTTP = 8080  # docker run -p 8080:80
 GW_MAC = "0a:50:4d:42:00:01"
 CLI_MAC = "0a:50:4d:42:00:02"
 SRV_MAC = "0a:50:4d:42:00:03"
+
+
+@dataclass
+class Target:
+    """Where a path is measured from and to, once it is built; ``extra`` adds path-specific facts at the end."""
+
+    client_ns: str
+    host: str
+    http_port: int
+    iperf_port: int
+    extra: Callable[[], dict[str, Any]] = field(default=lambda: {})
 
 
 class BenchError(RuntimeError):
@@ -177,7 +190,9 @@ class Bench:
 
     # -- measurements -----------------------------------------------------------
 
-    def measure(self, path: str, ns: str, host: str, http_port: int, iperf_port: int) -> dict[str, Any]:
+    def measure(self, path: str, t: Target) -> dict[str, Any]:
+        """One round of the three figures over one path."""
+        ns, host, http_port, iperf_port = t.client_ns, t.host, t.http_port, t.iperf_port
         a = self.args
         out: dict[str, Any] = {}
         # Latency first, on an idle path.
@@ -210,7 +225,7 @@ class Bench:
         out["conn_failed"] = cps["failed"]
         out["gbps"], out["tcp_retransmits"] = self._iperf(ns, host, iperf_port)
         log(
-            f"{path}: {out['gbps']:.2f} Gbit/s, rtt p50 {out['rtt_ms_p50']:.3f} ms p99 {out['rtt_ms_p99']:.3f} ms, "
+            f"  {path}: {out['gbps']:.2f} Gbit/s, rtt p50 {out['rtt_ms_p50']:.3f} ms p99 {out['rtt_ms_p99']:.3f} ms, "
             f"{out['conn_per_s']:.0f} conn/s ({out['conn_failed']} failed), {out['tcp_retransmits']} retransmits"
         )
         return out
@@ -239,16 +254,16 @@ class Bench:
 
     # -- the four paths ---------------------------------------------------------
 
-    def path_direct(self) -> dict[str, Any]:
+    def path_direct(self) -> Target:
         cli = self.client_ns("a-cli")
         srv = self.ns("a-srv")
         self.veth(cli, "eth0", srv, "eth0")
         self.addr(cli, "eth0", f"{CLIENT_IP}/24")
         self.addr(srv, "eth0", f"{OUTSIDE_GW}/24")
         self.start_servers(srv, "a")
-        return self.measure("direct", cli, OUTSIDE_GW, HTTP_PORT, IPERF_PORT)
+        return Target(cli, OUTSIDE_GW, HTTP_PORT, IPERF_PORT)
 
-    def path_bridge_dnat(self) -> dict[str, Any]:
+    def path_bridge_dnat(self) -> Target:
         cli = self.client_ns("b-cli")
         host = self.ns("b-host")
         srv = self.ns("b-srv")
@@ -349,9 +364,9 @@ class Bench:
         for r in rules:
             self.run(["iptables", "-w", *r], ns=host)
         self.start_servers(srv, "b")
-        return self.measure("bridge_dnat", cli, PUBLIC_IP, PUBLISHED_HTTP, IPERF_PORT)
+        return Target(cli, PUBLIC_IP, PUBLISHED_HTTP, IPERF_PORT)
 
-    def path_ovs_ctnat(self) -> dict[str, Any]:
+    def path_ovs_ctnat(self) -> Target:
         cli = self.client_ns("c-cli")
         host = self.ns("c-host")
         srv = self.ns("c-srv")
@@ -465,10 +480,13 @@ class Bench:
         tso = self.run(
             [*vsctl, "get", "Open_vSwitch", ".", "other_config:userspace-tso-enable"], ns=host, env=env, check=False
         ).stdout.strip()
-        res = self.measure("ovs_ctnat", cli, PUBLIC_IP, HTTP_PORT, IPERF_PORT)
-        res["userspace_tso"] = tso.strip('"') == "true"
-        res["socket_drops"] = self._packet_socket_drops(host)
-        return res
+        return Target(
+            cli,
+            PUBLIC_IP,
+            HTTP_PORT,
+            IPERF_PORT,
+            extra=lambda: {"userspace_tso": tso.strip('"') == "true", "socket_drops": self._packet_socket_drops(host)},
+        )
 
     def _packet_socket_drops(self, ns: str) -> int:
         """Drops on OVS's packet sockets (skmem d<N>), which OVS's own counters never show."""
@@ -488,14 +506,10 @@ class Bench:
 
     # -- portmesh ---------------------------------------------------------------
 
-    def path_portmesh(self) -> dict[str, Any]:
+    def path_portmesh(self) -> Target:
         from dataplane_portmesh import PortmeshPath  # local helper; keeps the product-specific glue apart
 
-        pm = PortmeshPath(self)
-        try:
-            return pm.run()
-        finally:
-            self.notes.extend(pm.notes)
+        return PortmeshPath(self).setup()
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -510,16 +524,22 @@ class Bench:
             log(f"net.core.rmem_default {current} -> {want} (put back at the end)")
         self.rmem_used = want
 
-    def cleanup(self) -> None:
-        """Remove exactly what this run made, in reverse order; never raises."""
-        for hook in reversed(self.cleanup_hooks):
+    def mark(self) -> tuple[int, int, int]:
+        """A point to :meth:`release` back to: what exists now is kept, what comes after goes."""
+        return len(self.cleanup_hooks), len(self.procs), len(self.namespaces)
+
+    def release(self, mark: tuple[int, int, int] = (0, 0, 0)) -> None:
+        """Remove what was made after ``mark`` (hooks, processes by PID, namespaces by name); never raises."""
+        hooks, procs, namespaces = self.cleanup_hooks[mark[0] :], self.procs[mark[1] :], self.namespaces[mark[2] :]
+        del self.cleanup_hooks[mark[0] :], self.procs[mark[1] :], self.namespaces[mark[2] :]
+        for hook in reversed(hooks):
             with contextlib.suppress(Exception):
                 hook()
-        for _tag, p in reversed(self.procs):
+        for _tag, p in reversed(procs):
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGTERM)
-        for _tag, p in reversed(self.procs):
+        for _tag, p in reversed(procs):
             try:
                 p.wait(timeout=3)
             except subprocess.TimeoutExpired:
@@ -527,8 +547,12 @@ class Bench:
                     os.kill(p.pid, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(timeout=3)
-        for ns in reversed(self.namespaces):
+        for ns in reversed(namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+    def cleanup(self) -> None:
+        """Remove exactly what this run made, in reverse order, and put the sysctl back; never raises."""
+        self.release()
         if self.rmem_saved is not None:
             with contextlib.suppress(OSError):
                 RMEM_SYSCTL.write_text(str(self.rmem_saved))
@@ -547,6 +571,46 @@ METRICS = (
     ("rtt_ms_p99", "rtt p99 ms", False),
     ("conn_per_s", "conn/s", True),
 )
+
+
+def run_group(bench: Bench, paths: list[str]) -> dict[str, dict[str, Any]]:
+    """Build ``paths``, measure them ``--rounds`` times (alternating), return each one's result."""
+    results: dict[str, dict[str, Any]] = {}
+    targets: dict[str, Target] = {}
+    for path in paths:
+        log(f"setting up {path}")
+        try:
+            targets[path] = getattr(bench, f"path_{path}")()
+        except BenchError as e:
+            log(f"{path}: unavailable: {e}")
+            results[path] = {"status": "unavailable", "reason": str(e)}
+    rounds: dict[str, list[dict[str, Any]]] = {p: [] for p in targets}
+    for r in range(bench.args.rounds):
+        for path, target in list(targets.items()):
+            log(f"{path}: round {r + 1}/{bench.args.rounds}")
+            try:
+                rounds[path].append(bench.measure(path, target))
+            except BenchError as e:
+                log(f"{path}: unavailable: {e}")
+                results[path] = {"status": "unavailable", "reason": f"measurement failed: {e}"}
+                del targets[path]
+    for path, target in targets.items():
+        results[path] = aggregate(rounds[path])
+        with contextlib.suppress(BenchError, subprocess.SubprocessError, OSError):
+            results[path].update(target.extra())
+    return results
+
+
+def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of each figure over the rounds (p99 too: the median round's tail), plus every round's value."""
+    out: dict[str, Any] = {}
+    for key in rounds[0]:
+        values = [r[key] for r in rounds]
+        out[key] = round(statistics.median(values), 4) if key not in ("rtt_samples", "conn_failed") else sum(values)
+        if key in ("gbps", "rtt_ms_p50", "rtt_ms_p99", "conn_per_s"):
+            out.setdefault("per_round", {})[key] = values
+    out["rounds"] = len(rounds)
+    return out
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -588,6 +652,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
     p.add_argument("--prefix", default="pmb-", help="namespace prefix; the PID is appended (default pmb-)")
+    p.add_argument("--rounds", type=int, default=3, help="measure every path this many times, interleaved; medians")
+    p.add_argument("--interleave", action="store_true", help="build every path first and alternate between them")
     p.add_argument("--iperf-seconds", type=int, default=5)
     p.add_argument("--rr-count", type=int, default=3000)
     p.add_argument("--rr-seconds", type=float, default=5.0)
@@ -644,13 +710,19 @@ def main(argv: list[str] | None = None) -> int:
     with _signals():
         try:
             bench.set_rmem()
-            for path in args.paths:
-                log(f"--- {path}")
+            # Build every path first, then measure them interleaved, round after round: a burst of
+            # load from elsewhere on the machine then hits every path alike instead of one.
+            # Default: each path is built, measured (all rounds) and torn down before the next, so
+            # each runs with only its own machinery alive (a busy control plane costs only its own
+            # path). --interleave builds all first and alternates, so load bursts from elsewhere
+            # hit every path alike.
+            groups = [args.paths] if args.interleave else [[p] for p in args.paths]
+            for group in groups:
+                mark = bench.mark()
                 try:
-                    results[path] = getattr(bench, f"path_{path}")()
-                except BenchError as e:
-                    log(f"{path}: unavailable: {e}")
-                    results[path] = {"status": "unavailable", "reason": str(e)}
+                    results.update(run_group(bench, group))
+                finally:
+                    bench.release(mark)
         except KeyboardInterrupt:
             interrupted = True
             log("interrupted; cleaning up")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dataplane_bench import HTTP_PORT, IPERF_PORT, PUBLIC_IP, REPO, TOOLS, BenchError, log, python_exe
+from dataplane_bench import HTTP_PORT, IPERF_PORT, PUBLIC_IP, REPO, TOOLS, BenchError, Target, log, python_exe
 
 if TYPE_CHECKING:
     from dataplane_bench import Bench
@@ -42,7 +42,6 @@ class PortmeshPath:
 
     def __init__(self, bench: Bench) -> None:
         self.bench = bench
-        self.notes: list[str] = []
         self.lab = bench.args.lab_name
         self.env = dict(os.environ)
         self.lab_state: dict[str, Any] = {}
@@ -123,7 +122,7 @@ class PortmeshPath:
             time.sleep(0.2)
         raise BenchError(f"container {name} ({ns}) not listening on :{port}: {last}")
 
-    def run(self) -> dict[str, Any]:
+    def setup(self) -> Target:
         self.preflight()
         self.lab_up()
         self.run_container(WEB, HTTP_PORT, [python_exe(), str(TOOLS), "server", "--port", str(HTTP_PORT)])
@@ -135,10 +134,27 @@ class PortmeshPath:
         for key, value in (("net.ipv4.ip_local_port_range", "1024 65000"), ("net.ipv4.tcp_tw_reuse", "1")):
             with contextlib.suppress(BenchError):
                 self.bench.sysctl(inet, key, value)
-        res = self.bench.measure("portmesh", inet, PUBLIC_IP, HTTP_PORT, IPERF_PORT)
-        mtu = self.bench.run(["cat", "/sys/class/net/eth0/mtu"], ns=self.container_ns(WEB), check=False).stdout
-        if mtu.strip():
-            res["container_mtu"] = int(mtu)
-            if int(mtu) != 1500:
-                self.notes.append(f"portmesh containers run with MTU {int(mtu)} (VXLAN headroom); the others with 1500")
-        return res
+        mtu = self.bench.run(["cat", "/sys/class/net/eth0/mtu"], ns=self.container_ns(WEB), check=False).stdout.strip()
+        if mtu and int(mtu) != 1500:
+            self.bench.notes.append(f"portmesh containers run with MTU {int(mtu)} (VXLAN headroom); the others with 1500")
+        cpu0, t0 = self.control_cpu_seconds(), time.monotonic()
+
+        def extra() -> dict[str, Any]:
+            # CPU the lab's control plane (store, controller, agent, API; not ovs-vswitchd, which
+            # forwards) used while we measured: one that spins steals the data plane's cycles.
+            cores = (self.control_cpu_seconds() - cpu0) / max(time.monotonic() - t0, 1e-6)
+            return {"container_mtu": int(mtu) if mtu else None, "control_plane_cpu_cores": round(cores, 2)}
+
+        return Target(inet, PUBLIC_IP, HTTP_PORT, IPERF_PORT, extra=extra)
+
+    def control_cpu_seconds(self) -> float:
+        """utime+stime of the lab's recorded processes but ovs-vswitchd, from /proc (0 for any gone)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for proc in self.lab_state.get("processes") or []:
+            if str(proc.get("label", "")).startswith("ovs-vswitchd"):
+                continue
+            with contextlib.suppress(OSError, ValueError, IndexError, KeyError):
+                fields = Path(f"/proc/{int(proc['pid'])}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+        return total
