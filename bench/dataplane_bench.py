@@ -573,6 +573,29 @@ METRICS = (
 )
 
 
+def cleanup_stale(prefix: str, lab_name: str) -> None:
+    """Remove what an earlier run killed with SIGKILL left: ``<prefix><pid>-*`` namespaces whose run is
+    gone (their processes by PID first) and the lab ``lab_name`` if it still exists."""
+    pat = re.compile(rf"^{re.escape(prefix)}(\d+)-")
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for line in listing.splitlines():
+        name = line.split()[0] if line.split() else ""
+        m = pat.match(name)
+        if not m or Path(f"/proc/{m.group(1)}").exists():
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        log(f"removed stale namespace {name} ({len(pids)} process(es) killed)")
+    if Path(f"/run/portmesh/{lab_name}/lab.json").exists():
+        done = subprocess.run(
+            [python_exe(), "-m", "portmesh.lab", "down", "--name", lab_name], capture_output=True, text=True, timeout=120
+        )
+        log(f"lab {lab_name!r} down: rc {done.returncode}")
+
+
 def run_group(bench: Bench, paths: list[str]) -> dict[str, dict[str, Any]]:
     """Build ``paths``, measure them ``--rounds`` times (alternating), return each one's result."""
     results: dict[str, dict[str, Any]] = {}
@@ -669,6 +692,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lab-name", default="bench", help="name for `portmesh.lab up --name`")
     p.add_argument("--lab-timeout", type=float, default=60.0, help="seconds to wait for the lab and containers")
     p.add_argument("--keep-logs", action="store_true")
+    p.add_argument(
+        "--cleanup-stale",
+        action="store_true",
+        help="only remove what a killed earlier run left (namespaces of dead runs, the bench lab)",
+    )
     a = p.parse_args(argv)
     a.paths = list(dict.fromkeys(x.strip() for x in a.paths.split(",") if x.strip()))
     bad = set(a.paths) - set(PATHS)
@@ -702,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/dataplane needs root (namespaces, OVS, iptables)", file=sys.stderr)
         return 2
     sys.path.insert(0, str(HERE))
+    if args.cleanup_stale:
+        cleanup_stale(args.prefix, args.lab_name)
+        return 0
     bench = Bench(args)
     results: dict[str, dict[str, Any]] = {}
     t0 = time.monotonic()
