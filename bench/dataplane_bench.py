@@ -759,6 +759,11 @@ def main(argv: list[str] | None = None) -> int:
             log("interrupted; cleaning up")
         finally:
             bench.cleanup()
+    if load_before > 0.5 * (os.cpu_count() or 1):
+        bench.notes.append(
+            f"the machine was busy before the run (1-min load {load_before} on {os.cpu_count()} CPUs): "
+            "figures are depressed and noisy; compare ratios from the same run only"
+        )
     rat = ratios(results)
     print_table(results, rat)
     for note in bench.notes:
