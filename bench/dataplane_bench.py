@@ -24,6 +24,12 @@ reads each port through a packet socket sized by it; ARCHITECTURE.md, facts), wh
 is recorded and put back. Cleanup — processes by PID, namespaces by name, the lab,
 the sysctl — runs in a ``finally``, also on Ctrl-C / SIGTERM.
 
+Each path is built, measured ``--rounds`` times (median reported, every round kept
+under ``per_round``) and torn down before the next, so each runs with only its own
+machinery alive; ``--interleave`` builds all first and alternates instead. The load
+average before/after is recorded: on a shared 2-CPU machine, compare ratios from the
+same run only. ``--cleanup-stale`` removes what a SIGKILLed run left behind.
+
 The last line printed is one JSON object with every figure.
 """
 
@@ -675,7 +681,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
     p.add_argument("--prefix", default="pmb-", help="namespace prefix; the PID is appended (default pmb-)")
-    p.add_argument("--rounds", type=int, default=3, help="measure every path this many times, interleaved; medians")
+    p.add_argument("--rounds", type=int, default=3, help="measure every path this many times; medians")
     p.add_argument("--interleave", action="store_true", help="build every path first and alternate between them")
     p.add_argument("--iperf-seconds", type=int, default=5)
     p.add_argument("--rr-count", type=int, default=3000)
