@@ -97,13 +97,17 @@ class Agent:
 
         wanted = {c.name: c for c in state.containers_on(self.cfg.host)}
         ok = self._remove_unwanted(wanted)
-        for container in wanted.values():
-            ok = self._converge_container(container) and ok
+        failed = [c.name for c in wanted.values() if not self._converge_container(c)]
+        # A container that cannot start (bad command, ...) carries its error in its own status and is
+        # retried; it must not hold back the generation of the whole host, or every later --wait on
+        # this host would time out instead of reporting the real error.
+        if failed:
+            log.warning("containers in error on %s: %s (retrying)", self.cfg.host, ", ".join(failed))
         if ok and state.generation != self._reported_generation:
             self.store.report_agent(self.cfg.host, state.generation)
             self._reported_generation = state.generation
             log.info("host %s realised generation %d (%d containers)", self.cfg.host, state.generation, len(wanted))
-        return ok
+        return ok and not failed
 
     def _remove_unwanted(self, wanted: dict[str, Container]) -> bool:
         ok = True

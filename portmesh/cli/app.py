@@ -124,7 +124,13 @@ def run(
         "command": command or [],
         "image": image,
     }
-    result = api_of(ctx).write("POST", "/v1/containers", body, wait=wait, wait_timeout=timeout)
+    api = api_of(ctx)
+    result = api.write("POST", "/v1/containers", body, wait=wait, wait_timeout=timeout)
+    if wait:
+        # Converged means the agent has tried; a command that cannot start is reported, not hidden.
+        status = api.get(f"/v1/containers/{quote_segment(name)}").get("status") or {}
+        if status.get("state") == "error":
+            raise ApiError(0, "command", f"{name} was created but did not start: {status.get('message')}")
     if output is Format.json:
         emit_json(result)
     else:
@@ -283,3 +289,7 @@ def exec_(
 def main() -> None:
     """Console-script entry point (``portmesh``)."""
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -73,6 +73,17 @@ class _Job:
         return self.store._commit(self.build, self.bump)
 
 
+class _Wakeup:
+    """A job that commits nothing: it only makes the connection thread run once more."""
+
+    def __init__(self) -> None:
+        self.results: queue.Queue[Any] = queue.Queue(1)
+        self.commands: list[Any] = []
+
+    def do_commit(self) -> None:
+        return None
+
+
 class Engine:
     """Owns the IDL and its thread; :class:`Store` adds the Portmesh operations on top."""
 
@@ -106,7 +117,10 @@ class Engine:
             raise StoreError(f"store {self.remote} did not answer within {timeout} s") from exc
         self._notify_ready = True
         self._pending = True
-        self._conn.txns.alert_notify()  # wake the thread so it tells subscribers about the initial load
+        # Wake the thread so it tells subscribers about the initial load. A queued no-op, not a bare
+        # alert_notify(): ovsdbapp clears the alert only when it dequeues a job, so a bare alert
+        # kept the thread spinning at half a core forever.
+        self._conn.queue_txn(_Wakeup())
 
     def close(self) -> None:
         """Stop the connection thread and drop the connection."""
