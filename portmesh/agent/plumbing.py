@@ -193,6 +193,9 @@ def plumb_container(container: Container, netns: str, config: NetworkConfig) -> 
             index = _index(ipr, host_if)
             if index is None:
                 raise PlumbingError(f"veth {host_if} vanished right after creation")
+        # The host end is only a bridge port: no IPv6 link-local address, no DAD or router solicitations.
+        if Path(f"/proc/sys/net/ipv6/conf/{host_if}").is_dir():
+            write_sysctls({f"net.ipv6.conf.{host_if}.disable_ipv6": "1"})
         _ensure_up(ipr, index)
     # Disabling IPv6 first keeps eth0 from ever sending router solicitations or DAD probes.
     write_sysctls(container_sysctls(container), netns)

@@ -18,6 +18,7 @@ from portmesh.agent import plumbing
 from portmesh.agent.bridge import Bridge, BridgeSpec
 from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import Container, ContainerStatus, DesiredState, RunState, port_name_for
+from portmesh.model.errors import NotFound
 from portmesh.runtime.base import Runtime
 from portmesh.store.client import Store
 
@@ -151,6 +152,10 @@ class Agent:
             log.exception("container %s failed", c.name)
             self._plumbed.pop(c.name, None)
             status = ContainerStatus(RunState.ERROR, "", None, f"{type(exc).__name__}: {exc}")
-        if self.store.container_status(c.name) != status:
-            self.store.report_container_status(c.name, status)
+        try:
+            if self.store.container_status(c.name) != status:
+                self.store.report_container_status(c.name, status)
+        except NotFound:
+            # Removed from the store since our snapshot; that change woke us already and the next pass tears it down.
+            return True
         return status.state != RunState.ERROR
