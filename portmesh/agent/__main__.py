@@ -13,6 +13,8 @@ import logging
 import signal
 from pathlib import Path
 
+import pyroute2.config
+
 from portmesh.agent.bridge import Bridge
 from portmesh.agent.service import Agent, AgentConfig
 from portmesh.model.config import DEFAULT_CONFIG
@@ -37,6 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    # pyroute2 forks helper children (netns work) and stops them with SIGTERM. A forked child
+    # inherits asyncio's signal wake-up fd, so its SIGTERM reached *our* loop and stopped the
+    # agent mid-convergence. Children with the default SIGTERM disposition write nothing.
+    pyroute2.config.disable_mp_signal = True
     state_dir = args.state_dir or Path("/var/lib/portmesh/agent") / args.host
     store = Store(args.store)
     await asyncio.to_thread(store.start)
@@ -46,8 +52,12 @@ async def serve(args: argparse.Namespace) -> None:
     agent = Agent(cfg, store, bridge, LightRuntime(state_dir))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("agent for host %s got %s; stopping", args.host, sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     log.info("agent for host %s started (state in %s)", args.host, state_dir)
     try:
         await agent.run(stop)

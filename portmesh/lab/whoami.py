@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+from typing import cast
 
 
 def line(name: str, client: tuple[str, int], local: tuple[str, int]) -> bytes:
@@ -24,8 +25,8 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # asyncio's selector datagram transport is not an asyncio.DatagramTransport subclass at runtime.
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, int]) -> None:
         assert self.transport is not None
