@@ -89,7 +89,10 @@ class Bridge:
             if row is None or sorted(row.protocols) != PROTOCOLS:
                 columns.append(("protocols", PROTOCOLS))
             other = dict(row.other_config) if row is not None else {}
-            wanted = {"hwaddr": spec.hwaddr, "datapath-id": spec.dpid_hex}
+            # disable-in-band: the controller is reached over the management network, never through
+            # br0; in-band mode would add hidden NORMAL flows (priority 180000+) that flood ARP for
+            # the public IPs to the containers and bypass the pipeline.
+            wanted = {"hwaddr": spec.hwaddr, "datapath-id": spec.dpid_hex, "disable-in-band": "true"}
             if any(other.get(k) != v for k, v in wanted.items()):
                 columns.append(("other_config", wanted))
             if columns:
@@ -107,15 +110,18 @@ class Bridge:
             return False
         commands = []
         for ctl in row.controller:
-            if list(ctl.controller_rate_limit) != [CONTROLLER_RATE_LIMIT] or list(ctl.controller_burst_limit) != [
-                CONTROLLER_BURST_LIMIT
-            ]:
+            if (
+                list(ctl.controller_rate_limit) != [CONTROLLER_RATE_LIMIT]
+                or list(ctl.controller_burst_limit) != [CONTROLLER_BURST_LIMIT]
+                or list(ctl.connection_mode) != ["out-of-band"]
+            ):
                 commands.append(
                     self.api.db_set(
                         "Controller",
                         ctl.uuid,
                         ("controller_rate_limit", CONTROLLER_RATE_LIMIT),
                         ("controller_burst_limit", CONTROLLER_BURST_LIMIT),
+                        ("connection_mode", "out-of-band"),
                     )
                 )
         if commands:

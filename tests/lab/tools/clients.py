@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--ethertype", type=lambda v: int(v, 0), default=0x0806)
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("frames", nargs="*")
-    a = ap.parse_args()
+    a = ap.parse_intermixed_args()
     if a.mode == "tcp":
         out: dict[str, object] = asyncio.run(tcp_many(a.host, a.port, a.count, a.bind, a.hold))
     elif a.mode == "udp":
