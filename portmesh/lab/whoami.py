@@ -41,7 +41,7 @@ async def serve(name: str, tcp: list[int], udp: list[int], host: str = "0.0.0.0"
             await writer.drain()
         writer.close()
 
-    servers = [await asyncio.start_server(on_tcp, host, port, reuse_address=True) for port in tcp]
+    servers = [await asyncio.start_server(on_tcp, host, port, reuse_address=True, backlog=4096) for port in tcp]
     loop = asyncio.get_running_loop()
     transports = [(await loop.create_datagram_endpoint(lambda: _Udp(name), local_addr=(host, port)))[0] for port in udp]
     stop = asyncio.Event()
