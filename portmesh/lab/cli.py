@@ -40,6 +40,19 @@ def up(
 
 
 @app.command()
+def demo(name: NameOpt = "lab") -> None:
+    """Lab up, sample containers sharing public IPs, and a real outside client reaching each mapping."""
+    _need_root()
+    from portmesh.lab.demo import run_demo
+
+    try:
+        run_demo(name)
+    except Exception as exc:
+        typer.echo(f"demo failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
 def down(name: NameOpt = "lab") -> None:
     """Remove exactly what ``up`` recorded and put machine-wide settings back."""
     _need_root()
