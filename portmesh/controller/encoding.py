@@ -10,6 +10,7 @@ why one connection runs one bundle at a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import os_ken.base.app_manager  # noqa: F401  (import order: avoids os-ken's circular import)
@@ -17,6 +18,7 @@ from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
 from portmesh.controller.flows import Action, Flow, Move, Output, SetField, ToController
+from portmesh.controller.templates import TemplateEncoder
 
 __all__ = ["BUNDLE_ID", "DP", "EncodingCache", "bundle_add", "flow_mod_add", "flow_mod_delete", "ofp", "parser", "serialize"]
 
@@ -99,6 +101,11 @@ def bundle_ctrl(type_: int, xid: int) -> bytes:
     return serialize(parser.ONFBundleCtrlMsg(DP, BUNDLE_ID, type_, BUNDLE_FLAGS, []), xid)
 
 
+def encode_add(flow: Flow) -> bytes:
+    """The bundle-add message installing ``flow``, encoded by os-ken (the reference encoding)."""
+    return bundle_add(flow_mod_add(flow))
+
+
 class EncodingCache:
     """Bundle-add bytes per cookie, shared by every switch connection.
 
@@ -107,13 +114,16 @@ class EncodingCache:
     rare and cheap to build, so they are not kept.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, templated: bool = True) -> None:
         self._adds: dict[int, bytes] = {}
+        self.encode: Callable[[Flow], bytes] = encode_add
+        if templated:
+            self.encode = TemplateEncoder(encode_add)
 
     def add(self, flow: Flow) -> bytes:
         data = self._adds.get(flow.cookie)
         if data is None:
-            data = self._adds[flow.cookie] = bundle_add(flow_mod_add(flow))
+            data = self._adds[flow.cookie] = self.encode(flow)
         return data
 
     @staticmethod

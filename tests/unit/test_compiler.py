@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from portmesh.controller.compiler import compile_switch
-from portmesh.controller.encoding import EncodingCache, bundle_add, flow_mod_add
+from portmesh.controller.encoding import EncodingCache, bundle_add, encode_add, flow_mod_add
 from portmesh.controller.flows import OwnerKind, flow
 from portmesh.controller.pipeline import Table, render_markdown
 from portmesh.model.config import DEFAULT_CONFIG as CFG
@@ -84,3 +84,17 @@ def test_blocks_are_disjoint_and_aligned(n: int) -> None:
         assert b.start % b.size == 0 and CFG.ephemeral_start <= b.start and b.end <= CFG.ephemeral_end
     spans = sorted((b.start, b.end) for b in blocks)
     assert all(prev[1] < nxt[0] for prev, nxt in itertools.pairwise(spans))
+
+
+def test_templated_encoding_equals_os_ken_for_every_shape() -> None:
+    """Every flow shape the compiler makes, with varied values: template bytes == os-ken bytes."""
+    from portmesh.controller.templates import TemplateEncoder
+
+    state = state_with(30)
+    udp = new_mapping(state, MappingKey(IPv4Address("203.0.113.10"), Proto.UDP, 53), "c3")
+    state = replace(state, mappings={**state.mappings, udp.key: udp})
+    flows = compile_switch(state, CFG, "h1", {c.port_name: 1000 + i for i, c in enumerate(state.containers.values())})
+    encoder = TemplateEncoder(encode_add)
+    for f in flows.values():
+        assert encoder(f) == encode_add(f), f
+    assert encoder.shapes and all(encoder.shapes.values()), "some shape could not be templated"

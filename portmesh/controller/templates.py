@@ -1,0 +1,166 @@
+"""Fast encoding of many flows of few shapes: os-ken encodes one, we patch the values in.
+
+A mapping controller installs 100,000 flows that differ only in values (an IP, a
+port, a MAC, a cookie); os-ken needs ~100 µs to build and serialize each. So for
+each *shape* (table, priority, which fields, which actions) os-ken encodes one
+example, and one more per variable with that variable changed in every byte;
+the bytes that changed are where that variable lives. Later flows of the shape
+are the example's bytes with their own values written at those offsets.
+
+os-ken stays the source of truth: a shape whose probing finds anything
+unexpected (a width that does not fit the field, overlapping or moving bytes)
+is never templated and keeps going through os-ken, and the tests compare
+template output against os-ken's own encoding for every shape the compiler makes.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import replace
+
+from portmesh.controller.flows import Action, Flow, MatchValue, Output, SetField
+
+Slot = int | str | tuple[int | str, int | str]
+Encoder = Callable[[Flow], bytes]
+
+# Byte widths of the OXM fields and action arguments the pipeline uses.
+FIELD_WIDTH = {
+    "in_port": 4, "eth_type": 2, "ip_proto": 1, "tcp_src": 2, "tcp_dst": 2, "udp_src": 2, "udp_dst": 2,
+    "arp_op": 2, "icmpv4_type": 1, "ipv4_src": 4, "ipv4_dst": 4, "arp_spa": 4, "arp_tpa": 4,
+    "eth_src": 6, "eth_dst": 6, "arp_sha": 6, "arp_tha": 6, "output": 4, "cookie": 8,
+}
+
+
+def _value_bytes(value: Slot, width: int) -> bytes:
+    if isinstance(value, tuple):
+        # A masked match: os-ken writes value & mask, then the mask.
+        v, m = (int(x) for x in value)
+        half = width // 2
+        return (v & m).to_bytes(half, "big") + m.to_bytes(half, "big")
+    if isinstance(value, int):
+        return value.to_bytes(width, "big")
+    if width == 4:
+        return socket.inet_aton(value)
+    return bytes.fromhex(value.replace(":", ""))
+
+
+def _flipped(value: Slot, width: int) -> Slot:
+    """A value of the same kind that differs from ``value`` in every byte (masked: value and mask)."""
+    if isinstance(value, tuple):
+        full = (1 << (8 * (width // 2))) - 1
+        v, m = (int(x) for x in value)
+        return (~v & ~m & full, ~m & full)
+    if isinstance(value, int):
+        return value ^ ((1 << (8 * width)) - 1)
+    raw = bytes(b ^ 0xFF for b in _value_bytes(value, width))
+    if width == 4:
+        return socket.inet_ntoa(raw)
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def shape_of(flow: Flow) -> tuple[object, ...]:
+    """Everything about a flow except its values."""
+    match_shape = tuple((name, isinstance(value, tuple)) for name, value in flow.match)
+    action_shape = tuple(
+        (type(a).__name__, a.field if isinstance(a, SetField) else None) if isinstance(a, SetField | Output) else a
+        for a in flow.actions
+    )
+    return flow.table, flow.priority, match_shape, action_shape, flow.goto
+
+
+def slots_of(flow: Flow) -> list[tuple[str, Slot]]:
+    """The flow's variable values, in a fixed order, each with the field that gives its width."""
+    out: list[tuple[str, Slot]] = [("cookie", flow.cookie)]
+    out += list(flow.match)
+    for action in flow.actions:
+        if isinstance(action, SetField):
+            out.append((action.field, action.value))
+        elif isinstance(action, Output):
+            out.append(("output", action.port))
+    return out
+
+
+def with_slot(flow: Flow, index: int, new: Slot) -> Flow:
+    """``flow`` with variable number ``index`` (as :func:`slots_of` counts) replaced by ``new``."""
+    if index == 0:
+        copy = replace(flow)
+        object.__setattr__(copy, "cookie", new)
+        return copy
+    i = 1
+    match: list[tuple[str, MatchValue]] = []
+    for name, value in flow.match:
+        match.append((name, new if i == index else value))
+        i += 1
+    actions: list[Action] = []
+    for action in flow.actions:
+        if isinstance(action, SetField):
+            actions.append(SetField(action.field, new) if i == index and not isinstance(new, tuple) else action)
+            i += 1
+        elif isinstance(action, Output):
+            actions.append(Output(int(new)) if i == index and isinstance(new, int) else action)
+            i += 1
+        else:
+            actions.append(action)
+    changed = replace(flow, match=tuple(match), actions=tuple(actions))
+    object.__setattr__(changed, "cookie", flow.cookie)
+    return changed
+
+
+class Template:
+    """One shape's example bytes and where each variable goes."""
+
+    def __init__(self, base: bytes, offsets: list[tuple[int, int]]) -> None:
+        self.base = base
+        self.offsets = offsets  # (start, width) per slot, in slots_of order
+
+    def render(self, flow: Flow) -> bytes:
+        buf = bytearray(self.base)
+        for (start, width), (_name, value) in zip(self.offsets, slots_of(flow), strict=True):
+            buf[start : start + width] = _value_bytes(value, width)
+        return bytes(buf)
+
+
+def probe(example: Flow, encode: Encoder) -> Template | None:
+    """Find where each variable of ``example`` lives in its encoding; None if anything looks off."""
+    base = encode(example)
+    offsets: list[tuple[int, int]] = []
+    taken: set[int] = set()
+    for index, (name, value) in enumerate(slots_of(example)):
+        width = FIELD_WIDTH.get(name)
+        if width is None:
+            return None
+        if isinstance(value, tuple):
+            width *= 2
+        try:
+            other = encode(with_slot(example, index, _flipped(value, width)))
+        except (ValueError, TypeError, OverflowError, OSError):
+            return None
+        if len(other) != len(base):
+            return None
+        diff = [i for i, (a, b) in enumerate(zip(base, other, strict=True)) if a != b]
+        if len(diff) != width or diff[-1] - diff[0] != width - 1 or taken & set(diff):
+            return None
+        taken |= set(diff)
+        offsets.append((diff[0], width))
+    return Template(base, offsets)
+
+
+class TemplateEncoder:
+    """Encodes flows through per-shape templates, falling back to ``encode`` for shapes it cannot template."""
+
+    def __init__(self, encode: Encoder) -> None:
+        self._encode = encode
+        self._templates: dict[tuple[object, ...], Template | None] = {}
+
+    def __call__(self, flow: Flow) -> bytes:
+        shape = shape_of(flow)
+        if shape not in self._templates:
+            self._templates[shape] = probe(flow, self._encode)
+        template = self._templates[shape]
+        return template.render(flow) if template is not None else self._encode(flow)
+
+    @property
+    def shapes(self) -> dict[tuple[object, ...], bool]:
+        """Every shape seen, and whether it is templated (for tests and diagnostics)."""
+        return {shape: t is not None for shape, t in self._templates.items()}
