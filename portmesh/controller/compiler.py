@@ -8,7 +8,7 @@ flows, and a change to one mapping touches only that mapping's flows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Mapping as MappingABC
 from ipaddress import IPv4Address
 
@@ -58,30 +58,69 @@ def compile_switch(
     reports them; a local container whose port is not there yet gets no
     port-bound flows (its traffic is dropped until the port appears).
     """
-    flows: dict[int, Flow] = {}
-    seen: dict[tuple[int, int, object], Flow] = {}
-    for f in _all_flows(state, config, host, ports):
-        key = (f.table.number, f.priority, f.match)
-        other = seen.get(key)
-        if other is not None and other.cookie != f.cookie:
-            raise ValueError(f"two flows share table/priority/match: {other} and {f}")
-        seen[key] = f
-        flows[f.cookie] = f
-    return flows
+    return check_unique(SwitchCompiler(config, host).compile(state, ports).values())
 
 
-def _all_flows(state: DesiredState, config: NetworkConfig, host: str, ports: MappingABC[str, int]) -> Iterator[Flow]:
-    yield from host_flows(config, host)
-    for ip in sorted(state.public_ips()):
-        yield from public_ip_flows(config, ip)
-    for mapping in state.mappings.values():
-        owner = state.containers.get(mapping.container)
-        if owner is not None:
-            yield from mapping_flows(mapping, owner, ports if owner.host == host else None)
-    for container in state.containers.values():
-        yield from block_flows(container)
-        if container.host == host and container.port_name in ports:
-            yield from container_port_flows(container, ports[container.port_name])
+class SwitchCompiler:
+    """:func:`compile_switch` with memory: each owner's flows are kept and rebuilt only when it changes.
+
+    The output depends only on the inputs (the caches are keyed by everything an
+    owner's flows depend on), so this is still a pure function of ``(state, ports)``;
+    the memory is what makes one change among 100,000 mappings cost one owner's flows.
+    """
+
+    def __init__(self, config: NetworkConfig, host: str) -> None:
+        self.config = config
+        self.host = host
+        self._owners: dict[object, tuple[Flow, ...]] = {}
+
+    def compile(self, state: DesiredState, ports: MappingABC[str, int]) -> dict[int, Flow]:
+        used: dict[object, tuple[Flow, ...]] = {}
+        cached = self._owners
+
+        def owner(key: object, build: Callable[[], Iterator[Flow]]) -> tuple[Flow, ...]:
+            flows = cached.get(key)
+            if flows is None:
+                flows = tuple(build())
+            used[key] = flows
+            return flows
+
+        config, host = self.config, self.host
+        owner(("host", host), lambda: host_flows(config, host))
+        for ip in state.public_ips():
+            owner(("ip", ip), lambda ip=ip: public_ip_flows(config, ip))  # type: ignore[misc]
+        containers = state.containers
+        for mapping in state.mappings.values():
+            c = containers.get(mapping.container)
+            if c is None:
+                continue
+            port = ports.get(c.port_name) if c.host == host else None
+            owner((mapping, c.mac, port), lambda m=mapping, c=c, p=port: mapping_flows(m, c, p))  # type: ignore[misc]
+        for c in containers.values():
+            port = ports.get(c.port_name) if c.host == host else None
+            owner((c, port), lambda c=c, p=port: container_flows(c, p))  # type: ignore[misc]
+        self._owners = used
+        return {flow.cookie: flow for flows in used.values() for flow in flows}
+
+
+def check_unique(flows: Iterable[Flow]) -> dict[int, Flow]:
+    """Key by cookie; two different flows on the same (table, priority, match) are a compiler bug."""
+    out: dict[int, Flow] = {}
+    seen: dict[tuple[int, int, object], int] = {}
+    for f in flows:
+        key = (f.table.value.number, f.priority, f.match)
+        other = seen.setdefault(key, f.cookie)
+        if other != f.cookie:
+            raise ValueError(f"two flows share table/priority/match: {out[other]} and {f}")
+        out[f.cookie] = f
+    return out
+
+
+def container_flows(container: Container, port: int | None) -> Iterator[Flow]:
+    """A container's flows: its reply block on every switch, port security and delivery on its own."""
+    yield from block_flows(container)
+    if port is not None:
+        yield from container_port_flows(container, port)
 
 
 def host_flows(config: NetworkConfig, host: str) -> Iterator[Flow]:
@@ -111,16 +150,16 @@ def public_ip_flows(config: NetworkConfig, ip: IPv4Address) -> Iterator[Flow]:
                    eth_type=ETH_IP, ipv4_dst=name, ip_proto=IPPROTO[proto])
 
 
-def mapping_flows(mapping: Mapping, owner: Container, ports: MappingABC[str, int] | None) -> Iterator[Flow]:
+def mapping_flows(mapping: Mapping, owner: Container, port: int | None) -> Iterator[Flow]:
     """The mapping's rewrite flow (every switch) and, on the owner's switch, its source-port allowance."""
     name = str(mapping.key)
     k = OwnerKind.MAPPING
     ip = str(mapping.public_ip)
     yield flow(Table.MAPPING, PRIO_SERVICE, k, name, (SetField("eth_dst", owner.mac),), Table.L2,
                eth_type=ETH_IP, ipv4_dst=ip, ip_proto=IPPROTO[mapping.proto], **{DST_FIELD[mapping.proto]: mapping.port})
-    if ports is not None and owner.port_name in ports:
+    if port is not None:
         yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, (), Table.MAPPING,
-                   in_port=ports[owner.port_name], eth_src=owner.mac, eth_type=ETH_IP, ipv4_src=ip,
+                   in_port=port, eth_src=owner.mac, eth_type=ETH_IP, ipv4_src=ip,
                    ip_proto=IPPROTO[mapping.proto], **{SRC_FIELD[mapping.proto]: mapping.port})
 
 

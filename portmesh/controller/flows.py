@@ -71,6 +71,10 @@ def owner_id(kind: OwnerKind, name: str) -> int:
     return (int(kind) << 28) | (digest & 0x0FFFFFFF)
 
 
+# (table, match field names, goto) combinations already checked against the pipeline declaration.
+_CHECKED_SHAPES: set[tuple[Table, tuple[str, ...], Table | None]] = set()
+
+
 @dataclass(frozen=True)
 class Flow:
     """One flow entry. ``match`` is a sorted tuple of ``(field, value)`` or ``(field, (value, mask))``."""
@@ -85,8 +89,11 @@ class Flow:
     cookie: int = field(default=0, compare=False)
 
     def __post_init__(self) -> None:
-        self.table.check(dict(self.match), self.goto)
-        content = repr((self.table.number, self.priority, self.match, self.actions, self.goto and self.goto.number))
+        shape = (self.table, tuple(name for name, _ in self.match), self.goto)
+        if shape not in _CHECKED_SHAPES:
+            self.table.check(dict(self.match), self.goto)
+            _CHECKED_SHAPES.add(shape)
+        content = repr((self.table.name, self.priority, self.match, self.actions, self.goto and self.goto.name))
         digest = int.from_bytes(hashlib.blake2b(content.encode(), digest_size=4).digest(), "big")
         object.__setattr__(self, "cookie", (owner_id(self.owner_kind, self.owner) << 32) | digest)
 

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from portmesh.controller.compiler import compile_switch
+from portmesh.controller.compiler import SwitchCompiler
 from portmesh.controller.connection import OpenFlowConnection
 from portmesh.controller.encoding import DP, EncodingCache, ofp, parser, serialize
 from portmesh.controller.reject import refusal
@@ -42,6 +42,7 @@ class Controller:
         self.config = config
         self.cache = EncodingCache()
         self.switches: dict[int, Switch] = {}
+        self.compilers: dict[str, SwitchCompiler] = {}
         self._dirty = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.syncs = 0
@@ -77,7 +78,10 @@ class Controller:
             log.warning("switch %016x belongs to no known host; leaving it alone", switch.datapath_id)
             switch.realized_generation = state.generation
             return
-        desired = compile_switch(state, self.config, host, switch.ports)
+        compiler = self.compilers.get(host)
+        if compiler is None:
+            compiler = self.compilers[host] = SwitchCompiler(self.config, host)
+        desired = compiler.compile(state, switch.ports)
         try:
             result = await switch.sync(desired)
         except (TimeoutError, ConnectionError, RuntimeError) as exc:
