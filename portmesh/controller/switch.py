@@ -72,8 +72,7 @@ class Switch:
 
     async def read_installed(self) -> set[int]:
         """The cookies of every flow in every table, as the switch reports them."""
-        replies = await self.conn.request(parser.OFPFlowStatsRequest(DP, table_id=ofp.OFPTT_ALL))
-        self.installed = {stat.cookie for r in replies for stat in r.body}
+        self.installed = await self.conn.flow_cookies()
         return self.installed
 
     async def sync(self, desired: dict[int, Flow]) -> SyncResult:
