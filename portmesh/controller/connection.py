@@ -53,7 +53,7 @@ def flow_cookies(data: bytes, xid: int) -> FlowCookies:
     offset = HEADER.size + MULTIPART_REPLY.size
     while offset < len(data):
         entry = FLOW_STATS_0.unpack_from(data, offset)
-        length, cookie = entry[0], entry[9]
+        length, cookie = entry[0], entry[8]
         if length < FLOW_STATS_0.size:
             raise ValueError(f"flow-stats entry of length {length} at offset {offset}")
         cookies.append(cookie)
