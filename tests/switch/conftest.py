@@ -47,10 +47,14 @@ class MemoryState:
             cb()
         return self._state.generation
 
+    def _realized(self, host: str, want: int) -> bool:
+        generation, connected = self.reports.get(host, (-1, False))
+        return connected and generation >= want
+
     def wait_realized(self, host: str, generation: int | None = None, timeout: float = 10.0) -> None:
         want = self._state.generation if generation is None else generation
         with self._cond:
-            ok = self._cond.wait_for(lambda: self.reports.get(host, (-1, False))[0] >= want, timeout)
+            ok = self._cond.wait_for(lambda: self._realized(host, want), timeout)
         assert ok, f"switch of {host} did not realise generation {want}: {self.reports}"
 
 
