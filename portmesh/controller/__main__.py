@@ -8,6 +8,8 @@ import gc
 import logging
 import signal
 
+import prometheus_client
+
 from portmesh.controller.service import Controller
 from portmesh.model.config import DEFAULT_CONFIG
 from portmesh.store.client import Store
@@ -19,6 +21,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m portmesh.controller", description=__doc__)
     ap.add_argument("--store", required=True, help="state store remote, e.g. unix:/run/portmesh/lab/store.sock")
     ap.add_argument("--listen", default="tcp:127.0.0.1:6653", help="tcp:IP:PORT or unix:PATH for switches")
+    ap.add_argument("--metrics", help="serve Prometheus metrics on ADDR:PORT (e.g. 127.0.0.1:9470)")
     ap.add_argument("--log-level", default="INFO")
     return ap.parse_args(argv)
 
@@ -28,6 +31,9 @@ async def serve(args: argparse.Namespace) -> None:
     await asyncio.to_thread(store.start)
     controller = Controller(store, DEFAULT_CONFIG)
     controller.attach()
+    if args.metrics:
+        addr, _, port = args.metrics.rpartition(":")
+        prometheus_client.start_http_server(int(port), addr or "127.0.0.1", registry=controller.metrics.registry)
     kind, _, where = args.listen.partition(":")
     if kind == "tcp":
         host, _, port = where.rpartition(":")

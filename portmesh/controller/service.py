@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from portmesh.controller.compiler import SwitchCompiler
 from portmesh.controller.connection import OpenFlowConnection
 from portmesh.controller.encoding import DP, EncodingCache, ofp, parser, serialize
+from portmesh.controller.metrics import ControllerMetrics
 from portmesh.controller.reject import refusal
 from portmesh.controller.switch import Switch
 from portmesh.model.config import NetworkConfig
@@ -47,6 +49,7 @@ class Controller:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.syncs = 0
         self.flow_mods = 0
+        self.metrics = ControllerMetrics()
 
     def attach(self) -> None:
         """Subscribe to the store; its callback runs on the store's thread, so hop to our loop."""
@@ -81,7 +84,9 @@ class Controller:
         compiler = self.compilers.get(host)
         if compiler is None:
             compiler = self.compilers[host] = SwitchCompiler(self.config, host)
+        started = time.perf_counter()
         desired = compiler.compile(state, switch.ports)
+        compiled = time.perf_counter()
         try:
             result = await switch.sync(desired)
         except (TimeoutError, ConnectionError, RuntimeError) as exc:
@@ -92,6 +97,19 @@ class Controller:
         switch.realized_generation = state.generation
         self.syncs += 1
         self.flow_mods += result.flow_mods
+        done = time.perf_counter()
+        m = self.metrics
+        m.syncs.labels(host).inc()
+        m.flow_mods.labels(host, "add").inc(result.added)
+        m.flow_mods.labels(host, "delete").inc(result.deleted)
+        m.sync_seconds.labels(host).observe(done - started)
+        m.last_phase.labels(host, "compile").set(compiled - started)
+        m.last_phase.labels(host, "diff_send_commit").set(done - compiled)
+        m.flows.labels(host).set(len(desired))
+        m.generation.labels(host).set(state.generation)
+        if result.flow_mods:
+            log.info("switch %016x (%s): generation %d, %d flows; compile %.3f s, diff+send+commit %.3f s",
+                     switch.datapath_id, host, state.generation, len(desired), compiled - started, done - compiled)
         await asyncio.to_thread(self.store.report_switch, host, state.generation, True)
 
     @staticmethod
@@ -116,6 +134,7 @@ class Controller:
             if old is not None:
                 old.conn.close()
             self.switches[dpid] = switch
+            self.metrics.switches.set(len(self.switches))
             log.info("switch %016x connected from %s with %d flows", dpid, conn.peer, len(switch.installed))
             self._dirty.set()
             await serving
@@ -127,6 +146,7 @@ class Controller:
             conn.close()
             if switch is not None and self.switches.get(switch.datapath_id) is switch:
                 del self.switches[switch.datapath_id]
+                self.metrics.switches.set(len(self.switches))
                 await self._report_disconnected(switch.datapath_id)
 
     async def _report_disconnected(self, dpid: int) -> None:

@@ -15,7 +15,7 @@ import pytest
 from portmesh.controller.service import Controller
 from portmesh.model.config import DEFAULT_CONFIG
 from portmesh.model.entities import DesiredState
-from tests.switch.dummy_ovs import DummyOVS
+from portmesh.lab.dummy_ovs import DummyOVS
 
 pytestmark = pytest.mark.switch
 

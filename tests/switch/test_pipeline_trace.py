@@ -10,7 +10,7 @@ from portmesh.model.config import DEFAULT_CONFIG as CFG
 from portmesh.model.entities import DesiredState, Host, MappingKey, Proto
 from portmesh.model.validation import new_container, new_mapping
 from tests.switch.conftest import ControllerThread, MemoryState
-from tests.switch.dummy_ovs import DummyOVS
+from portmesh.lab.dummy_ovs import DummyOVS
 
 IP10 = IPv4Address("203.0.113.10")
 IP11 = IPv4Address("203.0.113.11")

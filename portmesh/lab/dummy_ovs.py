@@ -1,4 +1,4 @@
-"""A real ovsdb-server + ovs-vswitchd on the dummy datapath, for tier-2 tests.
+"""A real ovsdb-server + ovs-vswitchd on the dummy datapath, for tier-2 tests and control-plane benchmarks.
 
 No kernel interface is created (dummy ports live inside ovs-vswitchd), so this
 needs no namespace; every file lives in one temporary directory and both
