@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Mapping as MappingABC
+from functools import partial
 from ipaddress import IPv4Address
 
 from portmesh.controller.flows import (
@@ -75,32 +76,42 @@ class SwitchCompiler:
         self._owners: dict[object, tuple[Flow, ...]] = {}
 
     def compile(self, state: DesiredState, ports: MappingABC[str, int]) -> dict[int, Flow]:
+        """The whole flow set, keyed by cookie."""
+        return {flow.cookie: flow for flows in self.owners(state, ports) for flow in flows}
+
+    def owners(self, state: DesiredState, ports: MappingABC[str, int]) -> Iterator[tuple[Flow, ...]]:
+        """Each owner's flows in turn, so a caller can send while the rest is still being compiled.
+
+        The cache is replaced only once the iteration completes; an abandoned
+        iteration leaves the previous cache intact.
+        """
+        cached: dict[object, tuple[Flow, ...]] = self._owners
         used: dict[object, tuple[Flow, ...]] = {}
-        cached = self._owners
-
-        def owner(key: object, build: Callable[[], Iterator[Flow]]) -> tuple[Flow, ...]:
-            flows = cached.get(key)
-            if flows is None:
-                flows = tuple(build())
-            used[key] = flows
-            return flows
-
         config, host = self.config, self.host
-        owner(("host", host), lambda: host_flows(config, host))
-        for ip in state.public_ips():
-            owner(("ip", ip), lambda ip=ip: public_ip_flows(config, ip))  # type: ignore[misc]
+        keys: list[tuple[object, Callable[[], Iterator[Flow]]]] = [
+            (("host", host), partial(host_flows, config, host)),
+            *((("ip", ip), partial(public_ip_flows, config, ip)) for ip in state.public_ips()),
+        ]
+        for key, build in keys:
+            flows = used[key] = cached.get(key) or tuple(build())
+            yield flows
         containers = state.containers
         for mapping in state.mappings.values():
             c = containers.get(mapping.container)
             if c is None:
                 continue
             port = ports.get(c.port_name) if c.host == host else None
-            owner((mapping, c.mac, port), lambda m=mapping, c=c, p=port: mapping_flows(m, c, p))  # type: ignore[misc]
+            key = (mapping, c.mac, port)
+            hit = cached.get(key)
+            used[key] = flows = hit if hit is not None else tuple(mapping_flows(mapping, c, port))
+            yield flows
         for c in containers.values():
             port = ports.get(c.port_name) if c.host == host else None
-            owner((c, port), lambda c=c, p=port: container_flows(c, p))  # type: ignore[misc]
+            key = (c, port)
+            hit = cached.get(key)
+            used[key] = flows = hit if hit is not None else tuple(container_flows(c, port))
+            yield flows
         self._owners = used
-        return {flow.cookie: flow for flows in used.values() for flow in flows}
 
 
 def check_unique(flows: Iterable[Flow]) -> dict[int, Flow]:

@@ -23,10 +23,6 @@ class ControllerMetrics:
             "portmesh_controller_sync_seconds", "Compile + diff + bundle commit, per sync", ["host"],
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30), registry=self.registry,
         )
-        self.last_phase = Gauge(
-            "portmesh_controller_last_sync_phase_seconds", "Duration of each phase of the last sync", ["host", "phase"],
-            registry=self.registry,
-        )
         self.flows = Gauge("portmesh_controller_flows", "Flows the switch holds (desired = installed)", ["host"],
                            registry=self.registry)
         self.generation = Gauge("portmesh_controller_generation", "Store generation the switch realises", ["host"],

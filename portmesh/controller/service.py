@@ -85,10 +85,8 @@ class Controller:
         if compiler is None:
             compiler = self.compilers[host] = SwitchCompiler(self.config, host)
         started = time.perf_counter()
-        desired = compiler.compile(state, switch.ports)
-        compiled = time.perf_counter()
         try:
-            result = await switch.sync(desired)
+            result = await switch.sync(compiler.owners(state, switch.ports))
         except (TimeoutError, ConnectionError, RuntimeError) as exc:
             log.error("switch %016x (%s): sync failed: %s; retrying", switch.datapath_id, host, exc)
             await asyncio.sleep(0.5)  # a persistent failure must not spin the loop
@@ -103,13 +101,11 @@ class Controller:
         m.flow_mods.labels(host, "add").inc(result.added)
         m.flow_mods.labels(host, "delete").inc(result.deleted)
         m.sync_seconds.labels(host).observe(done - started)
-        m.last_phase.labels(host, "compile").set(compiled - started)
-        m.last_phase.labels(host, "diff_send_commit").set(done - compiled)
-        m.flows.labels(host).set(len(desired))
+        m.flows.labels(host).set(result.flows)
         m.generation.labels(host).set(state.generation)
         if result.flow_mods:
-            log.info("switch %016x (%s): generation %d, %d flows; compile %.3f s, diff+send+commit %.3f s",
-                     switch.datapath_id, host, state.generation, len(desired), compiled - started, done - compiled)
+            log.info("switch %016x (%s): generation %d, %d flows; compile+send+commit %.3f s",
+                     switch.datapath_id, host, state.generation, result.flows, done - started)
         await asyncio.to_thread(self.store.report_switch, host, state.generation, True)
 
     @staticmethod

@@ -10,6 +10,7 @@ configuration and an unchanged switch gets zero flow-mods.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ class SyncResult:
 
     added: int
     deleted: int
+    flows: int
 
     @property
     def flow_mods(self) -> int:
@@ -75,31 +77,51 @@ class Switch:
         self.installed = await self.conn.flow_cookies()
         return self.installed
 
-    async def sync(self, desired: dict[int, Flow]) -> SyncResult:
-        """Make the switch hold exactly ``desired``; nothing is sent if it already does."""
-        stale = self.installed - desired.keys()
-        missing = [desired[c] for c in desired.keys() - self.installed]
-        if not stale and not missing:
-            return SyncResult(0, 0)
+    async def sync(self, owners: Iterable[tuple[Flow, ...]]) -> SyncResult:
+        """Make the switch hold exactly the flows in ``owners``; nothing is sent if it already does.
+
+        Flows are sent while ``owners`` is still being produced (the compiler is a
+        generator), so encoding here and the switch's own parsing overlap; the
+        bundle is opened only when the first difference appears and committed at
+        the end with the stale flows' deletions, so the change stays atomic.
+        """
         conn = self.conn
-        await conn.bundle_ctrl(ofp.ONF_BCT_OPEN_REQUEST)
-        sent = 0
+        installed = self.installed
+        desired: set[int] = set()
+        added = sent = 0
+        opened = False
+        for flows in owners:
+            for flow in flows:
+                cookie = flow.cookie
+                desired.add(cookie)
+                if cookie in installed:
+                    continue
+                if not opened:
+                    await conn.bundle_ctrl(ofp.ONF_BCT_OPEN_REQUEST)
+                    opened = True
+                conn.send(self.cache.add(flow))
+                added += 1
+                sent += 1
+                if sent % DRAIN_EVERY == 0:
+                    await conn.drain()
+        stale = installed - desired
+        if stale and not opened:
+            await conn.bundle_ctrl(ofp.ONF_BCT_OPEN_REQUEST)
+            opened = True
         for cookie in stale:
             conn.send(self.cache.delete(cookie))
             sent += 1
             if sent % DRAIN_EVERY == 0:
                 await conn.drain()
-        for flow in missing:
-            conn.send(self.cache.add(flow))
-            sent += 1
-            if sent % DRAIN_EVERY == 0:
-                await conn.drain()
+        if not opened:
+            return SyncResult(0, 0, len(desired))
         try:
             await conn.bundle_ctrl(ofp.ONF_BCT_COMMIT_REQUEST)
+            await conn.barrier()
         except Exception:
             # The commit failed as a whole (the switch is unchanged); re-read so the next try diffs from truth.
             await self.read_installed()
             raise
-        self.installed = set(desired)
-        log.info("switch %016x: %d flows added, %d deleted", self.datapath_id, len(missing), len(stale))
-        return SyncResult(len(missing), len(stale))
+        self.installed = desired
+        log.info("switch %016x: %d flows added, %d deleted", self.datapath_id, added, len(stale))
+        return SyncResult(added, len(stale), len(desired))
