@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from ipaddress import IPv4Address
 
 
@@ -79,9 +80,9 @@ class Container:
     command: tuple[str, ...] = ()
     image: str | None = None
 
-    @property
+    @cached_property
     def port_name(self) -> str:
-        """Name of the container's veth end on the host's bridge (<=15 chars)."""
+        """Name of the container's veth end on the host's bridge (<=15 chars); a digest, so kept."""
         return port_name_for(self.name)
 
 
@@ -92,6 +93,10 @@ class MappingKey:
     public_ip: IPv4Address
     proto: Proto
     port: int
+
+    def __hash__(self) -> int:
+        # Mapping keys are hashed on every compile of 100,000 mappings; IPv4Address hashes via hex().
+        return hash((int(self.public_ip), self.proto, self.port))
 
     def __str__(self) -> str:
         return f"{self.public_ip}:{self.port}/{self.proto.value}"
