@@ -137,16 +137,34 @@ class Bridge:
             return set()
         return {p.name for p in row.ports if p.name != bridge}
 
+    def has_port(self, port: str, bridge: str = BRIDGE) -> bool:
+        """True if ``port`` is on ``bridge``, without listing the bridge's ports.
+
+        ``ports()`` reads every Port row's name (about 10 ms at 1,000 ports); calling it once
+        per container made plumbing N containers cost O(N^2). The Port table's name index
+        finds the row, and Port rows are not root rows (one exists only while a bridge holds
+        it), so with a single bridge the row's existence is the answer; with several, the
+        owning bridge's port list is checked by UUID.
+        """
+        row = next(iter(idlutils.index_lookup_all(self.api.tables["Port"], name=port)), None)
+        if row is None:
+            return False
+        bridges = self.api.tables["Bridge"].rows
+        owner = self._bridge_row(bridge)
+        if owner is None:
+            return False
+        return len(bridges) == 1 or row.uuid in {p.uuid for p in owner.ports}
+
     def ensure_port(self, port: str, bridge: str = BRIDGE) -> bool:
         """Add ``port`` to the bridge unless it is there; True if added."""
-        if port in self.ports(bridge):
+        if self.has_port(port, bridge):
             return False
         self.api.add_port(bridge, port, may_exist=True).execute(check_error=True)
         return True
 
     def remove_port(self, port: str, bridge: str = BRIDGE) -> bool:
         """Remove ``port`` from the bridge if it is there; True if removed."""
-        if port not in self.ports(bridge):
+        if not self.has_port(port, bridge):
             return False
         self.api.del_port(port, bridge=bridge, if_exists=True).execute(check_error=True)
         return True
