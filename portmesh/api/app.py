@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from portmesh.api.routes import router
 from portmesh.api.service import Service, StoreAPI, WaitTimeout
@@ -58,11 +59,24 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error(422, field, str(first.get("msg", "invalid request")), errors=listing)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's own 405 names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, dict) else {"field": None, "reason": str(exc.detail)}
     content = {"detail": detail}
-    return JSONResponse(status_code=exc.status_code, content=content, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    return JSONResponse(status_code=exc.status_code, content=content, headers=headers)
 
 
 async def _wait_timeout(_: Request, exc: Exception) -> JSONResponse:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import secrets
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from portmesh.api.schemas import (
+    IP_DOC,
+    NAME_DOC,
+    PROTO_DOC,
     ContainerIn,
     ContainerOut,
     ContainerWriteOut,
@@ -49,12 +52,18 @@ def require_token(request: Request, creds: Annotated[HTTPAuthorizationCredential
 
 
 Svc = Annotated[Service, Depends(get_service)]
+# Path parameters documented as the model's parsers read them (they still judge, naming the field).
+Name = Annotated[str, Path(json_schema_extra=NAME_DOC)]
+PublicIp = Annotated[str, Path(json_schema_extra=IP_DOC)]
+ProtoPath = Annotated[str, Path(json_schema_extra={"pattern": PROTO_DOC["pattern"]})]
+PortPath = Annotated[int, Path(ge=1, le=65535)]
 Wait = Annotated[bool, Query(description="Answer only once the change is live on every host.")]
 Timeout = Annotated[float | None, Query(gt=0, le=3600, description="Seconds to wait before answering 504.")]
 
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
+        400: "The body is not JSON",
         401: "Missing or wrong token",
         404: "A named thing does not exist",
         409: "Clashes with the current state",
@@ -83,7 +92,7 @@ async def list_hosts(service: Svc) -> list[HostOut]:
 
 
 @router.get("/hosts/{name}", tags=["hosts"])
-async def get_host(name: str, service: Svc) -> HostOut:
+async def get_host(name: Name, service: Svc) -> HostOut:
     return await service.host(name)
 
 
@@ -103,7 +112,7 @@ async def list_containers(service: Svc) -> list[ContainerOut]:
 
 
 @router.get("/containers/{name}", tags=["containers"])
-async def get_container(name: str, service: Svc) -> ContainerOut:
+async def get_container(name: Name, service: Svc) -> ContainerOut:
     return await service.container(name)
 
 
@@ -116,20 +125,20 @@ async def add_container(body: ContainerIn, service: Svc, wait: Wait = False, tim
 
 
 @router.delete("/containers/{name}", dependencies=writes, tags=["containers"])
-async def remove_container(name: str, service: Svc, wait: Wait = False, timeout: Timeout = None) -> WriteOut:
+async def remove_container(name: Name, service: Svc, wait: Wait = False, timeout: Timeout = None) -> WriteOut:
     """Remove a container and, in the same transaction, its mappings."""
     generation = await service.remove_container(name)
     return WriteOut(generation=generation, converged=await _converged(service, generation, wait, timeout))
 
 
 @router.post("/containers/{name}/stop", dependencies=writes, tags=["containers"])
-async def stop_container(name: str, service: Svc, wait: Wait = False, timeout: Timeout = None) -> WriteOut:
+async def stop_container(name: Name, service: Svc, wait: Wait = False, timeout: Timeout = None) -> WriteOut:
     generation = await service.set_running(name, False)
     return WriteOut(generation=generation, converged=await _converged(service, generation, wait, timeout))
 
 
 @router.post("/containers/{name}/start", dependencies=writes, tags=["containers"])
-async def start_container(name: str, service: Svc, wait: Wait = False, timeout: Timeout = None) -> WriteOut:
+async def start_container(name: Name, service: Svc, wait: Wait = False, timeout: Timeout = None) -> WriteOut:
     generation = await service.set_running(name, True)
     return WriteOut(generation=generation, converged=await _converged(service, generation, wait, timeout))
 
@@ -151,7 +160,7 @@ async def add_mapping(body: MappingIn, service: Svc, wait: Wait = False, timeout
 
 @router.delete("/mappings/{public_ip}/{proto}/{port}", dependencies=writes, tags=["mappings"])
 async def remove_mapping(
-    public_ip: str, proto: str, port: str, service: Svc, wait: Wait = False, timeout: Timeout = None
+    public_ip: PublicIp, proto: ProtoPath, port: PortPath, service: Svc, wait: Wait = False, timeout: Timeout = None
 ) -> WriteOut:
     generation = await service.remove_mapping(public_ip, proto, port)
     return WriteOut(generation=generation, converged=await _converged(service, generation, wait, timeout))

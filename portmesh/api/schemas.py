@@ -8,9 +8,39 @@ Responses are built from model values only here, so routes never hand-build JSON
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, Field
 
 from portmesh.model.entities import Container, ContainerStatus, Host, HostStatus, Mapping, PortBlock
+from portmesh.model.validation import NAME_RE
+
+# The OpenAPI document states the shape the model's parsers accept, so a client (and
+# schemathesis) can tell valid input from invalid without trying. The parsers stay the
+# judges of strings (their refusals name the field); these only document them.
+NAME_DOC: dict[str, Any] = {"pattern": NAME_RE.pattern, "minLength": 1, "maxLength": 63}
+IP_DOC: dict[str, Any] = {"format": "ipv4"}
+IPS_DOC: dict[str, Any] = {"minItems": 1, "uniqueItems": True, "items": {"type": "string", **IP_DOC}}
+PROTO_DOC: dict[str, Any] = {"pattern": "^([tT][cC][pP]|[uU][dD][pP])$", "default": "tcp"}
+
+
+def name_field(description: str) -> Any:
+    return Field(description=description, json_schema_extra=NAME_DOC)
+
+
+# Datapath ids this API takes: exact in every JSON parser (doubles hold integers to 2**53) and
+# within the store's signed 64-bit integer. Real ones are 48-bit (MAC-derived) or small.
+MAX_DATAPATH_ID = 2**53 - 1
+
+
+def json_integer(value: object) -> object:
+    """Let only JSON numbers through to int parsing: ``"80"`` and ``true`` are not ports (``80.0`` is one)."""
+    if isinstance(value, str | bool):
+        raise ValueError("a JSON integer is required")
+    return value
+
+
+Port = Annotated[int, Field(ge=1, le=65535, description="TCP/UDP port number"), BeforeValidator(json_integer)]
 
 
 class ErrorDetail(BaseModel):
@@ -29,9 +59,9 @@ class ErrorBody(BaseModel):
 class HostIn(BaseModel):
     """A host to register; ``datapath_id`` defaults to the lowest one not in use."""
 
-    name: str
-    datapath_id: int | None = Field(default=None, ge=1, le=2**64 - 1)
-    underlay_ip: str | None = None
+    name: str = name_field("host name")
+    datapath_id: int | None = Field(default=None, ge=1, le=MAX_DATAPATH_ID)
+    underlay_ip: str | None = Field(default=None, json_schema_extra=IP_DOC)
 
 
 class HostStatusOut(BaseModel):
@@ -71,19 +101,19 @@ class HostOut(BaseModel):
 class PortIn(BaseModel):
     """One service port of a container: mapped on every one of its IPs."""
 
-    port: int | str
-    proto: str = "tcp"
+    port: Port
+    proto: str = Field(default="tcp", json_schema_extra=PROTO_DOC)
 
 
 class ContainerIn(BaseModel):
     """A container to create, with the mappings ``ips x ports`` created alongside it."""
 
-    name: str
-    host: str
-    ips: list[str]
-    ports: list[PortIn] = Field(default_factory=list)
+    name: str = name_field("container name")
+    host: str = name_field("host to place it on")
+    ips: list[str] = Field(description="public IPs it holds", json_schema_extra=IPS_DOC)
+    ports: list[PortIn] = Field(default_factory=list, description="mapped on every IP; a port listed twice is one mapping")
     command: list[str] = Field(default_factory=list)
-    image: str | None = None
+    image: str | None = Field(default=None, json_schema_extra={"pattern": "\\S"})
 
 
 class BlockOut(BaseModel):
@@ -101,10 +131,10 @@ class BlockOut(BaseModel):
 class MappingIn(BaseModel):
     """``(public_ip, proto, port) → container``."""
 
-    public_ip: str
-    port: int | str
-    proto: str = "tcp"
-    container: str
+    public_ip: str = Field(json_schema_extra=IP_DOC)
+    port: Port
+    proto: str = Field(default="tcp", json_schema_extra=PROTO_DOC)
+    container: str = name_field("container that answers")
 
 
 class MappingOut(BaseModel):

@@ -114,11 +114,12 @@ def container_view(store: StoreAPI, state: DesiredState, c: Container) -> Contai
 def plan_container(state: DesiredState, config: NetworkConfig, body: ContainerIn) -> tuple[Container, list[Mapping]]:
     """The container and its ``ips x ports`` mappings, checked against ``state`` as one unit."""
     ips = [parse_ip(ip, f"ips[{i}]") for i, ip in enumerate(body.ips)]
-    ports = [
+    parsed = [
         (parse_port(p.port, f"ports[{i}].port"), parse_proto(p.proto, f"ports[{i}].proto")) for i, p in enumerate(body.ports)
     ]
-    if len(set(ports)) != len(ports):
-        raise InvalidInput("ports", "the same port is listed twice")
+    # A port listed twice ("80", "80/TCP") is the same mapping asked for twice: one mapping, as a set.
+    # (Refusing it could not be stated in the OpenAPI document: uniqueItems compares the raw JSON.)
+    ports = list(dict.fromkeys(parsed))
     if body.image is not None and not body.image.strip():
         raise InvalidInput("image", "empty image name")
     container = new_container(
@@ -261,7 +262,7 @@ class Service:
             mapping = new_mapping(await self.snapshot(), key, body.container)
             return await self.call(self.store.add_mapping, mapping), mapping
 
-    async def remove_mapping(self, public_ip: str, proto: str, port: str) -> int:
+    async def remove_mapping(self, public_ip: str, proto: str, port: int | str) -> int:
         async with self.write_lock:
             key = parse_key(public_ip, proto, port)
             if key not in (await self.snapshot()).mappings:

@@ -148,7 +148,6 @@ def test_writes_need_the_token(client: TestClient, store: FakeStore) -> None:
         ({"ips": []}, 422, "ips"),
         ({"ports": [{"port": 80}, {"port": 70000}]}, 422, "ports[1].port"),
         ({"ports": [{"port": 80, "proto": "sctp"}]}, 422, "ports[0].proto"),
-        ({"ports": [{"port": 80}, {"port": 80}]}, 422, "ports"),
         ({"ports": [{"port": 5432}]}, 409, "port"),  # already mapped to db
         ({"ports": [{"port": 33000}]}, 409, "port"),  # inside db's ephemeral block
         ({"name": "db"}, 409, "name"),
@@ -163,6 +162,14 @@ def test_container_refusals(client: TestClient, store: FakeStore, change: dict[s
     body = {"name": "web", "host": "h1", "ips": [IP], "ports": [{"port": 80}], **change}
     assert_refused(client.post("/v1/containers", json=body, headers=AUTH), status, field)
     assert store.writes == writes and store.snapshot() == before
+
+
+def test_a_port_listed_twice_is_one_mapping(client: TestClient) -> None:
+    add_host(client)
+    body = {"name": "web", "host": "h1", "ips": [IP], "ports": [{"port": 80}, {"port": 80, "proto": "TCP"}]}
+    r = client.post("/v1/containers", json=body, headers=AUTH)
+    assert r.status_code == 201, r.text
+    assert [(m["port"], m["proto"]) for m in r.json()["container"]["mappings"]] == [(80, "tcp")]
 
 
 def test_missing_field_is_named(client: TestClient) -> None:
