@@ -27,7 +27,7 @@ from portmesh.controller.flows import (
 )
 from portmesh.controller.pipeline import Table
 from portmesh.model.config import NetworkConfig
-from portmesh.model.entities import Container, DesiredState, Mapping, Proto
+from portmesh.model.entities import Container, DesiredState, Mapping, MappingKey, Proto
 
 ETH_IP = 0x0800
 ETH_ARP = 0x0806
@@ -74,6 +74,7 @@ class SwitchCompiler:
         self.config = config
         self.host = host
         self._owners: dict[object, tuple[Flow, ...]] = {}
+        self._mappings: dict[MappingKey, tuple[Mapping, str, int | None, tuple[Flow, ...]]] = {}
 
     def compile(self, state: DesiredState, ports: MappingABC[str, int]) -> dict[int, Flow]:
         """The whole flow set, keyed by cookie."""
@@ -96,14 +97,21 @@ class SwitchCompiler:
             flows = used[key] = cached.get(key) or tuple(build())
             yield flows
         containers = state.containers
-        for mapping in state.mappings.values():
+        mapping_cache = self._mappings
+        mapping_used: dict[MappingKey, tuple[Mapping, str, int | None, tuple[Flow, ...]]] = {}
+        for key, mapping in state.mappings.items():
             c = containers.get(mapping.container)
             if c is None:
                 continue
             port = ports.get(c.port_name) if c.host == host else None
-            key = (mapping, c.mac, port)
-            hit = cached.get(key)
-            used[key] = flows = hit if hit is not None else tuple(mapping_flows(mapping, c, port))
+            entry = mapping_cache.get(key)
+            # Identity first: an incremental store hands back the very same objects for unchanged rows.
+            if entry is not None and (entry[0] is mapping or entry[0] == mapping) and entry[1] == c.mac and entry[2] == port:
+                flows = entry[3]
+            else:
+                entry = (mapping, c.mac, port, tuple(mapping_flows(mapping, c, port)))
+                flows = entry[3]
+            mapping_used[key] = entry
             yield flows
         for c in containers.values():
             port = ports.get(c.port_name) if c.host == host else None
@@ -112,6 +120,7 @@ class SwitchCompiler:
             used[key] = flows = hit if hit is not None else tuple(container_flows(c, port))
             yield flows
         self._owners = used
+        self._mappings = mapping_used
 
 
 def check_unique(flows: Iterable[Flow]) -> dict[int, Flow]:
