@@ -2,7 +2,8 @@
 
 Tables for people, ``-o json`` for scripts. Exit codes: 0 done, 1 the API refused
 or could not be reached (the field and reason go to stderr), 2 a usage mistake.
-``lab``, ``demo`` and ``exec`` are handed to ``python -m portmesh.lab`` unchanged:
+``lab``, ``up``, ``down``, ``demo`` and ``exec`` are handed to ``python -m portmesh.lab`` unchanged
+(``up``/``down`` are the embedded single-machine deployment, which is the lab's):
 the CLI must not import the lab, and the lab owns its own arguments.
 """
 
@@ -30,7 +31,7 @@ app = typer.Typer(
     name="portmesh",
     help="Standard ports on shared public IPs for containers: no NAT, no proxy.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -269,6 +270,18 @@ def exec_lab(args: list[str]) -> None:
 def lab(ctx: typer.Context) -> None:
     """Build, inspect and tear down a lab cloud: `portmesh lab up|down|...` (python -m portmesh.lab)."""
     exec_lab(list(ctx.args))
+
+
+@app.command(context_settings=PASS_THROUGH, add_help_option=False)
+def up(ctx: typer.Context) -> None:
+    """Start the embedded single-machine deployment: store, controller, agent, API (python -m portmesh.lab up)."""
+    exec_lab(["up", *ctx.args])
+
+
+@app.command(context_settings=PASS_THROUGH, add_help_option=False)
+def down(ctx: typer.Context) -> None:
+    """Stop what `up` started and remove exactly what it made (python -m portmesh.lab down)."""
+    exec_lab(["down", *ctx.args])
 
 
 @app.command(context_settings=PASS_THROUGH, add_help_option=False)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import time
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from portmesh.lab import node
 from portmesh.lab.network import Lab
@@ -32,11 +36,30 @@ def up(
     """Build the lab: namespaces, links, one OVS per host, store, controller, agents, API."""
     _need_root()
     try:
-        state = Lab(name).up(hosts, tune_rmem=tune_rmem)
+        with progress(f"lab {name}: starting") as say:
+            state = Lab(name, say=say).up(hosts, tune_rmem=tune_rmem)
     except Exception as exc:
         typer.echo(f"lab up failed: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"lab {name} is up; state in {state.dir}")
+
+
+@contextlib.contextmanager
+def progress(first: str) -> Iterator[Callable[[str], None]]:
+    """A spinner with the running step and the elapsed time (on a terminal); each finished step is logged.
+
+    Bring-up takes seconds (namespaces, one OVS per host, the components): say what it is doing.
+    Off a terminal rich prints only the step lines, so scripts and logs stay clean.
+    """
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    start = time.monotonic()
+    with console.status(first) as spinner:
+
+        def say(msg: str) -> None:
+            console.print(f"[{time.monotonic() - start:5.1f}s] {msg}", markup=False)
+            spinner.update(f"{msg} ...")
+
+        yield say
 
 
 @app.command()

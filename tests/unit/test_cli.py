@@ -190,6 +190,8 @@ def test_unreachable_api_exits_1() -> None:
     [
         (["lab", "up", "--hosts", "2"], ["up", "--hosts", "2"]),
         (["lab", "--help"], ["--help"]),
+        (["up", "--hosts", "2"], ["up", "--hosts", "2"]),
+        (["down", "--name", "x"], ["down", "--name", "x"]),
         (["demo"], ["demo"]),
         (["demo", "--fast"], ["demo", "--fast"]),
         (["exec", "web", "--", "ip", "-br", "addr"], ["exec", "web", "--", "ip", "-br", "addr"]),
