@@ -24,6 +24,7 @@ from portmesh.api.schemas import (
     HostIn,
     HostOut,
     HostWriteOut,
+    LogsOut,
     MappingIn,
     MappingOut,
     MappingWriteOut,
@@ -114,6 +115,17 @@ async def list_containers(service: Svc) -> list[ContainerOut]:
 @router.get("/containers/{name}", tags=["containers"])
 async def get_container(name: Name, service: Svc) -> ContainerOut:
     return await service.container(name)
+
+
+@router.get("/containers/{name}/logs", tags=["containers"])
+async def container_logs(
+    name: Name,
+    service: Svc,
+    offset: Annotated[int, Query(ge=0, description="Byte offset to read from (the last answer's offset).")] = 0,
+    tail: Annotated[int | None, Query(ge=0, le=100000, description="Only the last N lines.")] = None,
+) -> LogsOut:
+    """The container's output as its host's runtime wrote it (same machine as the API: embedded deployment)."""
+    return await service.logs(name, offset, tail)
 
 
 @router.post("/containers", status_code=201, dependencies=writes, tags=["containers"])

@@ -162,10 +162,20 @@ class ContainerStatusOut(BaseModel):
     netns: str
     pid: int | None
     message: str
+    log_path: str = ""
 
     @classmethod
     def of(cls, status: ContainerStatus) -> ContainerStatusOut:
-        return cls(state=status.state.value, netns=status.netns, pid=status.pid, message=status.message)
+        return cls(state=status.state.value, netns=status.netns, pid=status.pid, message=status.message, log_path=status.log_path)
+
+
+class LogsOut(BaseModel):
+    """Part of a container's output, and the offset to ask from next (``portmesh logs -f``)."""
+
+    name: str
+    path: str
+    offset: int
+    text: str
 
 
 class ContainerOut(BaseModel):

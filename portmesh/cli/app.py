@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -38,6 +39,7 @@ app = typer.Typer(
 map_app = typer.Typer(help="Mappings: (public IP, port/proto) -> container.", no_args_is_help=True)
 app.add_typer(map_app, name="map")
 
+FOLLOW_PAUSE = 0.5  # logs -f: how often to ask for more once caught up
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
@@ -187,6 +189,31 @@ def rm(
 ) -> None:
     """Remove a container and its mappings."""
     _container_write(ctx, "DELETE", name, "", "removed", wait=wait, timeout=timeout, output=output)
+
+
+@app.command()
+@handles_api_errors
+def logs(
+    ctx: typer.Context,
+    name: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new output (Ctrl-C to stop).")] = False,
+    tail: Annotated[int | None, typer.Option("--tail", "-n", min=0, help="Only the last N lines.")] = None,
+) -> None:
+    """Print a container's output (what its command wrote to stdout and stderr)."""
+    api = api_of(ctx)
+    path = f"/v1/containers/{quote_segment(name)}/logs"
+    chunk = api.request("GET", path, params={"tail": str(tail)} if tail is not None else None)
+    try:
+        while True:
+            sys.stdout.write(chunk["text"])
+            sys.stdout.flush()
+            if not follow:
+                return
+            if not chunk["text"]:
+                time.sleep(FOLLOW_PAUSE)
+            chunk = api.request("GET", path, params={"offset": str(chunk["offset"])})
+    except KeyboardInterrupt:
+        return
 
 
 # --- mappings ---

@@ -177,13 +177,15 @@ class ContainerStatus:
     """Realised state of a container, reported by its host's agent.
 
     ``netns`` names the network namespace the agent plumbed (what ``exec`` enters),
-    ``pid`` is the container's main process, ``message`` explains an error.
+    ``pid`` is the container's main process, ``message`` explains an error,
+    ``log_path`` is the file its output goes to on its host ("" if the runtime has none).
     """
 
     state: RunState = RunState.PENDING
     netns: str = ""
     pid: int | None = None
     message: str = ""
+    log_path: str = ""
 
 
 @dataclass(frozen=True)

@@ -116,13 +116,14 @@ class LightRuntime:
         if record is None:
             return None
         procs.reap()
+        log = str(self.log_path(name))  # reported so the API (same machine) can serve `portmesh logs`
         if not netns_exists(record.netns):
-            return ContainerStatus(RunState.ERROR, "", None, f"network namespace {record.netns} is missing")
+            return ContainerStatus(RunState.ERROR, "", None, f"network namespace {record.netns} is missing", log)
         if record.proc is None:
-            return ContainerStatus(RunState.EXITED, record.netns, None, "stopped")
+            return ContainerStatus(RunState.EXITED, record.netns, None, "stopped", log)
         if procs.alive(record.proc):
-            return ContainerStatus(RunState.RUNNING, record.netns, record.proc.pid, "")
-        return ContainerStatus(RunState.EXITED, record.netns, None, f"process {record.proc.pid} exited")
+            return ContainerStatus(RunState.RUNNING, record.netns, record.proc.pid, "", log)
+        return ContainerStatus(RunState.EXITED, record.netns, None, f"process {record.proc.pid} exited", log)
 
     def remove(self, name: str) -> None:
         record = self._load(name)

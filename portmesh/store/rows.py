@@ -89,6 +89,7 @@ def container_status_from_row(row: Row) -> ContainerStatus | None:
         netns=row.netns,
         pid=_optional(row.pid),
         message=row.message,
+        log_path=getattr(row, "log_path", ""),  # absent from a database made with schema 1.0.0
     )
 
 
@@ -130,6 +131,7 @@ def fill_container_status(row: Row, status: ContainerStatus) -> None:
     row.netns = status.netns
     row.pid = [status.pid] if status.pid is not None else []
     row.message = status.message
+    row.log_path = status.log_path
 
 
 def fill_mapping_row(row: Row, m: Mapping) -> None:

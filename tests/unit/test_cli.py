@@ -217,3 +217,26 @@ def test_cli_does_not_import_lab_or_api() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
                 assert not node.module.startswith(("portmesh.lab", "portmesh.api", "portmesh.store")), path
+
+
+def test_logs_reads_the_log_file_the_agent_reported(invoke: Any, server: Server, tmp_path: Any) -> None:
+    from portmesh.model.entities import ContainerStatus, RunState
+
+    setup_host(server)
+    assert invoke("run", "web", "--host", "h1", "--ip", IP).exit_code == 0
+    r = invoke("logs", "web")
+    assert r.exit_code == 1 and "logs" in r.stderr, "no log reported yet: 404 naming the field"
+    log = tmp_path / "web.log"
+    log.write_text("one\ntwo\nthree\n")
+    server.store.report_container_status("web", ContainerStatus(RunState.RUNNING, "ns", 1, "", str(log)))
+    r = invoke("logs", "web")
+    assert r.exit_code == 0 and r.stdout == "one\ntwo\nthree\n"
+    assert invoke("logs", "web", "--tail", "2").stdout == "two\nthree\n"
+    assert invoke("logs", "nope").exit_code == 1
+    import httpx
+
+    first = httpx.get(f"{server.url}/v1/containers/web/logs", params={"tail": 1}).json()
+    with log.open("a") as f:
+        f.write("four\n")
+    more = httpx.get(f"{server.url}/v1/containers/web/logs", params={"offset": first["offset"]}).json()
+    assert more["text"] == "four\n" and more["offset"] == log.stat().st_size
