@@ -16,7 +16,8 @@ from urllib.parse import quote
 import httpx
 
 DEFAULT_API = "http://127.0.0.1:8470"
-DEFAULT_TOKEN_FILE = Path("/run/portmesh/token")
+DEFAULT_TOKEN_FILE = Path("/run/portmesh/token")  # the API's own default
+LAB_TOKEN_FILE = Path("/run/portmesh/lab/api.token")  # where the default lab keeps its API's token
 DEFAULT_WAIT = 30.0
 
 
@@ -43,14 +44,17 @@ class ApiError(Exception):
 
 
 def read_token(path: Path) -> str | None:
-    """The token from PORTMESH_TOKEN, else from ``path``; None if neither is readable."""
+    """The token from PORTMESH_TOKEN, else from ``path`` (by default also the default lab's); None if none is readable."""
     token = os.environ.get("PORTMESH_TOKEN", "").strip()
     if token:
         return token
-    try:
-        return path.read_text().strip() or None
-    except OSError:  # absent, or not ours to read: the API will say 401 if a write needs it
-        return None
+    candidates = [path, LAB_TOKEN_FILE] if path == DEFAULT_TOKEN_FILE else [path]
+    for candidate in candidates:
+        try:
+            return candidate.read_text().strip() or None
+        except OSError:  # absent, or not ours to read: the API will say 401 if a write needs it
+            continue
+    return None
 
 
 def quote_segment(value: str) -> str:

@@ -20,7 +20,9 @@ from portmesh.lab import link, node, services
 from portmesh.lab.ovs import OvsInstance, wait_unix_socket
 from portmesh.lab.state import LAB_NAME_RE, LabState, Process, lab_dir
 from portmesh.model.config import DEFAULT_CONFIG, NetworkConfig
+from portmesh.runtime import docker as docker_runtime
 from portmesh.runtime import procs
+from portmesh.runtime.image import BUSYBOX_IMAGE, ensure_busybox_image
 from portmesh.runtime.light import LightRuntime
 
 log = logging.getLogger("portmesh.lab")
@@ -30,6 +32,7 @@ INET_IP, UPLINK_IP = "198.51.100.2", "198.51.100.1"
 INET_PREFIXLEN = 24
 RMEM_KEY = "net.core.rmem_default"
 RMEM_LAB = 4 * 1024 * 1024  # OVS reads each port through a packet socket with this buffer (see ARCHITECTURE)
+PODMAN_LABEL = "podman"
 
 Say = Callable[[str], None]
 
@@ -115,7 +118,9 @@ class Lab:
             self.say("portmesh.api is not there yet: no API started and no host registered")
         else:
             token = services.make_token(labdir)
-            port = services.free_port()
+            # The default lab answers where the CLI looks by default (127.0.0.1:8470, token in
+            # /run/portmesh/lab/api.token), so `portmesh lab up; portmesh run ...` needs no settings.
+            port = services.free_port(services.DEFAULT_API_PORT if self.name == services.DEFAULT_LAB else 0)
             state.api_url = f"http://127.0.0.1:{port}"
             self._spawn(state, "api", services.api_argv(labdir, port))
             services.wait_http(f"{state.api_url}/v1/hosts")
@@ -124,13 +129,37 @@ class Lab:
                 api.register_host(host, i, mgmt_ip(i))
             self.say(f"lab {self.name}: API on {state.api_url}, hosts registered: {', '.join(state.hosts)}")
         if services.available("portmesh.agent.__main__"):
+            self._container_engine(state)
             for host in state.hosts:
                 state.agent_state_dirs.append(str(services.agent_state_dir(labdir, host)))
                 state.save()
-                argv = services.agent_argv(labdir, host, ovs_of(state, host).remote, state.prefix)
+                argv = services.agent_argv(labdir, host, ovs_of(state, host).remote, state.prefix, state.docker_url)
                 self._spawn(state, f"agent:{host}", argv, state.ns(host))
         else:
             self.say("portmesh.agent is not there yet: no agents started")
+
+    def _container_engine(self, state: LabState) -> None:
+        """A Docker daemon if the machine has one, else a Podman service of the lab's own; the busybox image in it.
+
+        Without either, the lab still runs light containers (image containers report an error).
+        """
+        url = docker_runtime.default_url()
+        if url is None:
+            if shutil.which("podman") is None:
+                self.say(f"lab {self.name}: no Docker daemon and no podman: light containers only")
+                return
+            sock = services.podman_socket(state.dir)
+            self._spawn(state, PODMAN_LABEL, services.podman_argv(state.dir))
+            url = f"unix://{sock}"
+        state.docker_url = url
+        state.save()
+        client = docker_runtime.connect(url, wait=30.0)
+        try:
+            self.say(f"lab {self.name}: importing {BUSYBOX_IMAGE} (built here from busybox-static)...")
+            imported = ensure_busybox_image(client)
+            self.say(f"lab {self.name}: container engine at {url}; {BUSYBOX_IMAGE} {'imported' if imported else 'present'}")
+        finally:
+            client.close()
 
     def _namespace(self, state: LabState, ns: str) -> None:
         if node.exists(ns):
@@ -202,8 +231,15 @@ class Lab:
             except Exception as exc:
                 problems.append(f"{what}: {exc}")
 
+        engine_cleared = not state.docker_url
         for proc in reversed(state.processes):
+            if proc.label == PODMAN_LABEL and not engine_cleared:
+                # Agents are stopped (they were started after it): remove the image containers while it serves.
+                attempt("remove image containers", partial(self._remove_image_containers, state))
+                engine_cleared = True
             attempt(f"stop {proc.label} ({proc.pid})", partial(procs.stop, proc.ref))
+        if not engine_cleared:
+            attempt("remove image containers", partial(self._remove_image_containers, state))
         for state_dir in state.agent_state_dirs:
             if Path(state_dir).is_dir():
                 runtime = LightRuntime(Path(state_dir))
@@ -225,6 +261,19 @@ class Lab:
             shutil.rmtree(state.dir, ignore_errors=True)
             self.say(f"lab {self.name}: down, nothing left")
         return problems
+
+    def _remove_image_containers(self, state: LabState) -> None:
+        """The lab's containers in the engine: those its agents recorded, and any labelled with its prefix."""
+        for state_dir in state.agent_state_dirs:
+            if Path(state_dir).is_dir():
+                host = Path(state_dir).parent.name
+                runtime = docker_runtime.DockerRuntime(state.docker_url, Path(state_dir), host, scope=state.prefix)
+                try:
+                    for name in runtime.known():
+                        runtime.remove(name)
+                finally:
+                    runtime.close()
+        docker_runtime.remove_scope(state.docker_url, state.prefix)
 
     # -- status / exec ------------------------------------------------------------
 

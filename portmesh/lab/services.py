@@ -60,7 +60,20 @@ def controller_argv(labdir: Path) -> list[str]:
     return [PY, "-m", "portmesh.controller", "--store", store_remote(labdir), "--listen", controller_target()]
 
 
-def agent_argv(labdir: Path, host: str, ovsdb_remote: str, prefix: str) -> list[str]:
+def podman_socket(labdir: Path) -> Path:
+    return labdir / "podman.sock"
+
+
+def podman_argv(labdir: Path) -> list[str]:
+    """Podman's Docker-compatible service for the lab's image containers (no Docker daemon here).
+
+    ``--runtime runc``: crun fails on this machine's hybrid cgroup layout (ARCHITECTURE.md).
+    ``--time=0``: it serves until the lab stops it by its PID.
+    """
+    return ["podman", "--runtime", "runc", "system", "service", "--time=0", f"unix://{podman_socket(labdir)}"]
+
+
+def agent_argv(labdir: Path, host: str, ovsdb_remote: str, prefix: str, docker_url: str = "") -> list[str]:
     return [
         PY,
         "-m",
@@ -77,6 +90,8 @@ def agent_argv(labdir: Path, host: str, ovsdb_remote: str, prefix: str) -> list[
         prefix,
         "--state-dir",
         str(agent_state_dir(labdir, host)),
+        "--docker-url",
+        docker_url or "none",
     ]
 
 
@@ -111,10 +126,17 @@ def make_token(labdir: Path) -> str:
     return token
 
 
-def free_port() -> int:
-    """A TCP port free on loopback right now (for the lab's API)."""
+DEFAULT_LAB = "lab"
+DEFAULT_API_PORT = 8470  # the CLI's default API address; the default lab takes it when it is free
+
+
+def free_port(preferred: int = 0) -> int:
+    """A TCP port free on loopback right now (for the lab's API): ``preferred`` if it is free."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from portmesh.controller.service import Controller
+from portmesh.lab.dummy_ovs import DummyOVS
 from portmesh.model.config import DEFAULT_CONFIG
 from portmesh.model.entities import DesiredState
-from portmesh.lab.dummy_ovs import DummyOVS
 
 pytestmark = pytest.mark.switch
 

@@ -6,11 +6,11 @@ from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from portmesh.lab.dummy_ovs import DummyOVS
 from portmesh.model.config import DEFAULT_CONFIG as CFG
 from portmesh.model.entities import DesiredState, Host, MappingKey, Proto
 from portmesh.model.validation import new_container, new_mapping
 from tests.switch.conftest import ControllerThread, MemoryState
-from portmesh.lab.dummy_ovs import DummyOVS
 
 IP10 = IPv4Address("203.0.113.10")
 IP11 = IPv4Address("203.0.113.11")
