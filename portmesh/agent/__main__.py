@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import threading
 from pathlib import Path
 
 import pyroute2.config
@@ -18,6 +19,7 @@ import pyroute2.config
 from portmesh.agent.bridge import Bridge
 from portmesh.agent.service import Agent, AgentConfig
 from portmesh.model.config import DEFAULT_CONFIG
+from portmesh.runtime import docker as docker_runtime
 from portmesh.runtime.light import LightRuntime
 from portmesh.store.client import Store
 
@@ -34,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--state-dir", type=Path, default=None, help="where the runtime records containers (default /var/lib/portmesh/agent/HOST)"
     )
+    ap.add_argument(
+        "--docker-url",
+        default=None,
+        help="Docker Engine API for image containers: a Docker daemon or Podman's service, e.g. unix:///PATH "
+        "(default: /var/run/docker.sock if it exists; 'none' for light containers only)",
+    )
     ap.add_argument("--log-level", default="INFO")
     return ap.parse_args(argv)
 
@@ -49,9 +57,18 @@ async def serve(args: argparse.Namespace) -> None:
     bridge = Bridge(args.ovsdb)
     await asyncio.to_thread(bridge.start)
     cfg = AgentConfig(args.host, args.controller, args.netns_prefix, DEFAULT_CONFIG)
-    agent = Agent(cfg, store, bridge, LightRuntime(state_dir))
+    docker_url = args.docker_url if args.docker_url is not None else docker_runtime.default_url()
+    engine = None
+    if docker_url and docker_url != "none":
+        engine = docker_runtime.DockerRuntime(docker_url, state_dir, args.host, scope=args.netns_prefix)
+    agent = Agent(cfg, store, bridge, LightRuntime(state_dir), engine)
+    stop_events = threading.Event()
+    if engine is not None:
+        engine.watch(agent.notify, stop_events)
+        log.info("image containers through %s", docker_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
     def on_signal(sig: signal.Signals) -> None:
         log.info("agent for host %s got %s; stopping", args.host, sig.name)
         stop.set()
@@ -62,6 +79,10 @@ async def serve(args: argparse.Namespace) -> None:
     try:
         await agent.run(stop)
     finally:
+        stop_events.set()
+        if engine is not None:
+            engine.unwatch()
+            engine.close()
         await asyncio.to_thread(bridge.close)
         await asyncio.to_thread(store.close)
     log.info("agent for host %s stopped; containers left running", args.host)

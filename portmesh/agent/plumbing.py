@@ -10,6 +10,7 @@ pyroute2's sync API runs its own event loop, so call these from a worker thread
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Iterable, Mapping
@@ -37,6 +38,28 @@ IFF_UP = 1
 
 class PlumbingError(RuntimeError):
     """Something the host does not let us build (missing bridge port, missing namespace...)."""
+
+
+def netns_path(netns: str) -> str:
+    """The file of a network namespace given by name (``/run/netns/<name>``) or by path.
+
+    Light containers have named namespaces; a Docker/Podman container's namespace
+    is only reachable as ``/proc/<pid>/ns/net`` of its main process, and naming it
+    (a bind mount under /run/netns) would keep a dead container's namespace, and
+    its veth, alive after a restart.
+    """
+    return netns if "/" in netns else f"/run/netns/{netns}"
+
+
+def netns_identity(netns: str) -> tuple[str, int, int]:
+    """The namespace's path, device and inode: different once a restarted container has a new one.
+
+    The inode alone is not enough: the kernel reuses a freed namespace's inode
+    number at once, and a restarted container's new namespace often gets it. The
+    path of an image container's namespace names its main process, which changes.
+    """
+    st = os.stat(netns_path(netns))
+    return netns, st.st_dev, st.st_ino
 
 
 # -- small netlink helpers -------------------------------------------------------
@@ -120,7 +143,7 @@ def write_sysctls(values: Mapping[str, str], netns: str | None = None) -> None:
     def work() -> None:
         try:
             if netns is not None:
-                with open(f"/run/netns/{netns}", "rb") as ns:
+                with open(netns_path(netns), "rb") as ns:
                     pr_netns.setns(ns.fileno(), flags=0)
             for key, value in values.items():
                 path = Path("/proc/sys") / key.replace(".", "/")
@@ -171,18 +194,23 @@ def container_sysctls(container: Container) -> dict[str, str]:
 
 
 def plumb_container(container: Container, netns: str, config: NetworkConfig) -> None:
-    """Connect ``container`` (already in namespace ``netns``) to the host; idempotent.
+    """Connect ``container`` (already in namespace ``netns``, a name or a path) to the host; idempotent.
 
     Host end ``container.port_name`` stays in the host namespace (bridge.py adds
     it to br0); container end ``eth0`` gets the MAC, MTU, /32 public IPs, the
     gateway routes, and the policy-routing rule that sends traffic to its own
     public IP out through the switch while arriving traffic is still delivered.
+    A host end whose peer is not ``eth0`` in ``netns`` (left from the namespace a
+    restarted container had) is replaced.
     """
-    if netns not in pr_netns.listnetns():
+    if not os.path.exists(netns_path(netns)):
         raise PlumbingError(f"network namespace {netns} does not exist")
     host_if = container.port_name
     with IPRoute() as ipr:
         index = _index(ipr, host_if)
+        if index is not None and not _peer_is_eth0(ipr, index, netns):
+            ipr.link("del", index=index)
+            index = None
         if index is None:
             ipr.link(
                 "add",
@@ -201,6 +229,14 @@ def plumb_container(container: Container, netns: str, config: NetworkConfig) -> 
     write_sysctls(container_sysctls(container), netns)
     with IPRoute(netns=netns, flags=0) as ipr:
         _plumb_inside(ipr, container, config)
+
+
+def _peer_is_eth0(ipr: IPRoute, host_index: int, netns: str) -> bool:
+    """True if the veth at ``host_index`` pairs with ``eth0`` inside ``netns`` (each end names the other's index)."""
+    peer_index = _link(ipr, host_index).get("link")
+    with IPRoute(netns=netns, flags=0) as inner:
+        eth = _index(inner, CONTAINER_IF)
+        return eth is not None and eth == peer_index and _link(inner, eth).get("link") == host_index
 
 
 def _plumb_inside(ipr: IPRoute, container: Container, config: NetworkConfig) -> None:

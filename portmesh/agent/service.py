@@ -1,7 +1,10 @@
 """The host agent: make this host's bridge and containers match the store, and say how far it got.
 
-One asyncio loop. The store's monitor wakes it (never polling the store); a
-slow timer only re-checks the container processes, which have no monitor.
+One asyncio loop. The store's monitor wakes it (never polling the store), and so
+do the container engine's events (a restarted image container has a new network
+namespace to plumb); a slow timer only re-checks the light containers'
+processes, which have neither. Containers with an image go to the image runtime
+(Docker/Podman), the others to the light runtime.
 Every step is idempotent and reads before it writes, so the agent may be
 killed and restarted at any time: it adopts the bridge, the plumbing and the
 processes it finds (the runtime recorded their PIDs) and disturbs no traffic.
@@ -51,13 +54,17 @@ class AgentConfig:
 class Agent:
     """Converges one host; see the module docstring."""
 
-    def __init__(self, cfg: AgentConfig, store: Store, bridge: Bridge, runtime: Runtime) -> None:
+    def __init__(
+        self, cfg: AgentConfig, store: Store, bridge: Bridge, runtime: Runtime, image_runtime: Runtime | None = None
+    ) -> None:
         self.cfg = cfg
         self.store = store
         self.bridge = bridge
         self.runtime = runtime
+        self.image_runtime = image_runtime
         self._wake = asyncio.Event()
-        self._plumbed: dict[str, Container] = {}  # what this process has plumbed and verified
+        # What this process has plumbed and verified, and into which namespace (plumbing.netns_identity).
+        self._plumbed: dict[str, tuple[Container, tuple[str, int, int]]] = {}
         self._reported_generation = -1
         # Containers that converged without error, with the desired state they converged to.
         self._settled: dict[str, tuple[Container, bool]] = {}
@@ -129,14 +136,26 @@ class Agent:
             log.info("host %s realised generation %d (%d containers)", self.cfg.host, state.generation, len(wanted))
         return ok and not failed
 
+    def _runtimes(self) -> list[Runtime]:
+        return [self.runtime] + ([self.image_runtime] if self.image_runtime is not None else [])
+
+    def _runtime_for(self, c: Container) -> Runtime:
+        if not c.image:
+            return self.runtime
+        if self.image_runtime is None:
+            raise RuntimeError("this agent has no container engine (Docker/Podman) for image containers")
+        return self.image_runtime
+
     def _remove_unwanted(self, wanted: dict[str, Container]) -> bool:
         ok = True
-        for name in sorted(set(self.runtime.known()) - set(wanted)):
-            try:
-                self._tear_down(name)
-            except Exception:
-                log.exception("could not tear down container %s", name)
-                ok = False
+        for runtime in self._runtimes():
+            # Unwanted here, or wanted but now in the other runtime (image added or dropped).
+            for name in sorted(n for n in runtime.known() if n not in wanted or self._runtime_for(wanted[n]) is not runtime):
+                try:
+                    self._tear_down(name, runtime)
+                except Exception:
+                    log.exception("could not tear down container %s", name)
+                    ok = False
         return ok
 
     def _sweep_orphans(self, wanted: dict[str, Container]) -> None:
@@ -166,27 +185,34 @@ class Agent:
             del self._settled[name]
         return failed
 
-    def _tear_down(self, name: str) -> None:
+    def _tear_down(self, name: str, runtime: Runtime) -> None:
         port = port_name_for(name)
         self.bridge.remove_port(port)
         plumbing.unplumb_container(port)
-        self.runtime.remove(name)
+        runtime.remove(name)
         self._plumbed.pop(name, None)
         log.info("container %s removed", name)
 
     def _converge_container(self, c: Container) -> bool:
         try:
-            if self._plumbed.get(c.name) != c:
-                netns = self.runtime.prepare(c, self.cfg.netns_prefix)
-                plumbing.plumb_container(c, netns, self.cfg.network)
-                self.bridge.ensure_port(c.port_name)
-                self._plumbed[c.name] = c
-                log.info("container %s plumbed (checked) in %s on port %s", c.name, netns, c.port_name)
-            if self.store.container_running(c.name):
-                status = self.runtime.start(c, self.cfg.netns_prefix)
+            runtime = self._runtime_for(c)
+            running = self.store.container_running(c.name)
+            if runtime.keeps_netns_when_stopped:
+                # Plumbed before its process starts, so the process finds its network ready.
+                self._plumb(c, runtime.prepare(c, self.cfg.netns_prefix))
+                if running:
+                    status = runtime.start(c, self.cfg.netns_prefix)
+                else:
+                    runtime.stop(c.name)
+                    status = runtime.status(c.name) or ContainerStatus(RunState.EXITED)
+            elif running:
+                # The namespace is the running process's own: plumb after start, again after each restart.
+                status = runtime.start(c, self.cfg.netns_prefix)
+                if status.state == RunState.RUNNING:
+                    self._plumb(c, status.netns)
             else:
-                self.runtime.stop(c.name)
-                status = self.runtime.status(c.name) or ContainerStatus(RunState.EXITED)
+                runtime.stop(c.name)
+                status = runtime.status(c.name) or ContainerStatus(RunState.EXITED)
         except Exception as exc:
             log.exception("container %s failed", c.name)
             self._plumbed.pop(c.name, None)
@@ -198,3 +224,14 @@ class Agent:
             # Removed from the store since our snapshot; that change woke us already and the next pass tears it down.
             return True
         return status.state != RunState.ERROR
+
+    def _plumb(self, c: Container, netns: str) -> None:
+        """Plumb ``c`` into ``netns`` unless this process already did, into that very namespace."""
+        ident = plumbing.netns_identity(netns)
+        before = self._plumbed.get(c.name)
+        if before == (c, ident):
+            return
+        plumbing.plumb_container(c, netns, self.cfg.network)
+        self.bridge.ensure_port(c.port_name)
+        self._plumbed[c.name] = (c, ident)
+        log.info("container %s plumbed (checked) in %s on port %s", c.name, netns, c.port_name)

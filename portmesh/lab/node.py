@@ -39,9 +39,14 @@ def remove(name: str) -> None:
         pr_netns.remove(name)
 
 
+def _path(netns: str) -> str:
+    """A namespace by name (``/run/netns``) or by path (an image container's ``/proc/PID/ns/net``)."""
+    return netns if "/" in netns else f"/run/netns/{netns}"
+
+
 def _enter(netns: str | None) -> None:
     if netns is not None:
-        with open(f"/run/netns/{netns}", "rb") as ns:
+        with open(_path(netns), "rb") as ns:
             pr_netns.setns(ns.fileno(), flags=0)
 
 
@@ -49,7 +54,7 @@ def run(
     argv: Sequence[str], netns: str | None = None, env: Mapping[str, str] | None = None, check: bool = True, timeout: float = 30.0
 ) -> subprocess.CompletedProcess[str]:
     """Run a short command (``ovsdb-tool``, ``ovs-vsctl``) inside ``netns`` and wait for it."""
-    if netns is not None and not exists(netns):
+    if netns is not None and not os.path.exists(_path(netns)):
         raise FileNotFoundError(f"network namespace {netns} does not exist")
     return subprocess.run(
         list(argv),

@@ -58,6 +58,7 @@ class LabState:
     sysctls: dict[str, str] = field(default_factory=dict)  # machine-wide key -> value before the lab
     agent_state_dirs: list[str] = field(default_factory=list)
     api_url: str = ""
+    docker_url: str = ""  # the engine image containers go to (a Docker daemon, or the lab's Podman service)
 
     @property
     def dir(self) -> Path:

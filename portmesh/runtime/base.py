@@ -21,7 +21,16 @@ def netns_name(netns_prefix: str, container_name: str) -> str:
 
 
 class Runtime(Protocol):
-    """What the agent needs from a container runtime. Every method is idempotent."""
+    """What the agent needs from a container runtime. Every method is idempotent.
+
+    ``keeps_netns_when_stopped``: True if the namespace exists apart from the
+    container's process (light runtime: plumbed before the process starts, kept
+    while stopped); False if it is the process's own (Docker/Podman: it exists only
+    while the container runs, and each start makes a new one, so the agent plumbs
+    after ``start`` into ``ContainerStatus.netns`` and again whenever that changes).
+    """
+
+    keeps_netns_when_stopped: bool
 
     def prepare(self, container: Container, netns_prefix: str) -> str:
         """Ensure the container's network namespace exists; return its name (for plumbing)."""

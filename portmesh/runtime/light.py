@@ -47,6 +47,8 @@ def netns_exists(name: str) -> bool:
 class LightRuntime:
     """Containers as namespaces + processes; see the module docstring."""
 
+    keeps_netns_when_stopped = True
+
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self._records = state_dir / "containers"
