@@ -64,7 +64,7 @@ class Controller:
             await self._dirty.wait()
             self._dirty.clear()
             state = await asyncio.to_thread(self.store.snapshot)
-            stale = [s for s in self.switches.values() if s.realized_generation != state.generation]
+            stale = [s for s in self.switches.values() if s.needs_sync(state.generation)]
             if not stale:
                 continue  # e.g. our own status report came back through the store
             for switch in stale:
@@ -79,20 +79,21 @@ class Controller:
         host = self.host_of(state, switch.datapath_id)
         if host is None:
             log.warning("switch %016x belongs to no known host; leaving it alone", switch.datapath_id)
-            switch.realized_generation = state.generation
+            switch.realized(state.generation, switch.ports_version)
             return
         compiler = self.compilers.get(host)
         if compiler is None:
             compiler = self.compilers[host] = SwitchCompiler(self.config, host)
         started = time.perf_counter()
+        ports_version, ports = switch.ports_version, dict(switch.ports)
         try:
-            result = await switch.sync(compiler.owners(state, switch.ports))
+            result = await switch.sync(compiler.owners(state, ports))
         except (TimeoutError, ConnectionError, RuntimeError) as exc:
             log.error("switch %016x (%s): sync failed: %s; retrying", switch.datapath_id, host, exc)
             await asyncio.sleep(0.5)  # a persistent failure must not spin the loop
             self._dirty.set()
             return
-        switch.realized_generation = state.generation
+        switch.realized(state.generation, ports_version)
         self.syncs += 1
         self.flow_mods += result.flow_mods
         done = time.perf_counter()
@@ -102,10 +103,17 @@ class Controller:
         m.flow_mods.labels(host, "delete").inc(result.deleted)
         m.sync_seconds.labels(host).observe(done - started)
         m.flows.labels(host).set(result.flows)
-        m.generation.labels(host).set(state.generation)
+        missing = [c.name for c in state.containers.values() if c.host == host and c.port_name not in ports]
+        if missing:
+            # Flows for these wait on their ports (a port-status triggers the next sync); reporting
+            # the generation now would let --wait answer "live" before it is.
+            log.info("switch %016x (%s): generation %d waits for ports of %s", switch.datapath_id, host,
+                     state.generation, ", ".join(missing[:5]))
+            return
         if result.flow_mods:
             log.info("switch %016x (%s): generation %d, %d flows; compile+send+commit %.3f s",
                      switch.datapath_id, host, state.generation, result.flows, done - started)
+        self.metrics.generation.labels(host).set(state.generation)
         await asyncio.to_thread(self.store.report_switch, host, state.generation, True)
 
     @staticmethod

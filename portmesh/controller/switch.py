@@ -45,8 +45,19 @@ class Switch:
         self.cache = cache
         self.ports: dict[str, int] = {}
         self.installed: set[int] = set()
-        # The generation this switch last realised; -1 forces a sync (new connection, port change).
+        # What the last successful sync was computed from: a store generation and a version of
+        # ``ports``. A port change during a sync bumps ports_version, so the next pass syncs again
+        # (a port that appeared mid-sync must not be forgotten).
         self.realized_generation = -1
+        self.ports_version = 0
+        self.realized_ports_version = -1
+
+    def needs_sync(self, generation: int) -> bool:
+        return self.realized_generation != generation or self.realized_ports_version != self.ports_version
+
+    def realized(self, generation: int, ports_version: int) -> None:
+        self.realized_generation = generation
+        self.realized_ports_version = ports_version
 
     @property
     def datapath_id(self) -> int:
@@ -56,6 +67,7 @@ class Switch:
         """Port name → OpenFlow port number, from a port-description request."""
         replies = await self.conn.request(parser.OFPPortDescStatsRequest(DP, 0))
         self.ports = {p.name.decode(): p.port_no for r in replies for p in r.body if p.port_no < ofp.OFPP_MAX}
+        self.ports_version += 1
         return self.ports
 
     def port_status(self, msg: Any) -> bool:
@@ -68,7 +80,7 @@ class Switch:
         elif desc.port_no < ofp.OFPP_MAX:
             self.ports[name] = desc.port_no
         if before != self.ports:
-            self.realized_generation = -1
+            self.ports_version += 1
             return True
         return False
 
