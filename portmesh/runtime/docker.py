@@ -89,14 +89,14 @@ def connect(url: str, timeout: float = 30.0, wait: float = 0.0) -> docker.Docker
 _RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?$")
 
 
-def _started_seconds_ago(attrs: dict[str, Any]) -> float | None:
-    """Seconds since the container last started (engines give RFC 3339 with nanoseconds)."""
+def _started_at(attrs: dict[str, Any]) -> float | None:
+    """When the container last started, as a Unix time (engines give RFC 3339 with nanoseconds)."""
     found = _RFC3339.match(str(attrs.get("State", {}).get("StartedAt") or ""))
     if found is None or found.group(1).startswith("0001-"):
         return None
     whole, frac, zone = found.group(1), (found.group(2) or "0")[:6], found.group(3) or "Z"
     stamp = datetime.fromisoformat(f"{whole}.{frac}{'+00:00' if zone == 'Z' else zone}")
-    return time.time() - stamp.timestamp()
+    return stamp.timestamp()
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,10 @@ class _Seen:
     id: str
     spec: str
     status: ContainerStatus
-    ran_for: float | None  # seconds since it last started (None: never started)
+    started_at: float | None  # Unix time it last started (None: never started)
+
+    def started_ago(self) -> float | None:
+        return None if self.started_at is None else time.time() - self.started_at
 
 
 class DockerRuntime:
@@ -186,7 +189,7 @@ class DockerRuntime:
         else:
             message = f"{state.get('Status', 'exited')} (code {state.get('ExitCode', 0)})"
             status = ContainerStatus(RunState.EXITED, "", None, message)
-        return _Seen(str(attrs["Id"]), str(labels.get(LABEL_SPEC, "")), status, _started_seconds_ago(attrs))
+        return _Seen(str(attrs["Id"]), str(labels.get(LABEL_SPEC, "")), status, _started_at(attrs))
 
     # -- Runtime protocol --------------------------------------------------------------
 
@@ -212,7 +215,8 @@ class DockerRuntime:
                     return ContainerStatus(RunState.ERROR, "", None, "container vanished right after creation")
             if seen.status.state == RunState.RUNNING:
                 return seen.status
-            if seen.ran_for is not None and seen.ran_for < RESTART_BACKOFF:
+            ago = seen.started_ago()
+            if ago is not None and ago < RESTART_BACKOFF:
                 return ContainerStatus(RunState.EXITED, "", None, f"{seen.status.message}; restarting after a pause")
             self.client.api.start(seen.id)
         except docker.errors.ImageNotFound:
