@@ -33,18 +33,16 @@ class Store(Engine):
     :meth:`start` (or use it as a context manager); a closed Store cannot be restarted.
     """
 
-    _cache: tuple[int, DesiredState] | None = None  # snapshot, valid while the IDL's change_seqno is
-
     # -- reads (local cache, consistent under the connection lock) -------------------------------
 
     def snapshot(self) -> DesiredState:
-        """A consistent copy of the desired state, including its generation."""
+        """A consistent copy of the desired state, including its generation.
+
+        The store keeps it current row by row as changes arrive (see :mod:`portmesh.store.mirror`),
+        so this is three dictionary copies, whatever changed and however much there is.
+        """
         with self._lock():
-            seqno = self._idl.change_seqno
-            if self._cache is None or self._cache[0] != seqno:
-                self._cache = (seqno, self._build_state())
-            state = self._cache[1]
-        return DesiredState(state.generation, dict(state.hosts), dict(state.containers), dict(state.mappings))
+            return self._mirror.state()
 
     # Reads of one entity are lenient (a name that vanished since the caller's snapshot
     # gives the neutral value, not an error), so listings built from a snapshot never race.
@@ -52,19 +50,19 @@ class Store(Engine):
     def container_running(self, name: str) -> bool:
         """Whether the container should run (desired run state); False if there is no such container."""
         with self._lock():
-            row = self._find("Container", name=name)
+            row = self._container_row(name)
             return bool(row.running) if row is not None else False
 
     def container_status(self, name: str) -> ContainerStatus | None:
         """What the agent last reported; None if nothing yet or there is no such container."""
         with self._lock():
-            row = self._find("Container", name=name)
+            row = self._container_row(name)
             return R.container_status_from_row(row) if row is not None else None
 
     def host_status(self, host: str) -> HostStatus:
         """How far the host's switch and agent have caught up (all zero for an unknown host)."""
         with self._lock():
-            row = self._find("Host", name=host)
+            row = self._host_row(host)
             return R.host_status_from_row(row) if row is not None else HostStatus()
 
     def container_statuses(self) -> dict[str, ContainerStatus]:
@@ -85,7 +83,7 @@ class Store(Engine):
 
         def build(txn: Txn) -> bool:
             R.check_host(host)  # before txn.insert: an inserted row must get its columns before any raise
-            row = self._find("Host", name=host.name)
+            row = self._host_row(host.name)
             if row is not None:
                 if not may_exist:
                     raise Conflict("name", f"host {host.name!r} already exists")
@@ -102,12 +100,12 @@ class Store(Engine):
         """Remove a host that no container is placed on (Conflict otherwise)."""
 
         def build(txn: Txn) -> bool:
-            row = self._find("Host", name=name)
+            row = self._host_row(name)
             if row is None:
                 if if_exists:
                     return False
                 raise NotFound("name", f"host {name!r} does not exist")
-            placed = sorted(r.name for r in self._rows("Container") if r.host == name)
+            placed = sorted(c.name for c in self._mirror.containers.values() if c.host == name)
             if placed:
                 raise Conflict("name", f"host {name!r} still has containers: {', '.join(placed[:5])}")
             row.delete()
@@ -119,7 +117,7 @@ class Store(Engine):
         """Add a container (desired to run) and its mappings in one transaction."""
 
         def build(txn: Txn) -> bool:
-            if self._find("Container", name=c.name) is not None:
+            if c.name in self._mirror.container_rows:
                 raise Conflict("name", f"container {c.name!r} already exists")
             self._host(c.host, field="host").verify("name")  # fails the commit if the host goes meanwhile
             row = txn.insert(self._idl.tables["Container"])
@@ -141,13 +139,13 @@ class Store(Engine):
         """Remove a container and every mapping that points at it, in one transaction."""
 
         def build(txn: Txn) -> bool:
-            row = self._find("Container", name=name)
+            row = self._container_row(name)
             if row is None:
                 if if_exists:
                     return False
                 raise NotFound("name", f"container {name!r} does not exist")
-            for mapping in self._find_all("Mapping", container=name):
-                mapping.delete()
+            for key in self._mirror.mappings_of.get(name, ()):
+                self._row("Mapping", self._mirror.mapping_rows[key]).delete()
             row.delete()
             return True
 
@@ -220,34 +218,29 @@ class Store(Engine):
 
         self._write(build, bump=False)
 
+    def _host_row(self, name: str) -> R.Row | None:
+        return self._row("Host", self._mirror.host_rows.get(name))
+
+    def _container_row(self, name: str) -> R.Row | None:
+        return self._row("Container", self._mirror.container_rows.get(name))
+
     def _host(self, name: str, field: str = "name") -> R.Row:
-        row = self._find("Host", name=name)
+        row = self._host_row(name)
         if row is None:
             raise NotFound(field, f"host {name!r} does not exist")
         return row
 
     def _container(self, name: str, field: str = "name") -> R.Row:
-        row = self._find("Container", name=name)
+        row = self._container_row(name)
         if row is None:
             raise NotFound(field, f"container {name!r} does not exist")
         return row
 
     def _mapping(self, key: MappingKey) -> R.Row:
-        return self._find("Mapping", public_ip=str(key.public_ip), proto=key.proto.value, port=key.port)
+        return self._row("Mapping", self._mirror.mapping_rows.get(key))
 
     def _insert_mapping(self, txn: Txn, m: Mapping) -> None:
         existing = self._mapping(m.key)
         if existing is not None:
             raise Conflict("port", f"{m.key} is already mapped to {existing.container!r}")
         R.fill_mapping_row(txn.insert(self._idl.tables["Mapping"]), m)
-
-    def _build_state(self) -> DesiredState:
-        hosts = (R.host_from_row(r) for r in self._rows("Host"))
-        containers = (R.container_from_row(r) for r in self._rows("Container"))
-        mappings = (R.mapping_from_row(r) for r in self._rows("Mapping"))
-        return DesiredState(
-            generation=self._generation(),
-            hosts={h.name: h for h in hosts},
-            containers={c.name: c for c in containers},
-            mappings={m.key: m for m in mappings},
-        )

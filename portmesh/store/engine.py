@@ -16,18 +16,20 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 with warnings.catch_warnings():
     # ovs.poller (imported by ovs.db.idl) imports eventlet only to detect
     # monkey-patching, which we never do; its deprecation banner is noise.
     warnings.simplefilter("ignore")
+    from ovs.db import custom_index
     from ovs.db import idl as ovs_idl
     from ovsdbapp import exceptions as ovsdbapp_exc
     from ovsdbapp.backend.ovs_idl import connection as ovs_conn
     from ovsdbapp.backend.ovs_idl import idlutils
 
 from portmesh.store import rows as R
+from portmesh.store.mirror import Mirror
 
 LOG = logging.getLogger(__name__)
 
@@ -47,16 +49,48 @@ class StoreError(RuntimeError):
     """The store could not be reached, or a commit did not go through in time."""
 
 
-class _Idl(ovs_conn.OvsdbIdl):  # type: ignore[misc]
-    """The IDL, with a hook after every ``run`` so the store can tell subscribers about changes."""
+class _Rows(custom_index.IndexedRows):  # type: ignore[misc]
+    """A table's rows that say when the IDL empties them (it does so, without row notices,
+    before it loads the whole database again after a reconnect)."""
 
-    def __init__(self, remote: str, helper: Any, after_run: Callable[[bool], None]) -> None:
+    def __init__(self, table: Any, on_clear: Callable[[], None]) -> None:
+        super().__init__(table)
+        self.on_clear = on_clear
+
+    def clear(self) -> None:
+        super().clear()
+        self.on_clear()
+
+
+class _Idl(ovs_conn.OvsdbIdl):  # type: ignore[misc]
+    """The IDL, with hooks so the store can keep its mirror current and tell subscribers.
+
+    ``on_row(event, row)`` gets every row notice; ``on_reload()`` is called at the
+    end of a ``run`` in which the IDL threw its cache away and loaded it again (no
+    notices say what went meanwhile); ``after_run(changed)`` after every ``run``.
+    """
+
+    def __init__(self, remote: str, helper: Any, after_run: Callable[[bool], None],
+                 on_row: Callable[[str, Any], None], on_reload: Callable[[], None]) -> None:
         super().__init__(remote, helper, leader_only=True)
-        self._after_run = after_run
+        self._after_run, self._on_row, self._on_reload = after_run, on_row, on_reload
+        self._reloading = False
+        for table in self.tables.values():
+            table.rows = _Rows(table, self._cleared)
+
+    def _cleared(self) -> None:
+        self._reloading = True
+
+    def notify(self, event: str, row: Any, updates: Any = None) -> None:
+        if not self._reloading:  # a reload rebuilds everything at the end of the run anyway
+            self._on_row(event, row)
 
     def run(self) -> bool:
         seqno = self.change_seqno
         changed = bool(super().run())
+        if self._reloading:
+            self._reloading = False
+            self._on_reload()
         self._after_run(changed or self.change_seqno != seqno)
         return changed
 
@@ -92,13 +126,11 @@ class Engine:
         self.timeout = timeout
         helper = ovs_idl.SchemaHelper(location=str(R.schema_path()))
         helper.register_all()
-        self._idl = _Idl(remote, helper, self._after_run)
+        self._mirror = Mirror()
+        self._idl = _Idl(remote, helper, self._after_run, self._on_row, self._on_reload)
         reconnect = getattr(getattr(self._idl, "_session", None), "reconnect", None)
         if reconnect is not None:
             reconnect.set_backoff(RECONNECT_BACKOFF_MS, RECONNECT_BACKOFF_MS)
-        for table, columns in (("Host", ("name",)), ("Container", ("name",)), ("Mapping", ("container",)),
-                               ("Mapping", ("public_ip", "proto", "port"))):
-            self._idl.tables[table].rows.index_create(idlutils.index_name(*columns)).add_columns(*columns)
         self._conn: ovs_conn.Connection | None = None
         self._callbacks: list[Callable[[], None]] = []
         self._notify_ready = False  # subscribers are told only from the connection thread, once started
@@ -129,7 +161,7 @@ class Engine:
             self._conn.stop(timeout=self.timeout)
             self._conn = None
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> Self:
         self.start(self.timeout)
         return self
 
@@ -160,16 +192,20 @@ class Engine:
     def _rows(self, table: str) -> list[Any]:
         return list(self._table(table).rows.values())
 
-    def _find_all(self, table: str, **match: Any) -> list[Any]:
-        """Rows of ``table`` matching ``match`` through one of the indexes made in ``__init__``."""
-        return list(idlutils.index_lookup_all(self._table(table), **match))
-
-    def _find(self, table: str, **match: Any) -> Any:
-        return next(iter(idlutils.index_lookup_all(self._table(table), **match)), None)
+    def _row(self, table: str, row_uuid: Any) -> Any:
+        """The IDL row with ``row_uuid`` (from the mirror), or None."""
+        return None if row_uuid is None else self._table(table).rows.get(row_uuid)
 
     def _generation(self) -> int:
-        rows = self._rows("Global")
-        return int(rows[0].generation) if rows else 0
+        return self._mirror.generation
+
+    # -- internals: the mirror (connection thread, lock held) ------------------------------------
+
+    def _on_row(self, event: str, row: Any) -> None:
+        self._mirror.apply(event, row._table.name, row)
+
+    def _on_reload(self) -> None:
+        self._mirror.rebuild({name: list(table.rows.values()) for name, table in self._idl.tables.items()})
 
     # -- internals: notification and commit (connection thread) ----------------------------------
 
