@@ -54,6 +54,7 @@ ULIMITS = (("nofile", 4096), ("nproc", 4096))  # higher limits are refused here 
 STOP_TIMEOUT = 5  # seconds between SIGTERM and SIGKILL
 # Engine answers to a start that raced another client's restart or stop (Podman, Docker): not an error.
 BUSY = ("state improper", "is already in progress", "is restarting", "is marked for removal")
+BUSY_STATES = ("stopping", "restarting", "removing")
 RESTART_BACKOFF = 2.0  # a container that ran less than this is not restarted at once (crash loop)
 
 
@@ -107,6 +108,7 @@ class _Seen:
     spec: str
     status: ContainerStatus
     started_at: float | None  # Unix time it last started (None: never started)
+    busy: bool = False  # the engine is stopping, restarting or removing it (another client asked)
 
     def started_ago(self) -> float | None:
         return None if self.started_at is None else time.time() - self.started_at
@@ -189,7 +191,8 @@ class DockerRuntime:
         else:
             message = f"{state.get('Status', 'exited')} (code {state.get('ExitCode', 0)})"
             status = ContainerStatus(RunState.EXITED, "", None, message)
-        return _Seen(str(attrs["Id"]), str(labels.get(LABEL_SPEC, "")), status, _started_at(attrs))
+        busy = str(state.get("Status", "")) in BUSY_STATES
+        return _Seen(str(attrs["Id"]), str(labels.get(LABEL_SPEC, "")), status, _started_at(attrs), busy)
 
     # -- Runtime protocol --------------------------------------------------------------
 
@@ -215,6 +218,9 @@ class DockerRuntime:
                     return ContainerStatus(RunState.ERROR, "", None, "container vanished right after creation")
             if seen.status.state == RunState.RUNNING:
                 return seen.status
+            if seen.busy:
+                # Someone else (``docker restart``) is at work on it: its next event wakes us.
+                return ContainerStatus(RunState.EXITED, "", None, f"engine busy: {seen.status.message}")
             ago = seen.started_ago()
             if ago is not None and ago < RESTART_BACKOFF:
                 return ContainerStatus(RunState.EXITED, "", None, f"{seen.status.message}; restarting after a pause")

@@ -86,14 +86,14 @@ class Cloud:
         return done.stdout.strip()
 
     def wait_reachable(self, expect: str, timeout: float = 15.0) -> float:
-        """Seconds until ``inet`` gets ``expect`` (name and client address) through the mapping (tries every ~50 ms)."""
+        """Seconds until ``inet`` gets ``expect`` (name and client address) through the mapping (tries every ~20 ms)."""
         start = time.monotonic()
         while True:
             # httpd may have bound [::] before its IPv6 was turned off: the client is then [::ffff:IP].
-            if self.fetch(0.2).replace("[::ffff:", "").replace("]", "") == expect:
+            if self.fetch(0.1).replace("[::ffff:", "").replace("]", "") == expect:
                 return time.monotonic() - start
             assert time.monotonic() - start < timeout, f"not reachable within {timeout}s"
-            time.sleep(0.03)
+            time.sleep(0.01)
 
     def eth0(self, netns: str) -> tuple[str, list[str]]:
         """(MAC, IPv4 addresses) of eth0 inside the container's namespace."""
