@@ -29,6 +29,7 @@ with warnings.catch_warnings():
     from ovsdbapp.backend.ovs_idl import idlutils
 
 from portmesh.store import rows as R
+from portmesh.store.jsonstream import install as install_stream_parser
 from portmesh.store.mirror import Mirror
 
 LOG = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class Engine:
     def __init__(self, remote: str, timeout: float = 10.0) -> None:
         self.remote = remote
         self.timeout = timeout
+        install_stream_parser()  # the library's pure-Python JSON lexer was the largest cost of a write
         helper = ovs_idl.SchemaHelper(location=str(R.schema_path()))
         helper.register_all()
         self._mirror = Mirror()
