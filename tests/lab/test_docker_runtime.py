@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import docker
 import pytest
 
 from portmesh.lab import node, services
@@ -156,7 +157,7 @@ def test_image_container_reachable_restarted_and_removed(cloud: Cloud) -> None:
     for _ in range(3):
         old_pid = cloud.status(name)["pid"]
         t0 = time.monotonic()
-        cloud.engine.containers.get(ctr_name).restart(timeout=1)
+        restart_engine_container(cloud.engine, ctr_name)
         restarted = time.monotonic() - t0
         reachable = cloud.wait_reachable(expect)
         after = cloud.wait_running(name, not_pid=old_pid)
@@ -226,3 +227,17 @@ def test_down_removes_the_labs_containers_and_engine() -> None:
             check=True,
         ).stdout
         assert out.strip() == "", "no container of the lab is left in Podman's store"
+
+
+def restart_engine_container(engine: docker.DockerClient, name: str, tries: int = 3) -> None:
+    """``docker restart``, retried a bounded number of times: under load Podman's runc start
+    occasionally fails with "runc start ... exit status 1" (seen once in ~10 runs), which is the
+    engine's failure to restart, not portmesh's to re-plumb; what is asserted is the re-plumb."""
+    for attempt in range(tries):
+        try:
+            engine.containers.get(name).restart(timeout=1)
+            return
+        except docker.errors.APIError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(1)
