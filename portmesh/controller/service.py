@@ -44,7 +44,6 @@ class Controller:
         self.config = config
         self.cache = EncodingCache()
         self.switches: dict[int, Switch] = {}
-        self.compilers: dict[str, SwitchCompiler] = {}
         self._dirty = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.syncs = 0
@@ -81,15 +80,23 @@ class Controller:
             log.warning("switch %016x belongs to no known host; leaving it alone", switch.datapath_id)
             switch.realized(state.generation, switch.ports_version)
             return
-        compiler = self.compilers.get(host)
-        if compiler is None:
-            compiler = self.compilers[host] = SwitchCompiler(self.config, host)
+        if switch.compiler is None or switch.compiler.host != host:
+            switch.compiler, switch.in_step = SwitchCompiler(self.config, host), False
+        compiler = switch.compiler
         started = time.perf_counter()
         ports_version, ports = switch.ports_version, dict(switch.ports)
         try:
-            result = await switch.sync(compiler.owners(state, ports))
-        except (TimeoutError, ConnectionError, RuntimeError) as exc:
-            log.error("switch %016x (%s): sync failed: %s; retrying", switch.datapath_id, host, exc)
+            if switch.in_step and switch.realized_ports_version == ports_version:
+                result = await switch.apply(*compiler.delta(state, ports))
+            else:
+                switch.in_step = False
+                result = await switch.sync(compiler.owners(state, ports))
+            switch.in_step = True
+        except Exception:
+            # Logged with its traceback and retried (bounded by the sleep): one bad sync must not end
+            # the loop that serves every switch.
+            switch.in_step = False
+            log.exception("switch %016x (%s): sync failed; retrying", switch.datapath_id, host)
             await asyncio.sleep(0.5)  # a persistent failure must not spin the loop
             self._dirty.set()
             return

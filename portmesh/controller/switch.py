@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from portmesh.controller.compiler import SwitchCompiler
 from portmesh.controller.connection import OpenFlowConnection
 from portmesh.controller.encoding import DP, EncodingCache, ofp, parser
 from portmesh.controller.flows import Flow
@@ -51,6 +52,9 @@ class Switch:
         self.realized_generation = -1
         self.ports_version = 0
         self.realized_ports_version = -1
+        # The compiler whose last output this switch holds exactly (then a change can be sent as a delta).
+        self.compiler: SwitchCompiler | None = None
+        self.in_step = False
 
     def needs_sync(self, generation: int) -> bool:
         return self.realized_generation != generation or self.realized_ports_version != self.ports_version
@@ -89,6 +93,33 @@ class Switch:
         self.installed = await self.conn.flow_cookies()
         return self.installed
 
+    async def apply(self, added: list[Flow], removed: set[int]) -> SyncResult:
+        """Send one change (a compiler delta) as one bundle; the common path for a store write."""
+        adds = [f for f in added if f.cookie not in self.installed]
+        deletes = removed & self.installed
+        if not adds and not deletes:
+            return SyncResult(0, 0, len(self.installed))
+        conn = self.conn
+        await conn.bundle_ctrl(ofp.ONF_BCT_OPEN_REQUEST)
+        for cookie in deletes:
+            conn.send(self.cache.delete(cookie))
+        for flow in adds:
+            conn.send(self.cache.add(flow))
+        await self._commit()
+        self.installed -= deletes
+        self.installed.update(f.cookie for f in adds)
+        return SyncResult(len(adds), len(deletes), len(self.installed))
+
+    async def _commit(self) -> None:
+        try:
+            await self.conn.bundle_ctrl(ofp.ONF_BCT_COMMIT_REQUEST)
+            await self.conn.barrier()
+        except Exception:
+            # The commit failed as a whole (the switch is unchanged); re-read so the next try diffs from truth.
+            self.in_step = False
+            await self.read_installed()
+            raise
+
     async def sync(self, owners: Iterable[tuple[Flow, ...]]) -> SyncResult:
         """Make the switch hold exactly the flows in ``owners``; nothing is sent if it already does.
 
@@ -126,14 +157,9 @@ class Switch:
             if sent % DRAIN_EVERY == 0:
                 await conn.drain()
         if not opened:
+            self.installed = desired
             return SyncResult(0, 0, len(desired))
-        try:
-            await conn.bundle_ctrl(ofp.ONF_BCT_COMMIT_REQUEST)
-            await conn.barrier()
-        except Exception:
-            # The commit failed as a whole (the switch is unchanged); re-read so the next try diffs from truth.
-            await self.read_installed()
-            raise
+        await self._commit()
         self.installed = desired
         log.info("switch %016x: %d flows added, %d deleted", self.datapath_id, added, len(stale))
         return SyncResult(added, len(stale), len(desired))

@@ -98,3 +98,34 @@ def test_templated_encoding_equals_os_ken_for_every_shape() -> None:
     for f in flows.values():
         assert encoder(f) == encode_add(f), f
     assert encoder.shapes and all(encoder.shapes.values()), "some shape could not be templated"
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "remove", "move", "port"]), st.integers(0, 9)), max_size=12))
+def test_delta_equals_difference_of_full_compiles(steps: list[tuple[str, int]]) -> None:
+    """Applying each delta to the previous flow set gives exactly the next full compile."""
+    from portmesh.controller.compiler import SwitchCompiler
+
+    state = state_with(4)
+    names = sorted(state.containers)
+    ports = {state.containers[n].port_name: i for i, n in enumerate(names, 1)}
+    incremental = SwitchCompiler(CFG, "h1")
+    held = set(incremental.compile(state, ports))
+    for op, n in steps:
+        key = MappingKey(IP10, Proto.UDP, 2000 + n)
+        if op == "add" and key not in state.mappings:
+            m = new_mapping(state, key, names[n % len(names)])
+            state = replace(state, mappings={**state.mappings, key: m})
+        elif op == "remove" and state.mappings:
+            victim = sorted(state.mappings)[n % len(state.mappings)]
+            state = replace(state, mappings={k: v for k, v in state.mappings.items() if k != victim})
+        elif op == "move" and key in state.mappings:
+            others = [c for c in names if c != state.mappings[key].container]
+            m = replace(state.mappings[key], container=others[n % len(others)])
+            state = replace(state, mappings={**state.mappings, key: m})
+        elif op == "port":
+            ports = {**ports, state.containers[names[n % len(names)]].port_name: 100 + n}
+        added, removed = incremental.delta(state, ports)
+        assert removed <= held
+        held = (held - removed) | {f.cookie for f in added}
+        assert held == set(compile_switch(state, CFG, "h1", ports)), (op, n)
