@@ -62,19 +62,29 @@ def compile_switch(
     return check_unique(SwitchCompiler(config, host).compile(state, ports).values())
 
 
+MappingEntry = tuple[Mapping, str, int | None, tuple[Flow, ...]]
+
+
 class SwitchCompiler:
     """:func:`compile_switch` with memory: each owner's flows are kept and rebuilt only when it changes.
 
     The output depends only on the inputs (the caches are keyed by everything an
     owner's flows depend on), so this is still a pure function of ``(state, ports)``;
     the memory is what makes one change among 100,000 mappings cost one owner's flows.
+    Small owners (the host, each public IP, each container) are re-checked on every
+    compile; mappings, the many, are re-checked only where the store handed over a
+    different object or their container's inputs changed.
     """
 
     def __init__(self, config: NetworkConfig, host: str) -> None:
         self.config = config
         self.host = host
         self._owners: dict[object, tuple[Flow, ...]] = {}
-        self._mappings: dict[MappingKey, tuple[Mapping, str, int | None, tuple[Flow, ...]]] = {}
+        self._container_inputs: dict[str, tuple[Container, int | None]] = {}
+        self._mappings: dict[MappingKey, MappingEntry] = {}
+        self._by_container: dict[str, set[MappingKey]] = {}
+        self._prev_mappings: MappingABC[MappingKey, Mapping] = {}
+        self._pending: dict[object, tuple[Flow, ...]] = {}
         self._vanished: list[tuple[Flow, ...]] = []
 
     def compile(self, state: DesiredState, ports: MappingABC[str, int]) -> dict[int, Flow]:
@@ -84,70 +94,106 @@ class SwitchCompiler:
     def owners(self, state: DesiredState, ports: MappingABC[str, int]) -> Iterator[tuple[Flow, ...]]:
         """Each owner's flows in turn, so a caller can send while the rest is still being compiled.
 
-        The cache is replaced only once the iteration completes; an abandoned
-        iteration leaves the previous cache intact.
+        The caches are replaced only once the iteration completes; an abandoned
+        iteration leaves the previous ones intact.
         """
-        for flows, _rebuilt in self._walk(state, ports):
+        small = list(self._walk_small(state, ports))
+        for flows, _previous in small:
             yield flows
+        cache = self._mappings
+        used: dict[MappingKey, MappingEntry] = {}
+        by_container: dict[str, set[MappingKey]] = {}
+        for key, mapping in state.mappings.items():
+            by_container.setdefault(mapping.container, set()).add(key)
+            entry = self._entry(state, ports, key, mapping, cache.get(key))
+            if entry is not None:
+                used[key] = entry
+                yield entry[3]
+        self._commit_small(small)
+        self._mappings, self._by_container, self._prev_mappings = used, by_container, state.mappings
 
     def delta(self, state: DesiredState, ports: MappingABC[str, int]) -> tuple[list[Flow], set[int]]:
         """What changed since the last completed compile: flows to add and cookies to delete.
 
         Only owners whose inputs changed are rebuilt and only their flows are
-        returned, so one mapping changed among 100,000 costs one walk with identity
-        checks and a handful of flows; valid only while the switch holds exactly
-        the previous compile's output (the controller falls back to a full sync otherwise).
+        returned. Valid only while the switch holds exactly the previous compile's
+        output (the controller falls back to a full sync otherwise).
         """
         added: dict[int, Flow] = {}
         removed: set[int] = set()
-        for flows, previous in self._walk(state, ports):
-            if previous is None:
-                continue
-            added.update((f.cookie, f) for f in flows)
-            removed.update(f.cookie for f in previous)
+        small = list(self._walk_small(state, ports))
+        for flows, previous in small:
+            if previous is not None:
+                added.update((f.cookie, f) for f in flows)
+                removed.update(f.cookie for f in previous)
+        changed_owners = self._commit_small(small)
         for flows in self._vanished:
             removed.update(f.cookie for f in flows)
+
+        prev, new = self._prev_mappings, state.mappings
+        dirty = {key for key, mapping in new.items() if prev.get(key) is not mapping}
+        dirty.update(prev.keys() - new.keys())
+        for name in changed_owners:
+            dirty.update(self._by_container.get(name, ()))
+        cache, by_container = self._mappings, self._by_container
+        for key in dirty:
+            old = cache.pop(key, None)
+            if old is not None:
+                removed.update(f.cookie for f in old[3])
+                by_container.get(old[0].container, set()).discard(key)
+            mapping = new.get(key)
+            if mapping is None:
+                continue
+            by_container.setdefault(mapping.container, set()).add(key)
+            entry = self._entry(state, ports, key, mapping, old)
+            if entry is not None:
+                cache[key] = entry
+                added.update((f.cookie, f) for f in entry[3])
+        self._prev_mappings = new
         unchanged = removed & added.keys()
         return [f for c, f in added.items() if c not in unchanged], removed - unchanged
 
-    def _walk(
+    def _entry(
+        self, state: DesiredState, ports: MappingABC[str, int], key: MappingKey, mapping: Mapping, old: MappingEntry | None
+    ) -> MappingEntry | None:
+        """A mapping's cache entry: the old one if its inputs are unchanged, else rebuilt."""
+        owner = state.containers.get(mapping.container)
+        if owner is None:
+            return None
+        port = ports.get(owner.port_name) if owner.host == self.host else None
+        # Identity first: an incremental store hands back the very same objects for unchanged rows.
+        if old is not None and (old[0] is mapping or old[0] == mapping) and old[1] == owner.mac and old[2] == port:
+            return old
+        return (mapping, owner.mac, port, tuple(mapping_flows(mapping, owner, port)))
+
+    def _walk_small(
         self, state: DesiredState, ports: MappingABC[str, int]
     ) -> Iterator[tuple[tuple[Flow, ...], tuple[Flow, ...] | None]]:
-        """Every owner's flows with, when they were (re)built, the owner's previous flows (``()`` if new)."""
-        cached: dict[object, tuple[Flow, ...]] = self._owners
-        used: dict[object, tuple[Flow, ...]] = {}
+        """Host, public-IP and container owners: their flows and, if (re)built, ``()`` (else None)."""
+        cached = self._owners
         config, host = self.config, self.host
         keys: list[tuple[object, Callable[[], Iterator[Flow]]]] = [
             (("host", host), partial(host_flows, config, host)),
             *((("ip", ip), partial(public_ip_flows, config, ip)) for ip in state.public_ips()),
         ]
-        containers = state.containers
-        for c in containers.values():
+        for c in state.containers.values():
             port = ports.get(c.port_name) if c.host == host else None
             keys.append(((c, port), partial(container_flows, c, port)))
         for key, build in keys:
             hit = cached.get(key)
-            used[key] = flows = hit if hit is not None else tuple(build())
+            flows = hit if hit is not None else tuple(build())
+            self._pending[key] = flows
             yield flows, (None if hit is not None else ())
-        mapping_cache = self._mappings
-        mapping_used: dict[MappingKey, tuple[Mapping, str, int | None, tuple[Flow, ...]]] = {}
-        for key, mapping in state.mappings.items():
-            owner = containers.get(mapping.container)
-            if owner is None:
-                continue
-            port = ports.get(owner.port_name) if owner.host == host else None
-            entry = mapping_cache.get(key)
-            # Identity first: an incremental store hands back the very same objects for unchanged rows.
-            if entry is not None and (entry[0] is mapping or entry[0] == mapping) and entry[1] == owner.mac and entry[2] == port:
-                mapping_used[key] = entry
-                yield entry[3], None
-            else:
-                mapping_used[key] = fresh = (mapping, owner.mac, port, tuple(mapping_flows(mapping, owner, port)))
-                yield fresh[3], (entry[3] if entry is not None else ())
-        self._vanished = [cached[k] for k in cached.keys() - used.keys()]
-        self._vanished += [mapping_cache[k][3] for k in mapping_cache.keys() - mapping_used.keys()]
-        self._owners = used
-        self._mappings = mapping_used
+
+    def _commit_small(self, small: list[tuple[tuple[Flow, ...], tuple[Flow, ...] | None]]) -> set[str]:
+        """Adopt the small owners just walked; returns the containers whose inputs changed or vanished."""
+        used, self._pending = self._pending, {}
+        self._vanished = [flows for key, flows in self._owners.items() if key not in used]
+        inputs = {key[0].name: key for key in used if isinstance(key, tuple) and isinstance(key[0], Container)}
+        changed = {name for name, old in self._container_inputs.items() if inputs.get(name) != old}
+        changed.update(inputs.keys() - self._container_inputs.keys())
+        self._owners, self._container_inputs = used, inputs
+        return changed
 
 
 def check_unique(flows: Iterable[Flow]) -> dict[int, Flow]:

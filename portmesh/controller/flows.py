@@ -31,7 +31,7 @@ class OwnerKind(enum.IntEnum):
     REJECT = 4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SetField:
     """OpenFlow set-field (OXM name and value)."""
 
@@ -39,7 +39,7 @@ class SetField:
     value: int | str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Move:
     """Nicira reg-move: copy ``n_bits`` from field ``src`` to ``dst`` (OF1.3 has no copy-field)."""
 
@@ -48,14 +48,14 @@ class Move:
     n_bits: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Output:
     """Send out of a port number (or OFPP_IN_PORT / OFPP_LOCAL)."""
 
     port: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ToController:
     """Punt to the controller, keeping the first ``max_len`` bytes."""
 
@@ -75,7 +75,7 @@ def owner_id(kind: OwnerKind, name: str) -> int:
 _CHECKED_SHAPES: set[tuple[Table, tuple[str, ...], Table | None]] = set()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Flow:
     """One flow entry. ``match`` is a sorted tuple of ``(field, value)`` or ``(field, (value, mask))``."""
 

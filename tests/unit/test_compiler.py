@@ -100,8 +100,9 @@ def test_templated_encoding_equals_os_ken_for_every_shape() -> None:
     assert encoder.shapes and all(encoder.shapes.values()), "some shape could not be templated"
 
 
-@settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["add", "remove", "move", "port"]), st.integers(0, 9)), max_size=12))
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "remove", "move", "port", "drop", "new"]), st.integers(0, 9)),
+                max_size=12))
 def test_delta_equals_difference_of_full_compiles(steps: list[tuple[str, int]]) -> None:
     """Applying each delta to the previous flow set gives exactly the next full compile."""
     from portmesh.controller.compiler import SwitchCompiler
@@ -111,7 +112,7 @@ def test_delta_equals_difference_of_full_compiles(steps: list[tuple[str, int]]) 
     ports = {state.containers[n].port_name: i for i, n in enumerate(names, 1)}
     incremental = SwitchCompiler(CFG, "h1")
     held = set(incremental.compile(state, ports))
-    for op, n in steps:
+    for step, (op, n) in enumerate(steps):
         key = MappingKey(IP10, Proto.UDP, 2000 + n)
         if op == "add" and key not in state.mappings:
             m = new_mapping(state, key, names[n % len(names)])
@@ -121,10 +122,20 @@ def test_delta_equals_difference_of_full_compiles(steps: list[tuple[str, int]]) 
             state = replace(state, mappings={k: v for k, v in state.mappings.items() if k != victim})
         elif op == "move" and key in state.mappings:
             others = [c for c in names if c != state.mappings[key].container]
-            m = replace(state.mappings[key], container=others[n % len(others)])
-            state = replace(state, mappings={**state.mappings, key: m})
+            if others:
+                m = replace(state.mappings[key], container=others[n % len(others)])
+                state = replace(state, mappings={**state.mappings, key: m})
         elif op == "port":
-            ports = {**ports, state.containers[names[n % len(names)]].port_name: 100 + n}
+            ports = {**ports, state.containers[names[n % len(names)]].port_name: 100 + step}  # fresh number
+        elif op == "drop" and len(names) > 1:
+            gone = names.pop(n % len(names))
+            state = replace(state, containers={k: c for k, c in state.containers.items() if k != gone},
+                            mappings={k: m for k, m in state.mappings.items() if m.container != gone})
+        elif op == "new" and f"n{n}" not in state.containers:
+            c = new_container(state, CFG, name=f"n{n}", host="h1", ips=[IP10])
+            state = replace(state, containers={**state.containers, c.name: c})
+            names.append(c.name)
+            ports = {**ports, c.port_name: 200 + step}
         added, removed = incremental.delta(state, ports)
         assert removed <= held
         held = (held - removed) | {f.cookie for f in added}
