@@ -1,4 +1,4 @@
-"""Host and container networking through netlink (pyroute2), as CONTRACTS.md "Host dataplane" says.
+"""Host and container networking through netlink (pyroute2), as docs/components.md "Host dataplane" says.
 
 Every function here reads first and changes only what differs, so running it
 again, or after an agent restart, leaves flowing traffic untouched: no address
@@ -184,7 +184,7 @@ def ensure_host_gateway(config: NetworkConfig, bridge: str = BRIDGE) -> None:
 
 
 def container_sysctls(container: Container) -> dict[str, str]:
-    """The per-namespace settings a container needs (CONTRACTS.md)."""
+    """The per-namespace settings a container needs (docs/components.md)."""
     return {
         "net.ipv4.ip_nonlocal_bind": "1",
         "net.ipv4.ip_local_port_range": f"{container.block.start} {container.block.end}",

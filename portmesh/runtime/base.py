@@ -16,7 +16,7 @@ from portmesh.model.entities import Container, ContainerStatus
 
 
 def netns_name(netns_prefix: str, container_name: str) -> str:
-    """The network namespace a container gets: ``<prefix>c-<name>`` (CONTRACTS.md)."""
+    """The network namespace a container gets: ``<prefix>c-<name>`` (docs/components.md)."""
     return f"{netns_prefix}c-{container_name}"
 
 

@@ -26,7 +26,7 @@ __all__ = ["Store", "StoreError"]
 
 
 class Store(Engine):
-    """Synchronous, thread-safe access to the Portmesh database (see docs/CONTRACTS.md).
+    """Synchronous, thread-safe access to the Portmesh database (see docs/components.md).
 
     ``remote`` is ``unix:/path``, ``tcp:ip:port`` or a comma-separated list of
     those for a Raft cluster; the IDL then talks to the leader only. Call
