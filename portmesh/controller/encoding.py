@@ -130,6 +130,11 @@ class EncodingCache:
     def delete(cookie: int) -> bytes:
         return bundle_add(flow_mod_delete(cookie))
 
+    def forget(self, cookies: set[int]) -> None:
+        """Drop the encodings of flows just deleted (another switch needing one re-encodes it)."""
+        for cookie in cookies:
+            self._adds.pop(cookie, None)
+
     def retain(self, cookies: set[int]) -> None:
         """Forget the encodings of flows that are no longer wanted anywhere."""
         for cookie in [c for c in self._adds if c not in cookies]:

@@ -66,27 +66,29 @@ class Controller:
             stale = [s for s in self.switches.values() if s.needs_sync(state.generation)]
             if not stale:
                 continue  # e.g. our own status report came back through the store
-            for switch in stale:
-                await self._sync(switch, state)
-            wanted: set[int] = set()
-            for switch in self.switches.values():
-                wanted |= switch.installed
-            self.cache.retain(wanted)
+            full = [await self._sync(switch, state) for switch in stale]
+            if any(full):
+                # After a full sync, drop encodings no switch holds (a delta forgets its own deletions).
+                wanted: set[int] = set()
+                for switch in self.switches.values():
+                    wanted |= switch.installed
+                self.cache.retain(wanted)
 
-    async def _sync(self, switch: Switch, state: DesiredState) -> None:
-        """Sync one switch to ``state`` and report the generation it now realises."""
+    async def _sync(self, switch: Switch, state: DesiredState) -> bool:
+        """Sync one switch to ``state`` and report the generation it now realises; True if it was a full sync."""
         host = self.host_of(state, switch.datapath_id)
         if host is None:
             log.warning("switch %016x belongs to no known host; leaving it alone", switch.datapath_id)
             switch.realized(state.generation, switch.ports_version)
-            return
+            return False
         if switch.compiler is None or switch.compiler.host != host:
             switch.compiler, switch.in_step = SwitchCompiler(self.config, host), False
         compiler = switch.compiler
         started = time.perf_counter()
         ports_version, ports = switch.ports_version, dict(switch.ports)
+        full = not (switch.in_step and switch.realized_ports_version == ports_version)
         try:
-            if switch.in_step and switch.realized_ports_version == ports_version:
+            if not full:
                 result = await switch.apply(*compiler.delta(state, ports))
             else:
                 switch.in_step = False
@@ -99,7 +101,7 @@ class Controller:
             log.exception("switch %016x (%s): sync failed; retrying", switch.datapath_id, host)
             await asyncio.sleep(0.5)  # a persistent failure must not spin the loop
             self._dirty.set()
-            return
+            return full
         switch.realized(state.generation, ports_version)
         self.syncs += 1
         self.flow_mods += result.flow_mods
@@ -116,12 +118,13 @@ class Controller:
             # the generation now would let --wait answer "live" before it is.
             log.info("switch %016x (%s): generation %d waits for ports of %s", switch.datapath_id, host,
                      state.generation, ", ".join(missing[:5]))
-            return
+            return full
         if result.flow_mods:
             log.info("switch %016x (%s): generation %d, %d flows; compile+send+commit %.3f s",
                      switch.datapath_id, host, state.generation, result.flows, done - started)
         self.metrics.generation.labels(host).set(state.generation)
         await asyncio.to_thread(self.store.report_switch, host, state.generation, True)
+        return full
 
     @staticmethod
     def host_of(state: DesiredState, datapath_id: int) -> str | None:

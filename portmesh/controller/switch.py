@@ -101,14 +101,26 @@ class Switch:
             return SyncResult(0, 0, len(self.installed))
         conn = self.conn
         await conn.bundle_ctrl(ofp.ONF_BCT_OPEN_REQUEST)
-        for cookie in deletes:
-            conn.send(self.cache.delete(cookie))
-        for flow in adds:
-            conn.send(self.cache.add(flow))
+        try:
+            for cookie in deletes:
+                conn.send(self.cache.delete(cookie))
+            for flow in adds:
+                conn.send(self.cache.add(flow))
+        except Exception:
+            await self._discard()
+            raise
         await self._commit()
         self.installed -= deletes
         self.installed.update(f.cookie for f in adds)
+        self.cache.forget(deletes)
         return SyncResult(len(adds), len(deletes), len(self.installed))
+
+    async def _discard(self) -> None:
+        """Throw away an open bundle after a failure on our side, so the next one can open."""
+        try:
+            await self.conn.bundle_ctrl(ofp.ONF_BCT_DISCARD_REQUEST)
+        except (OSError, RuntimeError, TimeoutError) as exc:  # the connection may already be gone
+            log.warning("switch %016x: discarding the open bundle failed: %s", self.datapath_id, exc)
 
     async def _commit(self) -> None:
         try:
@@ -133,29 +145,34 @@ class Switch:
         desired: set[int] = set()
         added = sent = 0
         opened = False
-        for flows in owners:
-            for flow in flows:
-                cookie = flow.cookie
-                desired.add(cookie)
-                if cookie in installed:
-                    continue
-                if not opened:
-                    await conn.bundle_ctrl(ofp.ONF_BCT_OPEN_REQUEST)
-                    opened = True
-                conn.send(self.cache.add(flow))
-                added += 1
+        try:
+            for flows in owners:
+                for flow in flows:
+                    cookie = flow.cookie
+                    desired.add(cookie)
+                    if cookie in installed:
+                        continue
+                    if not opened:
+                        await conn.bundle_ctrl(ofp.ONF_BCT_OPEN_REQUEST)
+                        opened = True
+                    conn.send(self.cache.add(flow))
+                    added += 1
+                    sent += 1
+                    if sent % DRAIN_EVERY == 0:
+                        await conn.drain()
+            stale = installed - desired
+            if stale and not opened:
+                await conn.bundle_ctrl(ofp.ONF_BCT_OPEN_REQUEST)
+                opened = True
+            for cookie in stale:
+                conn.send(self.cache.delete(cookie))
                 sent += 1
                 if sent % DRAIN_EVERY == 0:
                     await conn.drain()
-        stale = installed - desired
-        if stale and not opened:
-            await conn.bundle_ctrl(ofp.ONF_BCT_OPEN_REQUEST)
-            opened = True
-        for cookie in stale:
-            conn.send(self.cache.delete(cookie))
-            sent += 1
-            if sent % DRAIN_EVERY == 0:
-                await conn.drain()
+        except Exception:
+            if opened:
+                await self._discard()
+            raise
         if not opened:
             self.installed = desired
             return SyncResult(0, 0, len(desired))
