@@ -71,8 +71,8 @@ def owner_id(kind: OwnerKind, name: str) -> int:
     return (int(kind) << 28) | (digest & 0x0FFFFFFF)
 
 
-# (table, match field names, goto) combinations already checked against the pipeline declaration.
-_CHECKED_SHAPES: set[tuple[Table, tuple[str, ...], Table | None]] = set()
+# Every flow shape seen, checked against the pipeline declaration once, and shared by its flows.
+_SHAPES: dict[tuple[object, ...], tuple[object, ...]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +87,23 @@ class Flow:
     owner_kind: OwnerKind = OwnerKind.HOST
     owner: str = ""
     cookie: int = field(default=0, compare=False)
+    shape: tuple[object, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        shape = (self.table, tuple(name for name, _ in self.match), self.goto)
-        if shape not in _CHECKED_SHAPES:
+        # Everything but the values: the pipeline check is done once per shape, and the encoder
+        # keeps one template per shape.
+        shape = (
+            self.table,
+            self.priority,
+            tuple((name, isinstance(value, tuple)) for name, value in self.match),
+            tuple(a if isinstance(a, Move | ToController) else (type(a), getattr(a, "field", None)) for a in self.actions),
+            self.goto,
+        )
+        known = _SHAPES.get(shape)
+        if known is None:
             self.table.check(dict(self.match), self.goto)
-            _CHECKED_SHAPES.add(shape)
+            known = _SHAPES[shape] = shape
+        object.__setattr__(self, "shape", known)
         content = repr((self.table.name, self.priority, self.match, self.actions, self.goto and self.goto.name))
         digest = int.from_bytes(hashlib.blake2b(content.encode(), digest_size=4).digest(), "big")
         object.__setattr__(self, "cookie", (owner_id(self.owner_kind, self.owner) << 32) | digest)

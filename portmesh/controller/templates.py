@@ -18,6 +18,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from dataclasses import replace
+from functools import lru_cache
 
 from portmesh.controller.flows import Action, Flow, MatchValue, Output, SetField
 
@@ -59,16 +60,6 @@ def _flipped(value: Slot, width: int) -> Slot:
     return ":".join(f"{b:02x}" for b in raw)
 
 
-def shape_of(flow: Flow) -> tuple[object, ...]:
-    """Everything about a flow except its values."""
-    match_shape = tuple((name, isinstance(value, tuple)) for name, value in flow.match)
-    action_shape = tuple(
-        (type(a).__name__, a.field if isinstance(a, SetField) else None) if isinstance(a, SetField | Output) else a
-        for a in flow.actions
-    )
-    return flow.table, flow.priority, match_shape, action_shape, flow.goto
-
-
 def slots_of(flow: Flow) -> list[tuple[str, Slot]]:
     """The flow's variable values, in a fixed order, each with the field that gives its width."""
     out: list[tuple[str, Slot]] = [("cookie", flow.cookie)]
@@ -107,6 +98,20 @@ def with_slot(flow: Flow, index: int, new: Slot) -> Flow:
     return changed
 
 
+@lru_cache(maxsize=1 << 16)
+def _text_bytes(value: str, width: int) -> bytes:
+    """IPv4 and MAC strings repeat across thousands of flows: convert each once."""
+    return _value_bytes(value, width)
+
+
+def _slot_bytes(value: Slot, width: int) -> bytes:
+    if isinstance(value, int):
+        return value.to_bytes(width, "big")
+    if isinstance(value, str):
+        return _text_bytes(value, width)
+    return _value_bytes(value, width)
+
+
 class Template:
     """One shape's example bytes and where each variable goes."""
 
@@ -116,8 +121,19 @@ class Template:
 
     def render(self, flow: Flow) -> bytes:
         buf = bytearray(self.base)
-        for (start, width), (_name, value) in zip(self.offsets, slots_of(flow), strict=True):
-            buf[start : start + width] = _value_bytes(value, width)
+        offsets = iter(self.offsets)
+        start, width = next(offsets)
+        buf[start : start + width] = flow.cookie.to_bytes(8, "big")
+        for _name, value in flow.match:
+            start, width = next(offsets)
+            buf[start : start + width] = _slot_bytes(value, width)
+        for action in flow.actions:
+            if isinstance(action, SetField):
+                start, width = next(offsets)
+                buf[start : start + width] = _slot_bytes(action.value, width)
+            elif isinstance(action, Output):
+                start, width = next(offsets)
+                buf[start : start + width] = action.port.to_bytes(width, "big")
         return bytes(buf)
 
 
@@ -154,7 +170,7 @@ class TemplateEncoder:
         self._templates: dict[tuple[object, ...], Template | None] = {}
 
     def __call__(self, flow: Flow) -> bytes:
-        shape = shape_of(flow)
+        shape = flow.shape
         if shape not in self._templates:
             self._templates[shape] = probe(flow, self._encode)
         template = self._templates[shape]
