@@ -184,13 +184,15 @@ class DockerRuntime:
         state = attrs.get("State", {})
         labels = attrs.get("Config", {}).get("Labels") or {}
         pid = int(state.get("Pid") or 0)
+        # The engine's own log file (Podman: k8s-file lines, "TIME STREAM F text"), read by `portmesh logs`.
+        log_path = str(attrs.get("LogPath") or "")
         if state.get("Running") and pid > 0:
-            status = ContainerStatus(RunState.RUNNING, f"/proc/{pid}/ns/net", pid, "")
+            status = ContainerStatus(RunState.RUNNING, f"/proc/{pid}/ns/net", pid, "", log_path)
         elif state.get("Error"):
-            status = ContainerStatus(RunState.ERROR, "", None, str(state["Error"]))
+            status = ContainerStatus(RunState.ERROR, "", None, str(state["Error"]), log_path)
         else:
             message = f"{state.get('Status', 'exited')} (code {state.get('ExitCode', 0)})"
-            status = ContainerStatus(RunState.EXITED, "", None, message)
+            status = ContainerStatus(RunState.EXITED, "", None, message, log_path)
         busy = str(state.get("Status", "")) in BUSY_STATES
         return _Seen(str(attrs["Id"]), str(labels.get(LABEL_SPEC, "")), status, _started_at(attrs), busy)
 

@@ -46,7 +46,7 @@ OUTSIDE_IP = "198.51.100.2"
 SERVE = (
     "mkdir -p /www/cgi-bin && "
     "printf '#!/bin/sh\\necho Content-Type: text/plain\\necho\\necho \"$(hostname) $REMOTE_ADDR\"\\n' > /www/cgi-bin/who && "
-    "chmod +x /www/cgi-bin/who && exec httpd -f -p 80 -h /www"
+    "chmod +x /www/cgi-bin/who && echo serving on 80 && exec httpd -f -p 80 -h /www"
 )
 
 
@@ -139,6 +139,7 @@ def test_image_container_reachable_restarted_and_removed(cloud: Cloud) -> None:
     first = cloud.wait_running(name)
     netns = str(first["netns"])
     assert netns.startswith("/proc/"), f"an image container's namespace is its process's: {netns}"
+    assert "serving on 80" in cloud.cli("logs", name), "`portmesh logs` reads the engine's log file"
 
     # The engine made it as portmesh says: no network of its own, runc, labels naming it.
     attrs = cloud.engine.containers.get(ctr_name).attrs
