@@ -71,8 +71,9 @@ def owner_id(kind: OwnerKind, name: str) -> int:
     return (int(kind) << 28) | (digest & 0x0FFFFFFF)
 
 
-# Every flow shape seen, checked against the pipeline declaration once, and shared by its flows.
-_SHAPES: dict[tuple[object, ...], tuple[object, ...]] = {}
+# Every flow shape seen, checked against the pipeline declaration once, and shared by its flows;
+# with it, a stable tag (its repr) that the cookie digest covers, so per flow only values are hashed.
+_SHAPES: dict[tuple[object, ...], tuple[tuple[object, ...], bytes]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +103,13 @@ class Flow:
         known = _SHAPES.get(shape)
         if known is None:
             self.table.check(dict(self.match), self.goto)
-            known = _SHAPES[shape] = shape
-        object.__setattr__(self, "shape", known)
-        content = repr((self.table.name, self.priority, self.match, self.actions, self.goto and self.goto.name))
-        digest = int.from_bytes(hashlib.blake2b(content.encode(), digest_size=4).digest(), "big")
+            known = _SHAPES[shape] = (shape, repr(shape).encode())
+        object.__setattr__(self, "shape", known[0])
+        values = (
+            tuple(value for _, value in self.match),
+            tuple(a.value if isinstance(a, SetField) else a.port if isinstance(a, Output) else None for a in self.actions),
+        )
+        digest = int.from_bytes(hashlib.blake2b(known[1] + repr(values).encode(), digest_size=4).digest(), "big")
         object.__setattr__(self, "cookie", (owner_id(self.owner_kind, self.owner) << 32) | digest)
 
 
