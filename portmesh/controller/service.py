@@ -45,15 +45,13 @@ class Controller:
         self.cache = EncodingCache()
         self.switches: dict[int, Switch] = {}
         self._dirty = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.syncs = 0
         self.flow_mods = 0
         self.metrics = ControllerMetrics()
 
     def attach(self) -> None:
         """Subscribe to the store; its callback runs on the store's thread, so hop to our loop."""
-        self._loop = asyncio.get_running_loop()
-        loop = self._loop
+        loop = asyncio.get_running_loop()
         self.store.subscribe(lambda: loop.call_soon_threadsafe(self._dirty.set))
         self._dirty.set()
 
