@@ -118,13 +118,15 @@ def test_concurrent_writers_get_distinct_generations(store: Store, other: Store)
     got: list[int] = []
     lock = threading.Lock()
 
-    def write(client: Store, prefix: str) -> None:
+    def write(client: Store, prefix: str, base: int) -> None:
         for i in range(15):
-            gen = client.add_host(Host(f"{prefix}{i}", hash(prefix) % 1000 * 100 + i))
+            gen = client.add_host(Host(f"{prefix}{i}", base + i))
             with lock:
                 got.append(gen)
 
-    threads = [threading.Thread(target=write, args=(c, p)) for c, p in ((store, "a"), (other, "b"), (store, "c"))]
+    threads = [
+        threading.Thread(target=write, args=(c, p, b)) for c, p, b in ((store, "a", 100), (other, "b", 200), (store, "c", 300))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -265,8 +267,18 @@ def test_serve_command_runs_the_server_in_the_foreground(tmp_path: Path) -> None
     if shutil.which("ovsdb-server") is None:
         pytest.skip("ovsdb-server not installed")
     sock = tmp_path / "s.sock"
-    cmd = [sys.executable, "-m", "portmesh.store", "serve", "--db", str(tmp_path / "s.db"), "--socket", str(sock),
-           "--pidfile", str(tmp_path / "s.pid")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "portmesh.store",
+        "serve",
+        "--db",
+        str(tmp_path / "s.db"),
+        "--socket",
+        str(sock),
+        "--pidfile",
+        str(tmp_path / "s.pid"),
+    ]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
