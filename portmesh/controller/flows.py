@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from portmesh.controller.pipeline import Table
 
@@ -71,46 +71,168 @@ def owner_id(kind: OwnerKind, name: str) -> int:
     return (int(kind) << 28) | (digest & 0x0FFFFFFF)
 
 
-# Every flow shape seen, checked against the pipeline declaration once, and shared by its flows;
-# with it, a stable tag (its repr) that the cookie digest covers, so per flow only values are hashed.
-_SHAPES: dict[tuple[object, ...], tuple[tuple[object, ...], bytes]] = {}
+# An action as the shape sees it: constant actions (Move, ToController) as themselves, variable ones
+# (SetField, Output) as their class and, for SetField, the field; their values live in Flow.values.
+ActionShape = tuple[type, str | None] | Move | ToController
 
 
-@dataclass(frozen=True, slots=True)
+class Shape:
+    """Everything about a flow but its values: table, priority, which fields, which actions, goto.
+
+    Shapes are interned (one object per distinct shape) and checked against the
+    pipeline declaration once; the encoder keeps one template per shape. A flow
+    is then a shape plus a flat tuple of values, which is what makes building and
+    hashing 200,000 of them cheap.
+    """
+
+    __slots__ = ("actions", "fields", "goto", "masked", "priority", "slot_names", "table", "tag")
+
+    def __init__(
+        self,
+        table: Table,
+        priority: int,
+        fields: tuple[str, ...],
+        masked: tuple[bool, ...],
+        actions: tuple[ActionShape, ...],
+        goto: Table | None,
+    ) -> None:
+        self.table = table
+        self.priority = priority
+        self.fields = fields
+        self.masked = masked
+        self.actions = actions
+        self.goto = goto
+        # Names of the value slots in order: match fields, then each variable action's field.
+        self.slot_names = fields + tuple(
+            (a[1] or "output") for a in actions if isinstance(a, tuple)
+        )
+        # The cookie digest covers this tag, so per flow only the values are hashed.
+        self.tag = repr((table, priority, fields, masked, actions, goto)).encode()
+
+    def key(self) -> tuple[object, ...]:
+        return (self.table, self.priority, self.fields, self.masked, self.actions, self.goto)
+
+    def __repr__(self) -> str:
+        return f"Shape({self.table.name}, {self.priority}, {self.fields}, goto={self.goto})"
+
+
+_SHAPES: dict[tuple[object, ...], Shape] = {}
+
+
+def shape_of(
+    table: Table,
+    priority: int,
+    fields: tuple[str, ...] = (),
+    masked: tuple[bool, ...] | None = None,
+    actions: tuple[ActionShape, ...] = (),
+    goto: Table | None = None,
+) -> Shape:
+    """The interned shape; the first time a shape is seen it is checked against the pipeline."""
+    masked = masked if masked is not None else (False,) * len(fields)
+    key = (table, priority, fields, masked, actions, goto)
+    known = _SHAPES.get(key)
+    if known is None:
+        if list(fields) != sorted(fields) or len(masked) != len(fields):
+            raise ValueError(f"shape fields must be sorted and each marked masked or not: {fields} {masked}")
+        table.check(dict.fromkeys(fields, 0), goto)
+        known = _SHAPES[key] = Shape(table, priority, fields, masked, actions, goto)
+    return known
+
+
+def _action_shape(action: Action) -> ActionShape:
+    if isinstance(action, SetField):
+        return (SetField, action.field)
+    if isinstance(action, Output):
+        return (Output, None)
+    return action
+
+
+def _action_value(action: Action) -> int | str | None:
+    if isinstance(action, SetField):
+        return action.value
+    if isinstance(action, Output):
+        return action.port
+    return None
+
+
 class Flow:
-    """One flow entry. ``match`` is a sorted tuple of ``(field, value)`` or ``(field, (value, mask))``."""
+    """One flow entry: a shape, its values (match values, then variable action values), its owner, its cookie.
 
-    table: Table
-    priority: int
-    match: tuple[tuple[str, MatchValue], ...]
-    actions: tuple[Action, ...] = ()
-    goto: Table | None = None
-    owner_kind: OwnerKind = OwnerKind.HOST
-    owner: str = ""
-    cookie: int = field(default=0, compare=False)
-    shape: tuple[object, ...] = field(default=(), compare=False, repr=False)
+    Match and actions are derived from shape and values on demand (the os-ken
+    encoder and debugging need them; the hot path does not). Two flows are equal
+    when shape, values and owner are; the cookie follows from those.
+    """
 
-    def __post_init__(self) -> None:
-        # Everything but the values: the pipeline check is done once per shape, and the encoder
-        # keeps one template per shape.
-        shape = (
-            self.table,
-            self.priority,
-            tuple((name, isinstance(value, tuple)) for name, value in self.match),
-            tuple(a if isinstance(a, Move | ToController) else (type(a), getattr(a, "field", None)) for a in self.actions),
-            self.goto,
+    __slots__ = ("cookie", "owner", "owner_kind", "shape", "values")
+
+    def __init__(
+        self, shape: Shape, values: tuple[MatchValue, ...], owner_kind: OwnerKind, owner: str, owner_bits: int | None = None
+    ) -> None:
+        self.shape = shape
+        self.values = values
+        self.owner_kind = owner_kind
+        self.owner = owner
+        if owner_bits is None:
+            owner_bits = owner_id(owner_kind, owner) << 32
+        digest = hashlib.blake2b(shape.tag + repr(values).encode(), digest_size=4).digest()
+        self.cookie = owner_bits | int.from_bytes(digest, "big")
+
+    @property
+    def table(self) -> Table:
+        return self.shape.table
+
+    @property
+    def priority(self) -> int:
+        return self.shape.priority
+
+    @property
+    def goto(self) -> Table | None:
+        return self.shape.goto
+
+    @property
+    def match(self) -> tuple[tuple[str, MatchValue], ...]:
+        """Sorted ``(field, value)`` pairs; a masked value is ``(value, mask)``."""
+        return tuple(zip(self.shape.fields, self.values, strict=False))
+
+    @property
+    def actions(self) -> tuple[Action, ...]:
+        values = iter(self.values[len(self.shape.fields) :])
+        out: list[Action] = []
+        for a in self.shape.actions:
+            if isinstance(a, tuple):
+                value = next(values)
+                if a[0] is SetField:
+                    assert a[1] is not None and not isinstance(value, tuple)
+                    out.append(SetField(a[1], value))
+                else:
+                    assert isinstance(value, int)
+                    out.append(Output(value))
+            else:
+                out.append(a)
+        return tuple(out)
+
+    def with_values(self, values: tuple[MatchValue, ...], cookie: int | None = None) -> Flow:
+        """The same shape and owner with other values (and, if given, a forced cookie: for probing)."""
+        other = Flow(self.shape, values, self.owner_kind, self.owner, self.cookie & ~0xFFFFFFFF)
+        if cookie is not None:
+            other.cookie = cookie
+        return other
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.shape, self.values, self.owner_kind, self.owner)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Flow) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"Flow({self.table.name}, prio={self.priority}, match={dict(self.match)}, actions={list(self.actions)}, "
+            f"goto={self.goto.name if self.goto else None}, owner={self.owner_kind.name}:{self.owner}, "
+            f"cookie={self.cookie:#018x})"
         )
-        known = _SHAPES.get(shape)
-        if known is None:
-            self.table.check(dict(self.match), self.goto)
-            known = _SHAPES[shape] = (shape, repr(shape).encode())
-        object.__setattr__(self, "shape", known[0])
-        values = (
-            tuple(value for _, value in self.match),
-            tuple(a.value if isinstance(a, SetField) else a.port if isinstance(a, Output) else None for a in self.actions),
-        )
-        digest = int.from_bytes(hashlib.blake2b(known[1] + repr(values).encode(), digest_size=4).digest(), "big")
-        object.__setattr__(self, "cookie", (owner_id(self.owner_kind, self.owner) << 32) | digest)
 
 
 def flow(
@@ -123,13 +245,19 @@ def flow(
     /,
     **match: MatchValue,
 ) -> Flow:
-    """Convenience constructor: match fields as keyword arguments, sorted into the canonical tuple."""
-    return Flow(
-        table=table,
-        priority=priority,
-        match=tuple(sorted(match.items())),
-        actions=actions,
-        goto=goto,
-        owner_kind=owner_kind,
-        owner=owner,
+    """Convenience constructor: match fields as keyword arguments, sorted into the canonical order.
+
+    The compiler's hot path (one or two flows per mapping, 100,000 mappings) builds
+    its shape once and calls :class:`Flow` directly instead.
+    """
+    items = sorted(match.items())
+    shape = shape_of(
+        table,
+        priority,
+        tuple(name for name, _ in items),
+        tuple(isinstance(value, tuple) for _, value in items),
+        tuple(_action_shape(a) for a in actions),
+        goto,
     )
+    variable = tuple(v for v in (_action_value(a) for a in actions) if v is not None)
+    return Flow(shape, tuple(value for _, value in items) + variable, owner_kind, owner)

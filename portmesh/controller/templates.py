@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from dataclasses import replace
 from functools import lru_cache
 
-from portmesh.controller.flows import Action, Flow, MatchValue, Output, SetField
+from portmesh.controller.flows import Flow, Shape
 
 Slot = int | str | tuple[int | str, int | str]
 Encoder = Callable[[Flow], bytes]
@@ -62,40 +61,17 @@ def _flipped(value: Slot, width: int) -> Slot:
 
 def slots_of(flow: Flow) -> list[tuple[str, Slot]]:
     """The flow's variable values, in a fixed order, each with the field that gives its width."""
-    out: list[tuple[str, Slot]] = [("cookie", flow.cookie)]
-    out += list(flow.match)
-    for action in flow.actions:
-        if isinstance(action, SetField):
-            out.append((action.field, action.value))
-        elif isinstance(action, Output):
-            out.append(("output", action.port))
-    return out
+    return [("cookie", flow.cookie), *zip(flow.shape.slot_names, flow.values, strict=True)]
 
 
 def with_slot(flow: Flow, index: int, new: Slot) -> Flow:
-    """``flow`` with variable number ``index`` (as :func:`slots_of` counts) replaced by ``new``."""
+    """``flow`` with variable number ``index`` (as :func:`slots_of` counts) replaced by ``new``; cookie kept."""
     if index == 0:
-        copy = replace(flow)
-        object.__setattr__(copy, "cookie", new)
-        return copy
-    i = 1
-    match: list[tuple[str, MatchValue]] = []
-    for name, value in flow.match:
-        match.append((name, new if i == index else value))
-        i += 1
-    actions: list[Action] = []
-    for action in flow.actions:
-        if isinstance(action, SetField):
-            actions.append(SetField(action.field, new) if i == index and not isinstance(new, tuple) else action)
-            i += 1
-        elif isinstance(action, Output):
-            actions.append(Output(int(new)) if i == index and isinstance(new, int) else action)
-            i += 1
-        else:
-            actions.append(action)
-    changed = replace(flow, match=tuple(match), actions=tuple(actions))
-    object.__setattr__(changed, "cookie", flow.cookie)
-    return changed
+        assert isinstance(new, int)
+        return flow.with_values(flow.values, cookie=new)
+    values = list(flow.values)
+    values[index - 1] = new
+    return flow.with_values(tuple(values), cookie=flow.cookie)
 
 
 @lru_cache(maxsize=1 << 16)
@@ -121,19 +97,11 @@ class Template:
 
     def render(self, flow: Flow) -> bytes:
         buf = bytearray(self.base)
-        offsets = iter(self.offsets)
-        start, width = next(offsets)
+        offsets = self.offsets
+        start, width = offsets[0]
         buf[start : start + width] = flow.cookie.to_bytes(8, "big")
-        for _name, value in flow.match:
-            start, width = next(offsets)
+        for (start, width), value in zip(offsets[1:], flow.values, strict=True):
             buf[start : start + width] = _slot_bytes(value, width)
-        for action in flow.actions:
-            if isinstance(action, SetField):
-                start, width = next(offsets)
-                buf[start : start + width] = _slot_bytes(action.value, width)
-            elif isinstance(action, Output):
-                start, width = next(offsets)
-                buf[start : start + width] = action.port.to_bytes(width, "big")
         return bytes(buf)
 
 
@@ -167,7 +135,7 @@ class TemplateEncoder:
 
     def __init__(self, encode: Encoder) -> None:
         self._encode = encode
-        self._templates: dict[tuple[object, ...], Template | None] = {}
+        self._templates: dict[Shape, Template | None] = {}
 
     def __call__(self, flow: Flow) -> bytes:
         shape = flow.shape
@@ -177,6 +145,6 @@ class TemplateEncoder:
         return template.render(flow) if template is not None else self._encode(flow)
 
     @property
-    def shapes(self) -> dict[tuple[object, ...], bool]:
+    def shapes(self) -> dict[Shape, bool]:
         """Every shape seen, and whether it is templated (for tests and diagnostics)."""
         return {shape: t is not None for shape, t in self._templates.items()}

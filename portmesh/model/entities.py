@@ -99,7 +99,7 @@ class MappingKey:
         return hash((int(self.public_ip), self.proto, self.port))
 
     def __str__(self) -> str:
-        return f"{self.public_ip}:{self.port}/{self.proto.value}"
+        return f"{self.public_ip!s}:{self.port}/{self.proto.value}"  # !s: IPv4Address.__format__ is slow
 
 
 @dataclass(frozen=True)

@@ -140,3 +140,26 @@ def test_delta_equals_difference_of_full_compiles(steps: list[tuple[str, int]]) 
         assert removed <= held
         held = (held - removed) | {f.cookie for f in added}
         assert held == set(compile_switch(state, CFG, "h1", ports)), (op, n)
+
+
+def test_mapping_fast_path_builds_what_flow_builds() -> None:
+    """mapping_flows uses pre-built shapes; the flows (and so the cookies) equal the generic constructor's."""
+    from portmesh.controller.compiler import DST_FIELD, IPPROTO, PRIO_ALLOW, PRIO_SERVICE, SRC_FIELD, mapping_flows
+    from portmesh.controller.flows import SetField
+
+    state = state_with(2)
+    for proto in Proto:
+        key = MappingKey(IPv4Address("203.0.113.10"), proto, 443)
+        owner = state.containers["c1"]
+        m = new_mapping(state, key, "c1")
+        got = list(mapping_flows(m, owner, 7))
+        ip, p = "203.0.113.10", IPPROTO[proto]
+        want = [
+            flow(Table.MAPPING, PRIO_SERVICE, OwnerKind.MAPPING, str(key), (SetField("eth_dst", owner.mac),),
+                 Table.L2, eth_type=0x0800, ipv4_dst=ip, ip_proto=p, **{DST_FIELD[proto]: 443}),
+            flow(Table.CLASSIFY, PRIO_ALLOW, OwnerKind.MAPPING, str(key), (), Table.MAPPING, in_port=7,
+                 eth_src=owner.mac, eth_type=0x0800, ipv4_src=ip, ip_proto=p, **{SRC_FIELD[proto]: 443}),
+        ]
+        assert got == want
+        assert [f.cookie for f in got] == [f.cookie for f in want]
+        assert [f.shape for f in got] == [f.shape for f in want]
