@@ -31,7 +31,8 @@ from portmesh.store import rows as R
 # ovs.db.idl's notice events (strings; importing ovs.db.idl here would pull in eventlet's banner).
 ROW_CREATE, ROW_UPDATE, ROW_DELETE = "create", "update", "delete"
 
-UUID = uuid_mod.UUID
+# A row's identity: the IDL's uuid.UUID, or its text from a raw monitor (portmesh.store.reader).
+UUID = uuid_mod.UUID | str
 
 
 def _no_references(value: Any, _base: Any) -> Any:
@@ -86,26 +87,36 @@ class Mirror:
 
     def apply(self, event: str, table: str, row: R.Row) -> None:
         """One row notice from the IDL (``row`` as it is now; for a delete, as it was)."""
-        delete = event == ROW_DELETE
+        self.apply_columns(event, table, row.uuid, None if event == ROW_DELETE else Committed(row))
+
+    def apply_columns(self, event: str, table: str, row_uuid: UUID, columns: R.Row | None) -> None:
+        """One row change, from any source: ``columns`` reads the row's columns as attributes
+        (the IDL's committed data, or a raw monitor update); None for a delete."""
+        if event == ROW_DELETE:
+            columns = None
         if table == "Mapping":
-            self._drop_mapping(row.uuid)
-            if not delete:
-                self._put_mapping(row)
+            self._drop_mapping(row_uuid)
+            if columns is not None:
+                self._put_mapping(row_uuid, columns)
         elif table == "Container":
-            self._drop_container(row.uuid)
-            if not delete:
-                self._put_container(row)
+            self._drop_container(row_uuid)
+            if columns is not None:
+                self._put_container(row_uuid, columns)
         elif table == "Host":
-            self._drop_host(row.uuid)
-            if not delete:
-                self._put_host(row)
+            self._drop_host(row_uuid)
+            if columns is not None:
+                self._put_host(row_uuid, columns)
         elif table == "Global":
-            if delete:
-                if row.uuid == self._global:
+            if columns is None:
+                if row_uuid == self._global:
                     self._global, self.generation = None, 0
             else:
-                self._global = row.uuid
-                self.generation = int(Committed(row).generation)
+                self._global = row_uuid
+                self.generation = int(columns.generation)
+
+    def reset(self) -> None:
+        """Forget everything (a source that is about to send the whole database again)."""
+        self._reset()
 
     def rebuild(self, tables: dict[str, Iterable[R.Row]]) -> None:
         """Start over from the committed rows of every table (after the IDL reloaded its cache)."""
@@ -121,33 +132,33 @@ class Mirror:
 
     # -- per table ---------------------------------------------------------------------------------
 
-    def _put_host(self, row: R.Row) -> None:
-        host = R.host_from_row(Committed(row))
+    def _put_host(self, row_uuid: UUID, columns: R.Row) -> None:
+        host = R.host_from_row(columns)
         self.hosts[host.name] = host
-        self.host_rows[host.name] = row.uuid
-        self._host_of[row.uuid] = host.name
+        self.host_rows[host.name] = row_uuid
+        self._host_of[row_uuid] = host.name
 
     def _drop_host(self, row_uuid: UUID) -> None:
         name = self._host_of.pop(row_uuid, None)
         if name is not None and self.host_rows.get(name) == row_uuid:
             del self.hosts[name], self.host_rows[name]
 
-    def _put_container(self, row: R.Row) -> None:
-        c = R.container_from_row(Committed(row))
+    def _put_container(self, row_uuid: UUID, columns: R.Row) -> None:
+        c = R.container_from_row(columns)
         self.containers[c.name] = c
-        self.container_rows[c.name] = row.uuid
-        self._container_of[row.uuid] = c.name
+        self.container_rows[c.name] = row_uuid
+        self._container_of[row_uuid] = c.name
 
     def _drop_container(self, row_uuid: UUID) -> None:
         name = self._container_of.pop(row_uuid, None)
         if name is not None and self.container_rows.get(name) == row_uuid:
             del self.containers[name], self.container_rows[name]
 
-    def _put_mapping(self, row: R.Row) -> None:
-        m = R.mapping_from_row(Committed(row))
+    def _put_mapping(self, row_uuid: UUID, columns: R.Row) -> None:
+        m = R.mapping_from_row(columns)
         self.mappings[m.key] = m
-        self.mapping_rows[m.key] = row.uuid
-        self._mapping_of[row.uuid] = m
+        self.mapping_rows[m.key] = row_uuid
+        self._mapping_of[row_uuid] = m
         self.mappings_of.setdefault(m.container, set()).add(m.key)
 
     def _drop_mapping(self, row_uuid: UUID) -> None:

@@ -36,6 +36,16 @@ MAX_DATAPATH_ID = 2**63 - 1
 Row = Any
 
 
+# The columns the desired state is made of (what host_from_row, container_from_row and
+# mapping_from_row read): a reader that monitors only these never hears of status reports.
+DESIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "Global": ("generation",),
+    "Host": ("name", "datapath_id", "underlay_ip"),
+    "Container": ("name", "host", "mac", "ips", "block_start", "block_size", "command", "image"),
+    "Mapping": ("public_ip", "proto", "port", "container"),
+}
+
+
 def schema_path() -> Path:
     """Filesystem path of the bundled ``portmesh.ovsschema`` (ovsdb-tool needs a file)."""
     return Path(str(resources.files("portmesh.store").joinpath("portmesh.ovsschema")))

@@ -1,0 +1,116 @@
+"""StateReader (the controller's lean monitor) against a real ovsdb-server: same state as the IDL client."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from portmesh.model.entities import Host
+from portmesh.model.errors import NotFound
+from portmesh.store.client import Store
+from portmesh.store.reader import StateReader
+from portmesh.store.rows import schema_path
+from portmesh.store.server import start_server, stop_server
+from tests.switch.test_store import _free_port, _role
+from tests.switch.test_store_mirror import Model, random_step, server, wait_until
+
+__all__ = ["server"]  # the fixture, re-used
+
+
+def test_reader_equals_the_idl_client_after_random_writes(server: tuple[Path, Path, list[int]]) -> None:
+    _, sock, _ = server
+    rng = random.Random(11)
+    model = Model()
+    wakeups: list[int] = []
+    with Store(f"unix:{sock}", timeout=5) as writer, StateReader(f"unix:{sock}", timeout=5) as reader:
+        reader.subscribe(lambda: wakeups.append(reader.snapshot().generation))
+        for step in range(150):
+            random_step(rng, writer, model, step)
+            state = writer.snapshot()
+            wait_until(lambda: reader.snapshot().generation == state.generation)  # noqa: B023 (called right here)
+            assert reader.snapshot() == state, f"step {step}"
+        assert model.mappings and wakeups
+        # Status reports change columns the reader does not monitor: they must not wake it.
+        before = len(wakeups)
+        host = sorted(model.hosts)[0]
+        for generation in range(5):
+            writer.report_switch(host, generation, True)
+            writer.report_agent(host, generation)
+        time.sleep(0.3)
+        assert len(wakeups) == before, "status reports woke the reader"
+
+
+def test_report_switch_writes_status_and_names_a_missing_host(server: tuple[Path, Path, list[int]]) -> None:
+    _, sock, _ = server
+    with Store(f"unix:{sock}", timeout=5) as store, StateReader(f"unix:{sock}", timeout=5) as reader:
+        generation = store.add_host(Host("h1", 1))
+        wait_until(lambda: "h1" in reader.snapshot().hosts)
+        reader.report_switch("h1", generation, True)
+        wait_until(lambda: store.host_status("h1").switch_generation == generation)
+        assert store.host_status("h1").switch_connected
+        assert store.snapshot().generation == generation, "a status report must not bump the generation"
+        with pytest.raises(NotFound) as err:
+            reader.report_switch("nope", 1, True)
+        assert err.value.field == "host"
+
+
+def test_reader_reloads_after_the_server_restarts(server: tuple[Path, Path, list[int]]) -> None:
+    """Changes made while the reader was away (deletions included) come back with the reload."""
+    db, sock, pids = server
+    rng = random.Random(5)
+    model = Model()
+    with Store(f"unix:{sock}", timeout=5) as store:
+        for step in range(40):
+            random_step(rng, store, model, step)
+    with StateReader(f"unix:{sock}", timeout=5) as reader:
+        before = reader.snapshot()
+        assert model.same(before) and before.mappings
+        stop_server(pids.pop())
+        gone = sorted(before.mappings)[: len(before.mappings) // 2]
+        ops = [
+            {"op": "delete", "table": "Mapping", "where": [["public_ip", "==", str(k.public_ip)],
+                                                            ["proto", "==", k.proto.value], ["port", "==", k.port]]}
+            for k in gone
+        ]
+        ops.append({"op": "insert", "table": "Host", "row": {"name": "offline", "datapath_id": 99}})
+        subprocess.run(["ovsdb-tool", "transact", str(db), json.dumps(["Portmesh", *ops])], check=True,
+                       capture_output=True)
+        pids.append(start_server(db, sock, create=False))
+        wait_until(lambda: "offline" in reader.snapshot().hosts, timeout=15)
+        assert set(reader.snapshot().mappings) == set(before.mappings) - set(gone)
+
+
+def test_reader_follows_a_new_raft_leader(tmp_path: Path) -> None:
+    """Three members; the reader reads the leader; kill it; the reader moves to the new leader and keeps up."""
+    addrs = [f"tcp:127.0.0.1:{_free_port()}" for _ in range(3)]
+    dbs = [tmp_path / f"m{i}.db" for i in range(3)]
+    subprocess.run(["ovsdb-tool", "create-cluster", str(dbs[0]), str(schema_path()), addrs[0]], check=True)
+    for i in (1, 2):
+        subprocess.run(["ovsdb-tool", "join-cluster", str(dbs[i]), "Portmesh", addrs[i], addrs[0]], check=True)
+    pids: dict[int, int] = {}
+    try:
+        for i in range(3):
+            pids[i] = start_server(dbs[i], tmp_path / f"m{i}.sock", create=False)
+        remote = ",".join(f"unix:{tmp_path / f'm{i}.sock'}" for i in range(3))
+        with Store(remote, timeout=15) as store, StateReader(remote, timeout=15) as reader:
+            store.add_host(Host("h1", 1))
+            wait_until(lambda: "h1" in reader.snapshot().hosts)
+            leader = next(i for i in range(3) if _role(tmp_path / f"m{i}.ctl") == "leader")
+            pid = pids.pop(leader)
+            os.kill(pid, signal.SIGKILL)
+            stop_server(pid)
+            generation = store.add_host(Host("h2", 2))
+            wait_until(lambda: reader.snapshot().generation == generation, timeout=15)
+            assert set(reader.snapshot().hosts) == {"h1", "h2"}
+            reader.report_switch("h2", generation, True)
+            wait_until(lambda: store.host_status("h2").switch_generation == generation, timeout=15)
+    finally:
+        for pid in pids.values():
+            stop_server(pid)
