@@ -53,6 +53,7 @@ async def serve(args: argparse.Namespace) -> None:
     async with server:
         await stop.wait()
     converge.cancel()
+    await controller.close()
     store.close()
 
 

@@ -48,6 +48,7 @@ class Controller:
         self.syncs = 0
         self.flow_mods = 0
         self.metrics = ControllerMetrics()
+        self._handlers: set[asyncio.Task[Any]] = set()
 
     def attach(self) -> None:
         """Subscribe to the store; its callback runs on the store's thread, so hop to our loop."""
@@ -134,6 +135,9 @@ class Controller:
     async def handle_switch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One switch connection: handshake, read what it holds, sync, then serve its events."""
         conn = OpenFlowConnection(reader, writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         switch: Switch | None = None
         serving: asyncio.Task[None] | None = None
         try:
@@ -160,13 +164,30 @@ class Controller:
                 del self.switches[switch.datapath_id]
                 self.metrics.switches.set(len(self.switches))
                 await self._report_disconnected(switch.datapath_id)
+            if task is not None:
+                self._handlers.discard(task)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Drop every switch connection and let each handler report its switch disconnected.
+
+        Called on shutdown before the store closes, so those reports still reach it. The
+        switches keep their flows (fail_mode=secure): traffic goes on without a controller.
+        """
+        for switch in list(self.switches.values()):
+            switch.conn.close()
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=timeout)
 
     async def _report_disconnected(self, dpid: int) -> None:
         """Tell the store the switch is gone, so ``--wait`` does not trust a stale generation."""
         state = await asyncio.to_thread(self.store.snapshot)
         host = self.host_of(state, dpid)
-        if host is not None:
+        if host is None:
+            return
+        try:
             await asyncio.to_thread(self.store.report_switch, host, 0, False)
+        except Exception as exc:  # best effort: the store may be down too; it must not kill the handler
+            log.warning("could not report switch %016x (%s) disconnected: %s", dpid, host, exc)
 
     def _handler(self, switch: Switch) -> Callable[[Any], Awaitable[None]]:
         async def handle(msg: Any) -> None:
