@@ -162,6 +162,20 @@ class Bridge:
         self.api.add_port(bridge, port, may_exist=True).execute(check_error=True)
         return True
 
+    def ensure_ports(self, ports: list[str], bridge: str = BRIDGE) -> list[str]:
+        """Add every port of ``ports`` the bridge lacks, in ONE transaction; returns those added.
+
+        ovs-vswitchd reconfigures all of a bridge's ports after each transaction that
+        changes it: adding 1,000 ports one transaction at a time made it the bottleneck of
+        a 1,000-container bring-up (O(N^2) port work). One transaction per agent pass instead.
+        """
+        missing = [p for p in dict.fromkeys(ports) if not self.has_port(p, bridge)]
+        if missing:
+            with self.api.transaction(check_error=True) as txn:
+                for port in missing:
+                    txn.add(self.api.add_port(bridge, port, may_exist=True))
+        return missing
+
     def remove_port(self, port: str, bridge: str = BRIDGE) -> bool:
         """Remove ``port`` from the bridge if it is there; True if removed."""
         if not self.has_port(port, bridge):

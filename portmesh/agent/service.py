@@ -171,19 +171,45 @@ class Agent:
         """Converge the containers not settled in their current desired state (all on a full pass);
         return the names of those in error (retried, never settled)."""
         running = self.store.running_containers()  # one lock for all, not one lookup each
+        todo = [c for c in wanted.values() if full or c.image or self._settled.get(c.name) != (c, c.name in running)]
+        self._plumb_light(todo)
         failed: list[str] = []
-        for c in wanted.values():
-            desired = (c, c.name in running)
-            if not full and not c.image and self._settled.get(c.name) == desired:
-                continue
+        for c in todo:
             if self._converge_container(c):
-                self._settled[c.name] = desired
+                self._settled[c.name] = (c, c.name in running)
             else:
                 self._settled.pop(c.name, None)
                 failed.append(c.name)
         for name in set(self._settled) - set(wanted):
             del self._settled[name]
         return failed
+
+    def _plumb_light(self, todo: list[Container]) -> None:
+        """Plumb the light containers of this pass that are not plumbed yet, their bridge ports in one transaction.
+
+        Light containers keep their namespace while stopped, so all of them can be
+        wired before any process starts; the per-container step below then finds
+        them plumbed. A container that fails here is left to that step, which
+        retries it and reports the error in its status.
+        """
+        fresh: dict[str, tuple[Container, tuple[str, int, int]]] = {}
+        for c in todo:
+            if c.image or not self.runtime.keeps_netns_when_stopped:
+                continue
+            try:
+                netns = self.runtime.prepare(c, self.cfg.netns_prefix)
+                ident = plumbing.netns_identity(netns)
+                if self._plumbed.get(c.name) == (c, ident):
+                    continue
+                plumbing.plumb_container(c, netns, self.cfg.network)
+            except Exception as exc:
+                log.warning("container %s: plumbing deferred to its own step: %s", c.name, exc)
+                continue
+            fresh[c.name] = (c, ident)
+        if fresh:
+            added = self.bridge.ensure_ports([c.port_name for c, _ in fresh.values()])
+            self._plumbed.update(fresh)
+            log.info("plumbed %d containers, %d bridge ports added in one transaction", len(fresh), len(added))
 
     def _tear_down(self, name: str, runtime: Runtime) -> None:
         port = port_name_for(name)
