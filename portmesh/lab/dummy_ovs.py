@@ -43,17 +43,13 @@ class DummyOVS:
         return self
 
     def add_bridge(self, name: str, datapath_id: int, controller: str) -> None:
-        """A secure-mode OpenFlow 1.3 bridge on the dummy datapath, controller set first.
-
-        The controller's reconnect backoff is capped at 1 s in the same transaction: left at the
-        default (8 s), a switch created before its controller listens connects up to 8 s late.
-        """
+        """A secure-mode OpenFlow 1.3 bridge on the dummy datapath, controller set first."""
         self.vsctl(
             "add-br", name, "--", "set", "bridge", name, "datapath_type=dummy", "fail_mode=secure",
             "protocols=OpenFlow13", f"other_config:datapath-id={datapath_id:016x}",
             "other_config:hwaddr=0a:00:00:00:00:01",
         )
-        self.vsctl("set-controller", name, controller, "--", "set", "controller", name, "max_backoff=1000")
+        self.vsctl("set-controller", name, controller)
 
     def add_port(self, bridge: str, name: str, ofport: int) -> None:
         self.vsctl("add-port", bridge, name, "--", "set", "interface", name, "type=dummy",
