@@ -103,14 +103,9 @@ class Shape:
         self.actions = actions
         self.goto = goto
         # Names of the value slots in order: match fields, then each variable action's field.
-        self.slot_names = fields + tuple(
-            (a[1] or "output") for a in actions if isinstance(a, tuple)
-        )
+        self.slot_names = fields + tuple((a[1] or "output") for a in actions if isinstance(a, tuple))
         # The cookie digest covers this tag, so per flow only the values are hashed.
         self.tag = repr((table, priority, fields, masked, actions, goto)).encode()
-
-    def key(self) -> tuple[object, ...]:
-        return (self.table, self.priority, self.fields, self.masked, self.actions, self.goto)
 
     def __repr__(self) -> str:
         return f"Shape({self.table.name}, {self.priority}, {self.fields}, goto={self.goto})"

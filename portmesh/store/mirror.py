@@ -64,9 +64,10 @@ class Mirror:
     """Desired state by name and key, plus where each entity's row is (its UUID)."""
 
     def __init__(self) -> None:
-        self._reset()
+        self.reset()
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Forget everything (before the whole database is loaded again)."""
         self.generation = 0
         self.hosts: dict[str, Host] = {}
         self.containers: dict[str, Container] = {}
@@ -87,13 +88,11 @@ class Mirror:
 
     def apply(self, event: str, table: str, row: R.Row) -> None:
         """One row notice from the IDL (``row`` as it is now; for a delete, as it was)."""
-        self.apply_columns(event, table, row.uuid, None if event == ROW_DELETE else Committed(row))
+        self.apply_columns(table, row.uuid, None if event == ROW_DELETE else Committed(row))
 
-    def apply_columns(self, event: str, table: str, row_uuid: UUID, columns: R.Row | None) -> None:
-        """One row change, from any source: ``columns`` reads the row's columns as attributes
-        (the IDL's committed data, or a raw monitor update); None for a delete."""
-        if event == ROW_DELETE:
-            columns = None
+    def apply_columns(self, table: str, row_uuid: UUID, columns: R.Row | None) -> None:
+        """One row change, from any source: ``columns`` reads the row as it is now, as attributes
+        (the IDL's committed data, or a raw monitor update); None if the row was deleted."""
         if table == "Mapping":
             self._drop_mapping(row_uuid)
             if columns is not None:
@@ -114,13 +113,9 @@ class Mirror:
                 self._global = row_uuid
                 self.generation = int(columns.generation)
 
-    def reset(self) -> None:
-        """Forget everything (a source that is about to send the whole database again)."""
-        self._reset()
-
     def rebuild(self, tables: dict[str, Iterable[R.Row]]) -> None:
         """Start over from the committed rows of every table (after the IDL reloaded its cache)."""
-        self._reset()
+        self.reset()
         for name, table_rows in tables.items():
             for row in table_rows:
                 if row._data is not None:  # a row a transaction inserted but has not committed

@@ -43,7 +43,7 @@ from portmesh.model.errors import NotFound
 from portmesh.store import rows as R
 from portmesh.store.engine import RECONNECT_BACKOFF_MS, StoreError
 from portmesh.store.jsonstream import install as install_stream_parser
-from portmesh.store.mirror import ROW_CREATE, ROW_DELETE, ROW_UPDATE, Mirror
+from portmesh.store.mirror import Mirror
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,13 @@ class StateReader:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._stopping = False
+        # Reader-thread state: whether the desired monitor is set up on the current connection,
+        # the ids of the two monitor requests in flight, and the transactions sent or waiting.
+        self._ready = False
+        self._server_id: Any = None
+        self._monitor_id: Any = None
+        self._sent: dict[Any, _Request] = {}
+        self._outbox: list[_Request] = []
         self._thread = threading.Thread(target=self._run, name="portmesh-store-reader", daemon=True)
 
     # -- caller side ------------------------------------------------------------------------------
@@ -217,11 +224,6 @@ class StateReader:
         # The session's seqno changes on connect and disconnect, but is not ordered with
         # is_connected(): track both, so a connection that completes later is not missed.
         seen: tuple[int, bool] = (-1, False)
-        self._ready = False  # connected to a usable server and the desired monitor is set up
-        self._server_id: Any = None
-        self._monitor_id: Any = None
-        self._sent: dict[Any, _Request] = {}
-        self._outbox: list[_Request] = []
         try:
             while not self._stopping:
                 session.run()
@@ -336,11 +338,7 @@ class StateReader:
             kinds = self._kinds[table]
             for row_uuid, change in rows.items():
                 new = change.get("new")
-                if new is None:
-                    mirror.apply_columns(ROW_DELETE, table, row_uuid, None)
-                else:
-                    event = ROW_UPDATE if "old" in change else ROW_CREATE
-                    mirror.apply_columns(event, table, row_uuid, JsonColumns(new, kinds))
+                mirror.apply_columns(table, row_uuid, None if new is None else JsonColumns(new, kinds))
 
     def _notify(self) -> None:
         for callback in list(self._callbacks):

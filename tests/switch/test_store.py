@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -305,8 +306,9 @@ def _role(ctl: Path) -> str:
     return next((line.split(":", 1)[1].strip() for line in out.stdout.splitlines() if line.startswith("Role:")), "")
 
 
-def test_raft_cluster_survives_a_leader_kill(tmp_path: Path) -> None:
-    """Three members on loopback; kill the leader; the next write waits for the new leader, then succeeds."""
+@contextlib.contextmanager
+def raft_cluster(tmp_path: Path) -> Iterator[tuple[str, dict[int, int]]]:
+    """Three ovsdb-server members on loopback: the comma-separated remote and member → PID (stopped on exit)."""
     if shutil.which("ovsdb-server") is None:
         pytest.skip("ovsdb-server not installed")
     from portmesh.store.rows import schema_path
@@ -320,17 +322,26 @@ def test_raft_cluster_survives_a_leader_kill(tmp_path: Path) -> None:
     try:
         for i in range(3):
             pids[i] = start_server(dbs[i], tmp_path / f"m{i}.sock", create=False)
-        remote = ",".join(f"unix:{tmp_path / f'm{i}.sock'}" for i in range(3))
-        with Store(remote, timeout=15) as s:
-            assert s.add_host(Host("h1", 1)) == 1
-            leader = next(i for i in range(3) if _role(tmp_path / f"m{i}.ctl") == "leader")
-            pid = pids.pop(leader)
-            os.kill(pid, signal.SIGKILL)  # a crash: no graceful leadership transfer
-            stop_server(pid)
-            t0 = time.monotonic()
-            assert s.add_host(Host("h2", 2)) == 2
-            assert time.monotonic() - t0 < 8, "failover took too long (reconnect backoff not capped?)"
-            assert set(s.snapshot().hosts) == {"h1", "h2"}
+        yield ",".join(f"unix:{tmp_path / f'm{i}.sock'}" for i in range(3)), pids
     finally:
         for pid in pids.values():
             stop_server(pid)
+
+
+def kill_leader(tmp_path: Path, pids: dict[int, int]) -> None:
+    """SIGKILL the cluster's leader (a crash: no graceful leadership transfer)."""
+    leader = next(i for i in range(3) if _role(tmp_path / f"m{i}.ctl") == "leader")
+    pid = pids.pop(leader)
+    os.kill(pid, signal.SIGKILL)
+    stop_server(pid)
+
+
+def test_raft_cluster_survives_a_leader_kill(tmp_path: Path) -> None:
+    """Three members on loopback; kill the leader; the next write waits for the new leader, then succeeds."""
+    with raft_cluster(tmp_path) as (remote, pids), Store(remote, timeout=15) as s:
+        assert s.add_host(Host("h1", 1)) == 1
+        kill_leader(tmp_path, pids)
+        t0 = time.monotonic()
+        assert s.add_host(Host("h2", 2)) == 2
+        assert time.monotonic() - t0 < 8, "failover took too long (reconnect backoff not capped?)"
+        assert set(s.snapshot().hosts) == {"h1", "h2"}

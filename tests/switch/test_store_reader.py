@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -16,9 +14,8 @@ from portmesh.model.entities import Host
 from portmesh.model.errors import NotFound
 from portmesh.store.client import Store
 from portmesh.store.reader import StateReader
-from portmesh.store.rows import schema_path
 from portmesh.store.server import start_server, stop_server
-from tests.switch.test_store import _free_port, _role
+from tests.switch.test_store import kill_leader, raft_cluster
 from tests.switch.test_store_mirror import Model, random_step, server, wait_until
 
 __all__ = ["server"]  # the fixture, re-used
@@ -89,28 +86,16 @@ def test_reader_reloads_after_the_server_restarts(server: tuple[Path, Path, list
 
 def test_reader_follows_a_new_raft_leader(tmp_path: Path) -> None:
     """Three members; the reader reads the leader; kill it; the reader moves to the new leader and keeps up."""
-    addrs = [f"tcp:127.0.0.1:{_free_port()}" for _ in range(3)]
-    dbs = [tmp_path / f"m{i}.db" for i in range(3)]
-    subprocess.run(["ovsdb-tool", "create-cluster", str(dbs[0]), str(schema_path()), addrs[0]], check=True)
-    for i in (1, 2):
-        subprocess.run(["ovsdb-tool", "join-cluster", str(dbs[i]), "Portmesh", addrs[i], addrs[0]], check=True)
-    pids: dict[int, int] = {}
-    try:
-        for i in range(3):
-            pids[i] = start_server(dbs[i], tmp_path / f"m{i}.sock", create=False)
-        remote = ",".join(f"unix:{tmp_path / f'm{i}.sock'}" for i in range(3))
-        with Store(remote, timeout=15) as store, StateReader(remote, timeout=15) as reader:
-            store.add_host(Host("h1", 1))
-            wait_until(lambda: "h1" in reader.snapshot().hosts)
-            leader = next(i for i in range(3) if _role(tmp_path / f"m{i}.ctl") == "leader")
-            pid = pids.pop(leader)
-            os.kill(pid, signal.SIGKILL)
-            stop_server(pid)
-            generation = store.add_host(Host("h2", 2))
-            wait_until(lambda: reader.snapshot().generation == generation, timeout=15)
-            assert set(reader.snapshot().hosts) == {"h1", "h2"}
-            reader.report_switch("h2", generation, True)
-            wait_until(lambda: store.host_status("h2").switch_generation == generation, timeout=15)
-    finally:
-        for pid in pids.values():
-            stop_server(pid)
+    with (
+        raft_cluster(tmp_path) as (remote, pids),
+        Store(remote, timeout=15) as store,
+        StateReader(remote, timeout=15) as reader,
+    ):
+        store.add_host(Host("h1", 1))
+        wait_until(lambda: "h1" in reader.snapshot().hosts)
+        kill_leader(tmp_path, pids)
+        generation = store.add_host(Host("h2", 2))
+        wait_until(lambda: reader.snapshot().generation == generation, timeout=15)
+        assert set(reader.snapshot().hosts) == {"h1", "h2"}
+        reader.report_switch("h2", generation, True)
+        wait_until(lambda: store.host_status("h2").switch_generation == generation, timeout=15)
