@@ -40,8 +40,9 @@ class _Record:
 
 
 def netns_exists(name: str) -> bool:
-    """True if ``/run/netns/<name>`` names a network namespace."""
-    return name in pr_netns.listnetns()
+    """True if ``/run/netns/<name>`` names a network namespace (one stat, not a directory listing:
+    the agent asks for each of its containers on every pass)."""
+    return os.path.exists(os.path.join(pr_netns.NETNS_RUN_DIR, name))
 
 
 class LightRuntime:
@@ -81,16 +82,21 @@ class LightRuntime:
     # -- Runtime protocol --------------------------------------------------------
 
     def prepare(self, container: Container, netns_prefix: str) -> str:
-        record = self._load(container.name) or _Record(container.name, netns_name(netns_prefix, container.name))
-        self._save(record)  # recorded before it exists, so a crash in between still gets cleaned up
+        return self._prepared(container, netns_prefix).netns
+
+    def _prepared(self, container: Container, netns_prefix: str) -> _Record:
+        """The container's record, made (and saved) if new; its namespace, made if missing."""
+        record = self._load(container.name)
+        if record is None:
+            record = _Record(container.name, netns_name(netns_prefix, container.name))
+            self._save(record)  # recorded before it exists, so a crash in between still gets cleaned up
         if not netns_exists(record.netns):
             pr_netns.create(record.netns)
-        return record.netns
+        return record
 
     def start(self, container: Container, netns_prefix: str) -> ContainerStatus:
-        ns = self.prepare(container, netns_prefix)
-        record = self._load(container.name)
-        assert record is not None
+        record = self._prepared(container, netns_prefix)
+        ns = record.netns
         if record.proc is None or not procs.alive(record.proc):
             argv = container.command or IDLE_COMMAND
             try:
@@ -100,9 +106,7 @@ class LightRuntime:
                 self._save(record)
                 return ContainerStatus(RunState.ERROR, ns, None, f"cannot start {argv[0]!r}: {exc}")
             self._save(record)
-        status = self.status(container.name)
-        assert status is not None
-        return status
+        return self._status(record)
 
     def stop(self, name: str) -> None:
         record = self._load(name)
@@ -115,10 +119,12 @@ class LightRuntime:
 
     def status(self, name: str) -> ContainerStatus | None:
         record = self._load(name)
-        if record is None:
-            return None
-        procs.reap()
-        log = str(self.log_path(name))  # reported so the API (same machine) can serve `portmesh logs`
+        return None if record is None else self._status(record)
+
+    def _status(self, record: _Record) -> ContainerStatus:
+        if record.proc is not None:
+            procs.reap(record.proc.pid)
+        log = str(self.log_path(record.name))  # reported so the API (same machine) can serve `portmesh logs`
         if not netns_exists(record.netns):
             return ContainerStatus(RunState.ERROR, "", None, f"network namespace {record.netns} is missing", log)
         if record.proc is None:
