@@ -135,7 +135,10 @@ class SwitchCompiler:
 
         prev, new = self._prev_mappings, state.mappings
         dirty = {key for key, mapping in new.items() if prev.get(key) is not mapping}
-        dirty.update(prev.keys() - new.keys())
+        # Keys that went away: only worth a second pass over 100,000 keys when some did.
+        fresh = sum(1 for key in dirty if key not in prev)
+        if len(prev) != len(new) - fresh:
+            dirty.update(prev.keys() - new.keys())
         for name in changed_owners:
             dirty.update(self._by_container.get(name, ()))
         cache, by_container = self._mappings, self._by_container

@@ -93,10 +93,15 @@ class MappingKey:
     public_ip: IPv4Address
     proto: Proto
     port: int
+    # Keys are hashed over and over (every compile and every delta looks up 100,000 of them, and
+    # IPv4Address hashes through hex()): computed once. Not part of equality or order.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((int(self.public_ip), self.proto, self.port)))
 
     def __hash__(self) -> int:
-        # Mapping keys are hashed on every compile of 100,000 mappings; IPv4Address hashes via hex().
-        return hash((int(self.public_ip), self.proto, self.port))
+        return self._hash
 
     def __str__(self) -> str:
         return f"{self.public_ip!s}:{self.port}/{self.proto.value}"  # !s: IPv4Address.__format__ is slow
