@@ -23,6 +23,8 @@ from portmesh.runtime import docker as docker_runtime
 from portmesh.runtime.light import LightRuntime
 from portmesh.store.client import Store
 
+AGENT_TABLES = ("Global", "Host", "Container")
+
 log = logging.getLogger("portmesh.agent")
 
 
@@ -52,7 +54,9 @@ async def serve(args: argparse.Namespace) -> None:
     # agent mid-convergence. Children with the default SIGTERM disposition write nothing.
     pyroute2.config.disable_mp_signal = True
     state_dir = args.state_dir or Path("/var/lib/portmesh/agent") / args.host
-    store = Store(args.store)
+    # Not the Mapping table: an agent never reads it, and at 100,000 mappings its replica would be
+    # most of the agent's memory. Global stays: its generation is what the agent reports.
+    store = Store(args.store, tables=AGENT_TABLES)
     await asyncio.to_thread(store.start)
     bridge = Bridge(args.ovsdb)
     await asyncio.to_thread(bridge.start)

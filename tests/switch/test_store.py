@@ -257,6 +257,26 @@ def test_status_reports_do_not_bump_generation(store: Store, other: Store) -> No
     assert store.host_status("ghost") == HostStatus()
 
 
+def test_a_store_limited_to_some_tables_reads_and_reports_without_the_rest(store: Store, server: str) -> None:
+    """What the agent runs: no Mapping replica, yet hosts, containers, generation and its reports work."""
+    store.add_host(Host("h1", 1))
+    generation = store.add_container(container("c1"), [mapping(80, "c1"), mapping(81, "c1")])
+    with Store(server, timeout=5, tables=("Global", "Host", "Container")) as agent_view:
+        state = agent_view.snapshot()
+        assert state.generation == generation
+        assert set(state.hosts) == {"h1"} and set(state.containers) == {"c1"}
+        assert state.mappings == {}, "the Mapping table is not replicated"
+        assert agent_view.running_containers() == {"c1"}
+        agent_view.report_agent("h1", generation)
+        agent_view.report_container_status("c1", ContainerStatus(RunState.RUNNING, "ns", 7, ""))
+    deadline = time.monotonic() + 5
+    while store.host_status("h1").agent_generation != generation:
+        assert time.monotonic() < deadline, "the limited client's report never arrived"
+        time.sleep(0.01)
+    assert store.snapshot().generation == generation, "reports do not bump the generation"
+    assert len(store.snapshot().mappings) == 2, "the other client still sees every mapping"
+
+
 def test_start_fails_fast_without_a_server(tmp_path: Path) -> None:
     s = Store(f"unix:{tmp_path / 'none.sock'}", timeout=1)
     with pytest.raises(StoreError):
