@@ -25,6 +25,9 @@ from portmesh.model.entities import DesiredState
 
 log = logging.getLogger(__name__)
 
+# Pause before retrying after the store could not be read or written.
+STORE_RETRY_S = 1.0
+
 
 class StateSource(Protocol):
     """What the controller needs from the store (portmesh.store.client.Store satisfies it)."""
@@ -61,7 +64,14 @@ class Controller:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            state = await asyncio.to_thread(self.store.snapshot)
+            try:
+                state = await asyncio.to_thread(self.store.snapshot)
+            except Exception:
+                # The loop that serves every switch must outlive a store outage: loud, then retried.
+                log.exception("cannot read the desired state; retrying in %.1f s", STORE_RETRY_S)
+                await asyncio.sleep(STORE_RETRY_S)
+                self._dirty.set()
+                continue
             stale = [s for s in self.switches.values() if s.needs_sync(state.generation)]
             if not stale:
                 continue  # e.g. our own status report came back through the store
@@ -122,7 +132,15 @@ class Controller:
             log.info("switch %016x (%s): generation %d, %d flows; compile+send+commit %.3f s",
                      switch.datapath_id, host, state.generation, result.flows, done - started)
         self.metrics.generation.labels(host).set(state.generation)
-        await asyncio.to_thread(self.store.report_switch, host, state.generation, True)
+        try:
+            await asyncio.to_thread(self.store.report_switch, host, state.generation, True)
+        except Exception as exc:
+            # The flows are in; only the report is missing. Mark the switch unrealised so the next
+            # pass (an empty delta: nothing sent) reports again, and schedule that pass.
+            log.warning("switch %016x (%s): could not report generation %d (%s); retrying in %.1f s",
+                        switch.datapath_id, host, state.generation, exc, STORE_RETRY_S)
+            switch.realized(-1, ports_version)
+            asyncio.get_running_loop().call_later(STORE_RETRY_S, self._dirty.set)
         return full
 
     @staticmethod

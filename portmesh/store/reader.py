@@ -139,6 +139,7 @@ class StateReader:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._stopping = False
+        self._failure: Exception | None = None
         # Reader-thread state: whether the desired monitor is set up on the current connection,
         # the ids of the two monitor requests in flight, and the transactions sent or waiting.
         self._ready = False
@@ -179,6 +180,8 @@ class StateReader:
 
     def snapshot(self) -> DesiredState:
         """A consistent copy of the desired state, including its generation."""
+        if self._failure is not None:
+            raise StoreError(f"store reader stopped on an error: {self._failure!r}")
         with self._lock:
             return self._mirror.state()
 
@@ -249,9 +252,11 @@ class StateReader:
                 poller.timer_wait(TICK_MS)
                 poller.block()
                 self._drain_wakeups()
-        except Exception:
+        except Exception as exc:
+            # Fail loudly: the next snapshot() raises (a silent stale replica would be worse).
             log.exception("store reader thread failed")
-            raise
+            self._failure = exc
+            self._notify()
         finally:
             session.close()
             for request in [*self._sent.values(), *self._outbox, *self._drain_requests()]:

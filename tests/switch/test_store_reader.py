@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 from portmesh.model.entities import Host
 from portmesh.model.errors import NotFound
-from portmesh.store.client import Store
+from portmesh.store.client import Store, StoreError
 from portmesh.store.reader import StateReader
 from portmesh.store.server import start_server, stop_server
 from tests.switch.test_store import kill_leader, raft_cluster
@@ -99,3 +100,20 @@ def test_reader_follows_a_new_raft_leader(tmp_path: Path) -> None:
         assert set(reader.snapshot().hosts) == {"h1", "h2"}
         reader.report_switch("h2", generation, True)
         wait_until(lambda: store.host_status("h2").switch_generation == generation, timeout=15)
+
+
+def test_a_failed_reader_thread_makes_snapshot_raise(server: tuple[Path, Path, list[int]]) -> None:
+    """A reader that stopped on an error must say so, not serve a stale replica forever."""
+    _, sock, _ = server
+    with Store(f"unix:{sock}", timeout=5) as store, StateReader(f"unix:{sock}", timeout=5) as reader:
+        woken = threading.Event()
+        reader.subscribe(woken.set)
+
+        def broken(updates: object) -> None:
+            raise RuntimeError("bug in update handling (test)")
+
+        reader._apply = broken  # type: ignore[method-assign]
+        store.add_host(Host("h1", 1))
+        assert woken.wait(5), "subscribers are told when the reader fails"
+        with pytest.raises(StoreError, match="bug in update handling"):
+            reader.snapshot()
