@@ -106,14 +106,13 @@ def test_a_failed_reader_thread_makes_snapshot_raise(server: tuple[Path, Path, l
     """A reader that stopped on an error must say so, not serve a stale replica forever."""
     _, sock, _ = server
     with Store(f"unix:{sock}", timeout=5) as store, StateReader(f"unix:{sock}", timeout=5) as reader:
-        woken = threading.Event()
-        reader.subscribe(woken.set)
-
         def broken(updates: object) -> None:
             raise RuntimeError("bug in update handling (test)")
 
         reader._apply = broken  # type: ignore[method-assign]
+        failed = threading.Event()
+        reader.subscribe(lambda: failed.set() if reader._failure is not None else None)
         store.add_host(Host("h1", 1))
-        assert woken.wait(5), "subscribers are told when the reader fails"
+        assert failed.wait(5), "subscribers are told when the reader fails"
         with pytest.raises(StoreError, match="bug in update handling"):
             reader.snapshot()
