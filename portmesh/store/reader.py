@@ -281,7 +281,7 @@ class StateReader:
         if msg.type == Message.T_NOTIFY and msg.method == "update" and len(msg.params) == 2:
             monitor, updates = msg.params
             if monitor == SERVER_MONITOR:
-                if not self._usable(updates):
+                if self._usable(updates) is False:  # None: this update is about another database
                     log.info("store %s: no longer the connected leader, moving on", session.reconnect.get_name())
                     session.force_reconnect()
                 return False
@@ -295,7 +295,7 @@ class StateReader:
         if msg.id == self._server_id:
             self._server_id = None
             # An error: a server without the _Server database (older than 2.9) is standalone.
-            if msg.type == Message.T_REPLY and not self._usable(msg.result):
+            if msg.type == Message.T_REPLY and self._usable(msg.result) is False:
                 log.info("store %s is not the connected leader, trying the next remote", session.reconnect.get_name())
                 session.force_reconnect()
                 return False
@@ -325,8 +325,9 @@ class StateReader:
         return False
 
     @staticmethod
-    def _usable(updates: dict[str, Any]) -> bool:
-        """Is the Portmesh database here readable (standalone, or this is the connected Raft leader)?"""
+    def _usable(updates: dict[str, Any]) -> bool | None:
+        """Is the Portmesh database here readable (standalone, or this is the connected Raft leader)?
+        None when ``updates`` says nothing about it (an update may carry other databases' rows only)."""
         for change in updates.get("Database", {}).values():
             row = change.get("new")
             if row is None or row.get("name") != R.SCHEMA_NAME:
@@ -334,7 +335,7 @@ class StateReader:
             if row.get("model") != "clustered":
                 return True
             return bool(row.get("connected")) and bool(row.get("leader"))
-        return False
+        return None
 
     def _apply(self, updates: dict[str, Any]) -> None:
         """Apply monitor table-updates (RFC 7047 §4.1.6: "new" holds every monitored column)."""
