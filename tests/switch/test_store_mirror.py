@@ -161,6 +161,24 @@ def test_snapshot_equals_a_full_rebuild_after_random_writes(server: tuple[Path, 
         assert model.mappings, "the sequence should leave some mappings behind"
 
 
+def change_while_down(db: Path, sock: Path, pids: list[int], before: DesiredState) -> list[MappingKey]:
+    """Stop the server, delete half the mappings and add host "offline" in the file, start it again.
+
+    The clients saw none of it happen: they must find out from the reload. Returns the deleted keys.
+    """
+    stop_server(pids.pop())
+    gone = sorted(before.mappings)[: len(before.mappings) // 2]
+    ops: list[dict[str, object]] = [
+        {"op": "delete", "table": "Mapping",
+         "where": [["public_ip", "==", str(k.public_ip)], ["proto", "==", k.proto.value], ["port", "==", k.port]]}
+        for k in gone
+    ]
+    ops.append({"op": "insert", "table": "Host", "row": {"name": "offline", "datapath_id": 99}})
+    subprocess.run(["ovsdb-tool", "transact", str(db), json.dumps(["Portmesh", *ops])], check=True, capture_output=True)
+    pids.append(start_server(db, sock, create=False))
+    return gone
+
+
 def test_snapshot_follows_a_reload_after_the_server_restarts(server: tuple[Path, Path, list[int]]) -> None:
     """Changes made while the client was away come back as a full reload, deletions included."""
     db, sock, pids = server
@@ -179,16 +197,7 @@ def test_snapshot_follows_a_reload_after_the_server_restarts(server: tuple[Path,
             rebuild(tables)
 
         store._mirror.rebuild = counted  # type: ignore[method-assign]
-        stop_server(pids.pop())
-        gone = sorted(before.mappings)[: len(before.mappings) // 2]
-        ops: list[dict[str, object]] = [{"op": "delete", "table": "Mapping",
-                "where": [["public_ip", "==", str(k.public_ip)], ["proto", "==", k.proto.value],
-                          ["port", "==", k.port]]} for k in gone]
-        ops.append({"op": "insert", "table": "Host", "row": {"name": "offline", "datapath_id": 99}})
-
-        subprocess.run(["ovsdb-tool", "transact", str(db), json.dumps(["Portmesh", *ops])], check=True,
-                       capture_output=True)
-        pids.append(start_server(db, sock, create=False))
+        gone = change_while_down(db, sock, pids, before)
         wait_until(lambda: "offline" in store.snapshot().hosts, timeout=15)
         state = store.snapshot()
         assert state == rebuilt(store)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import random
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -15,9 +13,8 @@ from portmesh.model.entities import Host
 from portmesh.model.errors import NotFound
 from portmesh.store.client import Store, StoreError
 from portmesh.store.reader import StateReader
-from portmesh.store.server import start_server, stop_server
 from tests.switch.test_store import kill_leader, raft_cluster
-from tests.switch.test_store_mirror import Model, random_step, server, wait_until
+from tests.switch.test_store_mirror import Model, change_while_down, random_step, server, wait_until
 
 __all__ = ["server"]  # the fixture, re-used
 
@@ -70,17 +67,7 @@ def test_reader_reloads_after_the_server_restarts(server: tuple[Path, Path, list
     with StateReader(f"unix:{sock}", timeout=5) as reader:
         before = reader.snapshot()
         assert model.same(before) and before.mappings
-        stop_server(pids.pop())
-        gone = sorted(before.mappings)[: len(before.mappings) // 2]
-        ops = [
-            {"op": "delete", "table": "Mapping", "where": [["public_ip", "==", str(k.public_ip)],
-                                                            ["proto", "==", k.proto.value], ["port", "==", k.port]]}
-            for k in gone
-        ]
-        ops.append({"op": "insert", "table": "Host", "row": {"name": "offline", "datapath_id": 99}})
-        subprocess.run(["ovsdb-tool", "transact", str(db), json.dumps(["Portmesh", *ops])], check=True,
-                       capture_output=True)
-        pids.append(start_server(db, sock, create=False))
+        gone = change_while_down(db, sock, pids, before)
         wait_until(lambda: "offline" in reader.snapshot().hosts, timeout=15)
         assert set(reader.snapshot().mappings) == set(before.mappings) - set(gone)
 
