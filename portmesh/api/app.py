@@ -4,13 +4,20 @@ Every refusal, whatever raised it (the model's checks, the store's constraints,
 pydantic's request parsing, the token check, a wait that timed out), is answered
 with the same body, ``{"detail": {"field": ..., "reason": ...}}``, so the CLI and
 scripts have one thing to read.
+
+A 5xx answer never carries exception text (it could name files, addresses or
+the store's internals): it says what failed in general terms and gives a request
+id, which is logged with the traceback, so an operator can find the cause.
+``/healthz`` and the OpenAPI document (``/openapi.json``, ``/docs``) need no token;
+everything under ``/v1`` does (routes.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -84,13 +91,21 @@ async def _wait_timeout(_: Request, exc: Exception) -> JSONResponse:
     return error(504, "wait", str(exc), generation=exc.generation, status=exc.status.model_dump())
 
 
-async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
-    return error(503, "store", str(exc))
+def request_id() -> str:
+    """A short id naming one failed request in the answer and in the log."""
+    return uuid.uuid4().hex[:16]
 
 
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("request failed", exc_info=exc)
-    return error(500, None, f"internal error: {type(exc).__name__}: {exc}")
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    rid = request_id()
+    log.warning("request %s %s %s: state store unavailable: %s", rid, request.method, request.url.path, exc)
+    return error(503, "store", f"the state store is unavailable; retry later (request id {rid})", request_id=rid)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    rid = request_id()
+    log.error("request %s %s %s failed", rid, request.method, request.url.path, exc_info=exc)
+    return error(500, None, f"internal error (request id {rid}; the API's log has the details)", request_id=rid)
 
 
 def create_app(
@@ -100,11 +115,14 @@ def create_app(
     *,
     wait_timeout: float = 30.0,
     unavailable: tuple[type[Exception], ...] = (),
+    log_dirs: Sequence[str] = (),
 ) -> FastAPI:
     """The API over ``store``; mutating calls need ``Authorization: Bearer <token>``.
 
     ``unavailable`` lists the store's "could not reach it / commit timed out" errors,
     answered 503 (retry later) rather than 500; passed in so this module needs no store import.
+    ``log_dirs`` adds directories (besides :data:`portmesh.api.logs.LOG_DIRS`) whose ``*.log``
+    files the logs endpoint may read.
     """
     if not token:
         raise ValueError("an API token is required")
@@ -126,7 +144,14 @@ def create_app(
     )
     app.state.service = service
     app.state.token = token
+    app.state.log_dirs = tuple(log_dirs)
     app.include_router(router)
+
+    @app.get("/healthz", tags=["status"])
+    async def healthz() -> dict[str, str]:
+        """Liveness for load balancers and supervisors: open, and says nothing about the state."""
+        return {"status": "ok"}
+
     for cls in (ModelError, InvalidInput, NotFound, Conflict):
         app.add_exception_handler(cls, _model_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

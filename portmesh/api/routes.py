@@ -1,18 +1,22 @@
 """The /v1 resources. Thin: parse HTTP, call :class:`Service`, shape the answer.
 
-Reads are open; every write needs the bearer token. Every write answers with the
-generation it produced; with ``?wait=true`` it answers only once every host's
+Every /v1 call, read or write, needs the bearer token, as Docker's and Kubernetes'
+APIs do (a container's command, environment and logs are not for anyone who can
+reach the port); ``/healthz`` and the OpenAPI document (app.py) stay open. Every
+write answers with the generation it produced; with ``?wait=true`` it answers only once every host's
 switch and agent have realised that generation (or 504 after ``timeout`` s).
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from portmesh.api.logs import read_log
 from portmesh.api.schemas import (
     IP_DOC,
     NAME_DOC,
@@ -32,6 +36,7 @@ from portmesh.api.schemas import (
     WriteOut,
 )
 from portmesh.api.service import Service
+from portmesh.model.entities import RunState
 
 _bearer = HTTPBearer(auto_error=False, description="The token from PORTMESH_TOKEN or the API's token file.")
 
@@ -42,7 +47,7 @@ def get_service(request: Request) -> Service:
 
 
 def require_token(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    """Refuse a write without the right bearer token (constant-time compare)."""
+    """Refuse a call without the right bearer token (constant-time compare)."""
     expected: str = request.app.state.token
     if creds is None or not secrets.compare_digest(creds.credentials.encode(), expected.encode()):
         raise HTTPException(
@@ -73,8 +78,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
     }.items()
 }
 
-router = APIRouter(prefix="/v1", responses=ERRORS)
-writes = [Depends(require_token)]
+router = APIRouter(prefix="/v1", responses=ERRORS, dependencies=[Depends(require_token)])
 
 
 async def _converged(service: Service, generation: int, wait: bool, timeout: float | None) -> bool:
@@ -97,7 +101,7 @@ async def get_host(name: Name, service: Svc) -> HostOut:
     return await service.host(name)
 
 
-@router.post("/hosts", status_code=201, dependencies=writes, tags=["hosts"])
+@router.post("/hosts", status_code=201, tags=["hosts"])
 async def add_host(body: HostIn, service: Svc, wait: Wait = False, timeout: Timeout = None) -> HostWriteOut:
     generation, host = await service.add_host(body)
     done = await _converged(service, generation, wait, timeout)
@@ -121,14 +125,24 @@ async def get_container(name: Name, service: Svc) -> ContainerOut:
 async def container_logs(
     name: Name,
     service: Svc,
+    request: Request,
     offset: Annotated[int, Query(ge=0, description="Byte offset to read from (the last answer's offset).")] = 0,
     tail: Annotated[int | None, Query(ge=0, le=100000, description="Only the last N lines.")] = None,
 ) -> LogsOut:
-    """The container's output as its host's runtime wrote it (same machine as the API: embedded deployment)."""
-    return await service.logs(name, offset, tail)
+    """The container's output as its host's runtime wrote it (same machine as the API: embedded deployment).
+
+    ``running`` says whether the container still runs, so ``logs -f`` knows when to stop following.
+    Only ``*.log`` files under a runtime's log directory are read, whatever the store says (logs.py).
+    """
+    container = await service.container(name)
+    status = container.status
+    log_dirs: tuple[str, ...] = request.app.state.log_dirs
+    chunk = await asyncio.to_thread(read_log, name, status.log_path if status else "", offset, tail, log_dirs)
+    running = status is not None and status.state == RunState.RUNNING.value
+    return LogsOut(name=name, path=chunk.path, offset=chunk.offset, text=chunk.text, running=running)
 
 
-@router.post("/containers", status_code=201, dependencies=writes, tags=["containers"])
+@router.post("/containers", status_code=201, tags=["containers"])
 async def add_container(body: ContainerIn, service: Svc, wait: Wait = False, timeout: Timeout = None) -> ContainerWriteOut:
     """Create a container and its mappings (every IP x every port) in one store transaction."""
     generation, container, _ = await service.add_container(body)
@@ -136,20 +150,20 @@ async def add_container(body: ContainerIn, service: Svc, wait: Wait = False, tim
     return ContainerWriteOut(generation=generation, converged=done, container=await service.container(container.name))
 
 
-@router.delete("/containers/{name}", dependencies=writes, tags=["containers"])
+@router.delete("/containers/{name}", tags=["containers"])
 async def remove_container(name: Name, service: Svc, wait: Wait = False, timeout: Timeout = None) -> WriteOut:
     """Remove a container and, in the same transaction, its mappings."""
     generation = await service.remove_container(name)
     return WriteOut(generation=generation, converged=await _converged(service, generation, wait, timeout))
 
 
-@router.post("/containers/{name}/stop", dependencies=writes, tags=["containers"])
+@router.post("/containers/{name}/stop", tags=["containers"])
 async def stop_container(name: Name, service: Svc, wait: Wait = False, timeout: Timeout = None) -> WriteOut:
     generation = await service.set_running(name, False)
     return WriteOut(generation=generation, converged=await _converged(service, generation, wait, timeout))
 
 
-@router.post("/containers/{name}/start", dependencies=writes, tags=["containers"])
+@router.post("/containers/{name}/start", tags=["containers"])
 async def start_container(name: Name, service: Svc, wait: Wait = False, timeout: Timeout = None) -> WriteOut:
     generation = await service.set_running(name, True)
     return WriteOut(generation=generation, converged=await _converged(service, generation, wait, timeout))
@@ -163,14 +177,14 @@ async def list_mappings(service: Svc) -> list[MappingOut]:
     return [MappingOut.of(m) for m in await service.mappings()]
 
 
-@router.post("/mappings", status_code=201, dependencies=writes, tags=["mappings"])
+@router.post("/mappings", status_code=201, tags=["mappings"])
 async def add_mapping(body: MappingIn, service: Svc, wait: Wait = False, timeout: Timeout = None) -> MappingWriteOut:
     generation, mapping = await service.add_mapping(body)
     done = await _converged(service, generation, wait, timeout)
     return MappingWriteOut(generation=generation, converged=done, mapping=MappingOut.of(mapping))
 
 
-@router.delete("/mappings/{public_ip}/{proto}/{port}", dependencies=writes, tags=["mappings"])
+@router.delete("/mappings/{public_ip}/{proto}/{port}", tags=["mappings"])
 async def remove_mapping(
     public_ip: PublicIp, proto: ProtoPath, port: PortPath, service: Svc, wait: Wait = False, timeout: Timeout = None
 ) -> WriteOut:

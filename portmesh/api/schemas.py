@@ -170,12 +170,13 @@ class ContainerStatusOut(BaseModel):
 
 
 class LogsOut(BaseModel):
-    """Part of a container's output, and the offset to ask from next (``portmesh logs -f``)."""
+    """Part of a container's output, the offset to ask from next, and whether it still runs (``logs -f``)."""
 
     name: str
     path: str
     offset: int
     text: str
+    running: bool = False
 
 
 class ContainerOut(BaseModel):

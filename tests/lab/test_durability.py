@@ -107,9 +107,14 @@ def restart(cloud: Cloud, labels: list[str]) -> None:
     cloud.state = new
 
 
+def auth(cloud: Cloud) -> dict[str, str]:
+    """The lab API's bearer token header: reads need it too."""
+    return {"Authorization": f"Bearer {services.token_file(cloud.state.dir).read_text().strip()}"}
+
+
 def listing(cloud: Cloud) -> dict[str, Any]:
     """What the API says exists: containers (with their reported state) and mappings."""
-    api = httpx.Client(base_url=cloud.state.api_url, timeout=10)
+    api = httpx.Client(base_url=cloud.state.api_url, headers=auth(cloud), timeout=10)
     containers = api.get("/v1/containers").raise_for_status().json()
     mappings = api.get("/v1/mappings").raise_for_status().json()
     hosts = [h["name"] for h in api.get("/v1/hosts").raise_for_status().json()]
@@ -121,7 +126,7 @@ def wait_converged(cloud: Cloud, timeout: float = 30) -> dict[str, Any]:
     status: dict[str, Any] = {}
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):
-            status = httpx.get(f"{cloud.state.api_url}/v1/status", timeout=5).json()
+            status = httpx.get(f"{cloud.state.api_url}/v1/status", headers=auth(cloud), timeout=5).json()
             if status.get("converged") and all(h["switch_connected"] for h in status["hosts"]):
                 return status
         time.sleep(0.2)

@@ -14,7 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from portmesh.api.app import create_app
+from portmesh.api.logs import plain_lines
 from portmesh.api.token import load_or_create_token
+from portmesh.model.entities import ContainerStatus, RunState
 from tests.unit.fakes import FakeStore
 
 TOKEN = "s3cret-token"
@@ -29,7 +31,8 @@ def store() -> FakeStore:
 
 @pytest.fixture
 def client(store: FakeStore) -> Iterator[TestClient]:
-    with TestClient(create_app(store, TOKEN, wait_timeout=2.0)) as c:
+    # Every /v1 call needs the token, reads too; tests of refusal use a client without it.
+    with TestClient(create_app(store, TOKEN, wait_timeout=2.0), headers=AUTH) as c:
         yield c
 
 
@@ -128,14 +131,26 @@ def test_openapi_and_docs(client: TestClient) -> None:
 # --- refusals: status, field named, nothing changed ---
 
 
-def test_writes_need_the_token(client: TestClient, store: FakeStore) -> None:
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
-        r = client.post("/v1/hosts", json={"name": "h1"}, headers=headers)
-        assert_refused(r, 401, "authorization")
-        assert r.headers["www-authenticate"] == "Bearer"
-    assert_refused(client.delete("/v1/containers/x"), 401, "authorization")
-    assert store.writes == 0
-    assert client.get("/v1/hosts").status_code == 200  # reads are open
+def test_every_call_needs_the_token(client: TestClient, store: FakeStore) -> None:
+    add_host(client)  # positive control: with the token
+    add_web(client)
+    writes = store.writes
+    with TestClient(client.app) as bare:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            r = bare.post("/v1/hosts", json={"name": "h2"}, headers=headers)
+            assert_refused(r, 401, "authorization")
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert_refused(bare.delete("/v1/containers/web"), 401, "authorization")
+        # Reads too, as Docker's and Kubernetes' APIs: a container's command and logs are not public.
+        for path in ("/v1/hosts", "/v1/hosts/h1", "/v1/containers", "/v1/containers/web", "/v1/mappings", "/v1/status"):
+            assert_refused(bare.get(path), 401, "authorization")
+            assert client.get(path).status_code == 200, path
+        assert_refused(bare.get("/v1/containers/web/logs"), 401, "authorization")
+        # Health and the API's description stay open.
+        assert bare.get("/healthz").json() == {"status": "ok"}
+        assert "/v1/containers" in bare.get("/openapi.json").json()["paths"]
+        assert bare.get("/docs").status_code == 200
+    assert store.writes == writes
 
 
 @pytest.mark.parametrize(
@@ -254,7 +269,7 @@ def test_wait_returns_when_hosts_catch_up(client: TestClient, store: FakeStore) 
 
 def test_wait_with_auto_converging_store() -> None:
     store = FakeStore(auto_converge=True)
-    with TestClient(create_app(store, TOKEN)) as client:
+    with TestClient(create_app(store, TOKEN), headers=AUTH) as client:
         add_host(client)
         r = client.post("/v1/hosts?wait=true", json={"name": "h2"}, headers=AUTH)
         assert r.status_code == 201 and r.json()["converged"] is True
@@ -282,11 +297,13 @@ def test_store_unavailable_is_503(store: FakeStore, monkeypatch: pytest.MonkeyPa
     def refuse(*_: object) -> int:
         raise Down("store did not answer within 10 s")
 
-    with TestClient(create_app(store, TOKEN, unavailable=(Down,))) as client:
+    with TestClient(create_app(store, TOKEN, unavailable=(Down,)), headers=AUTH) as client:
         add_host(client)
         monkeypatch.setattr(store, "add_container", refuse)
         r = client.post("/v1/containers", json={"name": "a", "host": "h1", "ips": [IP]}, headers=AUTH)
         assert_refused(r, 503, "store")
+        assert "10 s" not in r.text and "did not answer" not in r.text  # no exception text in a 5xx
+        assert r.json()["request_id"] in r.json()["detail"]["reason"]
 
 
 # --- token ---
@@ -304,3 +321,72 @@ def test_token_file(tmp_path: Path) -> None:
 def test_empty_token_refused(store: FakeStore) -> None:
     with pytest.raises(ValueError):
         create_app(store, "")
+
+
+# --- 5xx bodies and the logs endpoint (issue 11 item 5) ---
+
+
+def test_500_carries_a_request_id_not_the_exception(
+    store: FakeStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def boom(*_: object) -> int:
+        raise RuntimeError("secret detail /run/portmesh/lab/api.token")
+
+    with TestClient(create_app(store, TOKEN), headers=AUTH, raise_server_exceptions=False) as client:
+        add_host(client)
+        monkeypatch.setattr(store, "add_container", boom)
+        with caplog.at_level("ERROR", logger="portmesh.api.app"):
+            r = client.post("/v1/containers", json={"name": "a", "host": "h1", "ips": [IP]})
+    assert r.status_code == 500
+    assert "secret" not in r.text and "RuntimeError" not in r.text and "api.token" not in r.text
+    rid = r.json()["request_id"]
+    assert rid in r.json()["detail"]["reason"]
+    logged = [rec for rec in caplog.records if rid in rec.getMessage()]
+    assert logged and logged[0].exc_info is not None  # the traceback is in the log, under the same id
+
+
+def _with_log(store: FakeStore, client: TestClient, path: Path, state: str = "running") -> None:
+    add_host(client)
+    add_web(client)
+    store.report_container_status("web", ContainerStatus(RunState(state), "ns", 1, "", str(path)))
+
+
+def test_logs_read_a_runtime_log_and_say_whether_it_runs(store: FakeStore, tmp_path: Path) -> None:
+    logs = tmp_path / "h1" / "agent" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "web.log").write_text("one\ntwo\n")
+    with TestClient(create_app(store, TOKEN, log_dirs=[str(tmp_path)]), headers=AUTH) as client:
+        _with_log(store, client, logs / "web.log")
+        out = client.get("/v1/containers/web/logs").json()
+        assert (out["text"], out["offset"], out["running"]) == ("one\ntwo\n", 8, True)
+        store.report_container_status("web", ContainerStatus(RunState.EXITED, "ns", None, "", str(logs / "web.log")))
+        assert client.get("/v1/containers/web/logs", params={"offset": 8}).json()["running"] is False
+
+
+@pytest.mark.parametrize("target", ["token", "link.log", "dotdot"])
+def test_logs_never_read_outside_a_runtime_log_dir(store: FakeStore, tmp_path: Path, target: str) -> None:
+    """Whatever the store says: a secret, a *.log symlink to it, a path climbing out with '..'."""
+    allowed = tmp_path / "logs"
+    allowed.mkdir()
+    secret = tmp_path / "api.token"
+    secret.write_text("TOPSECRET\n")
+    (allowed / "link.log").symlink_to(secret)
+    (tmp_path / "other.log").write_text("TOPSECRET\n")
+    path = {"token": secret, "link.log": allowed / "link.log", "dotdot": allowed / ".." / "other.log"}[target]
+    with TestClient(create_app(store, TOKEN, log_dirs=[str(allowed)]), headers=AUTH) as client:
+        _with_log(store, client, path)
+        r = client.get("/v1/containers/web/logs")
+        assert_refused(r, 404, "logs")
+        assert "TOPSECRET" not in r.text and str(tmp_path) not in r.text
+        (allowed / "web.log").write_text("fine\n")  # positive control: the same container, a log inside
+        store.report_container_status("web", ContainerStatus(RunState.RUNNING, "ns", 1, "", str(allowed / "web.log")))
+        assert client.get("/v1/containers/web/logs").json()["text"] == "fine\n"
+
+
+def test_engine_log_prefixes_are_dropped() -> None:
+    podman = "2026-11-30T10:00:00.123456789+00:00 stdout F hello\n2026-11-30T10:00:01.1+00:00 stderr P par\n"
+    podman += "2026-11-30T10:00:01.2+00:00 stderr F tial\n"
+    assert plain_lines(podman) == "hello\npartial\n"
+    docker = '{"log":"hi there\\n","stream":"stdout","time":"2026-11-30T10:00:00Z"}\n'
+    assert plain_lines(docker) == "hi there\n"
+    assert plain_lines("plain output\n") == "plain output\n"
