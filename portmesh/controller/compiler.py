@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Mapping as MappingABC
 from functools import cache, lru_cache, partial
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 from portmesh.controller.flows import (
     OFPP_CONTROLLER,
     OFPP_IN_PORT,
     OFPP_LOCAL,
+    Ct,
     Flow,
     Move,
     Output,
@@ -28,7 +29,7 @@ from portmesh.controller.flows import (
     owner_id,
     shape_of,
 )
-from portmesh.controller.pipeline import Table
+from portmesh.controller.pipeline import Meter, Table
 from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import Container, DesiredState, Mapping, MappingKey, Proto
 
@@ -36,16 +37,28 @@ ETH_IP = 0x0800
 ETH_ARP = 0x0806
 IPPROTO = {Proto.TCP: 6, Proto.UDP: 17}
 IPPROTO_ICMP = 1
+ICMP_ECHO_REPLY, ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_TIME_EXCEEDED = 0, 3, 8, 11
+ICMP_ERRORS = (ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED)
+# Conntrack zone of containers' echo requests; nothing else is tracked (TCP/UDP never are).
+ICMP_ZONE = 1
+CT_EST, CT_REL, CT_RPL, CT_TRK = 0x02, 0x04, 0x08, 0x20
+# The whole packet: an ICMP error is forwarded as it came, and its checksum covers all of it.
+WHOLE_PACKET = 0xFFFF
 SRC_FIELD = {Proto.TCP: "tcp_src", Proto.UDP: "udp_src"}
 DST_FIELD = {Proto.TCP: "tcp_dst", Proto.UDP: "udp_dst"}
 
 # Priorities, highest first; named so the pipeline reads the same in code and in dumps.
+PRIO_ICMP_CT = 400
+PRIO_ICMP_LOCAL = 150
 PRIO_SERVICE = 300
 PRIO_BLOCK = 200
 PRIO_ALLOW = 100
 PRIO_REJECT = 50
+PRIO_FENCE = 40
 PRIO_PORT_DROP = 10
 PRIO_DEFAULT = 0
+
+LINK_LOCAL = IPv4Network("169.254.0.0/16")
 
 __all__ = ["OFPP_CONTROLLER", "compile_switch"]
 
@@ -89,6 +102,34 @@ class SwitchCompiler:
         self._prev_mappings: MappingABC[MappingKey, Mapping] = {}
         self._pending: dict[object, tuple[Flow, ...]] = {}
         self._vanished: list[tuple[Flow, ...]] = []
+        self._index: tuple[object, dict[IPv4Address, list[Container]], dict[int, Container]] = (None, {}, {})
+
+    def owner_of(self, ip: IPv4Address, proto: Proto, port: int) -> Container | None:
+        """Who owns ``(ip, proto, port)`` in the flows last compiled: a mapping's container, else the
+        container holding ``ip`` whose port block has ``port``. For ICMP errors, which quote such a triple."""
+        mapping = self._prev_mappings.get(MappingKey(ip, proto, port))
+        if mapping is not None:
+            entry = self._container_inputs.get(mapping.container)
+            return entry[0] if entry is not None else None
+        return next((c for c in self._indexes()[0].get(ip, ()) if port in c.block), None)
+
+    def container_at(self, port: int) -> Container | None:
+        """The container whose bridge port is OpenFlow port ``port`` on this switch, as last compiled."""
+        return self._indexes()[1].get(port)
+
+    def _indexes(self) -> tuple[dict[IPv4Address, list[Container]], dict[int, Container]]:
+        """IP -> holders and port -> container, rebuilt only after the containers changed."""
+        inputs = self._container_inputs
+        if self._index[0] is not inputs:
+            by_ip: dict[IPv4Address, list[Container]] = {}
+            by_port: dict[int, Container] = {}
+            for container, port in inputs.values():
+                for ip in container.ips:
+                    by_ip.setdefault(ip, []).append(container)
+                if port is not None and container.host == self.host:
+                    by_port[port] = container
+            self._index = (inputs, by_ip, by_port)
+        return self._index[1], self._index[2]
 
     def compile(self, state: DesiredState, ports: MappingABC[str, int]) -> dict[int, Flow]:
         """The whole flow set, keyed by cookie."""
@@ -231,13 +272,54 @@ def host_flows(config: NetworkConfig, host: str) -> Iterator[Flow]:
     yield flow(Table.ARP, PRIO_ALLOW, h, host, arp_responder(config.gateway_ip, config.gateway_mac),
                eth_type=ETH_ARP, arp_op=1, arp_tpa=str(config.gateway_ip))
     yield flow(Table.ARP, PRIO_DEFAULT, h, host)
+    yield flow(Table.MAPPING, PRIO_ALLOW, h, host, icmp_echo_responder(config.gateway_ip, config.gateway_mac),
+               eth_type=ETH_IP, ipv4_dst=str(config.gateway_ip), ip_proto=IPPROTO_ICMP, icmpv4_type=8)
+    yield from fence_flows(config, host)
     yield flow(Table.MAPPING, PRIO_DEFAULT, h, host, (), Table.L2)
     yield flow(Table.L2, PRIO_ALLOW, h, host, (Output(OFPP_LOCAL),), eth_dst=config.gateway_mac)
     yield flow(Table.L2, PRIO_DEFAULT, h, host)
+    yield from icmp_host_flows(host)
+
+
+def icmp_host_flows(host: str) -> Iterator[Flow]:
+    """ICMP that concerns a container's echo, found through conntrack; nothing else is tracked.
+
+    A container's echo request is committed with its MAC in ct_label (see
+    :func:`container_port_flows`). Echo replies and errors from the gateway port
+    are looked up; the reply to, or an error about, such a request takes its
+    eth_dst from the label. Two containers sharing an IP that ping the same
+    destination with the same echo id share one conntrack entry: the later one
+    gets both replies.
+    """
+    h = OwnerKind.HOST
+    for icmp_type in (ICMP_ECHO_REPLY, *ICMP_ERRORS):
+        yield flow(Table.CLASSIFY, PRIO_ICMP_LOCAL, h, host, (Ct(ICMP_ZONE, Table.MAPPING),),
+                   in_port=OFPP_LOCAL, eth_type=ETH_IP, ip_proto=IPPROTO_ICMP, icmpv4_type=icmp_type)
+    to_owner = (Move("ct_label", "eth_dst", 48),)
+    reply = CT_TRK | CT_EST | CT_RPL
+    yield flow(Table.MAPPING, PRIO_ICMP_CT, h, host, to_owner, Table.L2,
+               ct_state=(reply, reply), eth_type=ETH_IP, ip_proto=IPPROTO_ICMP, icmpv4_type=ICMP_ECHO_REPLY)
+    yield flow(Table.MAPPING, PRIO_ICMP_CT, h, host, to_owner, Table.L2,
+               ct_state=(CT_TRK | CT_REL, CT_TRK | CT_REL), eth_type=ETH_IP, ip_proto=IPPROTO_ICMP)
+
+
+def fence_flows(config: NetworkConfig, host: str) -> Iterator[Flow]:
+    """Nothing goes through the switch to link-local, management or underlay addresses.
+
+    The gateway MAC leads to the host (LOCAL), which would route anything; these
+    drops keep 169.254.0.0/16 (but the switch's own answers for the gateway) and
+    the protected networks out of reach whoever sends. The host firewall
+    (portmesh/agent/isolation.py) guards the host's own addresses, which the
+    controller does not know.
+    """
+    for net in sorted({LINK_LOCAL, *config.protected_networks}):
+        yield flow(Table.MAPPING, PRIO_FENCE, OwnerKind.HOST, host,
+                   eth_type=ETH_IP, ipv4_dst=(str(net.network_address), str(net.netmask)))
 
 
 def public_ip_flows(config: NetworkConfig, ip: IPv4Address) -> Iterator[Flow]:
-    """Per public IP: ARP and ICMP echo answered by the switch; unmapped TCP/UDP rejected."""
+    """Per public IP: ARP and ICMP echo answered by the switch; unmapped TCP/UDP rejected; ICMP errors
+    to the controller, which delivers each to the owner of the port it quotes (portmesh/controller/icmp.py)."""
     name = str(ip)
     k = OwnerKind.REJECT
     yield flow(Table.ARP, PRIO_ALLOW, k, name, arp_responder(ip, config.virtual_mac),
@@ -247,6 +329,9 @@ def public_ip_flows(config: NetworkConfig, ip: IPv4Address) -> Iterator[Flow]:
     for proto in Proto:
         yield flow(Table.MAPPING, PRIO_REJECT, k, name, (ToController(),),
                    eth_type=ETH_IP, ipv4_dst=name, ip_proto=IPPROTO[proto])
+    for icmp_type in ICMP_ERRORS:
+        yield flow(Table.MAPPING, PRIO_ALLOW, k, name, (ToController(WHOLE_PACKET, Meter.ICMP_IN),),
+                   eth_type=ETH_IP, ipv4_dst=name, ip_proto=IPPROTO_ICMP, icmpv4_type=icmp_type)
 
 
 @cache
@@ -304,8 +389,15 @@ def container_port_flows(container: Container, port: int) -> Iterator[Flow]:
     for ip in container.ips:
         yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, (), Table.ARP,
                    in_port=port, eth_src=mac, eth_type=ETH_ARP, arp_spa=str(ip), arp_sha=mac)
-        yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, (), Table.MAPPING,
-                   in_port=port, eth_src=mac, eth_type=ETH_IP, ipv4_src=str(ip), ip_proto=IPPROTO_ICMP)
+        # ICMP: echo requests are tracked (their replies come back by conntrack); errors are checked by
+        # the controller (they must quote a port of the sender's); other types are dropped.
+        yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, (Ct(ICMP_ZONE, commit=True, label_from="eth_src"),),
+                   Table.MAPPING, in_port=port, eth_src=mac, eth_type=ETH_IP, ipv4_src=str(ip),
+                   ip_proto=IPPROTO_ICMP, icmpv4_type=ICMP_ECHO_REQUEST)
+        for icmp_type in ICMP_ERRORS:
+            yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, (ToController(WHOLE_PACKET, Meter.ICMP_OUT),),
+                       in_port=port, eth_src=mac, eth_type=ETH_IP, ipv4_src=str(ip),
+                       ip_proto=IPPROTO_ICMP, icmpv4_type=icmp_type)
         for proto in Proto:
             yield flow(Table.CLASSIFY, PRIO_ALLOW, k, name, (), Table.MAPPING,
                        in_port=port, eth_src=mac, eth_type=ETH_IP, ipv4_src=str(ip), ip_proto=IPPROTO[proto],

@@ -34,10 +34,16 @@ class Table(enum.Enum):
             "Ingress classification and port security. A container port may send only with its own MAC, "
             "from one of its IPs, and (TCP/UDP) from a source port it owns: a mapped service port or its "
             "ephemeral block. ARP must carry its own MAC and IP. The host's gateway port and tunnel ports "
-            "are trusted. Everything else hits the container's drop flow, whose counter is the port-security count."
+            "are trusted. Everything else hits the container's drop flow, whose counter is the port-security count. "
+            "ICMP from a container: an echo request is committed to conntrack (zone 1, the sender's MAC in "
+            "ct_label); a destination unreachable or time exceeded goes to the controller (meter ICMP_OUT), which "
+            "passes it on to MAPPING only if the header it quotes is addressed to a port the sender owns; any "
+            "other type is dropped. ICMP echo replies, destination unreachable and time exceeded from the gateway "
+            "port are looked up in conntrack zone 1 and continue in MAPPING."
         ),
         match_fields=frozenset(
-            {"in_port", "eth_src", "eth_type", "ipv4_src", "ip_proto", "tcp_src", "udp_src", "arp_spa", "arp_sha"}
+            {"in_port", "eth_src", "eth_type", "ipv4_src", "ip_proto", "tcp_src", "udp_src", "arp_spa", "arp_sha",
+             "icmpv4_type"}
         ),
         next_tables=("ARP", "MAPPING"),
         miss="drop",
@@ -58,10 +64,16 @@ class Table(enum.Enum):
         purpose=(
             "The mapping table: (ipv4_dst, ip_proto, tp_dst) -> set eth_dst to the owning container's MAC. "
             "Exact flows for service ports, one masked flow per ephemeral block. ICMP echo requests to a "
-            "public IP are answered here. An unmapped TCP/UDP destination on a public IP goes to the "
-            "controller, which answers with a TCP reset or ICMP port unreachable. Other destinations pass to L2."
+            "public IP or to the gateway are answered here. An unmapped TCP/UDP destination on a public IP goes "
+            "to the controller, which answers with a TCP reset or ICMP port unreachable. The fence: anything "
+            "else to 169.254.0.0/16 or to a protected (management, underlay) network is dropped, whoever sends "
+            "it. ICMP that conntrack relates to a container's echo (the reply, or an error quoting the request) "
+            "gets eth_dst from the ct_label its request set. A destination unreachable or time exceeded to a "
+            "public IP goes to the controller (meter ICMP_IN), which finds the owner of the address and port the "
+            "error quotes (mappings, then port blocks) and sends it on to L2 with eth_dst set to the owner's MAC. "
+            "Other destinations pass to L2."
         ),
-        match_fields=frozenset({"eth_type", "ipv4_dst", "ip_proto", "tcp_dst", "udp_dst", "icmpv4_type"}),
+        match_fields=frozenset({"eth_type", "ipv4_dst", "ip_proto", "tcp_dst", "udp_dst", "icmpv4_type", "ct_state"}),
         next_tables=("L2",),
         miss="goto L2",
     )
@@ -70,7 +82,12 @@ class Table(enum.Enum):
         purpose=(
             "L2 forwarding keyed by (switch, eth_dst): a container MAC goes to its port (IN_PORT when the "
             "packet came from that very port), the gateway MAC to the host's LOCAL port. Programmed "
-            "proactively from desired state; nothing is learned."
+            "proactively from desired state; nothing is learned. What reaches LOCAL from a container is thus "
+            "IPv4 to a destination outside the public pools, link-local and protected networks; the host "
+            "firewall on br0 (table inet portmesh, applied by the agent) then lets it be forwarded to the "
+            "outside but never delivered to a socket of the host, whatever host address it is sent to. The "
+            "host kernel never sees a container port's frames directly: each container port has an nftables "
+            "netdev ingress chain with policy drop (table netdev portmesh), which OVS's packet socket precedes."
         ),
         match_fields=frozenset({"eth_dst", "in_port"}),
         next_tables=(),
@@ -91,6 +108,34 @@ class Table(enum.Enum):
             raise ValueError(f"table {self.name} does not match on {sorted(unknown)}")
         if goto is not None and goto.name not in self.value.next_tables:
             raise ValueError(f"table {self.name} may not go to {goto.name}")
+
+
+@dataclass(frozen=True)
+class MeterSpec:
+    """An OpenFlow meter the controller keeps on every switch: packets per second, with a burst."""
+
+    meter_id: int
+    rate_pps: int
+    burst: int
+    purpose: str
+
+
+class Meter(enum.Enum):
+    """Rate limits on what flows send to the controller. Meter-mods cannot ride in a bundle, so the
+    controller sets these (add, or modify when they exist) before it sends a switch its first flows."""
+
+    ICMP_IN = MeterSpec(
+        meter_id=1, rate_pps=200, burst=100,
+        purpose="ICMP errors arriving for a public IP, on their way to the controller to find the owner.",
+    )
+    ICMP_OUT = MeterSpec(
+        meter_id=2, rate_pps=100, burst=50,
+        purpose="ICMP errors sent by containers, on their way to the controller to be checked.",
+    )
+
+    @property
+    def meter_id(self) -> int:
+        return self.value.meter_id
 
 
 def render_markdown() -> str:
@@ -115,6 +160,11 @@ def render_markdown() -> str:
             f"- on a miss: {spec.miss}",
             "",
         ]
+    lines += ["## Meters", "", "Per switch; beyond the rate (plus the burst) packets are dropped before the controller.", ""]
+    for meter in Meter:
+        m = meter.value
+        lines.append(f"- `{meter.name}` (meter {m.meter_id}): {m.rate_pps} packets/s, burst {m.burst}. {m.purpose}")
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -28,14 +28,14 @@ Encoder = Callable[[Flow], bytes]
 FIELD_WIDTH = {
     "in_port": 4, "eth_type": 2, "ip_proto": 1, "tcp_src": 2, "tcp_dst": 2, "udp_src": 2, "udp_dst": 2,
     "arp_op": 2, "icmpv4_type": 1, "ipv4_src": 4, "ipv4_dst": 4, "arp_spa": 4, "arp_tpa": 4,
-    "eth_src": 6, "eth_dst": 6, "arp_sha": 6, "arp_tha": 6, "output": 4, "cookie": 8,
+    "eth_src": 6, "eth_dst": 6, "arp_sha": 6, "arp_tha": 6, "output": 4, "cookie": 8, "ct_state": 4,
 }
 
 
 def _value_bytes(value: Slot, width: int) -> bytes:
     if isinstance(value, tuple):
-        # A masked match: os-ken writes value & mask, then the mask.
-        v, m = (int(x) for x in value)
+        # A masked match: os-ken writes value & mask, then the mask (an IPv4 pair may be dotted text).
+        v, m = (_int(x) for x in value)
         half = width // 2
         return (v & m).to_bytes(half, "big") + m.to_bytes(half, "big")
     if isinstance(value, int):
@@ -45,12 +45,20 @@ def _value_bytes(value: Slot, width: int) -> bytes:
     return bytes.fromhex(value.replace(":", ""))
 
 
+def _int(x: int | str) -> int:
+    """A masked value or mask as an integer: dotted IPv4 text or a number."""
+    return int.from_bytes(socket.inet_aton(x), "big") if isinstance(x, str) else x
+
+
 def _flipped(value: Slot, width: int) -> Slot:
     """A value of the same kind that differs from ``value`` in every byte (masked: value and mask)."""
     if isinstance(value, tuple):
         full = (1 << (8 * (width // 2))) - 1
-        v, m = (int(x) for x in value)
-        return (~v & ~m & full, ~m & full)
+        v, m = (_int(x) for x in value)
+        flipped = (~v & ~m & full, ~m & full)
+        if isinstance(value[0], str):
+            return (socket.inet_ntoa(flipped[0].to_bytes(4, "big")), socket.inet_ntoa(flipped[1].to_bytes(4, "big")))
+        return flipped
     if isinstance(value, int):
         return value ^ ((1 << (8 * width)) - 1)
     raw = bytes(b ^ 0xFF for b in _value_bytes(value, width))

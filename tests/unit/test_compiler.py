@@ -163,3 +163,67 @@ def test_mapping_fast_path_builds_what_flow_builds() -> None:
         assert got == want
         assert [f.cookie for f in got] == [f.cookie for f in want]
         assert [f.shape for f in got] == [f.shape for f in want]
+
+
+def _first_match(flows: dict[int, object], table: Table, packet: dict[str, object]) -> object:
+    """The highest-priority flow of ``table`` matching ``packet`` (exact and masked IPv4/port fields)."""
+    from ipaddress import IPv4Address as A
+
+    from portmesh.controller.flows import Flow
+
+    def hit(field: str, want: object) -> bool:
+        have = packet.get(field)
+        if have is None:
+            return False
+        if isinstance(want, tuple):
+            value, mask = want
+            if isinstance(value, str):
+                return int(A(str(have))) & int(A(mask)) == int(A(value)) & int(A(mask))
+            return int(str(have)) & int(mask) == int(value) & int(mask)
+        return str(have) == str(want)
+
+    best = [f for f in flows.values() if isinstance(f, Flow) and f.table is table
+            and all(hit(k, v) for k, v in dict(f.match).items())]
+    return max(best, key=lambda f: f.priority)
+
+
+@pytest.mark.parametrize(
+    ("dst", "proto", "port", "fate"),
+    [
+        ("198.51.100.2", 6, 80, "L2"),  # the outside: on to the gateway MAC's LOCAL port
+        ("169.254.1.1", 6, 22, "drop"),  # the gateway address itself: nothing listens there for containers
+        ("169.254.169.254", 6, 80, "drop"),  # a cloud's metadata service: not the containers' business
+        ("169.254.7.7", 17, 53, "drop"),
+        ("198.18.0.1", 6, 6653, "drop"),  # the management network (controller)
+        ("198.19.255.1", 17, 4789, "drop"),  # the rest of the protected /15 (underlay)
+        ("169.254.1.1", 1, None, "echo"),  # the switch answers ping to the gateway
+    ],
+)
+def test_mapping_fences_link_local_and_protected_networks(dst: str, proto: int, port: int | None, fate: str) -> None:
+    """What may go on to L2 (and so to LOCAL through the gateway MAC) from a container port."""
+    from portmesh.controller.flows import Flow, Output
+
+    state = state_with(1)
+    flows = compile_switch(state, CFG, "h1", {state.containers["c0"].port_name: 1})
+    packet: dict[str, object] = {"in_port": 1, "eth_type": 0x0800, "ipv4_dst": dst, "ip_proto": proto}
+    if proto == 1:
+        packet["icmpv4_type"] = 8
+    else:
+        packet["tcp_dst" if proto == 6 else "udp_dst"] = port
+    got = _first_match(flows, Table.MAPPING, packet)
+    assert isinstance(got, Flow)
+    if fate == "L2":
+        assert got.goto is Table.L2 and not got.actions
+    elif fate == "drop":
+        assert got.goto is None and not got.actions, got
+    else:
+        assert got.actions[-1] == Output(0xFFFFFFF8) and got.goto is None, got
+
+
+def test_only_the_gateway_mac_leads_to_local() -> None:
+    from portmesh.controller.flows import OFPP_LOCAL, Output
+
+    state = state_with(2)
+    flows = compile_switch(state, CFG, "h1", {c.port_name: i for i, c in enumerate(state.containers.values(), 1)})
+    to_local = [f for f in flows.values() if Output(OFPP_LOCAL) in f.actions]
+    assert [(f.table, dict(f.match)) for f in to_local] == [(Table.L2, {"eth_dst": CFG.gateway_mac})]
