@@ -21,6 +21,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
+from portmesh.agent import isolation
 from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import Container
 
@@ -163,21 +164,40 @@ def write_sysctls(values: Mapping[str, str], netns: str | None = None) -> None:
 
 
 def ensure_host_gateway(config: NetworkConfig, bridge: str = BRIDGE) -> None:
-    """The bridge's internal port is the containers' gateway: address, up, pool routes, forwarding.
+    """The bridge's internal port is the containers' gateway: address, up, pool routes, forwarding, firewall.
 
     Runs in the host's namespace; the bridge's internal port must already exist
-    (``ovs-vswitchd`` makes it when the bridge is created).
+    (``ovs-vswitchd`` makes it when the bridge is created). The gateway address is
+    a /32 (``config.gateway_prefix``) and the public pools are on-link routes: a
+    /16 would make the host claim all of 169.254.0.0/16 and shadow a cloud's
+    metadata service (169.254.169.254). The gateway address with any other prefix
+    (an older agent's /16) is replaced. The host firewall goes on before
+    forwarding is turned on.
     """
+    gw = str(config.gateway_ip)
     with IPRoute() as ipr:
         index = _index(ipr, bridge)
         if index is None:
             raise PlumbingError(f"bridge port {bridge} does not exist yet")
         _ensure_up(ipr, index)
-        if (str(config.gateway_ip), config.gateway_prefix) not in _addresses(ipr, index):
-            ipr.addr("add", index=index, address=str(config.gateway_ip), prefixlen=config.gateway_prefix)
+        have = _addresses(ipr, index)
+        for address, prefixlen in sorted(have):
+            if address == gw and prefixlen != config.gateway_prefix:
+                ipr.addr("del", index=index, address=address, prefixlen=prefixlen)
+        if (gw, config.gateway_prefix) not in have:
+            ipr.addr("add", index=index, address=gw, prefixlen=config.gateway_prefix)
         for pool in config.public_pools:
             _ensure_route(ipr, TABLE_MAIN, str(pool.network_address), pool.prefixlen, index)
+    isolation.ensure_host_firewall(bridge, config.protected_networks)
     write_sysctls({"net.ipv4.ip_forward": "1"})
+
+
+def recheck_isolation(config: NetworkConfig, bridge: str = BRIDGE) -> None:
+    """The agent's full re-check: every container port on the host isolated (and no chain for a gone one),
+    the host firewall as it must be. See :mod:`portmesh.agent.isolation`."""
+    if isolation.needed():
+        isolation.sync_ports(host_ports())
+    isolation.ensure_host_firewall(bridge, config.protected_networks)
 
 
 # -- containers --------------------------------------------------------------------
@@ -221,6 +241,9 @@ def plumb_container(container: Container, netns: str, config: NetworkConfig) -> 
             index = _index(ipr, host_if)
             if index is None:
                 raise PlumbingError(f"veth {host_if} vanished right after creation")
+        # Before the port is up: the host's IP stack never processes a frame from it (isolation.py).
+        if isolation.needed():
+            isolation.isolate_port(host_if)
         # The host end is only a bridge port: no IPv6 link-local address, no DAD or router solicitations.
         if Path(f"/proc/sys/net/ipv6/conf/{host_if}").is_dir():
             write_sysctls({f"net.ipv6.conf.{host_if}.disable_ipv6": "1"})
@@ -294,11 +317,13 @@ def _ensure_rule(ipr: IPRoute) -> None:
 
 
 def unplumb_container(container_port_name: str) -> None:
-    """Delete the container's veth (both ends go); harmless if it is already gone."""
+    """Delete the container's veth (both ends go) and its isolation chain; harmless if already gone."""
     with IPRoute() as ipr:
         index = _index(ipr, container_port_name)
         if index is not None:
             ipr.link("del", index=index)
+    if isolation.needed():
+        isolation.release_port(container_port_name)
 
 
 def is_container_port(name: str) -> bool:

@@ -166,6 +166,7 @@ class Agent:
             log.info("removing orphan port %s", port)
             self.bridge.remove_port(port)
             plumbing.unplumb_container(port)
+        plumbing.recheck_isolation(self.cfg.network)
 
     def _converge_containers(self, wanted: dict[str, Container], full: bool) -> list[str]:
         """Converge the containers not settled in their current desired state (all on a full pass);

@@ -16,22 +16,28 @@ class NetworkConfig:
 
     - ``public_pools``: public IPs that may be given to containers.
     - ``gateway_ip``/``gateway_mac``: the link-local next hop every container
-      uses; the switch answers ARP for it, the host's bridge port owns it.
+      uses; the switch answers ARP and ICMP echo for it, the host's bridge port
+      owns it as a /32 (``gateway_prefix``): the host claims no more of
+      169.254.0.0/16, where public clouds put their metadata service.
     - ``virtual_mac``: the one MAC that ARP replies give for every public IP;
       the mapping table rewrites it to the owning container's MAC.
     - ``ephemeral_*``: the range carved into per-container source-port blocks.
     - ``container_mtu``: leaves 50 bytes of VXLAN header on a 1500 underlay.
+    - ``protected_networks``: the management and underlay networks (controller,
+      store, agents, API, tunnels); containers never reach them, nor anything
+      in 169.254.0.0/16 but the gateway (pipeline and host firewall).
     """
 
     public_pools: tuple[IPv4Network, ...] = (IPv4Network("203.0.113.0/24"),)
     gateway_ip: IPv4Address = IPv4Address("169.254.1.1")  # noqa: RUF009 (immutable value)
-    gateway_prefix: int = 16
+    gateway_prefix: int = 32
     gateway_mac: str = "0a:00:00:00:00:01"
     virtual_mac: str = "0a:00:00:00:00:02"
     ephemeral_start: int = 32768
     ephemeral_end: int = 65535
     block_size: int = 1024
     container_mtu: int = 1450
+    protected_networks: tuple[IPv4Network, ...] = (IPv4Network("198.18.0.0/15"),)
 
     def in_pools(self, ip: IPv4Address) -> bool:
         """True if ``ip`` belongs to one of the configured public pools."""

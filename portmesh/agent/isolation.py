@@ -1,0 +1,229 @@
+"""Keep the host's own IP stack out of the containers' traffic: nftables, applied by the agent.
+
+Why this exists: with the userspace datapath, ``ovs-vswitchd`` reads each port
+through a packet socket, and a packet socket does not take the frame away from
+the host kernel. Every frame a container sends was also handed to the host's IP
+stack, which answered ARP for the gateway with the veth's own MAC and then routed
+the container's packets itself (``ip_forward=1``), past every port-security flow.
+
+Two tables, both named ``portmesh`` and owned by the agent alone:
+
+- ``netdev portmesh``: one ingress chain per port, named after the port,
+  ``policy drop`` with no rules. The packet socket sees a frame before the ingress
+  hook, so OVS still gets it; the host kernel never does. One chain per port (not
+  one chain with a device list) because creating and deleting a single-device
+  chain works on every kernel with nftables, while adding devices to an existing
+  multi-device chain, or removing them, needs a recent one. Only needed with the
+  userspace datapath: with the kernel datapath OVS's rx_handler takes the frame
+  (and a netdev ingress drop would run before it), so nothing is installed there.
+- ``inet portmesh``: the host firewall for the gateway port (br0's internal port,
+  where OVS hands containers' traffic to the host). Nothing that arrives there may
+  reach a socket of the host (``input``), and nothing may be forwarded to the
+  link-local, management or underlay networks (``forward``). Stateless on purpose:
+  a ``ct`` expression would turn on conntrack for every forwarded connection of the
+  host's namespace, the containers' data path included.
+
+The rules are applied through libnftables, the library the ``nft`` command is
+built on, loaded with ctypes (Debian's ``python3-nftables`` is the same thin
+wrapper but lives outside a virtualenv): a transaction is applied atomically
+from a text buffer with no process spawned, and the state is read back as JSON.
+Every function reads first and writes only what differs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import threading
+from collections.abc import Iterable
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+TABLE = "portmesh"
+LINK_LOCAL = IPv4Network("169.254.0.0/16")
+NFT_CTX_OUTPUT_JSON = 1 << 4
+
+
+class NftError(RuntimeError):
+    """libnftables refused a command; the message is nft's own error text."""
+
+
+class Nft:
+    """A libnftables context (the calling thread's network namespace); one command at a time."""
+
+    def __init__(self) -> None:
+        name = ctypes.util.find_library("nftables") or "libnftables.so.1"
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError as exc:
+            raise NftError(f"libnftables is not installed (Debian package nftables): {exc}") from exc
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        for fn in ("nft_ctx_buffer_output", "nft_ctx_buffer_error"):
+            getattr(lib, fn).argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        for fn in ("nft_ctx_get_output_buffer", "nft_ctx_get_error_buffer"):
+            getattr(lib, fn).argtypes = [ctypes.c_void_p]
+            getattr(lib, fn).restype = ctypes.c_char_p
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        self._lib = lib
+        self._lock = threading.Lock()
+
+    def run(self, commands: str, *, as_json: bool = False) -> str:
+        """Run ``commands`` (nft syntax, one transaction); return nft's output or raise :class:`NftError`."""
+        lib = self._lib
+        with self._lock:
+            ctx = lib.nft_ctx_new(0)
+            try:
+                lib.nft_ctx_buffer_output(ctx)
+                lib.nft_ctx_buffer_error(ctx)
+                lib.nft_ctx_output_set_flags(ctx, NFT_CTX_OUTPUT_JSON if as_json else 0)
+                rc = lib.nft_run_cmd_from_buffer(ctx, commands.encode())
+                out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode()
+                err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode()
+            finally:
+                lib.nft_ctx_free(ctx)
+        if rc != 0:
+            raise NftError(err.strip() or f"nft failed: {commands!r}")
+        return out
+
+    def objects(self, command: str) -> list[dict[str, Any]]:
+        """A ``list`` command's objects as JSON (``[]`` when the table does not exist)."""
+        try:
+            out = self.run(command, as_json=True)
+        except NftError as exc:
+            if "No such file or directory" in str(exc):
+                return []
+            raise
+        return list(json.loads(out).get("nftables", [])) if out.strip() else []
+
+
+_NFT: Nft | None = None
+
+
+def nft() -> Nft:
+    """The process's libnftables binding, loaded on first use."""
+    global _NFT
+    if _NFT is None:
+        _NFT = Nft()
+    return _NFT
+
+
+def needed() -> bool:
+    """True where OVS runs the userspace datapath (no openvswitch kernel module), as bridge.py decides."""
+    return not Path("/sys/module/openvswitch").exists()
+
+
+# -- container ports: the host kernel never sees their frames ---------------------------
+
+
+def _port_chain(port: str) -> str:
+    return f'add chain netdev {TABLE} {port} {{ type filter hook ingress device "{port}" priority filter; policy drop; }}\n'
+
+
+def isolated_ports() -> set[str]:
+    """Ports that have an ingress drop chain in ``netdev portmesh``."""
+    return {o["chain"]["name"] for o in nft().objects(f"list table netdev {TABLE}") if "chain" in o}
+
+
+def isolate_port(port: str) -> bool:
+    """Give ``port`` its ingress drop chain unless it has one; True if added.
+
+    Call after the device exists and before it is up, so no frame of it ever
+    reaches the host's stack.
+    """
+    _check_name(port)
+    try:
+        nft().run(f"list chain netdev {TABLE} {port}")
+        return False
+    except NftError:
+        pass
+    nft().run(f"add table netdev {TABLE}\n" + _port_chain(port))
+    return True
+
+
+def release_port(port: str) -> bool:
+    """Delete ``port``'s chain if there is one (a kernel may have dropped it with the device); True if deleted."""
+    _check_name(port)
+    if port not in isolated_ports():
+        return False
+    nft().run(f"delete chain netdev {TABLE} {port}")
+    return True
+
+
+def sync_ports(ports: Iterable[str]) -> tuple[set[str], set[str]]:
+    """Exactly ``ports`` have chains: missing ones added, others deleted, in one transaction.
+
+    Returns (added, deleted). The agent's full re-check calls it with the
+    container ports present on the host.
+    """
+    wanted = set(ports)
+    for port in wanted:
+        _check_name(port)
+    have = isolated_ports()
+    added, deleted = wanted - have, have - wanted
+    if added or deleted:
+        commands = f"add table netdev {TABLE}\n"
+        commands += "".join(_port_chain(p) for p in sorted(added))
+        commands += "".join(f"delete chain netdev {TABLE} {p}\n" for p in sorted(deleted))
+        nft().run(commands)
+    return added, deleted
+
+
+def _check_name(port: str) -> None:
+    """Device names go into nft text: only what an interface name may hold, nothing that parses."""
+    if not port or len(port) > 15 or not all(ch.isalnum() or ch in "-_" for ch in port):
+        raise ValueError(f"port name {port!r}: not an interface name nftables can take")
+
+
+# -- the gateway port: containers reach the outside, nothing of the host's ------------------
+
+
+def firewall_rules(bridge: str, protected: Iterable[IPv4Network]) -> list[tuple[str, str, str]]:
+    """(chain, rule, why) for the host firewall; ``why`` becomes the rule's comment."""
+    _check_name(bridge)
+    nets = ", ".join(str(n) for n in sorted({LINK_LOCAL, *protected}))
+    return [
+        ("input", f'iifname "{bridge}" drop', "containers reach nothing that listens on this host"),
+        (
+            "forward",
+            f'iifname "{bridge}" ip daddr {{ {nets} }} drop',
+            "containers reach no link-local, management or underlay network",
+        ),
+    ]
+
+
+def ensure_host_firewall(bridge: str, protected: Iterable[IPv4Network]) -> bool:
+    """Make table ``inet portmesh`` hold exactly :func:`firewall_rules`; True if it was (re)written.
+
+    Each rule's comment carries a digest of the whole rule set, so reading the
+    comments back tells whether the table is current; when it is not, the table
+    is replaced in one atomic transaction (no moment without the rules).
+    """
+    rules = firewall_rules(bridge, protected)
+    digest = hashlib.blake2b(repr(rules).encode(), digest_size=6).hexdigest()
+    wanted = [(chain, f"{why} [{digest}]") for chain, _rule, why in rules]
+    objects = nft().objects(f"list table inet {TABLE}")
+    have = [(o["rule"]["chain"], o["rule"].get("comment", "")) for o in objects if "rule" in o]
+    if have == wanted:
+        return False
+    body = ""
+    for chain in ("input", "forward"):
+        body += f"  chain {chain} {{\n    type filter hook {chain} priority filter; policy accept;\n"
+        body += "".join(f'    {rule} comment "{why} [{digest}]"\n' for c, rule, why in rules if c == chain)
+        body += "  }\n"
+    # add + delete + define in one buffer: one transaction, so the old rules hold until the new ones do.
+    nft().run(f"add table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n{body}}}\n")
+    return True
+
+
+def remove_host_firewall() -> None:
+    """Delete both tables (tests and an operator's clean-up); harmless if absent."""
+    for family in ("inet", "netdev"):
+        if nft().objects(f"list table {family} {TABLE}"):
+            nft().run(f"delete table {family} {TABLE}")
