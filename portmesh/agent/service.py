@@ -230,7 +230,7 @@ class Agent:
                 if running:
                     status = runtime.start(c, self.cfg.netns_prefix)
                 else:
-                    runtime.stop(c.name)
+                    runtime.stop(c.name, c.stop_timeout)
                     status = runtime.status(c.name) or ContainerStatus(RunState.EXITED)
             elif running:
                 # The namespace is the running process's own: plumb after start, again after each restart.
@@ -238,7 +238,7 @@ class Agent:
                 if status.state == RunState.RUNNING:
                     self._plumb(c, status.netns)
             else:
-                runtime.stop(c.name)
+                runtime.stop(c.name, c.stop_timeout)
                 status = runtime.status(c.name) or ContainerStatus(RunState.EXITED)
         except Exception as exc:
             log.exception("container %s failed", c.name)

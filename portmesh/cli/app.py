@@ -2,9 +2,11 @@
 
 Tables for people, ``-o json`` for scripts. Exit codes: 0 done, 1 the API refused
 or could not be reached (the field and reason go to stderr), 2 a usage mistake.
-``lab``, ``up``, ``down``, ``demo`` and ``exec`` are handed to ``python -m portmesh.lab`` unchanged
-(``up``/``down`` are the embedded single-machine deployment, which is the lab's):
-the CLI must not import the lab, and the lab owns its own arguments.
+``lab``, ``up``, ``down`` and ``demo`` are handed to ``python -m portmesh.lab`` exactly as typed,
+``--`` included (``up``/``down`` are the embedded single-machine deployment, which is the lab's):
+the CLI must not import the lab, and the lab owns its own arguments. ``exec`` asks the API
+where a container is and enters its namespaces here (:mod:`portmesh.cli.enter`).
+Names are checked with the model's own rule before they become part of a URL.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
+import typer.core
 from rich.console import Console
+from typer._click.core import Context as ClickContext  # typer vendors click; its Command names this type
 
-from portmesh.cli import render
+from portmesh.cli import enter, render
 from portmesh.cli.client import DEFAULT_API, DEFAULT_TOKEN_FILE, DEFAULT_WAIT, Api, ApiError, quote_segment, read_token
+from portmesh.model.errors import InvalidInput
+from portmesh.model.validation import parse_ip, parse_name, parse_port, parse_proto
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -40,7 +46,19 @@ map_app = typer.Typer(help="Mappings: (public IP, port/proto) -> container.", no
 app.add_typer(map_app, name="map")
 
 FOLLOW_PAUSE = 0.5  # logs -f: how often to ask for more once caught up
-PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+class RawArgs(typer.core.TyperCommand):
+    """A command that parses nothing: its arguments reach ``ctx.args`` exactly as typed, ``--`` included.
+
+    Click drops the first ``--`` and treats what follows an unknown option as its value,
+    so handing ``ctx.args`` of a normal command to another parser loses information
+    (``lab exec inet -- ping -n -c 1 X`` would give the lab ``-n -c`` as its ``--name``).
+    """
+
+    def parse_args(self, ctx: ClickContext, args: list[str]) -> list[str]:
+        ctx.args = list(args)
+        return []
 
 
 class Format(enum.StrEnum):
@@ -54,8 +72,13 @@ TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds t
 
 
 def out() -> Console:
-    # Built per call so it writes to whatever sys.stdout is now (CliRunner swaps it).
-    return Console(highlight=False, soft_wrap=True)
+    """A console that prints machine text literally: no markup, no ``:emoji:`` codes, no highlighting.
+
+    Built per call so it writes to whatever sys.stdout is now (CliRunner swaps it). Off a
+    terminal, tables are as wide as their content (a pipe has no width to wrap at).
+    """
+    width = None if sys.stdout.isatty() else render.PIPE_WIDTH
+    return Console(highlight=False, soft_wrap=True, markup=False, emoji=False, width=width)
 
 
 def emit_json(body: Any) -> None:
@@ -81,12 +104,59 @@ def api_of(ctx: typer.Context) -> Api:
     return api
 
 
-def parse_port_spec(value: str) -> dict[str, Any]:
-    """``80/tcp``, ``53/udp`` or ``80``; ranges and protocol names are the API's to judge."""
+PORT_HINT = "'--port' / '-p'"
+
+
+def parse_port_spec(value: str, hint: str = PORT_HINT) -> dict[str, Any]:
+    """``80/tcp``, ``53/udp`` or ``80`` (TCP), checked with the model's rules before anything is sent."""
     port, _, proto = value.partition("/")
-    if not port.isdigit():
-        raise typer.BadParameter(f"{value!r} is not PORT or PORT/PROTO (e.g. 80/tcp)")
-    return {"port": int(port), "proto": proto or "tcp"}
+    try:
+        return {"port": parse_port(port), "proto": parse_proto(proto or "tcp").value}
+    except InvalidInput as exc:
+        reason = f"{value!r}: {exc.reason} (expected PORT or PORT/PROTO, e.g. 80/tcp)"
+        raise typer.BadParameter(reason, param_hint=hint) from None
+
+
+def parse_published(value: str, hint: str = PORT_HINT) -> tuple[str | None, dict[str, Any]]:
+    """Docker's ``-p``: ``PORT[/PROTO]`` (on every ``--ip``) or ``IP:PORT[/PROTO]`` (on that IP)."""
+    ip, sep, spec = value.rpartition(":")
+    if not sep:
+        return None, parse_port_spec(value, hint)
+    try:
+        parse_ip(ip)
+    except InvalidInput as exc:
+        reason = f"{value!r}: {exc.reason} (expected IP:PORT/PROTO, e.g. 203.0.113.10:80/tcp)"
+        raise typer.BadParameter(reason, param_hint=hint) from None
+    return ip, parse_port_spec(spec, hint)
+
+
+def valid_name(value: str, hint: str | None = None) -> str:
+    """A container name by the model's rule, so ``.``, ``..`` or ``a/b`` never become part of a URL."""
+    try:
+        return parse_name(value)
+    except InvalidInput as exc:
+        raise typer.BadParameter(exc.reason, param_hint=hint) from None
+
+
+def check_name(value: str) -> str:
+    """``valid_name`` as a typer callback (typer names the argument)."""
+    return valid_name(value)
+
+
+def complete_names(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Shell completion of container names, asked from the API; no answer means no completions."""
+    try:
+        root = ctx.find_root().params
+        api = Api(str(root.get("api") or os.environ.get("PORTMESH_API") or DEFAULT_API).rstrip("/"))
+        items = api.request("GET", "/v1/containers", timeout=2.0)
+        return [str(c["name"]) for c in items if str(c["name"]).startswith(incomplete)]
+    except Exception:  # completion must never print an error into the user's command line
+        return []
+
+
+NameArg = Annotated[
+    str, typer.Argument(metavar="NAME", help="container name", callback=check_name, autocompletion=complete_names)
+]
 
 
 @app.callback()
@@ -108,10 +178,13 @@ def root(
 @handles_api_errors
 def run(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="container name")],
+    name: NameArg,
     host: Annotated[str, typer.Option("--host", help="host to place it on")],
-    ip: Annotated[list[str], typer.Option("--ip", help="public IP (repeatable)")],
-    port: Annotated[list[str] | None, typer.Option("--port", "-p", help="80/tcp, mapped on every IP (repeatable)")] = None,
+    ip: Annotated[list[str] | None, typer.Option("--ip", help="public IP (repeatable)")] = None,
+    port: Annotated[
+        list[str] | None,
+        typer.Option("--port", "-p", help="80/tcp (on every --ip) or IP:80/tcp (on that IP); repeatable"),
+    ] = None,
     image: Annotated[str | None, typer.Option("--image", help="image (Docker runtime)")] = None,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = DEFAULT_WAIT,
@@ -119,14 +192,8 @@ def run(
     command: Annotated[list[str] | None, typer.Argument(help="command to run, after --")] = None,
 ) -> None:
     """Create a container holding public IPs, with its ports mapped: run NAME --host H --ip IP -p 80/tcp -- CMD..."""
-    body = {
-        "name": name,
-        "host": host,
-        "ips": ip,
-        "ports": [parse_port_spec(p) for p in port or []],
-        "command": command or [],
-        "image": image,
-    }
+    ips, ports = published(ip or [], port or [])
+    body = {"name": name, "host": host, "ips": ips, "ports": ports, "command": command or [], "image": image}
     api = api_of(ctx)
     result = api.write("POST", "/v1/containers", body, wait=wait, wait_timeout=timeout)
     if wait:
@@ -140,20 +207,93 @@ def run(
         render.write(out(), f"{name} created on {host}", result)
 
 
-@app.command()
-@handles_api_errors
-def ps(ctx: typer.Context, output: OutputOpt = Format.table) -> None:
-    """List containers."""
-    items = api_of(ctx).get("/v1/containers")
-    emit_json(items) if output is Format.json else render.containers(out(), items)
+def published(ips: list[str], specs: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """``--ip`` and ``-p`` as the API takes them: the IPs the container holds, and ports mapped on every one.
+
+    ``-p IP:PORT/PROTO`` adds IP to the container's IPs. The API maps each port on every IP,
+    so a port tied to one IP is refused when the container holds others (say it with
+    ``map add`` instead) rather than silently published on them too.
+    """
+    for value in ips:
+        try:
+            parse_ip(value)
+        except InvalidInput as exc:
+            raise typer.BadParameter(exc.reason, param_hint="'--ip'") from None
+    wanted = [parse_published(v) for v in specs]
+    holds = list(dict.fromkeys([*ips, *(at for at, _ in wanted if at)]))
+    if not holds:
+        raise typer.BadParameter("at least one public IP is required (--ip IP, or -p IP:PORT/PROTO)", param_hint="'--ip'")
+    for (at, _), value in zip(wanted, specs, strict=True):
+        if at is not None and len(holds) > 1:
+            others = ", ".join(i for i in holds if i != at)
+            raise typer.BadParameter(
+                f"{value!r} would also be mapped on {others} (every port is mapped on every IP of the container); "
+                "give it without IP, or add it afterwards with `portmesh map add`",
+                param_hint="'--port' / '-p'",
+            )
+    ports = list({(p["port"], p["proto"]): p for _, p in wanted}.values())
+    return holds, ports
+
+
+def is_up(c: dict[str, Any]) -> bool:
+    """What ``ps`` lists without ``-a``: containers meant to run (an errored one included: it is news)."""
+    return bool(c.get("running"))
 
 
 @app.command()
 @handles_api_errors
-def inspect(ctx: typer.Context, name: str, output: OutputOpt = Format.table) -> None:
-    """Show one container: IPs, MAC, port block, status, mappings."""
-    item = api_of(ctx).get(f"/v1/containers/{quote_segment(name)}")
-    emit_json(item) if output is Format.json else render.container(out(), item)
+def ps(
+    ctx: typer.Context,
+    all_: Annotated[bool, typer.Option("--all", "-a", help="Also stopped containers.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Names only, one a line.")] = False,
+    output: OutputOpt = Format.table,
+) -> None:
+    """List containers meant to run (-a: all of them)."""
+    items = [c for c in api_of(ctx).get("/v1/containers") if all_ or is_up(c)]
+    if quiet:
+        for c in items:
+            typer.echo(c["name"])
+    elif output is Format.json:
+        emit_json(items)
+    else:
+        render.containers(out(), items)
+
+
+def check_names(values: list[str]) -> list[str]:
+    return [check_name(v) for v in values]
+
+
+@app.command()
+def inspect(
+    ctx: typer.Context,
+    names: Annotated[
+        list[str],
+        typer.Argument(metavar="NAME...", help="container names", callback=check_names, autocompletion=complete_names),
+    ],
+    output: OutputOpt = Format.table,
+) -> None:
+    """Show containers: IPs, MAC, port block, status, mappings (one name: a JSON object; several: a list)."""
+    api = api_of(ctx)
+    found: list[Any] = []
+    failed = False
+    for name in names:
+        try:
+            found.append(api.get(f"/v1/containers/{quote_segment(name)}"))
+        except ApiError as exc:
+            typer.echo(f"error: {exc.describe()}", err=True)
+            failed = True
+            if exc.status in (0, 401):  # the API itself is the problem: the other names would fail the same way
+                break
+    if output is Format.json:
+        if found:
+            emit_json(found[0] if len(names) == 1 else found)
+    else:
+        for i, item in enumerate(found):
+            if i:
+                out().print()
+            render.container(out(), item)
+    if failed:
+        raise typer.Exit(1)
 
 
 def _container_write(
@@ -167,7 +307,7 @@ def _container_write(
 @app.command()
 @handles_api_errors
 def stop(
-    ctx: typer.Context, name: str, wait: WaitOpt = True, timeout: TimeoutOpt = DEFAULT_WAIT, output: OutputOpt = Format.table
+    ctx: typer.Context, name: NameArg, wait: WaitOpt = True, timeout: TimeoutOpt = DEFAULT_WAIT, output: OutputOpt = Format.table
 ) -> None:
     """Stop a container (it keeps its IPs, block and mappings)."""
     _container_write(ctx, "POST", name, "/stop", "stopped", wait=wait, timeout=timeout, output=output)
@@ -176,7 +316,7 @@ def stop(
 @app.command()
 @handles_api_errors
 def start(
-    ctx: typer.Context, name: str, wait: WaitOpt = True, timeout: TimeoutOpt = DEFAULT_WAIT, output: OutputOpt = Format.table
+    ctx: typer.Context, name: NameArg, wait: WaitOpt = True, timeout: TimeoutOpt = DEFAULT_WAIT, output: OutputOpt = Format.table
 ) -> None:
     """Start a stopped container."""
     _container_write(ctx, "POST", name, "/start", "started", wait=wait, timeout=timeout, output=output)
@@ -185,7 +325,7 @@ def start(
 @app.command()
 @handles_api_errors
 def rm(
-    ctx: typer.Context, name: str, wait: WaitOpt = True, timeout: TimeoutOpt = DEFAULT_WAIT, output: OutputOpt = Format.table
+    ctx: typer.Context, name: NameArg, wait: WaitOpt = True, timeout: TimeoutOpt = DEFAULT_WAIT, output: OutputOpt = Format.table
 ) -> None:
     """Remove a container and its mappings."""
     _container_write(ctx, "DELETE", name, "", "removed", wait=wait, timeout=timeout, output=output)
@@ -195,7 +335,7 @@ def rm(
 @handles_api_errors
 def logs(
     ctx: typer.Context,
-    name: str,
+    name: NameArg,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new output (Ctrl-C to stop).")] = False,
     tail: Annotated[int | None, typer.Option("--tail", "-n", min=0, help="Only the last N lines.")] = None,
 ) -> None:
@@ -219,19 +359,35 @@ def logs(
 # --- mappings ---
 
 
+def mapping_target(first: str, second: str | None) -> tuple[str, dict[str, Any]]:
+    """``IP PORT/PROTO`` or ``IP:PORT/PROTO``, checked before anything is sent."""
+    if second is None:
+        ip, spec = parse_published(first, "'IP:PORT/PROTO'")
+        if ip is None:
+            raise typer.BadParameter(f"{first!r} has no IP: give IP:PORT/PROTO, or IP PORT/PROTO", param_hint="'IP'")
+        return ip, spec
+    try:
+        parse_ip(first, "IP")
+    except InvalidInput as exc:
+        raise typer.BadParameter(exc.reason, param_hint="'IP'") from None
+    return first, parse_port_spec(second, "'PORT/PROTO'")
+
+
 @map_app.command("add")
 @handles_api_errors
 def map_add(
     ctx: typer.Context,
-    ip: Annotated[str, typer.Argument(help="public IP")],
-    port: Annotated[str, typer.Argument(help="PORT/PROTO, e.g. 80/tcp")],
-    container: Annotated[str, typer.Argument(help="container that answers")],
+    args: Annotated[list[str], typer.Argument(metavar="IP:PORT/PROTO NAME | IP PORT/PROTO NAME", help="what to map where")],
     wait: WaitOpt = True,
     timeout: TimeoutOpt = DEFAULT_WAIT,
     output: OutputOpt = Format.table,
 ) -> None:
-    """Map IP PORT/PROTO to CONTAINER."""
-    body = {"public_ip": ip, **parse_port_spec(port), "container": container}
+    """Map IP:PORT/PROTO (or IP PORT/PROTO) to container NAME."""
+    if len(args) not in (2, 3):
+        reason = f"expected IP:PORT/PROTO NAME or IP PORT/PROTO NAME, got {len(args)} argument(s)"
+        raise typer.BadParameter(reason, param_hint="'ARGS'")
+    ip, spec = mapping_target(args[0], args[1] if len(args) == 3 else None)
+    body = {"public_ip": ip, **spec, "container": valid_name(args[-1], "'NAME'")}
     result = api_of(ctx).write("POST", "/v1/mappings", body, wait=wait, wait_timeout=timeout)
     m = result["mapping"]
     what = f"{m['public_ip']}:{m['port']}/{m['proto']} -> {m['container']}"
@@ -250,14 +406,14 @@ def map_ls(ctx: typer.Context, output: OutputOpt = Format.table) -> None:
 @handles_api_errors
 def map_rm(
     ctx: typer.Context,
-    ip: Annotated[str, typer.Argument(help="public IP")],
-    port: Annotated[str, typer.Argument(help="PORT/PROTO, e.g. 80/tcp")],
+    ip: Annotated[str, typer.Argument(metavar="IP[:PORT/PROTO]", help="public IP, or IP:PORT/PROTO")],
+    port: Annotated[str | None, typer.Argument(metavar="[PORT/PROTO]", help="PORT/PROTO, e.g. 80/tcp")] = None,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = DEFAULT_WAIT,
     output: OutputOpt = Format.table,
 ) -> None:
-    """Remove the mapping of IP PORT/PROTO."""
-    spec = parse_port_spec(port)
+    """Remove the mapping of IP:PORT/PROTO (or IP PORT/PROTO)."""
+    ip, spec = mapping_target(ip, port)
     path = f"/v1/mappings/{quote_segment(ip)}/{quote_segment(spec['proto'])}/{spec['port']}"
     result = api_of(ctx).write("DELETE", path, wait=wait, wait_timeout=timeout)
     what = f"{ip}:{spec['port']}/{spec['proto']} unmapped"
@@ -293,42 +449,59 @@ def exec_lab(args: list[str]) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "portmesh.lab", *args])
 
 
-@app.command(context_settings=PASS_THROUGH, add_help_option=False)
+@app.command(cls=RawArgs, add_help_option=False)
 def lab(ctx: typer.Context) -> None:
-    """Build, inspect and tear down a lab cloud: `portmesh lab up|down|...` (python -m portmesh.lab)."""
+    """Build, inspect, enter and tear down a lab cloud: portmesh lab up|down|status|exec|env|demo (--help for each)."""
     exec_lab(list(ctx.args))
 
 
-@app.command(context_settings=PASS_THROUGH, add_help_option=False)
+@app.command(cls=RawArgs, add_help_option=False)
 def up(ctx: typer.Context) -> None:
-    """Start the embedded single-machine deployment: store, controller, agent, API (python -m portmesh.lab up)."""
+    """Start the embedded single-machine deployment: store, controller, agent, API (portmesh lab up)."""
     exec_lab(["up", *ctx.args])
 
 
-@app.command(context_settings=PASS_THROUGH, add_help_option=False)
+@app.command(cls=RawArgs, add_help_option=False)
 def down(ctx: typer.Context) -> None:
-    """Stop what `up` started and remove exactly what it made (python -m portmesh.lab down)."""
+    """Stop what `up` started and remove exactly what it made (portmesh lab down)."""
     exec_lab(["down", *ctx.args])
 
 
-@app.command(context_settings=PASS_THROUGH, add_help_option=False)
+@app.command(cls=RawArgs, add_help_option=False)
 def demo(ctx: typer.Context) -> None:
-    """Run the demo in a lab (python -m portmesh.lab demo)."""
+    """Run the demo in a lab (portmesh lab demo)."""
     exec_lab(["demo", *ctx.args])
 
 
-@app.command("exec", context_settings={"ignore_unknown_options": True})
+@app.command("exec", context_settings={"allow_interspersed_args": False})
+@handles_api_errors
 def exec_(
-    name: Annotated[str, typer.Argument(help="container name")],
+    ctx: typer.Context,
+    name: NameArg,
     command: Annotated[list[str], typer.Argument(help="command to run inside it, after --")],
 ) -> None:
-    """Run a command in a container's namespaces: exec NAME -- CMD... (via the lab for now)."""
-    exec_lab(["exec", name, "--", *command])
+    """Run a command in a container's namespaces, on the machine it runs on: exec NAME -- CMD..."""
+    if command[:1] == ["--"]:  # everything after NAME is the command's; only the first -- is ours
+        command = command[1:]
+    if not command:
+        raise typer.BadParameter("no command given after --", param_hint="'COMMAND'")
+    container = api_of(ctx).get(f"/v1/containers/{quote_segment(name)}")
+    try:
+        p = enter.plan(container)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        enter.exec_argv(p, command)
+    except (enter.NotHere, OSError) as exc:
+        raise ApiError(0, "name", str(exc)) from None
 
 
 def main() -> None:
-    """Console-script entry point (``portmesh``)."""
-    app()
+    """Console-script entry point (``portmesh``): no traceback reaches the user, whatever happens."""
+    try:
+        app()
+    except Exception as exc:  # the last line of defence; expected errors are handled where they happen
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

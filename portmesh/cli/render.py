@@ -3,16 +3,34 @@
 Functions take the API's JSON as it comes: the CLI does not share types with the
 API, only the wire format, so a field the API adds later shows up in JSON output
 without a CLI change.
+
+Everything shown is machine text (names, MACs, commands, messages) and is printed
+literally: the console is built with markup and emoji codes off (``02:9a:1d:ab:b5:cc``
+must not gain a 🆎), and every cell is a :class:`~rich.text.Text`, never a markup string.
 """
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 Json = dict[str, Any]
+
+# Console width off a terminal: a pipe has no width, so a table is as wide as its content.
+PIPE_WIDTH = 100_000
+
+
+def command_line(argv: list[str] | None) -> str:
+    """A command as a shell would need it typed: quoting and brackets kept (``sh -c 'a [/]'``)."""
+    return shlex.join(argv) if argv else "-"
+
+
+def _row(*cells: str) -> list[Text]:
+    return [Text(cell) for cell in cells]
 
 
 def _ports(mappings: list[Json]) -> str:
@@ -29,12 +47,17 @@ def _state(c: Json) -> str:
     return f"{actual} (want {desired})"
 
 
+def _new_table(*headers: str) -> Table:
+    # On a terminal long cells wrap to fit the screen; off one the console is PIPE_WIDTH wide, so they never do.
+    return Table(*headers, box=None, header_style="bold")
+
+
 def containers(console: Console, items: list[Json]) -> None:
-    table = Table("NAME", "HOST", "IPS", "PORTS", "STATE", "BLOCK", box=None, header_style="bold")
+    table = _new_table("NAME", "HOST", "IPS", "PORTS", "STATE", "BLOCK")
     for c in items:
         block = c["block"]
         table.add_row(
-            c["name"], c["host"], ", ".join(c["ips"]), _ports(c["mappings"]), _state(c), f"{block['start']}-{block['end']}"
+            *_row(c["name"], c["host"], ", ".join(c["ips"]), _ports(c["mappings"]), _state(c), f"{block['start']}-{block['end']}")
         )
     console.print(table)
 
@@ -53,14 +76,14 @@ def container(console: Console, c: Json) -> None:
         ("port", c["port_name"]),
         ("block", f"{c['block']['start']}-{c['block']['end']} ({c['block']['size']} ports)"),
         ("image", c.get("image") or "-"),
-        ("command", " ".join(c.get("command") or []) or "-"),
+        ("command", command_line(c.get("command"))),
         ("netns", status.get("netns") or "-"),
         ("pid", str(status.get("pid") or "-")),
     ]
     if status.get("message"):
         rows.append(("message", status["message"]))
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(*_row(key, value))
     console.print(table)
     if c["mappings"]:
         console.print()
@@ -68,40 +91,44 @@ def container(console: Console, c: Json) -> None:
 
 
 def mappings(console: Console, items: list[Json]) -> None:
-    table = Table("PUBLIC IP", "PORT", "PROTO", "CONTAINER", box=None, header_style="bold")
+    table = _new_table("PUBLIC IP", "PORT", "PROTO", "CONTAINER")
     for m in items:
-        table.add_row(m["public_ip"], str(m["port"]), m["proto"], m["container"])
+        table.add_row(*_row(m["public_ip"], str(m["port"]), m["proto"], m["container"]))
     console.print(table)
 
 
 def hosts(console: Console, items: list[Json]) -> None:
-    table = Table("NAME", "DATAPATH ID", "UNDERLAY", "SWITCH", "AGENT", "CONNECTED", box=None, header_style="bold")
+    table = _new_table("NAME", "DATAPATH ID", "UNDERLAY", "SWITCH", "AGENT", "CONNECTED")
     for h in items:
         st = h.get("status") or {}
         table.add_row(
-            h["name"],
-            f"{h['datapath_id']:016x}",
-            h.get("underlay_ip") or "-",
-            str(st.get("switch_generation", "-")),
-            str(st.get("agent_generation", "-")),
-            "yes" if st.get("switch_connected") else "no",
+            *_row(
+                h["name"],
+                f"{h['datapath_id']:016x}",
+                h.get("underlay_ip") or "-",
+                str(st.get("switch_generation", "-")),
+                str(st.get("agent_generation", "-")),
+                "yes" if st.get("switch_connected") else "no",
+            )
         )
     console.print(table)
 
 
 def status(console: Console, st: Json) -> None:
-    verdict = "[green]converged[/]" if st["converged"] else "[yellow]converging[/]"
-    console.print(f"generation {st['generation']}: {verdict}")
+    verdict = Text("converged", style="green") if st["converged"] else Text("converging", style="yellow")
+    console.print(Text.assemble(f"generation {st['generation']}: ", verdict))
     if not st["hosts"]:
         return
-    table = Table("HOST", "SWITCH", "AGENT", "CONNECTED", "UP TO DATE", box=None, header_style="bold")
+    table = _new_table("HOST", "SWITCH", "AGENT", "CONNECTED", "UP TO DATE")
     for h in st["hosts"]:
         table.add_row(
-            h["name"],
-            str(h["switch_generation"]),
-            str(h["agent_generation"]),
-            "yes" if h["switch_connected"] else "no",
-            "yes" if h["converged"] else "no",
+            *_row(
+                h["name"],
+                str(h["switch_generation"]),
+                str(h["agent_generation"]),
+                "yes" if h["switch_connected"] else "no",
+                "yes" if h["converged"] else "no",
+            )
         )
     console.print(table)
 
@@ -109,4 +136,4 @@ def status(console: Console, st: Json) -> None:
 def write(console: Console, what: str, body: Json) -> None:
     """One line for a write: what happened, at which generation, and whether it is live yet."""
     live = "live everywhere" if body.get("converged") else "not yet live everywhere"
-    console.print(f"{what} (generation {body['generation']}, {live})")
+    console.print(Text(f"{what} (generation {body['generation']}, {live})"))

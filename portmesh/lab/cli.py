@@ -1,10 +1,16 @@
-"""``python -m portmesh.lab``: build, inspect, enter and remove a lab (see :mod:`portmesh.lab.network`)."""
+"""portmesh lab: build, inspect, enter and remove a lab cloud on this machine.
+
+Reached as ``portmesh lab ...`` (the outer CLI hands its arguments over exactly as typed)
+or ``python -m portmesh.lab ...``. Errors are one line on stderr: a bad lab name or a
+missing command is a usage error (exit 2), anything else exit 1; never a traceback.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -12,13 +18,26 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from portmesh.lab import node
+from portmesh.lab import node, services
 from portmesh.lab.network import Lab
+from portmesh.lab.state import LAB_NAME_RE, LabState
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+PROG = "portmesh lab"
+HELP = "Build, inspect, enter and remove a lab cloud on this machine (namespaces, OVS, the portmesh components)."
 
-NameOpt = Annotated[str, typer.Option("--name", "-n", help="lab name (namespaces are pm-<name>-*)")]
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+def check_lab_name(value: str) -> str:
+    """A lab name that can prefix namespace and interface names (checked before anything is touched)."""
+    if not LAB_NAME_RE.fullmatch(value):
+        raise typer.BadParameter(f"{value!r} is not a lab name (lowercase letters, digits and '-', at most 16 characters)")
+    return value
+
+
+NameOpt = Annotated[str, typer.Option("--name", "-n", help="lab name (namespaces are pm-<name>-*)", callback=check_lab_name)]
 
 
 def _need_root() -> None:
@@ -53,11 +72,11 @@ def progress(first: str) -> Iterator[Callable[[str], None]]:
     """
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     start = time.monotonic()
-    with console.status(first) as spinner:
+    with console.status(Text(first)) as spinner:
 
         def say(msg: str) -> None:
             console.print(f"[{time.monotonic() - start:5.1f}s] {msg}", markup=False)
-            spinner.update(f"{msg} ...")
+            spinner.update(Text(f"{msg} ..."))
 
         yield say
 
@@ -77,7 +96,7 @@ def demo(name: NameOpt = "lab") -> None:
 
 @app.command()
 def down(name: NameOpt = "lab") -> None:
-    """Remove exactly what ``up`` recorded and put machine-wide settings back."""
+    """Remove exactly what `up` recorded and put machine-wide settings back."""
     _need_root()
     if Lab(name).down():
         raise typer.Exit(1)
@@ -89,22 +108,58 @@ def status(name: NameOpt = "lab") -> None:
     typer.echo(json.dumps(Lab(name).status(), indent=2))
 
 
-@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def _state(name: str) -> LabState:
+    state = Lab(name).state()
+    if state is None:
+        typer.echo(f"error: --name: lab {name} is not up", err=True)
+        raise typer.Exit(1)
+    return state
+
+
+@app.command()
+def env(name: NameOpt = "lab") -> None:
+    """Print the exports that point the portmesh CLI at this lab: eval "$(portmesh lab env --name N)"."""
+    state = _state(name)
+    if not state.api_url:
+        typer.echo(f"error: --name: lab {name} has no API (it did not come up completely)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"export PORTMESH_API={shlex.quote(state.api_url)}")
+    typer.echo(f"export PORTMESH_TOKEN_FILE={shlex.quote(str(services.token_file(state.dir)))}")
+
+
+@app.command("exec")
 def exec_(
     target: Annotated[str, typer.Argument(metavar="NODE", help="inet, mgmt, h1... or a container name")],
-    command: Annotated[list[str], typer.Argument(help="command to run there (after --)")],
+    command: Annotated[list[str], typer.Argument(metavar="-- COMMAND...", help="command to run there, after --")],
     name: NameOpt = "lab",
 ) -> None:
-    """Run a command inside a lab node's or a container's network namespace."""
+    """Run a command in a lab node's network namespace, or in a container's namespaces (as portmesh exec).
+
+    Everything after -- is the command's, exactly as typed: exec inet -- ping -n -c 1 203.0.113.10.
+    """
     _need_root()
-    try:
-        ns = Lab(name).netns_of(target)
-    except (LookupError, OSError) as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(1) from None
+    state = _state(name)
     sys.stdout.flush()
-    node.exec_in(ns, command)
+    sys.stderr.flush()
+    if state.ns(target) not in state.namespaces:
+        # Not a node: a container, entered by the CLI's exec with this lab's API (all its namespaces, not just net).
+        argv = [sys.executable, "-m", "portmesh.cli", "--api", state.api_url]
+        argv += ["--token-file", str(services.token_file(state.dir)), "exec", target, "--", *command]
+        os.execv(sys.executable, argv)
+    try:
+        node.exec_in(state.ns(target), command)
+    except FileNotFoundError:
+        typer.echo(f"error: command: {command[0]!r} not found in {target}", err=True)
+        raise typer.Exit(127) from None
+    except OSError as exc:
+        typer.echo(f"error: command: cannot run {command[0]!r} in {target}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(126) from None
 
 
 def main() -> None:
-    app(prog_name="python -m portmesh.lab")
+    """Entry point: no traceback reaches the user; an unexpected failure is one line and exit 1."""
+    try:
+        app(prog_name=PROG)
+    except Exception as exc:  # the last line of defence; expected errors are handled where they happen
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)

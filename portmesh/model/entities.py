@@ -64,12 +64,30 @@ class Host:
     underlay_ip: IPv4Address | None = None
 
 
+class RestartPolicy(enum.StrEnum):
+    """What the host does when a container's process exits, with Docker's names and default.
+
+    ``no``: leave it exited (its status says so, with the exit code); ``on-failure``:
+    start it again if it exited with a non-zero code; ``always``: start it again.
+    """
+
+    NO = "no"
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
+
+
+DEFAULT_STOP_TIMEOUT = 10  # seconds from SIGTERM to SIGKILL, as ``docker stop``
+
+
 @dataclass(frozen=True)
 class Container:
     """An endpoint that holds one or more public IPs on one host.
 
     The MAC is fixed for the container's life (it is what the mapping rewrites
     to), and survives restarts of the container and of every portmesh process.
+    ``env`` holds ``KEY=VALUE`` strings for the command's environment; ``restart``
+    says whether an exited process is started again; ``stop_timeout`` is how long
+    a stop waits after SIGTERM before SIGKILL.
     """
 
     name: str
@@ -79,6 +97,9 @@ class Container:
     block: PortBlock
     command: tuple[str, ...] = ()
     image: str | None = None
+    env: tuple[str, ...] = ()
+    restart: RestartPolicy = RestartPolicy.NO
+    stop_timeout: int = DEFAULT_STOP_TIMEOUT
 
     @cached_property
     def port_name(self) -> str:
@@ -184,6 +205,9 @@ class ContainerStatus:
     ``netns`` names the network namespace the agent plumbed (what ``exec`` enters),
     ``pid`` is the container's main process, ``message`` explains an error,
     ``log_path`` is the file its output goes to on its host ("" if the runtime has none).
+    ``exit_code`` is the last exit code of its process (None: never exited, or not known),
+    ``restarts`` how often the runtime started it again after it exited (restart policy),
+    ``runtime`` which runtime runs it: ``light`` or ``image`` (what ``exec`` needs to enter it).
     """
 
     state: RunState = RunState.PENDING
@@ -191,6 +215,9 @@ class ContainerStatus:
     pid: int | None = None
     message: str = ""
     log_path: str = ""
+    exit_code: int | None = None
+    restarts: int = 0
+    runtime: str = ""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,16 @@ from ipaddress import AddressValueError, IPv4Address
 
 from portmesh.model.blocks import allocate_block
 from portmesh.model.config import NetworkConfig
-from portmesh.model.entities import Container, DesiredState, Mapping, MappingKey, Proto, mac_for
+from portmesh.model.entities import (
+    DEFAULT_STOP_TIMEOUT,
+    Container,
+    DesiredState,
+    Mapping,
+    MappingKey,
+    Proto,
+    RestartPolicy,
+    mac_for,
+)
 from portmesh.model.errors import Conflict, InvalidInput, NotFound
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -75,6 +84,9 @@ def new_container(
     ips: list[IPv4Address],
     command: tuple[str, ...] = (),
     image: str | None = None,
+    env: tuple[str, ...] = (),
+    restart: RestartPolicy = RestartPolicy.NO,
+    stop_timeout: int = DEFAULT_STOP_TIMEOUT,
 ) -> Container:
     """Build a container for ``state``: checks names and IPs, derives the MAC, allocates its block."""
     parse_name(name, "name")
@@ -92,7 +104,18 @@ def new_container(
     if any(c.mac == mac for c in state.containers.values()):
         raise Conflict("name", f"derived MAC {mac} collides with another container; pick another name")
     block = allocate_block(state, config, ips)
-    return Container(name=name, host=host, mac=mac, ips=tuple(sorted(ips)), block=block, command=command, image=image)
+    return Container(
+        name=name,
+        host=host,
+        mac=mac,
+        ips=tuple(sorted(ips)),
+        block=block,
+        command=command,
+        image=image,
+        env=parse_env(env),
+        restart=restart,
+        stop_timeout=parse_stop_timeout(stop_timeout),
+    )
 
 
 def new_mapping(state: DesiredState, key: MappingKey, container: str) -> Mapping:
@@ -118,3 +141,38 @@ def new_mapping(state: DesiredState, key: MappingKey, container: str) -> Mapping
     if key.port in owner.block:
         raise Conflict("port", f"{key.port} lies in the container's own ephemeral block {owner.block}")
     return Mapping(key=key, container=container)
+
+
+ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_STOP_TIMEOUT = 3600
+
+
+def parse_env(values: list[str] | tuple[str, ...], field: str = "env") -> tuple[str, ...]:
+    """``KEY=VALUE`` strings (``-e`` as Docker reads them, the value may be empty); the key an identifier."""
+    out = []
+    for i, item in enumerate(values):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidInput(f"{field}[{i}]", f"{item!r} is not KEY=VALUE")
+        if not ENV_KEY_RE.fullmatch(key):
+            raise InvalidInput(f"{field}[{i}]", f"{key!r} is not a valid variable name (letters, digits, '_'; not a digit first)")
+        if "\0" in value:
+            raise InvalidInput(f"{field}[{i}]", "the value holds a NUL character")
+        out.append(item)
+    return tuple(out)
+
+
+def parse_restart(value: str, field: str = "restart") -> RestartPolicy:
+    """``no``, ``on-failure`` or ``always`` (Docker's restart policies)."""
+    try:
+        return RestartPolicy(value)
+    except ValueError:
+        choices = ", ".join(p.value for p in RestartPolicy)
+        raise InvalidInput(field, f"{value!r} is not a restart policy ({choices})") from None
+
+
+def parse_stop_timeout(value: int, field: str = "stop_timeout") -> int:
+    """Seconds between SIGTERM and SIGKILL on stop: 0 (kill at once) to an hour."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_STOP_TIMEOUT:
+        raise InvalidInput(field, f"{value!r} is not a whole number of seconds in 0-{MAX_STOP_TIMEOUT}")
+    return value

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from portmesh.model.entities import Container, ContainerStatus
+from portmesh.model.entities import DEFAULT_STOP_TIMEOUT, Container, ContainerStatus
 
 
 def netns_name(netns_prefix: str, container_name: str) -> str:
@@ -37,11 +37,12 @@ class Runtime(Protocol):
         ...
 
     def start(self, container: Container, netns_prefix: str) -> ContainerStatus:
-        """Ensure the container's process runs in its namespace (adopting a running one)."""
+        """Ensure the container's process runs in its namespace (adopting a running one), within its
+        restart policy: one that exited is started again only if ``container.restart`` says so."""
         ...
 
-    def stop(self, name: str) -> None:
-        """Ensure the container's process is not running; its namespace is kept."""
+    def stop(self, name: str, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+        """Ensure the container's process is not running (SIGTERM, SIGKILL after ``timeout`` s); its namespace is kept."""
         ...
 
     def status(self, name: str) -> ContainerStatus | None:

@@ -7,6 +7,14 @@ created with networking off (``network_mode="none"``): the agent plumbs their
 light containers. On this machine Podman needs the ``runc`` runtime and lowered
 ulimits (ARCHITECTURE.md), which Docker accepts as well, so both are always set.
 
+Restart policy: done here, not by the engine (``RestartPolicy`` on create), so both
+runtimes follow one rule (``portmesh.runtime.light.should_restart``) and count
+restarts the same way, and so a Podman service (which restarts only while it
+runs, and whose restarts make a namespace the agent must re-plumb) behaves as
+Docker does. The agent asks on each pass; a process that ran less than
+``RESTART_BACKOFF`` seconds waits for the next. Environment (``env``) is passed
+at create; a change of image, command or env re-creates the container.
+
 A container's network namespace belongs to its main process: every start
 (``docker restart``, a crash and restart) makes a new, empty one. The runtime
 watches the engine's event stream (never polling it) and wakes the agent, which
@@ -22,6 +30,7 @@ restarted agent and ``lab down`` find exactly the containers they made.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,7 +48,8 @@ import docker
 import docker.errors
 import docker.types
 
-from portmesh.model.entities import Container, ContainerStatus, RunState
+from portmesh.model.entities import DEFAULT_STOP_TIMEOUT, Container, ContainerStatus, RunState
+from portmesh.runtime.light import should_restart
 
 log = logging.getLogger("portmesh.runtime.docker")
 
@@ -51,7 +61,7 @@ LABEL_SCOPE = "io.portmesh.scope"
 LABEL_SPEC = "io.portmesh.spec"
 OCI_RUNTIME = "runc"  # crun fails on this machine's hybrid cgroup layout; Docker's default is runc too
 ULIMITS = (("nofile", 4096), ("nproc", 4096))  # higher limits are refused here (EPERM setting rlimits)
-STOP_TIMEOUT = 5  # seconds between SIGTERM and SIGKILL
+RUNTIME_KIND = "image"
 # Engine answers to a start that raced another client's restart or stop (Podman, Docker): not an error.
 BUSY = ("state improper", "is already in progress", "is restarting", "is marked for removal")
 BUSY_STATES = ("stopping", "restarting", "removing")
@@ -70,7 +80,10 @@ def docker_name(scope: str, name: str) -> str:
 
 def spec_of(c: Container) -> str:
     """A digest of what the container is made from; a different one means re-create."""
-    return hashlib.sha256(json.dumps([c.image, list(c.command)]).encode()).hexdigest()[:16]
+    parts: list[object] = [c.image, list(c.command)]
+    if c.env:  # only when set, so containers made before env existed are not re-created
+        parts.append(list(c.env))
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def connect(url: str, timeout: float = 30.0, wait: float = 0.0) -> docker.DockerClient:
@@ -150,10 +163,24 @@ class DockerRuntime:
     def known(self) -> list[str]:
         return sorted(p.stem for p in self._records.glob("*.json"))
 
-    def _record(self, name: str) -> None:
+    def _record(self, name: str, restarts: int = 0, stopped: bool = False) -> None:
+        """The record: engine-side name, restarts by the policy since the last asked-for start, and
+        whether the last word was a stop (then the next start is asked for, not a policy restart)."""
         tmp = self._path(name).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"name": name, "docker_name": docker_name(self.scope, name)}))
+        data = {"name": name, "docker_name": docker_name(self.scope, name), "restarts": restarts, "stopped": stopped}
+        tmp.write_text(json.dumps(data))
         os.replace(tmp, self._path(name))
+
+    def _meta(self, name: str) -> tuple[int, bool]:
+        """(restarts, stopped) from the record; (0, False) if there is none or it predates them."""
+        try:
+            data = json.loads(self._path(name).read_text())
+        except (OSError, ValueError):
+            return 0, False
+        return int(data.get("restarts", 0)), bool(data.get("stopped", False))
+
+    def _counted(self, name: str, status: ContainerStatus) -> ContainerStatus:
+        return dataclasses.replace(status, restarts=self._meta(name)[0], runtime=RUNTIME_KIND)
 
     def forget(self, name: str | None = None) -> None:
         """Drop what is cached about ``name`` (every container if None): the next call inspects."""
@@ -186,13 +213,15 @@ class DockerRuntime:
         pid = int(state.get("Pid") or 0)
         # The engine's own log file (Podman: k8s-file lines, "TIME STREAM F text"), read by `portmesh logs`.
         log_path = str(attrs.get("LogPath") or "")
+        started = _started_at(attrs) is not None
+        code = int(state.get("ExitCode") or 0) if started else None
         if state.get("Running") and pid > 0:
-            status = ContainerStatus(RunState.RUNNING, f"/proc/{pid}/ns/net", pid, "", log_path)
+            status = ContainerStatus(RunState.RUNNING, f"/proc/{pid}/ns/net", pid, "", log_path, runtime=RUNTIME_KIND)
         elif state.get("Error"):
-            status = ContainerStatus(RunState.ERROR, "", None, str(state["Error"]), log_path)
+            status = ContainerStatus(RunState.ERROR, "", None, str(state["Error"]), log_path, code, runtime=RUNTIME_KIND)
         else:
-            message = f"{state.get('Status', 'exited')} (code {state.get('ExitCode', 0)})"
-            status = ContainerStatus(RunState.EXITED, "", None, message, log_path)
+            message = f"{state.get('Status', 'exited')} (code {code})" if started else "created"
+            status = ContainerStatus(RunState.EXITED, "", None, message, log_path, code, runtime=RUNTIME_KIND)
         busy = str(state.get("Status", "")) in BUSY_STATES
         return _Seen(str(attrs["Id"]), str(labels.get(LABEL_SPEC, "")), status, _started_at(attrs), busy)
 
@@ -219,13 +248,22 @@ class DockerRuntime:
                 if seen is None:
                     return ContainerStatus(RunState.ERROR, "", None, "container vanished right after creation")
             if seen.status.state == RunState.RUNNING:
-                return seen.status
+                return self._counted(name, seen.status)
             if seen.busy:
                 # Someone else (``docker restart``) is at work on it: its next event wakes us.
-                return ContainerStatus(RunState.EXITED, "", None, f"engine busy: {seen.status.message}")
-            ago = seen.started_ago()
-            if ago is not None and ago < RESTART_BACKOFF:
-                return ContainerStatus(RunState.EXITED, "", None, f"{seen.status.message}; restarting after a pause")
+                return self._counted(name, dataclasses.replace(seen.status, message=f"engine busy: {seen.status.message}"))
+            restarts, stopped = self._meta(name)
+            if seen.started_at is not None and not stopped:
+                # It ran and exited by itself: the restart policy decides.
+                if not should_restart(container.restart, seen.status.exit_code):
+                    return self._counted(name, seen.status)
+                ago = seen.started_ago()
+                if ago is not None and ago < RESTART_BACKOFF:
+                    return self._counted(name, seen.status)
+                restarts += 1
+            else:
+                restarts = 0  # never started, or stopped by us: a start asked for
+            self._record(name, restarts)
             self.client.api.start(seen.id)
         except docker.errors.ImageNotFound:
             log.warning("container %s: image %s is not in the engine's local store", name, container.image)
@@ -241,7 +279,11 @@ class DockerRuntime:
             return ContainerStatus(RunState.ERROR, "", None, f"engine: {reason}")
         self.forget(name)
         after = self._inspect(name)
-        return after.status if after is not None else ContainerStatus(RunState.ERROR, "", None, "container vanished")
+        return (
+            self._counted(name, after.status)
+            if after is not None
+            else ContainerStatus(RunState.ERROR, "", None, "container vanished")
+        )
 
     def _create(self, c: Container) -> None:
         if not c.image:
@@ -259,6 +301,7 @@ class DockerRuntime:
                 LABEL_SCOPE: self.scope,
                 LABEL_SPEC: spec_of(c),
             },
+            environment=list(c.env) or None,
             network_mode="none",
             runtime=OCI_RUNTIME,
             ulimits=[docker.types.Ulimit(name=k, soft=v, hard=v) for k, v in ULIMITS],
@@ -267,18 +310,24 @@ class DockerRuntime:
         self.forget(c.name)
         log.info("container %s created from %s", c.name, c.image)
 
-    def stop(self, name: str) -> None:
+    def stop(self, name: str, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+        """``docker stop --time``: SIGTERM, SIGKILL after ``timeout`` s; the next start is a fresh one."""
         seen = self._inspect(name)
-        if seen is None or seen.status.state != RunState.RUNNING:
+        if seen is None:
+            return
+        restarts, stopped = self._meta(name)
+        if not stopped:
+            self._record(name, restarts, stopped=True)
+        if seen.status.state != RunState.RUNNING:
             return
         with contextlib.suppress(docker.errors.NotFound):
-            self.client.api.stop(seen.id, timeout=STOP_TIMEOUT)
+            self.client.api.stop(seen.id, timeout=int(timeout))
         self.forget(name)
 
     def status(self, name: str) -> ContainerStatus | None:
         seen = self._inspect(name)
         if seen is not None:
-            return seen.status
+            return self._counted(name, seen.status)
         if self._path(name).exists():
             return ContainerStatus(RunState.EXITED, "", None, "not created yet")
         return None

@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,17 +58,22 @@ def spawn(
     netns: str | None = None,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    setup: Callable[[], None] | None = None,
 ) -> ProcRef:
     """Start ``argv`` in a new session (inside ``netns`` if given), output appended to ``log``.
 
     The namespace is entered in the child before exec (pyroute2 ``setns`` on an fd
-    opened here, so a missing namespace fails in the parent, not silently).
+    opened here, so a missing namespace fails in the parent, not silently). ``setup``
+    runs in the child after that, before exec (the light runtime's mount isolation);
+    if it raises, the start fails in the parent with that error.
     """
     nsfd = os.open(f"/run/netns/{netns}", os.O_RDONLY) if netns else None
 
     def enter() -> None:
         if nsfd is not None:
             pr_netns.setns(nsfd, flags=0)
+        if setup is not None:
+            setup()
 
     log.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -104,8 +109,22 @@ def reap(pid: int | None = None) -> None:
     """
     candidates = list(_children.values()) if pid is None else [_children[pid]] if pid in _children else []
     for proc in candidates:
-        if proc.poll() is not None:
+        code = proc.poll()
+        if code is not None:
             del _children[proc.pid]
+            # Docker's convention: killed by signal N reads as 128 + N.
+            _exit_codes[proc.pid] = code if code >= 0 else 128 - code
+
+
+# PID -> exit code of children reaped and not yet asked about (exit_code()).
+_exit_codes: dict[int, int] = {}
+
+
+def exit_code(pid: int) -> int | None:
+    """The exit code of a child :func:`spawn` started that has exited (once; None if unknown:
+    not our child, e.g. started by an agent before a restart, or still running)."""
+    reap(pid)
+    return _exit_codes.pop(pid, None)
 
 
 def stop(ref: ProcRef, timeout: float = 5.0) -> None:

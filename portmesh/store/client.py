@@ -175,14 +175,21 @@ class Store(Engine):
 
         return self._write(build)
 
-    def set_container_running(self, name: str, running: bool) -> int:
-        """Set the desired run state (stop/start); unchanged state does not bump the generation."""
+    def set_container_running(self, name: str, running: bool, stop_timeout: int | None = None) -> int:
+        """Set the desired run state (stop/start); unchanged state does not bump the generation.
+
+        ``stop_timeout`` (``stop?time=N``) is written in the same transaction, so the agent
+        that sees the stop sees its timeout too.
+        """
 
         def build(txn: Txn) -> bool:
             row = self._container(name)
-            if bool(row.running) == running:
+            timeout_changed = stop_timeout is not None and list(row.stop_timeout) != [stop_timeout]
+            if bool(row.running) == running and not timeout_changed:
                 return False
             row.running = running
+            if timeout_changed:
+                row.stop_timeout = [stop_timeout]
             return True
 
         return self._write(build)

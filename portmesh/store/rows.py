@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from portmesh.model.entities import (
+    DEFAULT_STOP_TIMEOUT,
     Container,
     ContainerStatus,
     Host,
@@ -23,6 +24,7 @@ from portmesh.model.entities import (
     MappingKey,
     PortBlock,
     Proto,
+    RestartPolicy,
     RunState,
 )
 from portmesh.model.errors import Conflict, InvalidInput, ModelError
@@ -41,7 +43,19 @@ Row = Any
 DESIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "Global": ("generation",),
     "Host": ("name", "datapath_id", "underlay_ip"),
-    "Container": ("name", "host", "mac", "ips", "block_start", "block_size", "command", "image"),
+    "Container": (
+        "name",
+        "host",
+        "mac",
+        "ips",
+        "block_start",
+        "block_size",
+        "command",
+        "image",
+        "env",
+        "restart",
+        "stop_timeout",
+    ),
     "Mapping": ("public_ip", "proto", "port", "container"),
 }
 
@@ -78,6 +92,8 @@ def container_from_row(row: Row) -> Container:
     """
     ips = tuple(sorted(IPv4Address(ip) for ip in row.ips))
     command = json.loads(row.command) if row.command else []
+    env = getattr(row, "env", "")  # the three columns below are absent before schema 1.2.0
+    timeout = _optional(getattr(row, "stop_timeout", []))
     return Container(
         name=row.name,
         host=row.host,
@@ -86,6 +102,9 @@ def container_from_row(row: Row) -> Container:
         block=PortBlock(start=row.block_start, size=row.block_size),
         command=tuple(str(part) for part in command),
         image=_optional(row.image),
+        env=tuple(str(item) for item in json.loads(env)) if env else (),
+        restart=RestartPolicy(_optional(getattr(row, "restart", [])) or RestartPolicy.NO),
+        stop_timeout=DEFAULT_STOP_TIMEOUT if timeout is None else int(timeout),
     )
 
 
@@ -100,6 +119,9 @@ def container_status_from_row(row: Row) -> ContainerStatus | None:
         pid=_optional(row.pid),
         message=row.message,
         log_path=getattr(row, "log_path", ""),  # absent from a database made with schema 1.0.0
+        exit_code=_optional(getattr(row, "exit_code", [])),  # these three: absent before schema 1.2.0
+        restarts=getattr(row, "restart_count", 0),
+        runtime=getattr(row, "runtime", ""),
     )
 
 
@@ -133,6 +155,9 @@ def fill_container_row(row: Row, c: Container) -> None:
     row.block_size = c.block.size
     row.command = json.dumps(list(c.command))
     row.image = [c.image] if c.image is not None else []
+    row.env = json.dumps(list(c.env))
+    row.restart = [c.restart.value]
+    row.stop_timeout = [c.stop_timeout]
 
 
 def fill_container_status(row: Row, status: ContainerStatus) -> None:
@@ -142,6 +167,9 @@ def fill_container_status(row: Row, status: ContainerStatus) -> None:
     row.pid = [status.pid] if status.pid is not None else []
     row.message = status.message
     row.log_path = status.log_path
+    row.exit_code = [status.exit_code] if status.exit_code is not None else []
+    row.restart_count = status.restarts
+    row.runtime = status.runtime
 
 
 def fill_mapping_row(row: Row, m: Mapping) -> None:

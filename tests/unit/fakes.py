@@ -124,11 +124,14 @@ class FakeStore:
                 raise NotFound("mapping", f"{key} is not mapped")
             return self._commit(mappings={k: m for k, m in self._state.mappings.items() if k != key})
 
-    def set_container_running(self, name: str, running: bool) -> int:
+    def set_container_running(self, name: str, running: bool, stop_timeout: int | None = None) -> int:
         with self._lock:
             if name not in self._state.containers:
                 raise NotFound("name", f"container {name!r} does not exist")
             self._running[name] = running
+            if stop_timeout is not None:
+                c = dataclasses.replace(self._state.containers[name], stop_timeout=stop_timeout)
+                return self._commit(containers={**self._state.containers, name: c})
             return self._commit()
 
     # --- status (reported by agents and the controller; no generation bump) ---

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +23,7 @@ from portmesh.model.entities import Host
 from tests.unit.fakes import FakeStore
 
 TOKEN = "cli-test-token"
+LOG_DIR = tempfile.mkdtemp(prefix="pm-cli-test-logs-")  # the API reads *.log files only under its log dirs
 IP = "203.0.113.10"
 
 
@@ -31,9 +35,8 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        config = uvicorn.Config(
-            create_app(store, TOKEN, wait_timeout=2.0), host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
-        )
+        api = create_app(store, TOKEN, wait_timeout=2.0, log_dirs=[LOG_DIR])
+        config = uvicorn.Config(api, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -125,7 +128,7 @@ def test_api_errors_exit_1_naming_the_field(invoke: Any, server: Server) -> None
     assert r.exit_code == 1
     assert "host:" in r.stderr and "does not exist" in r.stderr and "404" in r.stderr
     r = invoke("run", "web", "--host", "h1", "--ip", IP, "-p", "70000/tcp")
-    assert r.exit_code == 1 and "ports[0].port" in r.stderr
+    assert r.exit_code == 2 and "'--port' / '-p'" in r.stderr and "70000 is outside 1-65535" in r.stderr, "checked here"
     r = invoke("map", "rm", IP, "80/tcp")
     assert r.exit_code == 1 and "mapping:" in r.stderr
     r = invoke("inspect", "ghost")
@@ -138,7 +141,9 @@ def test_missing_token_is_401_with_a_hint(invoke: Any, server: Server) -> None:
     setup_host(server)
     r = invoke("run", "web", "--host", "h1", "--ip", IP, token=None)
     assert r.exit_code == 1 and "authorization" in r.stderr and "PORTMESH_TOKEN" in r.stderr
-    assert invoke("ps", token=None).exit_code == 0  # reads need no token
+    r = invoke("ps", token=None)
+    assert r.exit_code == 1 and "authorization" in r.stderr, "reads need the token too"
+    assert invoke("ps").exit_code == 0
 
 
 def test_wait_timeout_is_an_error(invoke: Any, server: Server) -> None:
@@ -194,7 +199,19 @@ def test_unreachable_api_exits_1() -> None:
         (["down", "--name", "x"], ["down", "--name", "x"]),
         (["demo"], ["demo"]),
         (["demo", "--fast"], ["demo", "--fast"]),
-        (["exec", "web", "--", "ip", "-br", "addr"], ["exec", "web", "--", "ip", "-br", "addr"]),
+        (
+            ["lab", "exec", "inet", "--", "redis-benchmark", "-h", IP, "-n", "20000"],
+            ["exec", "inet", "--", "redis-benchmark", "-h", IP, "-n", "20000"],
+        ),
+        (["lab", "exec", "inet", "--", "tcpdump", "-ni", "eth0"], ["exec", "inet", "--", "tcpdump", "-ni", "eth0"]),
+        (["lab", "exec", "inet", "--", "ping", "-n", "-c", "1", IP], ["exec", "inet", "--", "ping", "-n", "-c", "1", IP]),
+        (["lab", "exec", "inet", "--", "ls", "--help"], ["exec", "inet", "--", "ls", "--help"]),
+        (["lab", "exec", "inet", "--", "echo", "--name=ux", "hi"], ["exec", "inet", "--", "echo", "--name=ux", "hi"]),
+        (
+            ["lab", "exec", "--name", "ux", "inet", "--", "sh", "-c", "a -- b"],
+            ["exec", "--name", "ux", "inet", "--", "sh", "-c", "a -- b"],
+        ),
+        (["--api", "http://x", "lab", "status", "--", "--"], ["status", "--", "--"]),
     ],
 )
 def test_lab_pass_through(monkeypatch: pytest.MonkeyPatch, args: list[str], forwarded: list[str]) -> None:
@@ -219,14 +236,14 @@ def test_cli_does_not_import_lab_or_api() -> None:
                 assert not node.module.startswith(("portmesh.lab", "portmesh.api", "portmesh.store")), path
 
 
-def test_logs_reads_the_log_file_the_agent_reported(invoke: Any, server: Server, tmp_path: Any) -> None:
+def test_logs_reads_the_log_file_the_agent_reported(invoke: Any, server: Server) -> None:
     from portmesh.model.entities import ContainerStatus, RunState
 
     setup_host(server)
     assert invoke("run", "web", "--host", "h1", "--ip", IP).exit_code == 0
     r = invoke("logs", "web")
     assert r.exit_code == 1 and "logs" in r.stderr, "no log reported yet: 404 naming the field"
-    log = tmp_path / "web.log"
+    log = Path(LOG_DIR) / f"web-{os.getpid()}.log"
     log.write_text("one\ntwo\nthree\n")
     server.store.report_container_status("web", ContainerStatus(RunState.RUNNING, "ns", 1, "", str(log)))
     r = invoke("logs", "web")
@@ -235,8 +252,9 @@ def test_logs_reads_the_log_file_the_agent_reported(invoke: Any, server: Server,
     assert invoke("logs", "nope").exit_code == 1
     import httpx
 
-    first = httpx.get(f"{server.url}/v1/containers/web/logs", params={"tail": 1}).json()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    first = httpx.get(f"{server.url}/v1/containers/web/logs", params={"tail": 1}, headers=auth).json()
     with log.open("a") as f:
         f.write("four\n")
-    more = httpx.get(f"{server.url}/v1/containers/web/logs", params={"offset": first["offset"]}).json()
+    more = httpx.get(f"{server.url}/v1/containers/web/logs", params={"offset": first["offset"]}, headers=auth).json()
     assert more["text"] == "four\n" and more["offset"] == log.stat().st_size
