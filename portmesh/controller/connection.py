@@ -62,7 +62,12 @@ def flow_cookies(data: bytes, xid: int) -> FlowCookies:
 
 
 class SwitchError(RuntimeError):
-    """The switch answered a request with an OpenFlow error."""
+    """The switch answered a request with an OpenFlow error (its type and code kept for callers that care)."""
+
+    def __init__(self, text: str, type_: int = -1, code: int = -1) -> None:
+        super().__init__(text)
+        self.type = type_
+        self.code = code
 
 
 Handler = Callable[[Any], Awaitable[None]]
@@ -126,6 +131,19 @@ class OpenFlowConnection:
     async def barrier(self) -> None:
         await self.request(parser.OFPBarrierRequest(DP))
 
+    async def send_checked(self, msg: Any) -> None:
+        """Send a message that has no reply (a meter-mod); a barrier tells whether the switch refused it."""
+        xid = self.next_xid()
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._waiters[xid] = future
+        try:
+            self.send(serialize(msg, xid))
+            await self.barrier()  # the switch answers in order: an error for ``msg`` comes before this reply
+            if future.done():
+                future.result()  # raises the SwitchError
+        finally:
+            self._waiters.pop(xid, None)
+
     async def bundle_ctrl(self, type_: int) -> None:
         xid = self.next_xid()
         await self.request_bytes(bundle_ctrl(type_, xid), xid)
@@ -148,7 +166,7 @@ class OpenFlowConnection:
             return
         if msg.msg_type == ofp.OFPT_ERROR:
             self._parts.pop(msg.xid, None)
-            waiter.set_exception(SwitchError(describe_error(msg)))
+            waiter.set_exception(SwitchError(describe_error(msg), msg.type, msg.code))
             return
         parts = self._parts.setdefault(msg.xid, [])
         parts.append(msg)

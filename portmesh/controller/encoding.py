@@ -17,7 +17,7 @@ import os_ken.base.app_manager  # noqa: F401  (import order: avoids os-ken's cir
 from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
-from portmesh.controller.flows import Action, Flow, Move, Output, SetField, ToController
+from portmesh.controller.flows import Action, Ct, Flow, Move, Output, SetField, ToController
 from portmesh.controller.templates import TemplateEncoder
 
 __all__ = ["BUNDLE_ID", "DP", "EncodingCache", "bundle_add", "flow_mod_add", "flow_mod_delete", "ofp", "parser", "serialize"]
@@ -47,12 +47,24 @@ def _action(action: Action) -> Any:
         return parser.OFPActionOutput(action.port)
     if isinstance(action, ToController):
         return parser.OFPActionOutput(ofp.OFPP_CONTROLLER, action.max_len)
+    if isinstance(action, Ct):
+        label = [parser.NXActionRegMove(src_field=action.label_from, dst_field="ct_label", n_bits=48)]
+        return parser.NXActionCT(
+            flags=1 if action.commit else 0,  # NX_CT_F_COMMIT
+            zone_src="", zone_ofs_nbits=action.zone,  # an immediate zone when zone_src is empty
+            recirc_table=action.table.number if action.table is not None else 0xFF,  # NX_CT_RECIRC_NONE
+            alg=0,
+            actions=label if action.label_from else [],
+        )
     raise TypeError(f"unknown action {action!r}")
 
 
 def flow_mod_add(flow: Flow) -> Any:
     """The os-ken OFPFlowMod that adds ``flow``."""
     instructions: list[Any] = []
+    meters = [a.meter for a in flow.actions if isinstance(a, ToController) and a.meter is not None]
+    if meters:
+        instructions.append(parser.OFPInstructionMeter(meters[0].meter_id))
     if flow.actions:
         instructions.append(
             parser.OFPInstructionActions(ofp.OFPIT_APPLY_ACTIONS, [_action(a) for a in flow.actions])

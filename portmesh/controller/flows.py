@@ -13,7 +13,7 @@ import enum
 import hashlib
 from dataclasses import dataclass
 
-from portmesh.controller.pipeline import Table
+from portmesh.controller.pipeline import Meter, Table
 
 OFPP_IN_PORT = 0xFFFFFFF8
 OFPP_LOCAL = 0xFFFFFFFE
@@ -57,12 +57,29 @@ class Output:
 
 @dataclass(frozen=True, slots=True)
 class ToController:
-    """Punt to the controller, keeping the first ``max_len`` bytes."""
+    """Punt to the controller, keeping the first ``max_len`` bytes, through ``meter`` if one is named."""
 
     max_len: int = 128
+    meter: Meter | None = None
 
 
-Action = SetField | Move | Output | ToController
+@dataclass(frozen=True, slots=True)
+class Ct:
+    """Nicira ct: send the packet through conntrack ``zone``.
+
+    ``commit`` records the connection, and with ``label_from`` copies that 48-bit
+    field (a MAC) into the connection's ct_label. With ``table`` the tracked packet
+    resumes in that table (a recirculation, declared like a goto); without it the
+    packet goes on untracked.
+    """
+
+    zone: int
+    table: Table | None = None
+    commit: bool = False
+    label_from: str | None = None
+
+
+Action = SetField | Move | Output | ToController | Ct
 
 
 def owner_id(kind: OwnerKind, name: str) -> int:
@@ -73,7 +90,7 @@ def owner_id(kind: OwnerKind, name: str) -> int:
 
 # An action as the shape sees it: constant actions (Move, ToController) as themselves, variable ones
 # (SetField, Output) as their class and, for SetField, the field; their values live in Flow.values.
-ActionShape = tuple[type, str | None] | Move | ToController
+ActionShape = tuple[type, str | None] | Move | ToController | Ct
 
 
 class Shape:
@@ -130,6 +147,9 @@ def shape_of(
         if list(fields) != sorted(fields) or len(masked) != len(fields):
             raise ValueError(f"shape fields must be sorted and each marked masked or not: {fields} {masked}")
         table.check(dict.fromkeys(fields, 0), goto)
+        for action in actions:
+            if isinstance(action, Ct) and action.table is not None:
+                table.check({}, action.table)
         known = _SHAPES[key] = Shape(table, priority, fields, masked, actions, goto)
     return known
 

@@ -28,3 +28,9 @@ class ControllerMetrics:
         self.generation = Gauge("portmesh_controller_generation", "Store generation the switch realises", ["host"],
                                 registry=self.registry)
         self.switches = Gauge("portmesh_controller_switches", "Connected switches", registry=self.registry)
+        self.icmp_errors = Counter(
+            "portmesh_controller_icmp_errors",
+            "ICMP errors punted to the controller (after the switch's meter), by direction (in: to a public IP, "
+            "out: from a container) and verdict (delivered, passed, unowned, foreign, malformed)",
+            ["host", "direction", "verdict"], registry=self.registry,
+        )

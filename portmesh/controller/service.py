@@ -14,10 +14,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from portmesh.controller import icmp
 from portmesh.controller.compiler import SwitchCompiler
 from portmesh.controller.connection import OpenFlowConnection
 from portmesh.controller.encoding import DP, EncodingCache, ofp, parser, serialize
 from portmesh.controller.metrics import ControllerMetrics
+from portmesh.controller.pipeline import Table
 from portmesh.controller.reject import refusal
 from portmesh.controller.switch import Switch
 from portmesh.model.config import NetworkConfig
@@ -218,9 +220,21 @@ class Controller:
             if switch.port_status(msg):
                 self._dirty.set()
         elif msg.msg_type == ofp.OFPT_PACKET_IN:
-            self._reject(switch, msg)
+            if icmp.is_icmp(bytes(msg.data)):
+                self._icmp_error(switch, msg)
+            else:
+                self._reject(switch, msg)
         elif msg.msg_type == ofp.OFPT_ERROR:
             log.error("switch %016x: unsolicited OpenFlow error type=%s code=%s", switch.datapath_id, msg.type, msg.code)
+
+    def _icmp_error(self, switch: Switch, msg: Any) -> None:
+        """An ICMP error: on to the owner of the port it quotes, or dropped (see portmesh/controller/icmp.py)."""
+        verdict, out = icmp.forward(bytes(msg.data), msg.match["in_port"], msg.table_id, switch.compiler)
+        host = switch.compiler.host if switch.compiler is not None else "?"
+        direction = "out" if msg.table_id == Table.CLASSIFY.number else "in"
+        self.metrics.icmp_errors.labels(host, direction, verdict.value).inc()
+        if out is not None:
+            switch.conn.send(serialize(out, switch.conn.next_xid()))
 
     def _reject(self, switch: Switch, msg: Any) -> None:
         reply = refusal(bytes(msg.data), self.config.virtual_mac)

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from portmesh.controller.compiler import SwitchCompiler
-from portmesh.controller.connection import OpenFlowConnection
+from portmesh.controller.connection import OpenFlowConnection, SwitchError
 from portmesh.controller.encoding import DP, EncodingCache, ofp, parser
 from portmesh.controller.flows import Flow
+from portmesh.controller.pipeline import Meter
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Switch:
         # The compiler whose last output this switch holds exactly (then a change can be sent as a delta).
         self.compiler: SwitchCompiler | None = None
         self.in_step = False
+        self.meters_set = False
 
     def needs_sync(self, generation: int) -> bool:
         return self.realized_generation != generation or self.realized_ports_version != self.ports_version
@@ -87,6 +89,26 @@ class Switch:
             self.ports_version += 1
             return True
         return False
+
+    async def set_meters(self) -> None:
+        """Make every meter of the pipeline exist with its declared rate, before a flow refers to it.
+
+        Meter-mods cannot ride in a bundle. Add, and modify if it exists already (a switch
+        that outlived the controller); never delete, which would delete the flows using it.
+        """
+        for meter in Meter:
+            spec = meter.value
+            for command in (ofp.OFPMC_ADD, ofp.OFPMC_MODIFY):
+                mod = parser.OFPMeterMod(DP, command=command, flags=ofp.OFPMF_PKTPS | ofp.OFPMF_BURST,
+                                         meter_id=spec.meter_id,
+                                         bands=[parser.OFPMeterBandDrop(rate=spec.rate_pps, burst_size=spec.burst)])
+                try:
+                    await self.conn.send_checked(mod)
+                    break
+                except SwitchError as exc:
+                    if command != ofp.OFPMC_ADD or exc.code != ofp.OFPMMFC_METER_EXISTS:
+                        raise
+        self.meters_set = True
 
     async def read_installed(self) -> set[int]:
         """The cookies of every flow in every table, as the switch reports them."""
@@ -141,6 +163,8 @@ class Switch:
         the end with the stale flows' deletions, so the change stays atomic.
         """
         conn = self.conn
+        if not self.meters_set:
+            await self.set_meters()
         installed = self.installed
         desired: set[int] = set()
         added = 0
