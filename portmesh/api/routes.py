@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Sequence
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from portmesh.api.logs import read_log
@@ -81,11 +82,15 @@ ERRORS: dict[int | str, dict[str, object]] = {
 router = APIRouter(prefix="/v1", responses=ERRORS, dependencies=[Depends(require_token)])
 
 
-async def _converged(service: Service, generation: int, wait: bool, timeout: float | None) -> bool:
+async def _converged(
+    service: Service, generation: int, wait: bool, timeout: float | None, containers: Sequence[str] = ()
+) -> bool:
+    """Per object: the switches and agents at ``generation`` and the named ``containers`` realised
+    (service.compute_status), never the whole host, so one broken container delays no other write."""
     if wait:
-        await service.wait_converged(generation, timeout)
+        await service.wait_converged(generation, timeout, containers)
         return True
-    return (await service.status(generation)).converged
+    return (await service.status(generation, containers)).converged
 
 
 # --- hosts ---
@@ -144,10 +149,17 @@ async def container_logs(
 
 @router.post("/containers", status_code=201, tags=["containers"])
 async def add_container(body: ContainerIn, service: Svc, wait: Wait = False, timeout: Timeout = None) -> ContainerWriteOut:
-    """Create a container and its mappings (every IP x every port) in one store transaction."""
-    generation, container, _ = await service.add_container(body)
-    done = await _converged(service, generation, wait, timeout)
-    return ContainerWriteOut(generation=generation, converged=done, container=await service.container(container.name))
+    """Create a container and its mappings (every IP x every port) in one store transaction.
+
+    With ``wait``, a container whose first start fails is removed again and refused (404 ``image``
+    / 422 ``command``): a failed create changes nothing. ``notes`` says what the API chose.
+    """
+    generation, container, done = await service.create_container(body, wait, timeout)
+    notes = [f"name {container.name!r} generated"] if body.name is None else []
+    if body.host is None:
+        notes.append(f"host {container.host!r} chosen: fewest containers, ties by name")
+    view = await service.container(container.name)
+    return ContainerWriteOut(generation=generation, converged=done, container=view, notes=notes)
 
 
 @router.delete("/containers/{name}", tags=["containers"])
@@ -158,15 +170,18 @@ async def remove_container(name: Name, service: Svc, wait: Wait = False, timeout
 
 
 @router.post("/containers/{name}/stop", tags=["containers"])
-async def stop_container(name: Name, service: Svc, wait: Wait = False, timeout: Timeout = None) -> WriteOut:
+async def stop_container(name: Name, service: Svc, wait: Wait = False, timeout: Timeout = None) -> ContainerWriteOut:
     generation = await service.set_running(name, False)
-    return WriteOut(generation=generation, converged=await _converged(service, generation, wait, timeout))
+    done = await _converged(service, generation, wait, timeout, [name])
+    return ContainerWriteOut(generation=generation, converged=done, container=await service.container(name))
 
 
 @router.post("/containers/{name}/start", tags=["containers"])
-async def start_container(name: Name, service: Svc, wait: Wait = False, timeout: Timeout = None) -> WriteOut:
+async def start_container(name: Name, service: Svc, wait: Wait = False, timeout: Timeout = None) -> ContainerWriteOut:
+    """Answers with the container as its agent reports it: a start that failed shows in error, with the reason."""
     generation = await service.set_running(name, True)
-    return WriteOut(generation=generation, converged=await _converged(service, generation, wait, timeout))
+    done = await _converged(service, generation, wait, timeout, [name])
+    return ContainerWriteOut(generation=generation, converged=done, container=await service.container(name))
 
 
 # --- mappings ---
@@ -178,9 +193,14 @@ async def list_mappings(service: Svc) -> list[MappingOut]:
 
 
 @router.post("/mappings", status_code=201, tags=["mappings"])
-async def add_mapping(body: MappingIn, service: Svc, wait: Wait = False, timeout: Timeout = None) -> MappingWriteOut:
-    generation, mapping = await service.add_mapping(body)
-    done = await _converged(service, generation, wait, timeout)
+async def add_mapping(
+    body: MappingIn, service: Svc, response: Response, wait: Wait = False, timeout: Timeout = None
+) -> MappingWriteOut:
+    """201 with the new mapping; 200 with the existing one if this very mapping exists (idempotent)."""
+    generation, mapping, created = await service.add_mapping(body)
+    if not created:
+        response.status_code = 200
+    done = await _converged(service, generation, wait, timeout, [mapping.container])
     return MappingWriteOut(generation=generation, converged=done, mapping=MappingOut.of(mapping))
 
 

@@ -108,8 +108,16 @@ class PortIn(BaseModel):
 class ContainerIn(BaseModel):
     """A container to create, with the mappings ``ips x ports`` created alongside it."""
 
-    name: str = name_field("container name")
-    host: str = name_field("host to place it on")
+    name: str | None = Field(
+        default=None,
+        description="container name; generated as Docker does (adjective_surname) if absent",
+        json_schema_extra=NAME_DOC,
+    )
+    host: str | None = Field(
+        default=None,
+        description="host to place it on; if absent, the host with the fewest containers (ties by name)",
+        json_schema_extra=NAME_DOC,
+    )
     ips: list[str] = Field(description="public IPs it holds", json_schema_extra=IPS_DOC)
     ports: list[PortIn] = Field(default_factory=list, description="mapped on every IP; a port listed twice is one mapping")
     command: list[str] = Field(default_factory=list)
@@ -219,14 +227,29 @@ class HostProgress(BaseModel):
     agent_generation: int
     switch_connected: bool
     converged: bool
+    waiting: list[str] = Field(default_factory=list, description="containers starting: their flows wait for their port")
+
+
+class ContainerProblem(BaseModel):
+    """A container that does not run although desired to: in error, or exited (with its reason)."""
+
+    name: str
+    host: str
+    state: str
+    message: str
 
 
 class StatusOut(BaseModel):
-    """The store's generation and how far every host has caught up with it."""
+    """The store's generation and how far every host has caught up with it.
+
+    ``converged`` means everything that can be realised is realised; containers that cannot
+    run are listed in ``problems`` and do not hold it back.
+    """
 
     generation: int
     converged: bool
     hosts: list[HostProgress]
+    problems: list[ContainerProblem] = Field(default_factory=list)
 
 
 class WriteOut(BaseModel):
@@ -242,6 +265,7 @@ class HostWriteOut(WriteOut):
 
 class ContainerWriteOut(WriteOut):
     container: ContainerOut
+    notes: list[str] = Field(default_factory=list, description="what the API chose: a generated name, a host")
 
 
 class MappingWriteOut(WriteOut):

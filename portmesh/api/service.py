@@ -23,6 +23,7 @@ from portmesh.api.logs import read_log
 from portmesh.api.schemas import (
     ContainerIn,
     ContainerOut,
+    ContainerProblem,
     HostIn,
     HostOut,
     HostProgress,
@@ -39,11 +40,15 @@ from portmesh.model.entities import (
     HostStatus,
     Mapping,
     MappingKey,
+    RunState,
 )
-from portmesh.model.errors import Conflict, InvalidInput, NotFound
+from portmesh.model.errors import Conflict, InvalidInput, ModelError, NotFound
+from portmesh.model.names import generate_name
 from portmesh.model.validation import (
+    choose_host,
     new_container,
     new_mapping,
+    parse_image,
     parse_ip,
     parse_name,
     parse_port,
@@ -70,6 +75,8 @@ class StoreAPI(Protocol):
     def set_container_running(self, name: str, running: bool) -> int: ...
     def container_running(self, name: str) -> bool: ...
     def container_status(self, name: str) -> ContainerStatus | None: ...
+    def container_statuses(self) -> dict[str, ContainerStatus]: ...
+    def running_containers(self) -> set[str]: ...
     def host_status(self, host: str) -> HostStatus: ...
 
 
@@ -83,24 +90,80 @@ class WaitTimeout(Exception):
         self.status = status
 
 
-def compute_status(store: StoreAPI, target: int | None = None) -> StatusOut:
-    """Progress of every host against ``target`` (default: the store's current generation). Blocking."""
+# States in which a container has no port on its switch, and never will until something changes:
+# it cannot start (error) or its process is gone (exited). Waiting for its flows would never end.
+PORTLESS = (RunState.ERROR, RunState.EXITED)
+
+
+def expects_port(running: bool, status: ContainerStatus | None) -> bool:
+    """Whether a container should have a port (and flows) on its switch: desired to run and not
+    reported unable to (an image container's port exists only while its process runs)."""
+    return running and (status is None or status.state not in PORTLESS)
+
+
+def compute_status(store: StoreAPI, target: int | None = None, containers: Sequence[str] | None = None) -> StatusOut:
+    """Progress of every host against ``target`` (default: the store's current generation). Blocking.
+
+    A host is up to date when its switch and its agent have realised ``target`` and every
+    container its switch still waits for (no port yet) is one that cannot have a port
+    (:data:`PORTLESS` or stopped): what can be realised is realised. Containers in error, or
+    exited although desired to run, are listed in ``problems``, not held against the host.
+
+    With ``containers`` (the objects one write changed; empty for a write that changed none,
+    e.g. a mapping removal) the answer's ``converged`` is per object instead: every switch and
+    agent at ``target`` (they report it whatever the state of other containers), and each named
+    container reported on by its agent at ``target`` and, if it should run, holding its flows
+    (not in its switch's waiting set). A container still starting elsewhere delays nobody.
+    """
     state = store.snapshot()
     goal = state.generation if target is None else target
+    statuses = store.container_statuses()
+    running = store.running_containers()
     hosts = []
+    caught_up = True
     for name in sorted(state.hosts):
         hs = store.host_status(name)
-        done = hs.switch_generation >= goal and hs.agent_generation >= goal
+        at_goal = hs.switch_generation >= goal and hs.agent_generation >= goal
+        caught_up = caught_up and at_goal
+        starting = sorted(
+            c for c in hs.switch_waiting if c in state.containers and expects_port(c in running, statuses.get(c))
+        )
         hosts.append(
             HostProgress(
                 name=name,
                 switch_generation=hs.switch_generation,
                 agent_generation=hs.agent_generation,
                 switch_connected=hs.switch_connected,
-                converged=done,
+                converged=at_goal and not starting,
+                waiting=starting,
             )
         )
-    return StatusOut(generation=state.generation, converged=all(h.converged for h in hosts), hosts=hosts)
+    problems = [
+        ContainerProblem(name=c.name, host=c.host, state=st.state.value, message=st.message)
+        for c in sorted(state.containers.values(), key=lambda c: c.name)
+        if (st := statuses.get(c.name)) is not None
+        and (st.state == RunState.ERROR or (st.state == RunState.EXITED and c.name in running))
+    ]
+    if containers is not None:
+        converged = caught_up and all(_object_ready(store, state, name, statuses, running) for name in containers)
+    else:
+        converged = all(h.converged for h in hosts)
+    return StatusOut(generation=state.generation, converged=converged, hosts=hosts, problems=problems)
+
+
+def _object_ready(
+    store: StoreAPI, state: DesiredState, name: str, statuses: dict[str, ContainerStatus], running: set[str]
+) -> bool:
+    """One container's part of a per-object wait (its host's agent has realised the target already)."""
+    c = state.containers.get(name)
+    if c is None:
+        return True  # removed since: nothing of it left to wait for
+    status = statuses.get(name)
+    if status is None or status.state == RunState.PENDING:
+        return False
+    if not expects_port(name in running, status):
+        return True  # its agent reported it stopped, exited or in error: that is the answer
+    return name not in store.host_status(c.host).switch_waiting
 
 
 def container_view(store: StoreAPI, state: DesiredState, c: Container) -> ContainerOut:
@@ -114,7 +177,11 @@ def container_view(store: StoreAPI, state: DesiredState, c: Container) -> Contai
 
 
 def plan_container(state: DesiredState, config: NetworkConfig, body: ContainerIn) -> tuple[Container, list[Mapping]]:
-    """The container and its ``ips x ports`` mappings, checked against ``state`` as one unit."""
+    """The container and its ``ips x ports`` mappings, checked against ``state`` as one unit.
+
+    A missing name is generated (Docker's ``adjective_surname``, never the command's first word);
+    a missing host is chosen by :func:`choose_host` (fewest containers, ties by name).
+    """
     ips = [parse_ip(ip, f"ips[{i}]") for i, ip in enumerate(body.ips)]
     parsed = [
         (parse_port(p.port, f"ports[{i}].port"), parse_proto(p.proto, f"ports[{i}].proto")) for i, p in enumerate(body.ports)
@@ -122,10 +189,18 @@ def plan_container(state: DesiredState, config: NetworkConfig, body: ContainerIn
     # A port listed twice ("80", "80/TCP") is the same mapping asked for twice: one mapping, as a set.
     # (Refusing it could not be stated in the OpenAPI document: uniqueItems compares the raw JSON.)
     ports = list(dict.fromkeys(parsed))
-    if body.image is not None and not body.image.strip():
-        raise InvalidInput("image", "empty image name")
+    if body.image is not None:
+        parse_image(body.image, "image")
+    name = body.name if body.name is not None else generate_name(state.containers)
+    host = body.host if body.host is not None else choose_host(state)
     container = new_container(
-        state, config, name=body.name, host=body.host, ips=ips, command=tuple(body.command), image=body.image
+        state,
+        config,
+        name=name,
+        host=host,
+        ips=ips,
+        command=tuple(body.command),
+        image=body.image,
     )
     # Check each mapping against a state that already holds the container and the
     # mappings before it, exactly as the store will hold them after the transaction.
@@ -161,6 +236,19 @@ def plan_host(state: DesiredState, body: HostIn) -> Host:
 def parse_key(public_ip: str, proto: str, port: int | str) -> MappingKey:
     """A mapping key from request strings, naming the field at fault."""
     return MappingKey(parse_ip(public_ip, "public_ip"), parse_proto(proto, "proto"), parse_port(port, "port"))
+
+
+def start_failure(c: Container, status: ContainerStatus) -> ModelError:
+    """The refusal for a create whose first start failed: the field at fault and the agent's reason.
+
+    Only the host's engine knows whether an image exists or a command can be executed, so the
+    field is read from the reason: an image container whose reason names the image is refused
+    for ``image`` (404: the named image does not exist), anything else for ``command`` (422).
+    """
+    reason = f"container {c.name!r} could not start, so it was not created: {status.message or status.state.value}"
+    if c.image and "image" in status.message.lower():
+        return NotFound("image", reason)
+    return InvalidInput("command", reason)
 
 
 def existing_container(state: DesiredState, name: str) -> Container:
@@ -211,18 +299,21 @@ class Service:
     async def snapshot(self) -> DesiredState:
         return await self.call(self.store.snapshot)
 
-    async def status(self, target: int | None = None) -> StatusOut:
-        return await self.call(compute_status, self.store, target)
+    async def status(self, target: int | None = None, containers: Sequence[str] | None = None) -> StatusOut:
+        return await self.call(compute_status, self.store, target, containers)
 
-    async def wait_converged(self, generation: int, timeout: float | None = None) -> StatusOut:
-        """Return once every host realised ``generation``; :class:`WaitTimeout` after ``timeout`` s."""
+    async def wait_converged(
+        self, generation: int, timeout: float | None = None, containers: Sequence[str] = ()
+    ) -> StatusOut:
+        """Return once ``generation`` is realised for the write that made it, per object (the
+        ``containers`` it changed; see :func:`compute_status`); :class:`WaitTimeout` after ``timeout`` s."""
         limit = self.wait_timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
         while True:
             if self._changed is not None:
                 self._changed.clear()  # cleared before reading, so a change after the read wakes us
-            status = await self.status(generation)
+            status = await self.status(generation, containers)
             if status.converged:
                 return status
             remaining = deadline - loop.time()
@@ -248,6 +339,41 @@ class Service:
             generation = await self.call(self.store.add_container, container, mappings)
             return generation, container, mappings
 
+    async def create_container(
+        self, body: ContainerIn, wait: bool, timeout: float | None = None
+    ) -> tuple[int, Container, bool]:
+        """Create a container; with ``wait``, a first start that fails undoes the create.
+
+        The wait is per object (this container and the switches), so a broken container
+        elsewhere on the host never delays it. If the agent reports the container in error
+        at its first attempt (image not found, command not executable), the container is
+        removed again -- row, port block and mappings in one transaction -- and the refusal
+        names ``image`` or ``command`` (:func:`start_failure`): a create that fails changes
+        nothing. A container that starts and exits at once is created (as Docker keeps it);
+        its status says so. Without ``wait`` the container stays, in error with its reason.
+        """
+        generation, container, _ = await self.add_container(body)
+        if not wait:
+            return generation, container, (await self.status(generation, [container.name])).converged
+        limit = self.wait_timeout if timeout is None else timeout
+        deadline = asyncio.get_running_loop().time() + limit
+        await self.wait_converged(generation, limit, [container.name])
+        status = await self.call(self.store.container_status, container.name)
+        if status is None or status.state != RunState.ERROR:
+            return generation, container, True
+        async with self.write_lock:
+            # Only the container this request made (a concurrent rm + run of the same name is left alone).
+            if (await self.snapshot()).containers.get(container.name) == container:
+                undone = await self.call(self.store.remove_container, container.name, True)
+            else:
+                undone = None
+        if undone is not None:
+            # Answer once its host has let go of it too (namespace, port); the refusal stands regardless.
+            remaining = max(0.1, deadline - asyncio.get_running_loop().time())
+            with contextlib.suppress(WaitTimeout):
+                await self.wait_converged(undone, remaining)
+        raise start_failure(container, status)
+
     async def remove_container(self, name: str) -> int:
         async with self.write_lock:
             existing_container(await self.snapshot(), name)
@@ -258,11 +384,18 @@ class Service:
             existing_container(await self.snapshot(), name)
             return await self.call(self.store.set_container_running, name, running)
 
-    async def add_mapping(self, body: MappingIn) -> tuple[int, Mapping]:
+    async def add_mapping(self, body: MappingIn) -> tuple[int, Mapping, bool]:
+        """Add a mapping; True as the third value if it was created, False if the very same mapping
+        existed already (idempotent, as ovsdbapp's ``may_exist``: nothing written). The same key
+        pointing at another container stays a :class:`Conflict`."""
         async with self.write_lock:
             key = parse_key(body.public_ip, body.proto, body.port)
-            mapping = new_mapping(await self.snapshot(), key, body.container)
-            return await self.call(self.store.add_mapping, mapping), mapping
+            state = await self.snapshot()
+            existing = state.mappings.get(key)
+            if existing is not None and existing.container == body.container:
+                return state.generation, existing, False
+            mapping = new_mapping(state, key, body.container)
+            return await self.call(self.store.add_mapping, mapping), mapping, True
 
     async def remove_mapping(self, public_ip: str, proto: str, port: int | str) -> int:
         async with self.write_lock:

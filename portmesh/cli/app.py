@@ -364,7 +364,7 @@ def mapping_target(first: str, second: str | None) -> tuple[str, dict[str, Any]]
     if second is None:
         ip, spec = parse_published(first, "'IP:PORT/PROTO'")
         if ip is None:
-            raise typer.BadParameter(f"{first!r} has no IP: give IP:PORT/PROTO, or IP PORT/PROTO", param_hint="'IP'")
+            raise typer.BadParameter(f"{first!r} has no IP: give IP:PORT/PROTO, or IP PORT/PROTO", param_hint="'IP:PORT/PROTO'")
         return ip, spec
     try:
         parse_ip(first, "IP")

@@ -49,7 +49,7 @@ def _state(c: Json) -> str:
 
 def _new_table(*headers: str) -> Table:
     # On a terminal long cells wrap to fit the screen; off one the console is PIPE_WIDTH wide, so they never do.
-    return Table(*headers, box=None, header_style="bold")
+    return Table(*headers, box=None, header_style="bold", pad_edge=False)
 
 
 def containers(console: Console, items: list[Json]) -> None:
@@ -63,7 +63,7 @@ def containers(console: Console, items: list[Json]) -> None:
 
 
 def container(console: Console, c: Json) -> None:
-    table = Table(box=None, show_header=False)
+    table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
     status = c.get("status") or {}

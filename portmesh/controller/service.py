@@ -3,7 +3,10 @@
 Store changes only set a flag; one task turns the newest snapshot into each
 connected switch's desired flow set and syncs it, so a burst of writes becomes
 one bundle per switch. After a switch holds the flows of generation G the
-controller reports G for that host (what ``--wait`` waits for).
+controller reports G for that host (what ``--wait`` waits for), together with
+the host's containers that have no port on the switch yet, hence no flows: a
+container that cannot start never gets a port, and waiting for it would hold
+back every later write on its host (the API waits per object instead).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol
 
 from portmesh.controller import icmp
@@ -38,7 +41,7 @@ class StateSource(Protocol):
 
     def subscribe(self, callback: Any) -> None: ...
 
-    def report_switch(self, host: str, generation: int, connected: bool) -> None: ...
+    def report_switch(self, host: str, generation: int, connected: bool, waiting: Collection[str] = ()) -> None: ...
 
 
 class Controller:
@@ -54,6 +57,8 @@ class Controller:
         self.flow_mods = 0
         self.metrics = ControllerMetrics()
         self._handlers: set[asyncio.Task[Any]] = set()
+        # Per datapath: the (generation, waiting containers) last reported to the store.
+        self._reported: dict[int, tuple[int, frozenset[str]]] = {}
 
     def attach(self) -> None:
         """Subscribe to the store; its callback runs on the store's thread, so hop to our loop."""
@@ -123,19 +128,23 @@ class Controller:
         m.flow_mods.labels(host, "delete").inc(result.deleted)
         m.sync_seconds.labels(host).observe(done - started)
         m.flows.labels(host).set(result.flows)
-        missing = [c.name for c in state.containers.values() if c.host == host and c.port_name not in ports]
-        if missing:
-            # Flows for these wait on their ports (a port-status triggers the next sync); reporting
-            # the generation now would let --wait answer "live" before it is.
-            log.info("switch %016x (%s): generation %d waits for ports of %s", switch.datapath_id, host,
-                     state.generation, ", ".join(missing[:5]))
-            return full
+        # Containers whose port is not on the bridge have no flows yet (a port-status triggers the next
+        # sync). The generation is reported all the same, naming them: a container that never gets a
+        # port (it cannot start) must not hold back every other write on this host, and whoever waits
+        # for one container checks that it is not listed (API, per-object wait).
+        waiting = frozenset(c.name for c in state.containers.values() if c.host == host and c.port_name not in ports)
+        if waiting:
+            log.info("switch %016x (%s): generation %d; %d containers wait for their ports: %s", switch.datapath_id,
+                     host, state.generation, len(waiting), ", ".join(sorted(waiting)[:5]))
         if result.flow_mods:
             log.info("switch %016x (%s): generation %d, %d flows; compile+send+commit %.3f s",
                      switch.datapath_id, host, state.generation, result.flows, done - started)
         self.metrics.generation.labels(host).set(state.generation)
+        if self._reported.get(switch.datapath_id) == (state.generation, waiting):
+            return full  # e.g. a port of another bridge came and went: nothing new to say
         try:
-            await asyncio.to_thread(self.store.report_switch, host, state.generation, True)
+            await asyncio.to_thread(self.store.report_switch, host, state.generation, True, waiting)
+            self._reported[switch.datapath_id] = (state.generation, waiting)
         except Exception as exc:
             # The flows are in; only the report is missing. Mark the switch unrealised so the next
             # pass (an empty delta: nothing sent) reports again, and schedule that pass.
@@ -182,6 +191,7 @@ class Controller:
             conn.close()
             if switch is not None and self.switches.get(switch.datapath_id) is switch:
                 del self.switches[switch.datapath_id]
+                self._reported.pop(switch.datapath_id, None)
                 self.metrics.switches.set(len(self.switches))
                 await self._report_disconnected(switch.datapath_id)
             if task is not None:

@@ -222,8 +222,16 @@ class ContainerStatus:
 
 @dataclass(frozen=True)
 class HostStatus:
-    """How far a host has caught up: the generation its switch and its agent have realised."""
+    """How far a host has caught up: the generation its switch and its agent have realised.
+
+    ``switch_waiting`` names the host's containers whose flows the switch could not hold at
+    ``switch_generation`` because their port was not on the bridge yet (a container still
+    starting, or one that cannot start). The controller reports the generation anyway, so one
+    broken container never holds back every write on its host; whoever waits for a particular
+    container checks that it is not in this set (see docs/components.md, "Waiting").
+    """
 
     switch_generation: int = 0
     agent_generation: int = 0
     switch_connected: bool = False
+    switch_waiting: frozenset[str] = frozenset()

@@ -68,6 +68,51 @@ def parse_port_spec(value: str, field: str = "port") -> tuple[int, Proto]:
     return parse_port(port, field), parse_proto(proto or "tcp", field)
 
 
+# Docker's image reference grammar (github.com/distribution/reference, regexp.go): optional
+# registry host[:port], lowercase path components joined by "/", optional ":tag", optional "@digest".
+_ALNUM = r"[a-z0-9]+"
+_COMPONENT = rf"{_ALNUM}(?:(?:[._]|__|-+){_ALNUM})*"
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"
+_TAG = r"[\w][\w.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+IMAGE_RE = re.compile(rf"(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::{_TAG})?(?:@{_DIGEST})?")
+MAX_IMAGE_NAME = 255  # the reference's name part, as Docker limits it
+
+
+def parse_image(value: str, field: str = "image") -> str:
+    """A well-formed image reference (``busybox``, ``portmesh/busybox:latest``, ``reg:5000/a/b@sha256:...``).
+
+    Refused up front (422) rather than by the host's engine after the container was written:
+    an engine refusal only shows as the container's error, after the fact. Whether a
+    well-formed reference exists is only known to the engine (see the API's rollback).
+    """
+    if not IMAGE_RE.fullmatch(value):
+        raise InvalidInput(field, f"{value!r} is not a valid image reference (e.g. 'busybox', 'portmesh/busybox:latest')")
+    name = value.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        name = name[: len(name) - len(last) + last.index(":")]
+    if len(name) > MAX_IMAGE_NAME:
+        raise InvalidInput(field, f"image name is longer than {MAX_IMAGE_NAME} characters")
+    return value
+
+
+def choose_host(state: DesiredState) -> str:
+    """The host a container without one goes to: the one with the fewest containers, ties by name.
+
+    Stated and deterministic, so the answer can say why (and a user can predict it); with one
+    host it is that host.
+    """
+    if not state.hosts:
+        raise NotFound("host", "no host is registered; add one first")
+    count = dict.fromkeys(state.hosts, 0)
+    for c in state.containers.values():
+        if c.host in count:
+            count[c.host] += 1
+    return min(count, key=lambda h: (count[h], h))
+
+
 def check_public_ip(ip: IPv4Address, config: NetworkConfig, field: str = "ip") -> None:
     """The IP must come from a configured public pool (409 otherwise: it is well-formed)."""
     if not config.in_pools(ip):

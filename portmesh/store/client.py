@@ -15,7 +15,7 @@ the controller recompute.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from portmesh.model.entities import Container, ContainerStatus, DesiredState, Host, HostStatus, Mapping, MappingKey
 from portmesh.model.errors import Conflict, InvalidInput, NotFound
@@ -205,13 +205,15 @@ class Store(Engine):
 
         self._write(build, bump=False)
 
-    def report_switch(self, host: str, generation: int, connected: bool) -> None:
-        """Controller: the generation the host's switch has realised, and whether it is connected."""
+    def report_switch(self, host: str, generation: int, connected: bool, waiting: Collection[str] = ()) -> None:
+        """Controller: the generation the host's switch has realised, whether it is connected, and the
+        containers whose flows still wait for their port (see :class:`HostStatus`)."""
 
         def build(txn: Txn) -> bool:
             row = self._host(host, field="host")
             row.switch_generation = generation
             row.switch_connected = connected
+            row.switch_waiting = sorted(waiting)
             return True
 
         self._write(build, bump=False)

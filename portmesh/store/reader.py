@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -185,13 +185,18 @@ class StateReader:
         with self._lock:
             return self._mirror.state()
 
-    def report_switch(self, host: str, generation: int, connected: bool) -> None:
-        """Controller: the generation the host's switch has realised, and whether it is connected."""
+    def report_switch(self, host: str, generation: int, connected: bool, waiting: Collection[str] = ()) -> None:
+        """Controller: the generation the host's switch has realised, whether it is connected, and the
+        containers whose flows still wait for their port (see :class:`HostStatus`)."""
         op = {
             "op": "update",
             "table": "Host",
             "where": [["name", "==", host]],
-            "row": {"switch_generation": generation, "switch_connected": connected},
+            "row": {
+                "switch_generation": generation,
+                "switch_connected": connected,
+                "switch_waiting": ["set", sorted(waiting)],
+            },
         }
         (result,) = self._transact([op])
         if result.get("count", 0) == 0:

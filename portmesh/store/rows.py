@@ -82,6 +82,7 @@ def host_status_from_row(row: Row) -> HostStatus:
         switch_generation=row.switch_generation,
         agent_generation=row.agent_generation,
         switch_connected=row.switch_connected,
+        switch_waiting=frozenset(getattr(row, "switch_waiting", ())),  # absent before schema 1.2.0
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +27,8 @@ class MemoryState:
         self._state = state
         self._callbacks: list[Callable[[], None]] = []
         self.reports: dict[str, tuple[int, bool]] = {}
+        # Containers whose flows still wait for their port, as last reported (realised: none).
+        self.waiting: dict[str, frozenset[str]] = {}
         self._cond = threading.Condition()
 
     def snapshot(self) -> DesiredState:
@@ -35,9 +37,10 @@ class MemoryState:
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._callbacks.append(callback)
 
-    def report_switch(self, host: str, generation: int, connected: bool) -> None:
+    def report_switch(self, host: str, generation: int, connected: bool, waiting: Collection[str] = ()) -> None:
         with self._cond:
             self.reports[host] = (generation, connected)
+            self.waiting[host] = frozenset(waiting)
             self._cond.notify_all()
 
     def publish(self, state: DesiredState) -> int:
@@ -49,7 +52,7 @@ class MemoryState:
 
     def _realized(self, host: str, want: int) -> bool:
         generation, connected = self.reports.get(host, (-1, False))
-        return connected and generation >= want
+        return connected and generation >= want and not self.waiting.get(host)
 
     def wait_realized(self, host: str, generation: int | None = None, timeout: float = 10.0) -> None:
         want = self._state.generation if generation is None else generation

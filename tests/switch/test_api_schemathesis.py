@@ -14,6 +14,7 @@ converged cloud instead of sitting out the (generated, up to 3600 s) timeout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -28,6 +29,8 @@ import pytest
 import uvicorn
 
 from portmesh.api.app import create_app
+from portmesh.model.entities import ContainerStatus, RunState
+from portmesh.model.errors import NotFound
 from portmesh.store.client import Store, StoreError
 from portmesh.store.server import start_server, stop_server
 
@@ -57,6 +60,14 @@ class CaughtUp:
             self.changed.wait(0.5)
             self.changed.clear()
             state = self.store.snapshot()
+            # As agents would: every container reported (running, or exited when stopped) before the
+            # generation, so a per-object wait for it completes.
+            running = self.store.running_containers()
+            for name in state.containers:
+                want = ContainerStatus(RunState.RUNNING) if name in running else ContainerStatus(RunState.EXITED)
+                if self.store.container_status(name) != want:
+                    with contextlib.suppress(NotFound):
+                        self.store.report_container_status(name, want)
             for host in state.hosts:
                 hs = self.store.host_status(host)
                 if hs.switch_generation < state.generation or not hs.switch_connected:

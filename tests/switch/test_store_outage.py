@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,11 +31,11 @@ class FlakyState(MemoryState):
             raise ConnectionError("store unreachable (test)")
         return super().snapshot()
 
-    def report_switch(self, host: str, generation: int, connected: bool) -> None:
+    def report_switch(self, host: str, generation: int, connected: bool, waiting: Collection[str] = ()) -> None:
         if self.reports_down.is_set():
             self.failed_reports += 1
             raise ConnectionError("store unreachable (test)")
-        super().report_switch(host, generation, connected)
+        super().report_switch(host, generation, connected, waiting)
 
 
 def test_controller_retries_reads_and_reports_after_a_store_outage(dummy_ovs: DummyOVS, tmp_path: Path) -> None:

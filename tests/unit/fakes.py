@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from portmesh.model.entities import (
     Container,
@@ -19,6 +19,7 @@ from portmesh.model.entities import (
     HostStatus,
     Mapping,
     MappingKey,
+    RunState,
 )
 from portmesh.model.errors import Conflict, NotFound
 
@@ -63,6 +64,7 @@ class FakeStore:
             if self.auto_converge:
                 for name in self._state.hosts:
                     self._hosts[name] = HostStatus(gen, gen, True)
+                self._report_containers()
         self._notify()
         return gen
 
@@ -149,10 +151,20 @@ class FakeStore:
         with self._lock:
             return self._status.get(name)
 
-    def report_switch(self, host: str, generation: int, connected: bool) -> None:
+    def container_statuses(self) -> dict[str, ContainerStatus]:
+        with self._lock:
+            return dict(self._status)
+
+    def running_containers(self) -> set[str]:
+        with self._lock:
+            return {name for name, running in self._running.items() if running}
+
+    def report_switch(self, host: str, generation: int, connected: bool, waiting: Collection[str] = ()) -> None:
         with self._lock:
             old = self._hosts.get(host, HostStatus())
-            self._hosts[host] = dataclasses.replace(old, switch_generation=generation, switch_connected=connected)
+            self._hosts[host] = dataclasses.replace(
+                old, switch_generation=generation, switch_connected=connected, switch_waiting=frozenset(waiting)
+            )
         self._notify()
 
     def report_agent(self, host: str, generation: int) -> None:
@@ -165,11 +177,22 @@ class FakeStore:
         with self._lock:
             return self._hosts.get(host, HostStatus())
 
+    def _report_containers(self) -> None:
+        """As agents would: each container running (or exited, if stopped) unless a test set its status."""
+        for name in self._state.containers:
+            status = self._status.get(name)
+            if status is None or (status.state in (RunState.RUNNING, RunState.EXITED) and status.message in ("", "stopped")):
+                if self._running.get(name, False):
+                    self._status[name] = ContainerStatus(RunState.RUNNING)
+                else:
+                    self._status[name] = ContainerStatus(RunState.EXITED, message="stopped")
+
     def converge(self) -> None:
-        """Every host reports the current generation (switch connected)."""
+        """Every host reports the current generation (switch connected); containers run as desired."""
         with self._lock:
             gen = self._state.generation
             names = list(self._state.hosts)
+            self._report_containers()
         for name in names:
             self.report_switch(name, gen, True)
             self.report_agent(name, gen)

@@ -188,9 +188,9 @@ def test_a_port_listed_twice_is_one_mapping(client: TestClient) -> None:
 
 
 def test_missing_field_is_named(client: TestClient) -> None:
-    r = client.post("/v1/containers", json={"host": "h1", "ips": [IP]}, headers=AUTH)
-    assert_refused(r, 422, "name")
-    assert r.json()["errors"][0]["field"] == "name"
+    r = client.post("/v1/containers", json={"host": "h1", "name": "web"}, headers=AUTH)
+    assert_refused(r, 422, "ips")
+    assert r.json()["errors"][0]["field"] == "ips"
 
 
 def test_host_refusals(client: TestClient, store: FakeStore) -> None:
@@ -218,7 +218,9 @@ def test_mapping_refusals(client: TestClient, store: FakeStore) -> None:
     assert_refused(post(container="nope"), 404, "container")
     assert_refused(post(public_ip="203.0.113.99"), 409, "public_ip")
     assert_refused(post(public_ip="nope"), 422, "public_ip")
-    assert_refused(post(port=80), 409, "port")
+    again = post(port=80)  # the very same mapping: idempotent (may_exist), nothing written
+    assert again.status_code == 200, again.text
+    assert again.json()["mapping"]["container"] == "web"
     assert_refused(post(port=0), 422, "port")
     assert_refused(post(proto="icmp"), 422, "proto")
     assert_refused(client.delete(f"/v1/mappings/{IP}/tcp/22", headers=AUTH), 404, "mapping")
@@ -236,7 +238,7 @@ def test_unknown_container(client: TestClient, store: FakeStore) -> None:
 
 
 def test_status_converges(client: TestClient, store: FakeStore) -> None:
-    assert client.get("/v1/status").json() == {"generation": 0, "converged": True, "hosts": []}
+    assert client.get("/v1/status").json() == {"generation": 0, "converged": True, "hosts": [], "problems": []}
     add_host(client)
     st = client.get("/v1/status").json()
     assert st["generation"] == 1 and not st["converged"] and not st["hosts"][0]["converged"]
