@@ -45,14 +45,14 @@ def last_actions(trace: str) -> str:
 
 
 def of_outputs(trace: str) -> list[str]:
-    """OpenFlow-level outputs in a trace: port numbers, or IN_PORT."""
+    """OpenFlow-level outputs in a trace: port numbers, IN_PORT or LOCAL."""
     outs = []
     for line in trace.splitlines():
         action = line.strip()
         if action.startswith("output:"):
             outs.append(action.split(":", 1)[1])
-        elif action == "IN_PORT":
-            outs.append("IN_PORT")
+        elif action in ("IN_PORT", "LOCAL"):
+            outs.append(action)
     return outs
 
 
@@ -191,5 +191,26 @@ def test_bulk_cookie_read_matches_os_ken_full_parse(dummy_ovs: DummyOVS, tmp_pat
 
         fast, full = ctl.call(both()).result(10)  # type: ignore[misc]
         assert fast == full and len(full) == len(dummy_ovs.dump_flows("br0"))
+    finally:
+        ctl.stop()
+
+
+def test_gateway_mac_leads_to_local_only_for_the_outside(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
+    """What a container may send to LOCAL: the outside yes; link-local and protected networks never."""
+    state = build_state()
+    source, ctl, ports = setup(dummy_ovs, tmp_path, state)
+    try:
+        source.wait_realized("h1")
+        web1 = state.containers["web1"]
+        head = f"in_port={ports['web1']},dl_src={web1.mac},dl_dst={CFG.gateway_mac}"
+        outside = dummy_ovs.trace("br0", f"{head},udp,nw_src={IP10},nw_dst={OUTSIDE},udp_src={web1.block.start},udp_dst=53")
+        assert of_outputs(outside) == ["LOCAL"], outside  # positive control: the gateway MAC leads to LOCAL
+        for dst, port in (("169.254.1.1", 22), ("169.254.169.254", 80), ("169.254.9.9", 53),
+                          ("198.18.0.1", 6653), ("198.18.0.11", 22), ("198.19.1.1", 4789)):
+            out = dummy_ovs.trace("br0", f"{head},udp,nw_src={IP10},nw_dst={dst},udp_src={web1.block.start},udp_dst={port}")
+            assert of_outputs(out) == [] and last_actions(out).endswith("drop"), (dst, out)
+        # The switch itself answers ping for the gateway: back out of the port it came from, as an echo reply.
+        ping = dummy_ovs.trace("br0", f"{head},icmp,nw_src={IP10},nw_dst=169.254.1.1,icmp_type=8,icmp_code=0")
+        assert of_outputs(ping) == ["IN_PORT"] and "set_field:0->icmp_type" in ping, ping
     finally:
         ctl.stop()
