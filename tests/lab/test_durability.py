@@ -138,6 +138,19 @@ def flow_table(cloud: Cloud) -> list[str]:
     return sorted(COUNTERS.sub("", line) for line in cloud.flows())
 
 
+DURATION = re.compile(r"duration=([0-9.]+)s")
+
+
+def flow_durations(cloud: Cloud) -> dict[str, float]:
+    """Each flow (without counters) and how long the switch has held it: a re-sent flow starts again at 0."""
+    out: dict[str, float] = {}
+    for line in cloud.flows():
+        found = DURATION.search(line)
+        assert found, line
+        out[COUNTERS.sub("", line)] = float(found.group(1))
+    return out
+
+
 def assert_traffic(cloud: Cloud, mappings: list[tuple[str, int, str]]) -> None:
     for ip, port, name in mappings:
         reply = whoami_from_inet(cloud, ip, port)
@@ -150,6 +163,7 @@ def test_kill9_everything_and_restart_loses_nothing(cloud: Cloud) -> None:
     wait_converged(cloud)
     assert_traffic(cloud, MAPPINGS)
     flows_before = flow_table(cloud)  # before the last write: its flows may or may not be in before the kill
+    held_before, clock_before = flow_durations(cloud), time.monotonic()
 
     # Acknowledged (2xx), not waited for: it must survive the kill that follows at once.
     written = json.loads(cloud.cli("map", "add", *LAST[:1], f"{LAST[1]}/tcp", LAST[2], "--no-wait", "-o", "json").stdout)
@@ -177,6 +191,10 @@ def test_kill9_everything_and_restart_loses_nothing(cloud: Cloud) -> None:
     assert set(flows_before) <= set(flows_after), sorted(set(flows_before) - set(flows_after))
     added = set(flows_after) - set(flows_before)
     assert added and all(str(LAST[1]) in f for f in added), sorted(added)
+    # Zero flow-mods for what was unchanged: no flow held before was re-sent (re-adding restarts its duration).
+    held_after, elapsed = flow_durations(cloud), time.monotonic() - clock_before
+    reset = {f: (held_before[f], held_after[f]) for f in held_before if held_after[f] < held_before[f] + elapsed - 1.0}
+    assert not reset, f"flows re-sent by the restarted controller (duration before, after; {elapsed:.1f} s apart): {reset}"
 
 
 def test_restarted_system_still_takes_writes(cloud: Cloud) -> None:
