@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, Field
 
 from portmesh.model.entities import Container, ContainerStatus, Host, HostStatus, Mapping, PortBlock
-from portmesh.model.validation import NAME_RE
+from portmesh.model.validation import IMAGE_RE, NAME_RE
 
 # The OpenAPI document states the shape the model's parsers accept, so a client (and
 # schemathesis) can tell valid input from invalid without trying. The parsers stay the
@@ -121,7 +121,7 @@ class ContainerIn(BaseModel):
     ips: list[str] = Field(description="public IPs it holds", json_schema_extra=IPS_DOC)
     ports: list[PortIn] = Field(default_factory=list, description="mapped on every IP; a port listed twice is one mapping")
     command: list[str] = Field(default_factory=list)
-    image: str | None = Field(default=None, json_schema_extra={"pattern": "\\S"})
+    image: str | None = Field(default=None, json_schema_extra={"pattern": f"^{IMAGE_RE.pattern}$"})
 
 
 class BlockOut(BaseModel):
