@@ -1,0 +1,260 @@
+"""Tier 3, ICMP as users expect it (issue 11.4): a real lab, real kernels answering and reacting.
+
+- Two containers sharing one public IP ping `inet` at the same time; each gets its own replies.
+- ICMP errors about a container's connection reach it: port unreachable (a connected UDP socket
+  gets ECONNREFUSED), time exceeded (the host kernel, a router, drops a TTL-1 datagram; the socket's
+  error queue says so), fragmentation needed (the host's uplink MTU is lowered; the container's
+  kernel learns the path MTU and the transfer completes).
+- A container's own ICMP error passes when it quotes one of its ports, never when it quotes a
+  sharer's: a recorder in `inet` hears the control and not the forgery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from portmesh.lab import node
+from portmesh.lab.network import INET_IP, Lab
+from tests.lab.test_mapping_e2e import Cloud, keep_logs
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
+    pytest.mark.skipif(shutil.which("ovs-vswitchd") is None, reason="openvswitch-switch is not installed"),
+]
+
+IP10 = "203.0.113.10"
+SINK_PORT = 7100
+UPLINK = "up0"  # the host's interface towards inet: the router hop whose MTU is lowered
+
+# A TCP sink in inet: reads to EOF, answers with the byte count.
+SINK = f"""
+import socket
+srv = socket.create_server(("0.0.0.0", {SINK_PORT}))
+print("ready", flush=True)
+while True:
+    conn, _ = srv.accept()
+    conn.settimeout(30)
+    total = 0
+    while chunk := conn.recv(65536):
+        total += len(chunk)
+    conn.sendall(str(total).encode())
+    conn.close()
+"""
+
+# A container sends BYTES to the sink; prints what came back and what its kernel learnt about the path.
+BULK = """
+import json, socket, subprocess, sys
+host, port, size, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+try:
+    s = socket.create_connection((host, port), timeout=timeout)
+    s.sendall(b"x" * size)
+    s.shutdown(socket.SHUT_WR)
+    reply = s.recv(100).decode()
+except OSError as exc:
+    reply = repr(exc)
+route = subprocess.run(["ip", "route", "get", host], capture_output=True, text=True).stdout
+print(json.dumps({"reply": reply, "route": route}))
+"""
+
+# A container's UDP sockets: a closed port answered by inet's kernel, and a TTL-1 datagram the host drops.
+UDP_ERRORS = """
+import json, select, socket, struct, sys
+host = sys.argv[1]
+out = {}
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.connect((host, 9))
+s.send(b"anyone?")
+try:
+    s.recv(100)
+    out["refused"] = "answered"
+except ConnectionRefusedError:
+    out["refused"] = "ECONNREFUSED"
+except socket.timeout:
+    out["refused"] = "timeout"
+out["refused_port"] = s.getsockname()[1]
+t = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+t.setsockopt(socket.IPPROTO_IP, 11, 1)  # IP_RECVERR
+t.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
+t.connect((host, 33434))
+t.send(b"ttl 1")
+poller = select.poll()
+poller.register(t, select.POLLERR)
+if poller.poll(5000):
+    _data, anc, _flags, _addr = t.recvmsg(512, 512, socket.MSG_ERRQUEUE)
+    for level, kind, data in anc:
+        if level == socket.IPPROTO_IP and kind == 11:
+            _errno, origin, icmp_type, code = struct.unpack_from("=IBBB", data)
+            offender = socket.inet_ntoa(data[20:24])
+            out["errqueue"] = {"origin": origin, "type": icmp_type, "code": code, "from": offender}
+else:
+    out["errqueue"] = "timeout"
+print(json.dumps(out))
+"""
+
+# inet: every ICMP destination unreachable that arrives, with the port its quote was addressed to.
+RECORDER = """
+import json, socket, struct, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.settimeout(0.5)
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    try:
+        data, (src, _) = s.recvfrom(2048)
+    except socket.timeout:
+        continue
+    ihl = (data[0] & 15) * 4
+    icmp_type, code = data[ihl], data[ihl + 1]
+    if icmp_type != 3:
+        continue
+    inner = data[ihl + 8:]
+    inner_ihl = (inner[0] & 15) * 4
+    sport, dport = struct.unpack_from("!HH", inner, inner_ihl)
+    print(json.dumps({"src": src, "code": code, "quoted_dst": socket.inet_ntoa(inner[16:20]), "quoted_dport": dport}),
+          flush=True)
+"""
+
+# A container sends a port unreachable to inet, quoting a TCP segment inet sent to (IP10, DPORT).
+FORGE = """
+import socket, sys
+import os_ken.base.app_manager
+from os_ken.lib.packet import icmp, ipv4, packet, tcp
+dest, quoted_dst, dport = sys.argv[1], sys.argv[2], int(sys.argv[3])
+q = packet.Packet()
+q.add_protocol(ipv4.ipv4(src=dest, dst=quoted_dst, proto=6))
+q.add_protocol(tcp.tcp(src_port=5555, dst_port=dport))
+q.add_protocol(b"12345678")
+q.serialize()
+msg = icmp.icmp(type_=3, code=3, data=icmp.dest_unreach(data=bytes(q.data)[:28]))
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.sendto(msg.serialize(bytearray(), None), (dest, 0))
+"""
+
+
+def py(cloud: Cloud, where: str, script: str, *args: str, timeout: float = 60) -> dict[str, object]:
+    """Run ``script`` with this interpreter inside ``where``'s namespace; its last line is JSON."""
+    done = node.run([sys.executable, "-c", script, *args], netns=cloud.netns(where), check=False, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def spawn_ready(cloud: Cloud, where: str, script: str, *args: str) -> subprocess.Popen[str]:
+    """Start ``script`` in ``where`` and return once it printed 'ready' (it has its socket open)."""
+    proc = subprocess.Popen(["ip", "netns", "exec", cloud.netns(where), sys.executable, "-u", "-c", script, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        proc.kill()
+        raise AssertionError(f"{where}: helper did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+    return proc
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[Cloud]:
+    lab = Lab(f"ic{os.getpid() % 10000}", say=lambda _msg: None)
+    sink: subprocess.Popen[str] | None = None
+    try:
+        state = lab.up(hosts=1)
+        c = Cloud(state)
+        c.run_container("pa", IP10, "80/tcp")
+        c.run_container("pb", IP10, "8080/tcp")
+        sink = spawn_ready(c, "inet", SINK)
+        yield c
+    finally:
+        if sink is not None:
+            stop(sink)
+        keep_logs(lab)
+        lab.down()
+
+
+def test_sharers_ping_outside_at_once_and_each_gets_its_replies(cloud: Cloud) -> None:
+    pings = {
+        name: subprocess.Popen(["ip", "netns", "exec", cloud.netns(name), "ping", "-c", "10", "-i", "0.1", "-W", "2",
+                                INET_IP], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name in ("pa", "pb")
+    }
+    for name, proc in pings.items():
+        out, _ = proc.communicate(timeout=30)
+        # ping counts only replies with its own echo id: a reply delivered to the wrong sharer is lost.
+        assert proc.returncode == 0 and "10 packets transmitted, 10 received" in out, (name, out)
+        assert "DUP!" not in out, (name, out)
+
+
+def test_port_unreachable_and_time_exceeded_reach_the_container(cloud: Cloud) -> None:
+    result = py(cloud, "pa", UDP_ERRORS, INET_IP)
+    assert result["refused"] == "ECONNREFUSED", result  # inet's kernel: port unreachable, delivered by the controller
+    err = result["errqueue"]
+    assert isinstance(err, dict), result
+    # ICMP (origin 2) time exceeded (11), from the host kernel that would have forwarded it.
+    assert err["origin"] == 2 and err["type"] == 11 and err["code"] == 0, result
+
+
+def test_fragmentation_needed_teaches_the_container_the_path_mtu(cloud: Cloud) -> None:
+    """The host's uplink (a router hop) drops to MTU 1280; its frag-needed reaches pb, which sends smaller.
+
+    pb sends without TSO/GSO here: with segmentation offload, OVS 3.1's userspace datapath
+    re-segments a TSO frame for LOCAL at LOCAL's own MTU (gso_size = MTU - headers), whatever MSS
+    the sender chose, so the hop past the host keeps refusing. pb's kernel still learns the MTU
+    then (this test's first phase shows it), but the transfer stalls: a datapath limit, not ICMP's.
+    """
+    h1, pb = cloud.netns("h1"), cloud.netns("pb")
+    node.run(["ip", "route", "flush", "cache"], netns=pb, check=True)
+    before = node.run(["ip", "route", "get", INET_IP], netns=pb, check=True).stdout
+    assert "mtu" not in before, before  # nothing learnt yet: the control for the assertions below
+    node.run(["ip", "link", "set", UPLINK, "mtu", "1280"], netns=h1, check=True)
+    try:
+        # With offloads on: the frag-needed arrives and the kernel learns, though OVS re-segments (see above).
+        learnt = str(py(cloud, "pb", BULK, INET_IP, str(SINK_PORT), "200000", "3")["route"])
+        assert re.search(r"\bmtu 1280\b", learnt), learnt
+        node.run(["ip", "route", "flush", "cache"], netns=pb, check=True)
+        node.run(["ethtool", "-K", "eth0", "tso", "off", "gso", "off"], netns=pb, check=True)
+        try:
+            result = py(cloud, "pb", BULK, INET_IP, str(SINK_PORT), str(2_000_000), "20")
+        finally:
+            node.run(["ethtool", "-K", "eth0", "tso", "on", "gso", "on"], netns=pb, check=True)
+    finally:
+        node.run(["ip", "link", "set", UPLINK, "mtu", "1500"], netns=h1, check=True)
+    assert result["reply"] == "2000000", result  # no black hole: every byte got through the 1280 hop
+    route = str(result["route"])
+    assert re.search(r"\bmtu 1280\b", route), route  # learnt again, from this transfer's frag-needed
+
+
+def test_container_errors_pass_only_about_its_own_ports(cloud: Cloud) -> None:
+    recorder = spawn_ready(cloud, "inet", RECORDER, "20")
+    try:
+        # pa forges an error about a datagram sent to pb's service port, then a true one about its own.
+        py_send = [sys.executable, "-c", FORGE]
+        node.run([*py_send, INET_IP, IP10, "8080"], netns=cloud.netns("pa"), check=True)
+        node.run([*py_send, INET_IP, IP10, "80"], netns=cloud.netns("pa"), check=True)
+        assert recorder.stdout is not None
+        heard = []
+        for line in recorder.stdout:
+            heard.append(json.loads(line))
+            if heard[-1]["quoted_dport"] == 80:
+                break
+    finally:
+        stop(recorder)
+    assert [h["quoted_dport"] for h in heard] == [80], heard
+    assert heard[0]["src"] == IP10 and heard[0]["quoted_dst"] == IP10
