@@ -38,6 +38,7 @@ from portmesh.api.schemas import (
 )
 from portmesh.api.service import Service
 from portmesh.model.entities import RunState
+from portmesh.model.validation import MAX_STOP_TIMEOUT
 
 _bearer = HTTPBearer(auto_error=False, description="The token from PORTMESH_TOKEN or the API's token file.")
 
@@ -65,6 +66,14 @@ PublicIp = Annotated[str, Path(json_schema_extra=IP_DOC)]
 ProtoPath = Annotated[str, Path(json_schema_extra={"pattern": PROTO_DOC["pattern"]})]
 PortPath = Annotated[int, Path(ge=1, le=65535)]
 Wait = Annotated[bool, Query(description="Answer only once the change is live on every host.")]
+StopTime = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        le=MAX_STOP_TIMEOUT,
+        description="Seconds from SIGTERM to SIGKILL (docker stop --time); default: the container's stop_timeout.",
+    ),
+]
 Timeout = Annotated[float | None, Query(gt=0, le=3600, description="Seconds to wait before answering 504.")]
 
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -170,8 +179,10 @@ async def remove_container(name: Name, service: Svc, wait: Wait = False, timeout
 
 
 @router.post("/containers/{name}/stop", tags=["containers"])
-async def stop_container(name: Name, service: Svc, wait: Wait = False, timeout: Timeout = None) -> ContainerWriteOut:
-    generation = await service.set_running(name, False)
+async def stop_container(
+    name: Name, service: Svc, wait: Wait = False, timeout: Timeout = None, time: StopTime = None
+) -> ContainerWriteOut:
+    generation = await service.set_running(name, False, time)
     done = await _converged(service, generation, wait, timeout, [name])
     return ContainerWriteOut(generation=generation, converged=done, container=await service.container(name))
 

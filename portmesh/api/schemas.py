@@ -12,8 +12,17 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field
 
-from portmesh.model.entities import Container, ContainerStatus, Host, HostStatus, Mapping, PortBlock
-from portmesh.model.validation import IMAGE_RE, NAME_RE
+from portmesh.model.entities import (
+    DEFAULT_STOP_TIMEOUT,
+    Container,
+    ContainerStatus,
+    Host,
+    HostStatus,
+    Mapping,
+    PortBlock,
+    RestartPolicy,
+)
+from portmesh.model.validation import ENV_KEY_RE, IMAGE_RE, MAX_STOP_TIMEOUT, NAME_RE
 
 # The OpenAPI document states the shape the model's parsers accept, so a client (and
 # schemathesis) can tell valid input from invalid without trying. The parsers stay the
@@ -21,6 +30,7 @@ from portmesh.model.validation import IMAGE_RE, NAME_RE
 NAME_DOC: dict[str, Any] = {"pattern": NAME_RE.pattern, "minLength": 1, "maxLength": 63}
 IP_DOC: dict[str, Any] = {"format": "ipv4"}
 IPS_DOC: dict[str, Any] = {"minItems": 1, "uniqueItems": True, "items": {"type": "string", **IP_DOC}}
+ENV_PATTERN = f"^{ENV_KEY_RE.pattern}="
 PROTO_DOC: dict[str, Any] = {"pattern": "^([tT][cC][pP]|[uU][dD][pP])$", "default": "tcp"}
 
 
@@ -122,6 +132,22 @@ class ContainerIn(BaseModel):
     ports: list[PortIn] = Field(default_factory=list, description="mapped on every IP; a port listed twice is one mapping")
     command: list[str] = Field(default_factory=list)
     image: str | None = Field(default=None, json_schema_extra={"pattern": f"^{IMAGE_RE.pattern}$"})
+    env: list[str] = Field(
+        default_factory=list,
+        description="KEY=VALUE for the command's environment (docker run -e); KEY a letter or '_', then letters, digits, '_'",
+        json_schema_extra={"items": {"type": "string", "pattern": ENV_PATTERN}},
+    )
+    restart: str = Field(
+        default="no",
+        description="restart policy when the process exits, as Docker's: no, on-failure (non-zero exit), always",
+        json_schema_extra={"enum": [p.value for p in RestartPolicy]},
+    )
+    stop_timeout: int = Field(
+        default=DEFAULT_STOP_TIMEOUT,
+        ge=0,
+        le=MAX_STOP_TIMEOUT,
+        description="seconds a stop waits after SIGTERM before SIGKILL (docker --stop-timeout)",
+    )
 
 
 class BlockOut(BaseModel):
@@ -171,10 +197,22 @@ class ContainerStatusOut(BaseModel):
     pid: int | None
     message: str
     log_path: str = ""
+    exit_code: int | None = Field(default=None, description="last exit code of its process (None: not exited or unknown)")
+    restarts: int = Field(default=0, description="times the runtime started it again after it exited (restart policy)")
+    runtime: str = Field(default="", description="'light' or 'image': how `exec` enters it (pid: its main process)")
 
     @classmethod
     def of(cls, status: ContainerStatus) -> ContainerStatusOut:
-        return cls(state=status.state.value, netns=status.netns, pid=status.pid, message=status.message, log_path=status.log_path)
+        return cls(
+            state=status.state.value,
+            netns=status.netns,
+            pid=status.pid,
+            message=status.message,
+            log_path=status.log_path,
+            exit_code=status.exit_code,
+            restarts=status.restarts,
+            runtime=status.runtime,
+        )
 
 
 class LogsOut(BaseModel):
@@ -198,6 +236,9 @@ class ContainerOut(BaseModel):
     block: BlockOut
     command: list[str]
     image: str | None
+    env: list[str] = Field(default_factory=list)
+    restart: str = "no"
+    stop_timeout: int = DEFAULT_STOP_TIMEOUT
     running: bool
     status: ContainerStatusOut | None
     mappings: list[MappingOut]
@@ -213,6 +254,9 @@ class ContainerOut(BaseModel):
             block=BlockOut.of(c.block),
             command=list(c.command),
             image=c.image,
+            env=list(c.env),
+            restart=c.restart.value,
+            stop_timeout=c.stop_timeout,
             running=running,
             status=ContainerStatusOut.of(status) if status is not None else None,
             mappings=[MappingOut.of(m) for m in mappings],

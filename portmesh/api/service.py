@@ -48,11 +48,14 @@ from portmesh.model.validation import (
     choose_host,
     new_container,
     new_mapping,
+    parse_env,
     parse_image,
     parse_ip,
     parse_name,
     parse_port,
     parse_proto,
+    parse_restart,
+    parse_stop_timeout,
 )
 
 T = TypeVar("T")
@@ -72,7 +75,7 @@ class StoreAPI(Protocol):
     def remove_container(self, name: str, if_exists: bool = False) -> int: ...
     def add_mapping(self, m: Mapping) -> int: ...
     def remove_mapping(self, key: MappingKey, if_exists: bool = False) -> int: ...
-    def set_container_running(self, name: str, running: bool) -> int: ...
+    def set_container_running(self, name: str, running: bool, stop_timeout: int | None = None) -> int: ...
     def container_running(self, name: str) -> bool: ...
     def container_status(self, name: str) -> ContainerStatus | None: ...
     def container_statuses(self) -> dict[str, ContainerStatus]: ...
@@ -201,6 +204,9 @@ def plan_container(state: DesiredState, config: NetworkConfig, body: ContainerIn
         ips=ips,
         command=tuple(body.command),
         image=body.image,
+        env=parse_env(body.env),
+        restart=parse_restart(body.restart),
+        stop_timeout=parse_stop_timeout(body.stop_timeout),
     )
     # Check each mapping against a state that already holds the container and the
     # mappings before it, exactly as the store will hold them after the transaction.
@@ -379,10 +385,13 @@ class Service:
             existing_container(await self.snapshot(), name)
             return await self.call(self.store.remove_container, name)
 
-    async def set_running(self, name: str, running: bool) -> int:
+    async def set_running(self, name: str, running: bool, stop_timeout: int | None = None) -> int:
+        """``stop_timeout`` (a stop's ``?time=``) is written with the run state, in the same transaction."""
         async with self.write_lock:
             existing_container(await self.snapshot(), name)
-            return await self.call(self.store.set_container_running, name, running)
+            if stop_timeout is None:
+                return await self.call(self.store.set_container_running, name, running)
+            return await self.call(self.store.set_container_running, name, running, parse_stop_timeout(stop_timeout, "time"))
 
     async def add_mapping(self, body: MappingIn) -> tuple[int, Mapping, bool]:
         """Add a mapping; True as the third value if it was created, False if the very same mapping
