@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from portmesh.api.app import create_app
 from portmesh.api.logs import plain_lines
 from portmesh.api.token import load_or_create_token
-from portmesh.model.entities import ContainerStatus, RunState
+from portmesh.model.entities import ContainerStatus, RestartPolicy, RunState
 from tests.unit.fakes import FakeStore
 
 TOKEN = "s3cret-token"
@@ -392,3 +392,61 @@ def test_engine_log_prefixes_are_dropped() -> None:
     docker = '{"log":"hi there\\n","stream":"stdout","time":"2026-11-30T10:00:00Z"}\n'
     assert plain_lines(docker) == "hi there\n"
     assert plain_lines("plain output\n") == "plain output\n"
+
+
+# --- Docker habits: env, restart policy, stop --time; status for exec ---
+
+
+def test_env_restart_and_stop_timeout_are_stored_and_shown(client: TestClient, store: FakeStore) -> None:
+    add_host(client)
+    body = {"name": "app", "host": "h1", "ips": [IP], "env": ["A=1", "B=x=y", "EMPTY="], "restart": "on-failure"}
+    out = client.post("/v1/containers", json=body).json()["container"]
+    assert (out["env"], out["restart"], out["stop_timeout"]) == (["A=1", "B=x=y", "EMPTY="], "on-failure", 10)
+    c = store.snapshot().containers["app"]
+    assert c.env == ("A=1", "B=x=y", "EMPTY=") and c.restart == RestartPolicy.ON_FAILURE
+    assert client.post("/v1/containers/app/stop", params={"time": 2}).status_code == 200
+    assert store.snapshot().containers["app"].stop_timeout == 2
+    assert client.get("/v1/containers/app").json()["running"] is False
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"env": ["A=1", "1BAD=x"]}, "env[1]"),
+        ({"env": ["NOEQUALS"]}, "env[0]"),
+        ({"env": ["A-B=1"]}, "env[0]"),
+        ({"restart": "sometimes"}, "restart"),
+        ({"stop_timeout": -1}, "stop_timeout"),
+    ],
+)
+def test_habit_refusals_name_the_field(client: TestClient, store: FakeStore, change: dict[str, Any], field: str) -> None:
+    add_host(client)
+    writes = store.writes
+    assert_refused(client.post("/v1/containers", json={"name": "app", "host": "h1", "ips": [IP], **change}), 422, field)
+    assert store.writes == writes and "app" not in store.snapshot().containers
+
+
+def test_stop_time_out_of_range_is_refused(client: TestClient, store: FakeStore) -> None:
+    add_host(client)
+    add_web(client)
+    writes = store.writes
+    assert_refused(client.post("/v1/containers/web/stop", params={"time": -1}), 422, "time")
+    assert store.writes == writes
+
+
+def test_status_answers_what_exec_and_ps_need(client: TestClient, store: FakeStore) -> None:
+    add_host(client)
+    add_web(client)
+    reported = ContainerStatus(RunState.EXITED, "pm-c-web", None, "exited (code 3)", "", exit_code=3, restarts=2, runtime="light")
+    store.report_container_status("web", reported)
+    status = client.get("/v1/containers/web").json()["status"]
+    assert status == {
+        "state": "exited",
+        "netns": "pm-c-web",
+        "pid": None,
+        "message": "exited (code 3)",
+        "log_path": "",
+        "exit_code": 3,
+        "restarts": 2,
+        "runtime": "light",
+    }
