@@ -35,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 8470), help="HOST:PORT to serve on")
     parser.add_argument("--token-file", type=Path, default=DEFAULT_TOKEN_FILE, help="bearer token file")
     parser.add_argument("--wait-timeout", type=float, default=30.0, help="default seconds for ?wait=true")
+    parser.add_argument(
+        "--log-dir",
+        action="append",
+        default=[],
+        help="a directory whose *.log files the logs endpoint may read, besides the runtimes' usual ones "
+        "(an agent's --state-dir/logs elsewhere than /var/lib/portmesh); repeatable",
+    )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -49,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(args.store)
     store.start()
     try:
-        app = create_app(store, token, DEFAULT_CONFIG, wait_timeout=args.wait_timeout, unavailable=(StoreError,))
+        app = create_app(
+            store, token, DEFAULT_CONFIG, wait_timeout=args.wait_timeout, unavailable=(StoreError,), log_dirs=args.log_dir
+        )
         host, port = args.listen
         uvicorn.run(app, host=host, port=port, log_level=args.log_level.lower())
     finally:
