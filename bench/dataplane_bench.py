@@ -15,6 +15,10 @@ Paths:
                mapped by conntrack DNAT flows (ct(nat)), as an OVN load balancer does;
   portmesh     the product: ``python -m portmesh.lab up``, ``portmesh run``, traffic
                from the lab's inet namespace to the container's public IP, no NAT.
+  portmesh_open  the same product with its host isolation taken away after set-up
+               (agent stopped, nftables tables ``portmesh`` deleted in the host
+               namespace): the "before" of issue 11, to price the isolation.
+               Not in the default set (``--paths ...,portmesh_open``).
 
 Everything lives in namespaces named ``pmb-<pid>-*`` (so runs never collide with the
 lab, the tests or each other); addresses come only from 198.51.100.0/24 (outside),
@@ -56,7 +60,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TOOLS = HERE / "dataplane_tools.py"
-PATHS = ("direct", "bridge_dnat", "ovs_ctnat", "portmesh")
+PATHS = ("direct", "bridge_dnat", "ovs_ctnat", "portmesh", "portmesh_open")
+DEFAULT_PATHS = PATHS[:4]
 RMEM_SYSCTL = Path("/proc/sys/net/core/rmem_default")
 
 CLIENT_IP = "198.51.100.2"
@@ -517,6 +522,11 @@ class Bench:
 
         return PortmeshPath(self).setup()
 
+    def path_portmesh_open(self) -> Target:
+        from dataplane_portmesh import PortmeshOpenPath
+
+        return PortmeshOpenPath(self).setup()
+
     # -- lifecycle --------------------------------------------------------------
 
     def set_rmem(self) -> None:
@@ -679,7 +689,7 @@ def print_table(results: dict[str, dict[str, Any]], rat: dict[str, dict[str, flo
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
+    p.add_argument("--paths", default=",".join(DEFAULT_PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
     p.add_argument("--prefix", default="pmb-", help="namespace prefix; the PID is appended (default pmb-)")
     p.add_argument("--rounds", type=int, default=3, help="measure every path this many times; medians")
     p.add_argument("--interleave", action="store_true", help="build every path first and alternate between them")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -158,3 +159,51 @@ class PortmeshPath:
                 fields = Path(f"/proc/{int(proc['pid'])}/stat").read_text().rsplit(")", 1)[1].split()
                 total += (int(fields[11]) + int(fields[12])) / tick
         return total
+
+
+class PortmeshOpenPath(PortmeshPath):
+    """The product without its host isolation: what a container's traffic cost before issue 11.
+
+    Set up like :class:`PortmeshPath` (in a lab of its own, ``<lab-name>o``), then the agent is
+    stopped (by its recorded PID; it would put the rules back on its next full pass) and both
+    nftables tables ``portmesh`` are deleted in the host namespace. The pipeline is unchanged.
+
+    Without isolation the host kernel answers a container's ARP for the gateway with the veth's
+    MAC, and its answer wins (the switch's comes through userspace OVS, later): the container's
+    traffic then goes through the host kernel instead of OVS -- faster, and past every flow. That
+    is the bug, not a figure to compare with. So each container's gateway neighbour is pinned to
+    the gateway MAC (``nud permanent``): the traffic still crosses the switch, and the only
+    difference left is the nftables rules (the host kernel gets, and drops, a copy of each frame).
+    """
+
+    def __init__(self, bench: Bench) -> None:
+        super().__init__(bench)
+        self.lab = f"{bench.args.lab_name}o"
+
+    def setup(self) -> Target:
+        target = super().setup()
+        hosts = self.lab_state.get("hosts") or ["h1"]
+        for proc in self.lab_state.get("processes") or []:
+            if str(proc.get("label", "")) == f"agent:{hosts[0]}":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(proc["pid"]), signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while Path(f"/proc/{int(proc['pid'])}").exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+        host_ns = f"{self.prefix}{hosts[0]}"
+        for family in ("inet", "netdev"):
+            self.bench.run(["nft", "delete", "table", family, "portmesh"], ns=host_ns, check=False)
+        left = self.bench.run(["nft", "list", "tables"], ns=host_ns, check=False).stdout
+        if "portmesh" in left:
+            raise BenchError(f"could not remove the isolation tables in {host_ns}: {left.strip()}")
+        from portmesh.model.config import DEFAULT_CONFIG
+
+        gw = DEFAULT_CONFIG
+        for name in (WEB, IPERF):
+            self.bench.run(["ip", "neigh", "replace", str(gw.gateway_ip), "lladdr", gw.gateway_mac, "dev", "eth0",
+                            "nud", "permanent"], ns=self.container_ns(name))
+        self.bench.notes.append(
+            "portmesh_open: the product with its nftables isolation removed (agent stopped), "
+            "containers' gateway neighbour pinned to the switch's MAC so traffic still crosses OVS"
+        )
+        return target
