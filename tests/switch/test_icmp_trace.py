@@ -268,3 +268,33 @@ def test_errors_to_the_controller_are_metered(rig: Rig) -> None:
     rig.wait_for("web1", lambda _f: len(rig.received("web1")) == passed)
     # The meter for containers' errors is separate: a flood from outside does not use it up.
     assert meter_counts(rig.ovs.ofctl("meter-stats", "br0", f"meter={Meter.ICMP_OUT.meter_id}"))[0] == 0
+
+
+def test_a_restarted_controller_keeps_meters_and_flows(rig: Rig) -> None:
+    """The meters exist already when a new controller meets the switch: modified, not re-added, no flow-mod."""
+    installed = set(rig.ovs.dump_flows("br0"))
+    rig.ctl.stop()
+    rig.ctl = ControllerThread(rig.source, rig.tmp / "ctl.sock").start()
+    generation = rig.source.publish(rig.state)  # same state, new generation: realised once the new one synced
+    rig.source.wait_realized("h1", generation, timeout=20)
+    controller = rig.ctl.controller
+    assert controller is not None and controller.flow_mods == 0
+    assert set(rig.ovs.dump_flows("br0")) == installed
+    config = rig.ovs.ofctl("dump-meters", "br0")
+    for meter in Meter:
+        expected = f"meter={meter.meter_id} pktps burst bands=\ntype=drop rate={meter.value.rate_pps} "
+        assert expected + f"burst_size={meter.value.burst}" in config, config
+    # And the path through the controller works with the new one.
+    rig.send("local", error(GW, VM, ROUTER, IP10, quoted(IP10, OUTSIDE, Proto.TCP, 80, 443)))
+    rig.wait_for("web1", lambda f: icmp_of(f) is not None)
+
+
+def test_limit_same_echo_id_to_the_same_destination_goes_to_the_later_sharer(rig: Rig) -> None:
+    """The stated limit: one conntrack entry per (IP, destination, echo id), labelled by its latest sender."""
+    w1, w2 = rig.c("web1"), rig.c("web2")
+    rig.send("web1", echo(w1.mac, GW, IP10, OUTSIDE, 8, 5))
+    rig.send("web2", echo(w2.mac, GW, IP10, OUTSIDE, 8, 5))
+    rig.send("local", echo(GW, VM, OUTSIDE, IP10, 0, 5))
+    rig.send("local", echo(GW, VM, OUTSIDE, IP10, 0, 5))
+    rig.wait_for("web2", lambda _f: len(rig.received("web2")) == 2)
+    assert rig.received("web1") == []
