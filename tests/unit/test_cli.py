@@ -169,7 +169,7 @@ def test_hosts_and_status(invoke: Any, server: Server) -> None:
 @pytest.mark.parametrize(
     "args",
     [
-        ["run", "web", "--ip", IP],  # no --host
+        ["run", "web", "--host", "h1"],  # no --ip
         ["run", "web", "--host", "h1", "--ip", IP, "-p", "http"],
         ["map", "add", IP, "x/tcp", "web"],
         ["ps", "-o", "yaml"],

@@ -191,3 +191,62 @@ def test_start_answers_with_the_real_state(client: TestClient, store: FakeStore)
     r = client.post("/v1/containers/x/start?wait=true", headers=AUTH)
     assert r.status_code == 200, r.text
     assert r.json()["container"]["status"]["state"] == "error" and r.json()["container"]["status"]["message"] == NO_IMAGE
+
+
+# --- the CLI's run and start (HTTP to a real API over the fake store) ---
+
+
+@pytest.fixture
+def cli_server(store: FakeStore) -> Iterator[Any]:
+    from tests.unit.test_cli import Server
+
+    store.add_host(Host("h1", 1))
+    with Server(store) as server:
+        yield server
+
+
+def cli(server: Any, *args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from portmesh.cli import app as cli_app
+    from tests.unit.test_cli import TOKEN as CLI_TOKEN
+
+    env = {"PORTMESH_API": server.url, "PORTMESH_TOKEN": CLI_TOKEN, "PORTMESH_TOKEN_FILE": "/nonexistent"}
+    return CliRunner().invoke(cli_app.app, list(args), env=env)
+
+
+def test_cli_run_without_name_never_takes_the_command_word(cli_server: Any, store: FakeStore) -> None:
+    r = cli(cli_server, "run", "--ip", IP, "-p", "80/tcp", "--", "sleep", "100")
+    assert r.exit_code == 0, r.output
+    (c,) = store.snapshot().containers.values()
+    assert c.name != "sleep" and "_" in c.name and c.command == ("sleep", "100") and c.host == "h1"
+    assert f"name {c.name!r} generated" in r.stdout and "chosen" in r.stdout
+    # Positive control: a NAME before "--" is the name, and the words after it the command.
+    named = cli(cli_server, "run", "web", "--ip", "203.0.113.48", "--", "sleep", "100")
+    assert named.exit_code == 0, named.output
+    assert store.snapshot().containers["web"].command == ("sleep", "100")
+
+
+def test_cli_run_of_a_failing_image_exits_1_and_leaves_nothing(cli_server: Any, store: FakeStore) -> None:
+    store._status["bad"] = ContainerStatus(RunState.ERROR, message=NO_IMAGE)
+    r = cli(cli_server, "run", "bad", "--ip", IP, "-p", "80/tcp", "--image", "nosuch/image:latest", "--", "sleep", "100")
+    assert r.exit_code == 1 and "image:" in r.stderr and "not in the engine" in r.stderr, r.output
+    assert "bad" not in store.snapshot().containers
+
+
+def test_cli_run_that_exits_at_once_says_so(cli_server: Any, store: FakeStore) -> None:
+    store._status["f"] = ContainerStatus(RunState.EXITED, message="process exited")
+    r = cli(cli_server, "run", "f", "--ip", IP, "--", "false")
+    assert r.exit_code == 1 and "f created on h1" in r.stdout and "f was created but" in r.stderr, r.output
+    assert "f" in store.snapshot().containers  # kept, as Docker keeps an exited container
+
+
+def test_cli_start_of_a_container_in_error_fails_with_the_reason(cli_server: Any, store: FakeStore) -> None:
+    store._status["bad"] = ContainerStatus(RunState.ERROR, message=NO_IMAGE)
+    assert cli(cli_server, "run", "bad", "--ip", IP, "--no-wait", "--image", "nosuch/image:latest").exit_code == 0
+    r = cli(cli_server, "start", "bad")
+    assert r.exit_code == 1 and "did not start" in r.stderr and NO_IMAGE in r.stderr and "started" not in r.stdout, r.output
+    # Positive control: a running container starts with exit status 0.
+    assert cli(cli_server, "run", "ok", "--ip", "203.0.113.48", "--", "sleep", "9").exit_code == 0
+    ok = cli(cli_server, "start", "ok")
+    assert ok.exit_code == 0 and "ok started" in ok.stdout, ok.output
