@@ -43,18 +43,45 @@ class ApiError(Exception):
         return f"{where}{self.reason}{code}{hint}"
 
 
+class TokenError(ValueError):
+    """A token was found but cannot be one (binary, or with spaces or control characters inside)."""
+
+
+def check_token(token: str, where: str) -> str:
+    """A bearer token is printable ASCII without spaces; anything else would break the HTTP header."""
+    if not all(33 <= ord(ch) <= 126 for ch in token):
+        raise TokenError(f"{where} does not hold a token (printable ASCII without spaces expected)")
+    return token
+
+
 def read_token(path: Path) -> str | None:
-    """The token from PORTMESH_TOKEN, else from ``path`` (by default also the default lab's); None if none is readable."""
+    """The token from PORTMESH_TOKEN, else from ``path`` (by default also the default lab's); None if none is readable.
+
+    Raises :class:`TokenError` for a token that is there but malformed: that is the user's
+    mistake to hear about, not a 401 later or a failure inside the HTTP library.
+    """
     token = os.environ.get("PORTMESH_TOKEN", "").strip()
     if token:
-        return token
+        return check_token(token, "PORTMESH_TOKEN")
     candidates = [path, LAB_TOKEN_FILE] if path == DEFAULT_TOKEN_FILE else [path]
     for candidate in candidates:
         try:
-            return candidate.read_text().strip() or None
-        except OSError:  # absent, or not ours to read: the API will say 401 if a write needs it
+            text = candidate.read_bytes().decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise TokenError(f"{candidate} does not hold a token (not ASCII text)") from None
+        except OSError:  # absent, or not ours to read: the API will say 401
             continue
+        return check_token(text, str(candidate)) if text else None
     return None
+
+
+def valid_url(value: str) -> bool:
+    """An http(s) URL with a host that httpx can use (checked before the first request, to say which setting is wrong)."""
+    try:
+        url = httpx.URL(value)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return False
+    return url.scheme in ("http", "https") and bool(url.host)
 
 
 def quote_segment(value: str) -> str:
@@ -80,7 +107,7 @@ class Api:
         try:
             with self._client(timeout) as client:
                 r = client.request(method, path, json=json, params=params)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise ApiError(0, None, f"cannot reach the API at {self.base_url}: {exc}") from None
         try:
             body = r.json()

@@ -161,5 +161,5 @@ def main() -> None:
     try:
         app(prog_name=PROG)
     except Exception as exc:  # the last line of defence; expected errors are handled where they happen
-        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        typer.echo(f"error: unexpected {type(exc).__name__}: {exc}", err=True)
         sys.exit(1)
