@@ -193,12 +193,55 @@ def root(
 # --- containers ---
 
 
-@app.command()
+NO_NAME = ""  # what RunCommand gives NAME when only a command follows "--"
+
+
+class RunCommand(typer.core.TyperCommand):
+    """``run`` whose words after ``--`` are always the command, never its NAME.
+
+    Click fills positional arguments from after ``--`` too, so ``run --ip IP -- sleep 100``
+    made a container called "sleep" running "100". With no NAME before ``--``, NAME is
+    given as empty here and the API generates one (Docker's adjective_surname).
+    """
+
+    def parse_args(self, ctx: ClickContext, args: list[str]) -> list[str]:
+        if "--" in args:
+            cut = args.index("--")
+            valued = {
+                o for p in self.params if p.param_type_name == "option" and not getattr(p, "is_flag", False) for o in p.opts
+            }
+            before, i = args[:cut], 0
+            positional = False
+            while i < len(before):
+                word = before[i]
+                if word in valued:
+                    i += 2
+                    continue
+                if not word.startswith("-") or word == "-":
+                    positional = True
+                    break
+                i += 1
+            if not positional:
+                args = [*before, NO_NAME, *args[cut:]]
+        return super().parse_args(ctx, args)
+
+
+def check_run_name(value: str | None) -> str | None:
+    """A NAME to check, or none (the API generates one)."""
+    return None if value in (None, NO_NAME) else check_name(value)
+
+
+@app.command(cls=RunCommand)
 @handles_api_errors
 def run(
     ctx: typer.Context,
-    name: NameArg,
-    host: Annotated[str, typer.Option("--host", help="host to place it on")],
+    name: Annotated[
+        str | None,
+        typer.Argument(metavar="[NAME]", help="container name; generated (adjective_surname) if absent", callback=check_run_name),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="host to place it on (default: fewest containers, ties by name)")
+    ] = None,
     ip: Annotated[list[str] | None, typer.Option("--ip", help="public IP (repeatable)")] = None,
     port: Annotated[
         list[str] | None,
@@ -210,20 +253,26 @@ def run(
     output: OutputOpt = Format.table,
     command: Annotated[list[str] | None, typer.Argument(help="command to run, after --")] = None,
 ) -> None:
-    """Create a container holding public IPs, with its ports mapped: run NAME --host H --ip IP -p 80/tcp -- CMD..."""
+    """Create a container holding public IPs, with its ports mapped: run [NAME] [--host H] --ip IP -p 80/tcp -- CMD...
+
+    With --wait (the default) a container that cannot start is refused and nothing is left;
+    one that starts and exits at once is kept (as Docker does) and reported, exit status 1.
+    """
     ips, ports = published(ip or [], port or [])
     body = {"name": name, "host": host, "ips": ips, "ports": ports, "command": command or [], "image": image}
-    api = api_of(ctx)
-    result = api.write("POST", "/v1/containers", body, wait=wait, wait_timeout=timeout)
-    if wait:
-        # Converged means the agent has tried; a command that cannot start is reported, not hidden.
-        status = api.get(f"/v1/containers/{quote_segment(name)}").get("status") or {}
-        if status.get("state") == "error":
-            raise ApiError(0, "command", f"{name} was created but did not start: {status.get('message')}")
+    result = api_of(ctx).write("POST", "/v1/containers", body, wait=wait, wait_timeout=timeout)
+    created = result.get("container") or {}
     if output is Format.json:
         emit_json(result)
     else:
-        render.write(out(), f"{name} created on {host}", result)
+        for note in result.get("notes") or []:
+            out().print(note, markup=False, highlight=False, emoji=False)
+        render.write(out(), f"{created.get('name', name)} created on {created.get('host', host)}", result)
+    status = created.get("status") or {}
+    if wait and status.get("state") in ("exited", "error"):
+        code = status.get("exit_code")
+        how = f"exited at once (exit code {code})" if code is not None else f"is {status.get('state')}"
+        raise ApiError(0, "command", f"{created.get('name')} was created but {how}: {status.get('message') or '-'}")
 
 
 def published(ips: list[str], specs: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -337,8 +386,14 @@ def stop(
 def start(
     ctx: typer.Context, name: NameArg, wait: WaitOpt = True, timeout: TimeoutOpt = DEFAULT_WAIT, output: OutputOpt = Format.table
 ) -> None:
-    """Start a stopped container."""
-    _container_write(ctx, "POST", name, "/start", "started", wait=wait, timeout=timeout, output=output)
+    """Start a stopped container; exit status 1, with the agent's reason, if it does not run."""
+    path = f"/v1/containers/{quote_segment(name)}/start"
+    result = api_of(ctx).write("POST", path, wait=wait, wait_timeout=timeout)
+    status = (result.get("container") or {}).get("status") or {}
+    if wait and status.get("state") != "running":
+        # The answer carries the container as its agent reported it at this write: say what really happened.
+        raise ApiError(0, "name", f"{name} did not start: {status.get('state', 'unknown')}: {status.get('message') or '-'}")
+    emit_json(result) if output is Format.json else render.write(out(), f"{name} started", result)
 
 
 @app.command()
