@@ -39,7 +39,8 @@ class Table(enum.Enum):
             "ct_label); a destination unreachable or time exceeded goes to the controller (meter ICMP_OUT), which "
             "passes it on to MAPPING only if the header it quotes is addressed to a port the sender owns; any "
             "other type is dropped. ICMP echo replies, destination unreachable and time exceeded from the gateway "
-            "port are looked up in conntrack zone 1 and continue in MAPPING."
+            "port are looked up in conntrack zone 1 and continue in MAPPING. Only ICMP meets conntrack; TCP and "
+            "UDP never do."
         ),
         match_fields=frozenset(
             {"in_port", "eth_src", "eth_type", "ipv4_src", "ip_proto", "tcp_src", "udp_src", "arp_spa", "arp_sha",
@@ -68,7 +69,8 @@ class Table(enum.Enum):
             "to the controller, which answers with a TCP reset or ICMP port unreachable. The fence: anything "
             "else to 169.254.0.0/16 or to a protected (management, underlay) network is dropped, whoever sends "
             "it. ICMP that conntrack relates to a container's echo (the reply, or an error quoting the request) "
-            "gets eth_dst from the ct_label its request set. A destination unreachable or time exceeded to a "
+            "gets eth_dst from the ct_label its request set (two sharers pinging one destination with the same "
+            "echo id share one entry: the later sender gets both replies). A destination unreachable or time exceeded to a "
             "public IP goes to the controller (meter ICMP_IN), which finds the owner of the address and port the "
             "error quotes (mappings, then port blocks) and sends it on to L2 with eth_dst set to the owner's MAC. "
             "Other destinations pass to L2."
