@@ -38,6 +38,10 @@ from portmesh.store.client import Store
 
 log = logging.getLogger("portmesh.agent")
 
+# How long after starting a container the agent looks at it again before reporting the pass's
+# generation, so a command that exits at once is reported exited, not running (see _recheck_fresh).
+STARTUP_GRACE = 0.05
+
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -71,6 +75,8 @@ class Agent:
         self._next_full = 0.0  # monotonic time of the next full pass
         self._bridge_ok: BridgeSpec | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Containers this pass started (with when): looked at again before the generation is reported.
+        self._fresh: list[tuple[Container, float]] = []
 
     def notify(self) -> None:
         """Store callback (called from the store's IDL thread): converge soon."""
@@ -122,7 +128,9 @@ class Agent:
         ok = self._remove_unwanted(wanted)
         if full:
             self._sweep_orphans(wanted)
+        self._fresh = []
         failed = self._converge_containers(wanted, full)
+        self._recheck_fresh()
         if full:
             self._next_full = time.monotonic() + self.cfg.recheck_interval
         # A container that cannot start (bad command, ...) carries its error in its own status and is
@@ -135,6 +143,32 @@ class Agent:
             self._reported_generation = state.generation
             log.info("host %s realised generation %d (%d containers)", self.cfg.host, state.generation, len(wanted))
         return ok and not failed
+
+    def _recheck_fresh(self) -> None:
+        """Look again at the containers this pass started, :data:`STARTUP_GRACE` after their start.
+
+        A command that exits at once (``-- false``) was "running" when started; reported as such
+        with this pass's generation, ``run --wait`` would answer "created, running" for a container
+        that is already gone. The second look, before the generation is reported, lets the API's
+        per-object wait see "exited" (with its exit code) instead. Bounded: one pause per pass that
+        started something, not one per container; an exit after the grace is seen by the next check.
+        """
+        if not self._fresh:
+            return
+        pause = self._fresh[0][1] + STARTUP_GRACE - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        for c, _ in self._fresh:
+            try:
+                status = self._runtime_for(c).status(c.name)
+                if status is not None and status.state != RunState.RUNNING and self.store.container_status(c.name) != status:
+                    log.info("container %s %s right after its start: %s", c.name, status.state.value, status.message)
+                    self.store.report_container_status(c.name, status)
+            except NotFound:
+                continue  # removed meanwhile
+            except Exception:
+                log.exception("container %s: second look after its start failed", c.name)
+        self._fresh = []
 
     def _runtimes(self) -> list[Runtime]:
         return [self.runtime] + ([self.image_runtime] if self.image_runtime is not None else [])
@@ -245,8 +279,11 @@ class Agent:
             self._plumbed.pop(c.name, None)
             status = ContainerStatus(RunState.ERROR, "", None, f"{type(exc).__name__}: {exc}")
         try:
-            if self.store.container_status(c.name) != status:
+            before = self.store.container_status(c.name)
+            if before != status:
                 self.store.report_container_status(c.name, status)
+                if status.state == RunState.RUNNING and (before is None or before.pid != status.pid):
+                    self._fresh.append((c, time.monotonic()))
         except NotFound:
             # Removed from the store since our snapshot; that change woke us already and the next pass tears it down.
             return True
