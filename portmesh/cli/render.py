@@ -131,6 +131,9 @@ def status(console: Console, st: Json) -> None:
             )
         )
     console.print(table)
+    # Containers that cannot run are listed apart: they do not hold the hosts back (docs/components.md, Waiting).
+    for p in st.get("problems") or []:
+        console.print(Text(f"not running: {p['name']} on {p['host']}: {p['state']}: {p['message'] or '-'}"))
 
 
 def write(console: Console, what: str, body: Json) -> None:

@@ -250,3 +250,12 @@ def test_cli_start_of_a_container_in_error_fails_with_the_reason(cli_server: Any
     assert cli(cli_server, "run", "ok", "--ip", "203.0.113.48", "--", "sleep", "9").exit_code == 0
     ok = cli(cli_server, "start", "ok")
     assert ok.exit_code == 0 and "ok started" in ok.stdout, ok.output
+
+
+def test_cli_status_lists_containers_that_do_not_run(cli_server: Any, store: FakeStore) -> None:
+    store._status["bad"] = ContainerStatus(RunState.ERROR, message=NO_IMAGE)
+    assert cli(cli_server, "run", "bad", "--ip", IP, "--no-wait", "--image", "nosuch/image:latest").exit_code == 0
+    assert cli(cli_server, "run", "ok", "--ip", "203.0.113.48", "--", "sleep", "9").exit_code == 0
+    r = cli(cli_server, "status")
+    assert r.exit_code == 0 and "converged" in r.stdout, r.output
+    assert f"not running: bad on h1: error: {NO_IMAGE}" in r.stdout and "not running: ok" not in r.stdout
