@@ -157,9 +157,11 @@ def check_name(value: str) -> str:
 def complete_names(ctx: typer.Context, incomplete: str) -> list[str]:
     """Shell completion of container names, asked from the API; no answer means no completions."""
     try:
+        # The root callback does not run while completing: read --api/--token-file (or their env) here.
         root = ctx.find_root().params
-        api = Api(str(root.get("api") or os.environ.get("PORTMESH_API") or DEFAULT_API).rstrip("/"))
-        items = api.request("GET", "/v1/containers", timeout=2.0)
+        url = str(root.get("api") or os.environ.get("PORTMESH_API") or DEFAULT_API).rstrip("/")
+        token_file = Path(root.get("token_file") or os.environ.get("PORTMESH_TOKEN_FILE") or DEFAULT_TOKEN_FILE)
+        items = Api(url, read_token(token_file)).request("GET", "/v1/containers", timeout=2.0)
         return [str(c["name"]) for c in items if str(c["name"]).startswith(incomplete)]
     except Exception:  # completion must never print an error into the user's command line
         return []
