@@ -104,3 +104,27 @@ def test_lab_env_and_exec_into_a_container_of_a_named_lab(lab: LabState) -> None
         assert r.returncode == 1 and "ghost1" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     finally:
         pm("rm", "cli1", env=env)
+
+
+def test_exec_into_an_image_container_enters_its_filesystem_and_pids(lab: LabState) -> None:
+    """Item 9: as docker exec does, not only the network namespace (cat /etc/os-release showed the host's)."""
+    if not lab.docker_url:
+        pytest.skip("this lab has no container engine")
+    from portmesh.runtime.image import BUSYBOX_IMAGE
+
+    assert Path("/etc/debian_version").exists(), "positive control: the host's filesystem has it"
+    env = lab_env(lab)
+    r = pm("run", "cli2", "--host", "h1", "--ip", IP, "--image", BUSYBOX_IMAGE, "--", "sleep", "300", env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        r = pm(
+            "exec", "cli2", "--", "sh", "-c", "test -e /etc/debian_version; echo $?; cat /proc/1/cmdline | tr '\\0' ' '", env=env
+        )
+        assert r.returncode == 0, r.stderr
+        missing, pid1 = r.stdout.splitlines()[:2]
+        assert missing == "1", "the container's own root, not the host's"
+        assert pid1.startswith("sleep 300"), f"PID 1 is the container's command: {pid1!r}"
+        r = pm("exec", "cli2", "--", "ip", "-o", "-4", "addr", "show", env=env)
+        assert IP in r.stdout, r.stdout + r.stderr
+    finally:
+        pm("rm", "cli2", env=env, timeout=120)
