@@ -23,6 +23,7 @@ from rich.text import Text
 from portmesh.lab import node, services
 from portmesh.lab.network import Lab
 from portmesh.lab.state import LAB_NAME_RE, LabState
+from portmesh.model.validation import NAME_RE
 
 PROG = "portmesh lab"
 HELP = "Build, inspect, enter and remove a lab cloud on this machine (namespaces, OVS, the portmesh components)."
@@ -143,6 +144,10 @@ def exec_(
     sys.stderr.flush()
     if state.ns(target) not in state.namespaces:
         # Not a node: a container, entered by the CLI's exec with this lab's API (all its namespaces, not just net).
+        nodes = ", ".join(ns.removeprefix(state.prefix) for ns in state.namespaces)
+        if not state.api_url or not NAME_RE.fullmatch(target):
+            typer.echo(f"error: NODE: {target!r} is not a node of lab {name} ({nodes}) nor a container name", err=True)
+            raise typer.Exit(1)
         argv = [sys.executable, "-m", "portmesh.cli", "--api", state.api_url]
         argv += ["--token-file", str(services.token_file(state.dir)), "exec", target, "--", *command]
         os.execv(sys.executable, argv)

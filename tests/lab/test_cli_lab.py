@@ -70,6 +70,8 @@ def test_lab_exec_of_a_missing_command_is_one_line(lab: LabState) -> None:
     assert r.stderr.strip().splitlines() == ["error: command: 'nosuchcmd-pm' not found in inet"]
     r = lab_exec(lab, "inet", "--", "true")  # positive control
     assert r.returncode == 0 and r.stderr == ""
+    r = lab_exec(lab, "Not_A_Node", "--", "true")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "inet" in r.stderr, r.stderr
 
 
 def lab_env(lab: LabState) -> dict[str, str]:
