@@ -86,9 +86,12 @@ class StoreAPI(Protocol):
 class WaitTimeout(Exception):
     """A write is in the store but not yet live everywhere; carries the last progress seen."""
 
-    def __init__(self, generation: int, status: StatusOut, timeout: float) -> None:
-        lagging = [h.name for h in status.hosts if not h.converged]
-        super().__init__(f"generation {generation} not realised within {timeout:g}s on: {', '.join(lagging)}")
+    def __init__(self, generation: int, status: StatusOut, timeout: float, containers: Sequence[str] = ()) -> None:
+        behind = [h.name for h in status.hosts if min(h.switch_generation, h.agent_generation) < generation]
+        where = [f"hosts {', '.join(behind)}"] if behind else []
+        if containers:  # a per-object wait: say which of its objects are not live yet
+            where.append(f"containers {', '.join(containers)} not reported live")
+        super().__init__(f"generation {generation} not realised within {timeout:g}s: {'; '.join(where) or 'hosts'}")
         self.generation = generation
         self.status = status
 
@@ -96,6 +99,11 @@ class WaitTimeout(Exception):
 # States in which a container has no port on its switch, and never will until something changes:
 # it cannot start (error) or its process is gone (exited). Waiting for its flows would never end.
 PORTLESS = (RunState.ERROR, RunState.EXITED)
+
+
+def behind_only(status: StatusOut, generation: int) -> bool:
+    """True if some host's switch or agent has not reached ``generation`` (then that is the news, not the objects)."""
+    return any(min(h.switch_generation, h.agent_generation) < generation for h in status.hosts)
 
 
 def expects_port(running: bool, status: ContainerStatus | None) -> bool:
@@ -324,7 +332,7 @@ class Service:
                 return status
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise WaitTimeout(generation, status, limit)
+                raise WaitTimeout(generation, status, limit, [] if behind_only(status, generation) else containers)
             pause = min(remaining, RECHECK_SECONDS)
             if self._changed is None:
                 await asyncio.sleep(pause)

@@ -259,3 +259,21 @@ def test_cli_status_lists_containers_that_do_not_run(cli_server: Any, store: Fak
     r = cli(cli_server, "status")
     assert r.exit_code == 0 and "converged" in r.stdout, r.output
     assert f"not running: bad on h1: error: {NO_IMAGE}" in r.stdout and "not running: ok" not in r.stdout
+
+
+def test_a_wait_that_times_out_says_what_it_waits_for(store: FakeStore) -> None:
+    store.auto_converge = False
+    with TestClient(create_app(store, TOKEN, wait_timeout=0.3)) as client:
+        client.post("/v1/hosts", json={"name": "h1"}, headers=AUTH)
+        r = run(client)
+        assert r.status_code == 504 and "hosts h1" in r.json()["detail"]["reason"], r.text
+        gen = store.snapshot().generation
+        store.report_agent("h1", gen)
+        store.report_switch("h1", gen, True, {"x"})  # host caught up, the container has no port yet
+        store.report_container_status("x", ContainerStatus(RunState.RUNNING))
+        same = {"public_ip": IP, "port": 80, "container": "x"}  # exists already: no write, same generation
+        r = client.post("/v1/mappings?wait=true", json=same, headers=AUTH)
+        assert r.status_code == 504 and "containers x not reported live" in r.json()["detail"]["reason"], r.text
+        store.report_switch("h1", gen, True, set())  # positive control: its port appears
+        r = client.post("/v1/mappings?wait=true", json=same, headers=AUTH)
+        assert r.status_code == 200 and r.json()["converged"] is True, r.text
