@@ -41,10 +41,17 @@ def _ports(mappings: list[Json]) -> str:
 
 
 def _state(c: Json) -> str:
+    """``exited (exit 3, 2 restarts) (want up)``: what runs, how it last ended, and what is wanted."""
     status = c.get("status")
     actual = status["state"] if status else "pending"
     desired = "up" if c.get("running") else "down"
-    return f"{actual} (want {desired})"
+    extra = []
+    if status and status.get("exit_code") is not None and actual != "running":
+        extra.append(f"exit {status['exit_code']}")
+    if status and status.get("restarts"):
+        extra.append(f"{status['restarts']} restart{'s' if status['restarts'] != 1 else ''}")
+    how = f" ({', '.join(extra)})" if extra else ""
+    return f"{actual}{how} (want {desired})"
 
 
 def _new_table(*headers: str) -> Table:
@@ -77,6 +84,8 @@ def container(console: Console, c: Json) -> None:
         ("block", f"{c['block']['start']}-{c['block']['end']} ({c['block']['size']} ports)"),
         ("image", c.get("image") or "-"),
         ("command", command_line(c.get("command"))),
+        ("restart", f"{c.get('restart') or 'no'} ({status.get('restarts') or 0} so far)"),
+        ("exit code", "-" if status.get("exit_code") is None else str(status["exit_code"])),
         ("netns", status.get("netns") or "-"),
         ("pid", str(status.get("pid") or "-")),
     ]

@@ -148,3 +148,19 @@ def test_usage_errors_name_the_option(invoke: Any, server: Server, args: list[st
     assert r.exit_code == 2, r.output
     assert names in r.stderr, r.stderr
     assert server.store.writes == writes, "nothing changed"
+
+
+def test_ps_and_inspect_show_exit_code_and_restarts(invoke: Any, server: Server) -> None:
+    from portmesh.model.entities import ContainerStatus, RunState
+
+    assert invoke("run", "crashy", "--host", "h1", "--ip", IP).exit_code == 0
+    r = invoke("ps")
+    assert "exit" not in r.stdout and "restart" not in r.stdout, "positive control: nothing to say yet"
+    fields = {"exit_code": 3, "restarts": 2} if "exit_code" in ContainerStatus.__dataclass_fields__ else None
+    if fields is None:
+        pytest.skip("the model has no exit code or restart count yet")
+    status = ContainerStatus(RunState.EXITED, "", None, "process exited", "", **fields)  # type: ignore[arg-type]
+    server.store.report_container_status("crashy", status)
+    assert "exited (exit 3, 2 restarts) (want up)" in invoke("ps").stdout
+    r = invoke("inspect", "crashy")
+    assert "exit code  3" in r.stdout and "(2 so far)" in r.stdout, r.stdout
