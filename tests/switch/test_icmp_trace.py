@@ -245,18 +245,20 @@ def test_errors_to_the_controller_are_metered(rig: Rig) -> None:
     frame = error(GW, VM, ROUTER, IP10, quoted(IP10, OUTSIDE, Proto.TCP, 80, 443))
     count = 600
     started = time.monotonic()
-    for _ in range(0, count, 100):  # batched: one appctl call per frame would let the meter refill
-        rig.ovs.appctl("netdev-dummy/receive", "br0", *([frame.hex()] * 100))
-    elapsed = time.monotonic() - started
+    for _ in range(0, count, 50):  # batched: one appctl call per frame would let the meter refill
+        rig.ovs.appctl("netdev-dummy/receive", "br0", *([frame.hex()] * 50))
+    # A dummy port queues at most 100 received frames, so some may be lost before the pipeline: count
+    # what reached the meter. Its statistics lag the frames a little; read until they stop moving.
+    seen, dropped, last = -1, -1, (-2, -2)
     deadline = time.monotonic() + 5
-    while True:  # the switch's meter statistics catch up shortly after the frames
+    while (seen, dropped) != last and time.monotonic() < deadline:
+        last = (seen, dropped)
+        time.sleep(0.1)
         seen, dropped = meter_counts(rig.ovs.ofctl("meter-stats", "br0", f"meter={Meter.ICMP_IN.meter_id}"))
-        if seen == count or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
+    elapsed = time.monotonic() - started  # an upper bound on how long the meter had to refill
     spec = Meter.ICMP_IN.value
-    assert seen == count and dropped > 0
-    passed = count - dropped
+    assert seen > 2 * spec.burst and dropped > 0, (seen, dropped)
+    passed = seen - dropped
     assert passed <= spec.burst + spec.rate_pps * (elapsed + 0.1), (passed, elapsed)
     metrics = rig.ctl.controller.metrics if rig.ctl.controller else None
     assert metrics is not None
