@@ -88,6 +88,7 @@ def plan(container: Mapping[str, Any], ident: Callable[[str], tuple[int, int] | 
     state = str(status.get("state") or "pending")
     netns = str(status.get("netns") or "")
     pid = status.get("pid")
+    image = status.get("runtime") == "image" or bool(container.get("image"))  # runtime: what the agent says it used
     elsewhere = f"container {name} is on host {host}, whose namespaces are not on this machine: run exec there"
     if not netns:
         raise NotHere(f"container {name} has no namespaces to enter (state: {state}{_why(status)})")
@@ -101,11 +102,11 @@ def plan(container: Mapping[str, Any], ident: Callable[[str], tuple[int, int] | 
         argv = ["nsenter", f"--target={pid}", *(NSENTER_FLAGS[ns] for ns in entered)]
         if "mnt" in entered:
             argv += ["--root", "--wd"]  # the container's root and working directory, not ours
-        env = read_environ(pid) if container.get("image") else None
+        env = read_environ(pid) if image else None
         if env is not None and "TERM" in os.environ:
             env["TERM"] = os.environ["TERM"]
         return Plan(argv, entered, env)
-    if container.get("image"):  # an image container's namespaces live only as long as its process
+    if image:  # an image container's namespaces live only as long as its process
         raise NotHere(f"container {name} is not running (state: {state}{_why(status)})")
     return Plan(["nsenter", f"--net={netns_path(netns)}"], ["net"])
 

@@ -150,3 +150,11 @@ def test_exec_enters_the_reported_namespace(server: Server) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_plan_takes_the_runtime_the_agent_reported() -> None:
+    c = container(state="exited", netns="/proc/9/ns/net", pid=None, runtime="image")
+    with pytest.raises(enter.NotHere, match="is not running"):
+        enter.plan(c, fake_ns({}))
+    c = container(state="exited", netns="pm-x-web", pid=None, runtime="light")
+    assert enter.plan(c, fake_ns({})).namespaces == ["net"]
