@@ -176,6 +176,24 @@ class Bridge:
                     txn.add(self.api.add_port(bridge, port, may_exist=True))
         return missing
 
+    def reattach_ports(self, ports: list[str], bridge: str = BRIDGE) -> list[str]:
+        """Make ``ovs-vswitchd`` open each of ``ports`` afresh: remove those on the bridge, then add all.
+
+        For veths just (re)made under a name the bridge already holds: with the
+        userspace datapath, ovs-vswitchd keeps the port bound to the deleted device
+        and never reads the new one. Removing and adding in ONE transaction leaves
+        its configuration unchanged (nothing is reopened), so these are two: one
+        removal transaction and one addition transaction for all ports. Returns
+        the ports that were re-attached (on the bridge before).
+        """
+        present = [p for p in dict.fromkeys(ports) if self.has_port(p, bridge)]
+        if present:
+            with self.api.transaction(check_error=True) as txn:
+                for port in present:
+                    txn.add(self.api.del_port(port, bridge=bridge, if_exists=True))
+        self.ensure_ports(list(ports), bridge)
+        return present
+
     def remove_port(self, port: str, bridge: str = BRIDGE) -> bool:
         """Remove ``port`` from the bridge if it is there; True if removed."""
         if not self.has_port(port, bridge):

@@ -213,8 +213,14 @@ def container_sysctls(container: Container) -> dict[str, str]:
     }
 
 
-def plumb_container(container: Container, netns: str, config: NetworkConfig) -> None:
+def plumb_container(container: Container, netns: str, config: NetworkConfig) -> bool:
     """Connect ``container`` (already in namespace ``netns``, a name or a path) to the host; idempotent.
+
+    Returns True if the veth was (re)made: a bridge port of that name must then be
+    re-attached (:meth:`portmesh.agent.bridge.Bridge.reattach_ports`), because
+    ``ovs-vswitchd`` keeps reading the vanished device and never opens the new
+    one. (That went unnoticed while the host kernel forwarded such a container's
+    traffic itself; see isolation.py.)
 
     Host end ``container.port_name`` stays in the host namespace (bridge.py adds
     it to br0); container end ``eth0`` gets the MAC, MTU, /32 public IPs, the
@@ -231,6 +237,7 @@ def plumb_container(container: Container, netns: str, config: NetworkConfig) -> 
         if index is not None and not _peer_is_eth0(ipr, index, netns):
             ipr.link("del", index=index)
             index = None
+        made = index is None
         if index is None:
             ipr.link(
                 "add",
@@ -252,6 +259,7 @@ def plumb_container(container: Container, netns: str, config: NetworkConfig) -> 
     write_sysctls(container_sysctls(container), netns)
     with IPRoute(netns=netns, flags=0) as ipr:
         _plumb_inside(ipr, container, config)
+    return made
 
 
 def _peer_is_eth0(ipr: IPRoute, host_index: int, netns: str) -> bool:

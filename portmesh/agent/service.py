@@ -228,6 +228,7 @@ class Agent:
         retries it and reports the error in its status.
         """
         fresh: dict[str, tuple[Container, tuple[str, int, int]]] = {}
+        made: list[str] = []  # veths (re)made: a bridge port of that name must be re-attached
         for c in todo:
             if c.image or not self.runtime.keeps_netns_when_stopped:
                 continue
@@ -236,12 +237,14 @@ class Agent:
                 ident = plumbing.netns_identity(netns)
                 if self._plumbed.get(c.name) == (c, ident):
                     continue
-                plumbing.plumb_container(c, netns, self.cfg.network)
+                if plumbing.plumb_container(c, netns, self.cfg.network):
+                    made.append(c.port_name)
             except Exception as exc:
                 log.warning("container %s: plumbing deferred to its own step: %s", c.name, exc)
                 continue
             fresh[c.name] = (c, ident)
         if fresh:
+            self.bridge.reattach_ports(made)
             added = self.bridge.ensure_ports([c.port_name for c, _ in fresh.values()])
             self._plumbed.update(fresh)
             log.info("plumbed %d containers, %d bridge ports added in one transaction", len(fresh), len(added))
@@ -295,7 +298,9 @@ class Agent:
         before = self._plumbed.get(c.name)
         if before == (c, ident):
             return
-        plumbing.plumb_container(c, netns, self.cfg.network)
-        self.bridge.ensure_port(c.port_name)
+        if plumbing.plumb_container(c, netns, self.cfg.network):
+            self.bridge.reattach_ports([c.port_name])  # a new veth under a name the bridge may hold
+        else:
+            self.bridge.ensure_port(c.port_name)
         self._plumbed[c.name] = (c, ident)
         log.info("container %s plumbed (checked) in %s on port %s", c.name, netns, c.port_name)
