@@ -30,7 +30,9 @@ from portmesh.model.validation import ENV_KEY_RE, IMAGE_RE, MAX_STOP_TIMEOUT, NA
 NAME_DOC: dict[str, Any] = {"pattern": NAME_RE.pattern, "minLength": 1, "maxLength": 63}
 IP_DOC: dict[str, Any] = {"format": "ipv4"}
 IPS_DOC: dict[str, Any] = {"minItems": 1, "uniqueItems": True, "items": {"type": "string", **IP_DOC}}
-ENV_PATTERN = f"^{ENV_KEY_RE.pattern}="
+# KEY=VALUE, the value any text but NUL (it cannot reach a process's environment). Lone surrogates are
+# refused too (parse_env); not stated here, as a surrogate range is not portable across regex engines.
+ENV_PATTERN = f"^{ENV_KEY_RE.pattern}=[^\\x00]*$"
 PROTO_DOC: dict[str, Any] = {"pattern": "^([tT][cC][pP]|[uU][dD][pP])$", "default": "tcp"}
 
 

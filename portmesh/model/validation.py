@@ -196,6 +196,10 @@ def parse_env(values: list[str] | tuple[str, ...], field: str = "env") -> tuple[
             raise InvalidInput(f"{field}[{i}]", f"{key!r} is not a valid variable name (letters, digits, '_'; not a digit first)")
         if "\0" in value:
             raise InvalidInput(f"{field}[{i}]", "the value holds a NUL character")
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate from JSON's \uD800-\uDFFF: no process can be given it
+            raise InvalidInput(f"{field}[{i}]", "the value is not valid Unicode text") from None
         out.append(item)
     return tuple(out)
 
