@@ -4,6 +4,7 @@ controller's StateReader (which decodes the monitor's JSON itself, column kinds 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
@@ -26,6 +27,10 @@ def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "not seen in time"
         time.sleep(0.02)
+
+
+def caught_up(view: Store | StateReader, generation: int) -> bool:
+    return view.snapshot().generation >= generation
 
 
 @pytest.fixture
@@ -58,8 +63,9 @@ def test_desired_fields_round_trip_to_every_reader(stores: tuple[Store, Store, S
     plain = Container("plain", "h1", "02:00:00:00:00:06", (ip,), PortBlock(33792, 1024))
     writer.add_container(c)
     generation = writer.add_container(plain)
-    for view in (writer, agent, reader):
-        wait_for(lambda v=view: v.snapshot().generation >= generation)
+    views: list[Store | StateReader] = [writer, agent, reader]
+    for view in views:
+        wait_for(functools.partial(caught_up, view, generation))
         state = view.snapshot()
         assert state.containers["app"] == c, type(view).__name__
         assert state.containers["plain"] == plain  # defaults: no env, restart no, 10 s
