@@ -343,7 +343,7 @@ def logs(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new output (Ctrl-C to stop).")] = False,
     tail: Annotated[int | None, typer.Option("--tail", "-n", min=0, help="Only the last N lines.")] = None,
 ) -> None:
-    """Print a container's output (what its command wrote to stdout and stderr)."""
+    """Print a container's output (what its command wrote to stdout and stderr); -f returns once it has exited."""
     api = api_of(ctx)
     path = f"/v1/containers/{quote_segment(name)}/logs"
     chunk = api.request("GET", path, params={"tail": str(tail)} if tail is not None else None)
@@ -354,6 +354,8 @@ def logs(
             if not follow:
                 return
             if not chunk["text"]:
+                if chunk.get("running") is False:  # nothing more will come (an older API does not say: keep following)
+                    return
                 time.sleep(FOLLOW_PAUSE)
             chunk = api.request("GET", path, params={"offset": str(chunk["offset"])})
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ is not a terminal, so these also show what a pipe gets.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -164,3 +165,30 @@ def test_ps_and_inspect_show_exit_code_and_restarts(invoke: Any, server: Server)
     assert "exited (exit 3, 2 restarts) (want up)" in invoke("ps").stdout
     r = invoke("inspect", "crashy")
     assert "exit code  3" in r.stdout and "(2 so far)" in r.stdout, r.stdout
+
+
+def test_logs_follow_returns_once_the_container_has_exited(invoke: Any, server: Server) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from portmesh.model.entities import ContainerStatus, RunState
+    from tests.unit.test_cli import LOG_DIR
+
+    assert invoke("run", "brief", "--host", "h1", "--ip", IP).exit_code == 0
+    log = Path(LOG_DIR) / f"brief-{os.getpid()}.log"
+    log.write_text("said\n")
+    env = {**os.environ, "PORTMESH_API": server.url, "PORTMESH_TOKEN": TOKEN}
+    portmesh = str(Path(sys.executable).parent / "portmesh")
+    server.store.report_container_status("brief", ContainerStatus(RunState.RUNNING, "ns", 1, "", str(log)))
+    # Positive control: while it runs, -f keeps following (still going after 1.5 s).
+    follower = subprocess.Popen([portmesh, "logs", "-f", "brief"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            follower.wait(timeout=1.5)
+        server.store.report_container_status("brief", ContainerStatus(RunState.EXITED, "ns", None, "exited", str(log)))
+        assert follower.wait(timeout=20) == 0, "-f returned once the container had exited"
+        assert follower.stdout is not None and follower.stdout.read() == "said\n"
+    finally:
+        follower.kill()
+        follower.wait()
