@@ -28,6 +28,22 @@ def create_db(db: Path | str, schema: Path | str | None = None) -> Path:
     return db
 
 
+def upgrade_db(db: Path | str, schema: Path | str | None = None) -> bool:
+    """Convert a standalone ``db`` made with an older Portmesh schema, in place; True if it was converted.
+
+    A schema that gains a column (1.2.0: ``Host.switch_waiting``) would otherwise make every
+    write naming that column fail against a database kept from before the upgrade.
+    ``ovsdb-tool convert`` keeps every row; a clustered database is left alone (it is
+    converted online with ``ovsdb-client convert``).
+    """
+    schema = str(schema or schema_path())
+    check = subprocess.run(["ovsdb-tool", "needs-conversion", str(db), schema], capture_output=True, text=True)
+    if check.returncode != 0 or check.stdout.strip() != "yes":
+        return False
+    subprocess.run(["ovsdb-tool", "convert", str(db), schema], check=True, capture_output=True, text=True)
+    return True
+
+
 def server_command(
     db: Path | str,
     socket: Path | str,
@@ -70,7 +86,8 @@ def start_server(
     create: bool = True,
     timeout: float = 10.0,
 ) -> int:
-    """Start ``ovsdb-server`` for ``db`` (created first if missing and ``create``); return its PID.
+    """Start ``ovsdb-server`` for ``db`` (created first if missing and ``create``, converted to the
+    current schema if made with an older one); return its PID.
 
     The server daemonizes (``--detach``): the call returns once it is listening,
     and it outlives the caller, as the lab needs. Its PID is read from
@@ -80,6 +97,8 @@ def start_server(
     pidfile = Path(pidfile) if pidfile else socket.with_suffix(".pid")
     if create and not db.exists():
         create_db(db)
+    elif db.exists():
+        upgrade_db(db)
     with contextlib.suppress(FileNotFoundError):
         socket.unlink()  # a stale socket from a killed server
     cmd = [*server_command(db, socket, tcp=tcp, pidfile=pidfile, log_file=log_file), "--detach"]
