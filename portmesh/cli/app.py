@@ -471,8 +471,10 @@ def exec_(
     ctx: typer.Context,
     name: NameArg,
     command: Annotated[list[str], typer.Argument(help="command to run inside it, after --")],
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="docker's -i: stdin always reaches it")] = False,
+    tty: Annotated[bool, typer.Option("--tty", "-t", help="docker's -t: so does the terminal")] = False,
 ) -> None:
-    """Run a command in a container's namespaces, on the machine it runs on: exec NAME -- CMD..."""
+    """Run a command in a container's namespaces, on the machine it runs on: exec [-it] NAME -- CMD..."""
     if command[:1] == ["--"]:  # everything after NAME is the command's; only the first -- is ours
         command = command[1:]
     if not command:

@@ -103,6 +103,8 @@ def env_for(server: Server) -> dict[str, str]:
         ["exec", "web", "--", "ping", "-n", "-c", "1", IP],
         ["exec", "web", "--", "ls", "--help"],
         ["exec", "web", "--", "sh", "-c", "a -- b", "--"],
+        ["exec", "-it", "web", "--", "sh", "-i"],
+        ["exec", "-i", "-t", "web", "sh", "-t"],
     ],
 )
 def test_exec_hands_the_command_over_verbatim(server: Server, monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
@@ -113,7 +115,8 @@ def test_exec_hands_the_command_over_verbatim(server: Server, monkeypatch: pytes
     monkeypatch.setattr(enter, "exec_argv", lambda p, command: seen.append(command))
     r = CliRunner().invoke(cli.app, argv, env=env_for(server))
     assert r.exit_code == 0, r.output
-    command = argv[3:] if argv[2] == "--" else argv[2:]
+    after = argv.index("web") + 1
+    command = argv[after + 1 :] if argv[after] == "--" else argv[after:]
     assert seen == [command]
 
 
