@@ -258,3 +258,23 @@ def test_logs_reads_the_log_file_the_agent_reported(invoke: Any, server: Server)
         f.write("four\n")
     more = httpx.get(f"{server.url}/v1/containers/web/logs", params={"offset": first["offset"]}, headers=auth).json()
     assert more["text"] == "four\n" and more["offset"] == log.stat().st_size
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["redis-benchmark", "-h", "203.0.113.10", "-n", "20000"],
+        ["tcpdump", "-ni", "eth0"],
+        ["ping", "-n", "-c", "1", IP],
+        ["ls", "--help"],
+        ["echo", "--name=ux", "hi"],
+        ["sh", "-c", "a -- b", "--", "--host", "x"],
+        ["-p", "80/tcp", "--ip", IP],
+    ],
+)
+def test_run_passes_the_command_after_dashes_verbatim(invoke: Any, server: Server, command: list[str]) -> None:
+    setup_host(server)
+    r = invoke("run", "web", "--host", "h1", "--ip", IP, "--", *command)
+    assert r.exit_code == 0, r.output
+    assert list(server.store.snapshot().containers["web"].command) == command
+    assert len(server.store.snapshot().mappings) == 0, "options after -- are the command's, not run's"
