@@ -38,3 +38,24 @@ def test_generation_is_reported_naming_the_containers_without_a_port(dummy_ovs: 
             assert source._cond.wait_for(lambda: reported(frozenset()), 10), (source.reports, source.waiting)
     finally:
         ctl.stop()
+
+
+def test_state_reader_reports_the_waiting_set_through_a_real_store(tmp_path: Path) -> None:
+    """The controller's StateReader writes switch_waiting; the IDL client (the API's view) reads it back."""
+    from portmesh.model.entities import Host, HostStatus
+    from portmesh.store.client import Store
+    from portmesh.store.reader import StateReader
+    from portmesh.store.server import start_server, stop_server
+    from tests.switch.test_store_mirror import wait_until
+
+    pid = start_server(tmp_path / "store.db", tmp_path / "store.sock")
+    remote = f"unix:{tmp_path / 'store.sock'}"
+    try:
+        with Store(remote, timeout=5) as store, StateReader(remote, timeout=5) as reader:
+            generation = store.add_host(Host("h1", 1))
+            reader.report_switch("h1", generation, True, {"web", "db"})
+            wait_until(lambda: store.host_status("h1").switch_waiting == frozenset({"web", "db"}))
+            reader.report_switch("h1", generation, True)  # positive control: the set empties again
+            wait_until(lambda: store.host_status("h1") == HostStatus(generation, 0, True, frozenset()))
+    finally:
+        stop_server(pid)
