@@ -4,7 +4,9 @@ Every /v1 call, read or write, needs the bearer token, as Docker's and Kubernete
 APIs do (a container's command, environment and logs are not for anyone who can
 reach the port); ``/healthz`` and the OpenAPI document (app.py) stay open. Every
 write answers with the generation it produced; with ``?wait=true`` it answers only once every host's
-switch and agent have realised that generation (or 504 after ``timeout`` s).
+switch and agent have realised that generation and the containers the write changed are reported
+live or failed (per object: a broken container elsewhere delays nothing; docs/components.md,
+"Waiting"), or 504 after ``timeout`` s.
 """
 
 from __future__ import annotations
