@@ -54,6 +54,13 @@ def _state(c: Json) -> str:
     return f"{actual}{how} (want {desired})"
 
 
+def _print(console: Console, table: Table) -> None:
+    """A table without the padding rich leaves after the last column (``ps | cut``, diffs and tests see clean lines)."""
+    with console.capture() as captured:
+        console.print(table)
+    console.out("\n".join(line.rstrip() for line in captured.get().rstrip("\n").split("\n")), highlight=False)
+
+
 def _new_table(*headers: str) -> Table:
     # On a terminal long cells wrap to fit the screen; off one the console is PIPE_WIDTH wide, so they never do.
     return Table(*headers, box=None, header_style="bold", pad_edge=False)
@@ -66,7 +73,7 @@ def containers(console: Console, items: list[Json]) -> None:
         table.add_row(
             *_row(c["name"], c["host"], ", ".join(c["ips"]), _ports(c["mappings"]), _state(c), f"{block['start']}-{block['end']}")
         )
-    console.print(table)
+    _print(console, table)
 
 
 def container(console: Console, c: Json) -> None:
@@ -93,7 +100,7 @@ def container(console: Console, c: Json) -> None:
         rows.append(("message", status["message"]))
     for key, value in rows:
         table.add_row(*_row(key, value))
-    console.print(table)
+    _print(console, table)
     if c["mappings"]:
         console.print()
         mappings(console, c["mappings"])
@@ -103,7 +110,7 @@ def mappings(console: Console, items: list[Json]) -> None:
     table = _new_table("PUBLIC IP", "PORT", "PROTO", "CONTAINER")
     for m in items:
         table.add_row(*_row(m["public_ip"], str(m["port"]), m["proto"], m["container"]))
-    console.print(table)
+    _print(console, table)
 
 
 def hosts(console: Console, items: list[Json]) -> None:
@@ -120,7 +127,7 @@ def hosts(console: Console, items: list[Json]) -> None:
                 "yes" if st.get("switch_connected") else "no",
             )
         )
-    console.print(table)
+    _print(console, table)
 
 
 def status(console: Console, st: Json) -> None:
@@ -139,7 +146,7 @@ def status(console: Console, st: Json) -> None:
                 "yes" if h["converged"] else "no",
             )
         )
-    console.print(table)
+    _print(console, table)
     # Containers that cannot run are listed apart: they do not hold the hosts back (docs/components.md, Waiting).
     for p in st.get("problems") or []:
         console.print(Text(f"not running: {p['name']} on {p['host']}: {p['state']}: {p['message'] or '-'}"))

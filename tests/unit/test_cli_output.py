@@ -86,6 +86,7 @@ def test_piped_tables_do_not_wrap(invoke: Any, server: Server) -> None:
     assert len(lines) == 2, r.stdout  # header + one row, however long
     assert max(len(ln) for ln in lines) > 80, "the positive control: the row is longer than a terminal"
     assert all(ip in lines[1] for ip in ips)
+    assert all(ln == ln.rstrip() for ln in lines), "no padding after the last column"
 
 
 def test_status_line_is_plain_text(invoke: Any, server: Server) -> None:
