@@ -87,7 +87,9 @@ class Container:
     to), and survives restarts of the container and of every portmesh process.
     ``env`` holds ``KEY=VALUE`` strings for the command's environment; ``restart``
     says whether an exited process is started again; ``stop_timeout`` is how long
-    a stop waits after SIGTERM before SIGKILL.
+    a stop waits after SIGTERM before SIGKILL. ``starts`` counts the starts asked for
+    while it was not running (``portmesh start`` of an exited container, as ``docker
+    start``): a runtime that sees it change starts the process whatever the policy.
     """
 
     name: str
@@ -100,6 +102,7 @@ class Container:
     env: tuple[str, ...] = ()
     restart: RestartPolicy = RestartPolicy.NO
     stop_timeout: int = DEFAULT_STOP_TIMEOUT
+    starts: int = 0
 
     @cached_property
     def port_name(self) -> str:

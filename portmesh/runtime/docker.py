@@ -163,21 +163,28 @@ class DockerRuntime:
     def known(self) -> list[str]:
         return sorted(p.stem for p in self._records.glob("*.json"))
 
-    def _record(self, name: str, restarts: int = 0, stopped: bool = False) -> None:
-        """The record: engine-side name, restarts by the policy since the last asked-for start, and
-        whether the last word was a stop (then the next start is asked for, not a policy restart)."""
+    def _record(self, name: str, restarts: int = 0, stopped: bool = False, starts: int = 0) -> None:
+        """The record: engine-side name, restarts by the policy since the last asked-for start,
+        whether the last word was a stop (then the next start is asked for, not a policy restart),
+        and the container's ``starts`` last honoured (a change is a ``portmesh start``)."""
         tmp = self._path(name).with_suffix(".tmp")
-        data = {"name": name, "docker_name": docker_name(self.scope, name), "restarts": restarts, "stopped": stopped}
+        data = {
+            "name": name,
+            "docker_name": docker_name(self.scope, name),
+            "restarts": restarts,
+            "stopped": stopped,
+            "starts": starts,
+        }
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self._path(name))
 
-    def _meta(self, name: str) -> tuple[int, bool]:
-        """(restarts, stopped) from the record; (0, False) if there is none or it predates them."""
+    def _meta(self, name: str) -> tuple[int, bool, int]:
+        """(restarts, stopped, starts) from the record; zeros if there is none or it predates them."""
         try:
             data = json.loads(self._path(name).read_text())
         except (OSError, ValueError):
-            return 0, False
-        return int(data.get("restarts", 0)), bool(data.get("stopped", False))
+            return 0, False, 0
+        return int(data.get("restarts", 0)), bool(data.get("stopped", False)), int(data.get("starts", 0))
 
     def _counted(self, name: str, status: ContainerStatus) -> ContainerStatus:
         return dataclasses.replace(status, restarts=self._meta(name)[0], runtime=RUNTIME_KIND)
@@ -252,8 +259,8 @@ class DockerRuntime:
             if seen.busy:
                 # Someone else (``docker restart``) is at work on it: its next event wakes us.
                 return self._counted(name, dataclasses.replace(seen.status, message=f"engine busy: {seen.status.message}"))
-            restarts, stopped = self._meta(name)
-            if seen.started_at is not None and not stopped:
+            restarts, stopped, starts = self._meta(name)
+            if seen.started_at is not None and not stopped and container.starts == starts:
                 # It ran and exited by itself: the restart policy decides.
                 if not should_restart(container.restart, seen.status.exit_code):
                     return self._counted(name, seen.status)
@@ -263,7 +270,7 @@ class DockerRuntime:
                 restarts += 1
             else:
                 restarts = 0  # never started, or stopped by us: a start asked for
-            self._record(name, restarts)
+            self._record(name, restarts, starts=container.starts)
             self.client.api.start(seen.id)
         except docker.errors.ImageNotFound:
             log.warning("container %s: image %s is not in the engine's local store", name, container.image)
@@ -288,7 +295,7 @@ class DockerRuntime:
     def _create(self, c: Container) -> None:
         if not c.image:
             raise ValueError(f"container {c.name} has no image: it belongs to the light runtime")
-        self._record(c.name)  # recorded before it exists, so a crash in between is still cleaned up
+        self._record(c.name, starts=c.starts)  # recorded before it exists, so a crash in between is still cleaned up
         self.client.containers.create(
             c.image,
             list(c.command) or None,
@@ -315,9 +322,9 @@ class DockerRuntime:
         seen = self._inspect(name)
         if seen is None:
             return
-        restarts, stopped = self._meta(name)
+        restarts, stopped, starts = self._meta(name)
         if not stopped:
-            self._record(name, restarts, stopped=True)
+            self._record(name, restarts, stopped=True, starts=starts)
         if seen.status.state != RunState.RUNNING:
             return
         with contextlib.suppress(docker.errors.NotFound):

@@ -12,8 +12,9 @@ Restart policy (Docker's): a process that exited stays exited under ``no``; unde
 ``on-failure`` it is started again if its exit code was not 0 (or is unknown: it
 was started by an agent before a restart, so nobody collected its code); under
 ``always`` it is started again. The agent asks on each of its full passes (every
-few seconds), which is the back-off. A stop followed by a start is a fresh start
-(the restart count is reset, as ``docker start`` does).
+few seconds), which is the back-off. A stop followed by a start, or a start of an
+exited container (``Container.starts`` changed), is a fresh start whatever the
+policy (the restart count is reset, as ``docker start`` does).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class _Record:
     exit_code: int | None = None  # of the last process that exited (None: none did, or unknown)
     restarts: int = 0  # starts by the restart policy since the last start asked for
     exited: bool = False  # ``proc`` exited and that was noticed (its exit code collected)
+    starts: int = 0  # the container's ``starts`` last honoured (a change is a start asked for)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,6 +57,7 @@ class _Record:
             "exit_code": self.exit_code,
             "restarts": self.restarts,
             "exited": self.exited,
+            "starts": self.starts,
         }
 
     @classmethod
@@ -68,6 +71,7 @@ class _Record:
             int(code) if code is not None else None,
             int(data.get("restarts", 0)),
             bool(data.get("exited", False)),
+            int(data.get("starts", 0)),
         )
 
 
@@ -136,12 +140,17 @@ class LightRuntime:
         if record.proc is not None and not procs.alive(record.proc):
             if self._noticed_exit(record):
                 self._save(record)
+            if container.starts != record.starts:  # `portmesh start` of the exited container
+                record.starts = container.starts
+                record.restarts = 0
+                return self._spawn(container, record)
             if not should_restart(container.restart, record.exit_code):
                 return self._status(record)
             record.restarts += 1
             return self._spawn(container, record)
         if record.proc is None:
             record.restarts = 0  # asked for (first start, or start after stop): not a policy restart
+            record.starts = container.starts
             return self._spawn(container, record)
         return self._status(record)
 

@@ -17,7 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-from portmesh.model.entities import Container, ContainerStatus, DesiredState, Host, HostStatus, Mapping, MappingKey
+from portmesh.model.entities import (
+    Container,
+    ContainerStatus,
+    DesiredState,
+    Host,
+    HostStatus,
+    Mapping,
+    MappingKey,
+    RunState,
+)
 from portmesh.model.errors import Conflict, InvalidInput, NotFound
 from portmesh.store import rows as R
 from portmesh.store.engine import Engine, StoreError, Txn
@@ -179,17 +188,22 @@ class Store(Engine):
         """Set the desired run state (stop/start); unchanged state does not bump the generation.
 
         ``stop_timeout`` (``stop?time=N``) is written in the same transaction, so the agent
-        that sees the stop sees its timeout too.
+        that sees the stop sees its timeout too. A start of a container whose agent does not
+        report it running (exited under restart policy ``no``, or in error) counts in
+        ``starts``: as ``docker start``, the runtime then starts it again.
         """
 
         def build(txn: Txn) -> bool:
             row = self._container(name)
             timeout_changed = stop_timeout is not None and list(row.stop_timeout) != [stop_timeout]
-            if bool(row.running) == running and not timeout_changed:
+            start_asked = running and list(row.state) in ([RunState.EXITED.value], [RunState.ERROR.value])
+            if bool(row.running) == running and not timeout_changed and not start_asked:
                 return False
             row.running = running
             if timeout_changed:
                 row.stop_timeout = [stop_timeout]
+            if start_asked:
+                row.starts = int(row.starts) + 1
             return True
 
         return self._write(build)

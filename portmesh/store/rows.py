@@ -55,6 +55,7 @@ DESIRED_COLUMNS: dict[str, tuple[str, ...]] = {
         "env",
         "restart",
         "stop_timeout",
+        "starts",
     ),
     "Mapping": ("public_ip", "proto", "port", "container"),
 }
@@ -93,7 +94,7 @@ def container_from_row(row: Row) -> Container:
     """
     ips = tuple(sorted(IPv4Address(ip) for ip in row.ips))
     command = json.loads(row.command) if row.command else []
-    env = getattr(row, "env", "")  # the three columns below are absent before schema 1.2.0
+    env = getattr(row, "env", "")  # the four columns below are absent before schema 1.2.0
     timeout = _optional(getattr(row, "stop_timeout", []))
     return Container(
         name=row.name,
@@ -106,6 +107,7 @@ def container_from_row(row: Row) -> Container:
         env=tuple(str(item) for item in json.loads(env)) if env else (),
         restart=RestartPolicy(_optional(getattr(row, "restart", [])) or RestartPolicy.NO),
         stop_timeout=DEFAULT_STOP_TIMEOUT if timeout is None else int(timeout),
+        starts=int(getattr(row, "starts", 0)),
     )
 
 
@@ -159,6 +161,7 @@ def fill_container_row(row: Row, c: Container) -> None:
     row.env = json.dumps(list(c.env))
     row.restart = [c.restart.value]
     row.stop_timeout = [c.stop_timeout]
+    row.starts = c.starts
 
 
 def fill_container_status(row: Row, status: ContainerStatus) -> None:

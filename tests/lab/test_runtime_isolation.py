@@ -9,6 +9,7 @@ directory is served (positive control), the token is not.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -106,6 +107,12 @@ def test_restart_policy(runtime: tuple[LightRuntime, Path], policy: RestartPolic
     else:
         assert again.state == RunState.EXITED and again.restarts == 0 and again.exit_code == code
         assert rt.log_path("r1").read_text().count("run") == 1
+        # `portmesh start` of the exited container (the store counts it in ``starts``): it runs again.
+        asked = rt.start(dataclasses.replace(c, starts=c.starts + 1), f"pm-{TAG}-")
+        assert asked.restarts == 0
+        wait_exited(rt, "r1")
+        assert rt.log_path("r1").read_text().count("run") == 2
+        c = dataclasses.replace(c, starts=c.starts + 1)
     # A stop then a start is asked for: it runs again, whatever the policy, and the count starts anew.
     runs = rt.log_path("r1").read_text().count("run")
     rt.stop("r1", timeout=1)

@@ -91,3 +91,21 @@ def test_status_fields_round_trip(stores: tuple[Store, Store, StateReader]) -> N
     running = ContainerStatus(RunState.RUNNING, "/proc/42/ns/net", 42, "", "", None, 0, "image")
     agent.report_container_status("app", running)
     wait_for(lambda: writer.container_status("app") == running)
+
+
+def test_start_of_an_exited_container_counts_in_starts(stores: tuple[Store, Store, StateReader]) -> None:
+    """``docker start`` of an exited container: desired "running" already, so the start is counted."""
+    writer, agent, _ = stores
+    writer.add_host(Host("h1", 1))
+    writer.add_container(Container("app", "h1", "02:00:00:00:00:05", (IPv4Address("203.0.113.5"),), PortBlock(32768, 1024)))
+    agent.report_container_status("app", ContainerStatus(RunState.RUNNING, "ns", 7, runtime="light"))
+    wait_for(lambda: writer.container_status("app") is not None)
+    generation = writer.snapshot().generation
+    assert writer.set_container_running("app", True) == generation  # running: nothing written
+    exited = ContainerStatus(RunState.EXITED, "ns", None, "exited (code 0)", exit_code=0, runtime="light")
+    agent.report_container_status("app", exited)
+    wait_for(lambda: writer.container_status("app") == exited)
+    asked = writer.set_container_running("app", True)
+    assert asked == generation + 1
+    wait_for(lambda: agent.snapshot().generation >= asked)
+    assert agent.snapshot().containers["app"].starts == 1

@@ -130,10 +130,18 @@ class FakeStore:
         with self._lock:
             if name not in self._state.containers:
                 raise NotFound("name", f"container {name!r} does not exist")
+            was = self._running.get(name, False)
             self._running[name] = running
+            c = self._state.containers[name]
             if stop_timeout is not None:
-                c = dataclasses.replace(self._state.containers[name], stop_timeout=stop_timeout)
+                c = dataclasses.replace(c, stop_timeout=stop_timeout)
+            status = self._status.get(name)
+            if running and status is not None and status.state in (RunState.EXITED, RunState.ERROR):
+                c = dataclasses.replace(c, starts=c.starts + 1)  # as the store: a start asked for
+            if c != self._state.containers[name]:
                 return self._commit(containers={**self._state.containers, name: c})
+            if was == running:  # as the store: an unchanged run state writes nothing
+                return self._state.generation
             return self._commit()
 
     # --- status (reported by agents and the controller; no generation bump) ---

@@ -431,6 +431,19 @@ def test_habit_refusals_name_the_field(client: TestClient, store: FakeStore, cha
     assert store.writes == writes and "app" not in store.snapshot().containers
 
 
+def test_start_of_an_exited_container_is_a_start_asked_for(client: TestClient, store: FakeStore) -> None:
+    """As ``docker start``: the desired state says "running" already, so the start is counted in ``starts``."""
+    add_host(client)
+    add_web(client)
+    store.report_container_status("web", ContainerStatus(RunState.RUNNING, "ns", 7))
+    generation = store.snapshot().generation
+    client.post("/v1/containers/web/start")  # running: nothing to do, nothing written
+    assert store.snapshot().generation == generation and store.snapshot().containers["web"].starts == 0
+    store.report_container_status("web", ContainerStatus(RunState.EXITED, "ns", None, "exited (code 0)", exit_code=0))
+    client.post("/v1/containers/web/start")
+    assert store.snapshot().generation == generation + 1 and store.snapshot().containers["web"].starts == 1
+
+
 def test_stop_time_out_of_range_is_refused(client: TestClient, store: FakeStore) -> None:
     add_host(client)
     add_web(client)

@@ -151,6 +151,10 @@ def test_restart_policy_decided_by_the_runtime(tmp_path: Path, policy: RestartPo
     assert engine.starts == (2 if restarted else 1)
     assert again.restarts == (1 if restarted else 0)
     assert (again.state == RunState.RUNNING) is restarted
+    if not restarted:
+        # `portmesh start` of the exited container (``starts`` counted by the store): started whatever the policy.
+        asked = rt.start(dataclasses.replace(c, starts=1), "pm-x-")
+        assert asked.state == RunState.RUNNING and asked.restarts == 0 and engine.starts == 2
 
 
 def test_stop_uses_the_timeout_and_a_later_start_is_fresh(tmp_path: Path) -> None:
