@@ -226,6 +226,13 @@ def test_restart_policy_through_the_agent(cloud: tuple[LabState, httpx.Client]) 
         logs = http.get("/v1/containers/once/logs").json()
         assert logs["text"] == "run\n" and logs["running"] is False  # ran once; `logs -f` can stop
         assert http.get("/v1/containers/crash/logs").json()["text"].count("run") >= 3
+        # `portmesh start` of the exited container runs it again, as `docker start` does.
+        assert http.post("/v1/containers/once/start").status_code == 200
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and http.get("/v1/containers/once/logs").json()["text"] != "run\nrun\n":
+            time.sleep(0.2)
+        assert http.get("/v1/containers/once/logs").json()["text"] == "run\nrun\n"
+        assert http.get("/v1/containers/once").json()["status"]["restarts"] == 0
     finally:
         http.delete("/v1/containers/crash")
         http.delete("/v1/containers/once")
