@@ -114,6 +114,16 @@ def _started_at(attrs: dict[str, Any]) -> float | None:
 
 
 @dataclass(frozen=True)
+class _Meta:
+    """Kept in a container's record between agent passes and restarts (the engine knows none of it)."""
+
+    restarts: int = 0  # starts by the restart policy since the last asked-for start
+    stopped: bool = False  # the last word was a stop: the next start is asked for, not a policy restart
+    starts: int = 0  # the container's ``starts`` last honoured (a change is a ``portmesh start``)
+    exit_code: int | None = None  # the exit code before the last start (the engine resets its own on start)
+
+
+@dataclass(frozen=True)
 class _Seen:
     """What ``inspect`` said about one container."""
 
@@ -163,31 +173,34 @@ class DockerRuntime:
     def known(self) -> list[str]:
         return sorted(p.stem for p in self._records.glob("*.json"))
 
-    def _record(self, name: str, restarts: int = 0, stopped: bool = False, starts: int = 0) -> None:
-        """The record: engine-side name, restarts by the policy since the last asked-for start,
-        whether the last word was a stop (then the next start is asked for, not a policy restart),
-        and the container's ``starts`` last honoured (a change is a ``portmesh start``)."""
+    def _record(self, name: str, meta: _Meta | None = None) -> None:
+        """The record: the engine-side name and what :class:`_Meta` keeps between passes and restarts."""
+        m = meta or _Meta()
         tmp = self._path(name).with_suffix(".tmp")
-        data = {
-            "name": name,
-            "docker_name": docker_name(self.scope, name),
-            "restarts": restarts,
-            "stopped": stopped,
-            "starts": starts,
-        }
+        data = {"name": name, "docker_name": docker_name(self.scope, name), **dataclasses.asdict(m)}
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self._path(name))
 
-    def _meta(self, name: str) -> tuple[int, bool, int]:
-        """(restarts, stopped, starts) from the record; zeros if there is none or it predates them."""
+    def _meta(self, name: str) -> _Meta:
+        """What the record keeps; defaults if there is none or it predates a field."""
         try:
             data = json.loads(self._path(name).read_text())
         except (OSError, ValueError):
-            return 0, False, 0
-        return int(data.get("restarts", 0)), bool(data.get("stopped", False)), int(data.get("starts", 0))
+            return _Meta()
+        code = data.get("exit_code")
+        return _Meta(
+            int(data.get("restarts", 0)),
+            bool(data.get("stopped", False)),
+            int(data.get("starts", 0)),
+            int(code) if code is not None else None,
+        )
 
     def _counted(self, name: str, status: ContainerStatus) -> ContainerStatus:
-        return dataclasses.replace(status, restarts=self._meta(name)[0], runtime=RUNTIME_KIND)
+        """The engine's status with the restart count, and the last exit code once it runs again
+        (the engine resets its ExitCode on start)."""
+        meta = self._meta(name)
+        code = status.exit_code if status.exit_code is not None or status.state != RunState.RUNNING else meta.exit_code
+        return dataclasses.replace(status, restarts=meta.restarts, exit_code=code, runtime=RUNTIME_KIND)
 
     def forget(self, name: str | None = None) -> None:
         """Drop what is cached about ``name`` (every container if None): the next call inspects."""
@@ -259,18 +272,19 @@ class DockerRuntime:
             if seen.busy:
                 # Someone else (``docker restart``) is at work on it: its next event wakes us.
                 return self._counted(name, dataclasses.replace(seen.status, message=f"engine busy: {seen.status.message}"))
-            restarts, stopped, starts = self._meta(name)
-            if seen.started_at is not None and not stopped and container.starts == starts:
+            meta = self._meta(name)
+            if seen.started_at is not None and not meta.stopped and container.starts == meta.starts:
                 # It ran and exited by itself: the restart policy decides.
                 if not should_restart(container.restart, seen.status.exit_code):
                     return self._counted(name, seen.status)
                 ago = seen.started_ago()
                 if ago is not None and ago < RESTART_BACKOFF:
                     return self._counted(name, seen.status)
-                restarts += 1
+                meta = _Meta(meta.restarts + 1, False, meta.starts, seen.status.exit_code)
             else:
-                restarts = 0  # never started, or stopped by us: a start asked for
-            self._record(name, restarts, starts=container.starts)
+                # Never started, or stopped by us, or `portmesh start`: a start asked for.
+                meta = _Meta(0, False, container.starts, seen.status.exit_code)
+            self._record(name, meta)
             self.client.api.start(seen.id)
         except docker.errors.ImageNotFound:
             log.warning("container %s: image %s is not in the engine's local store", name, container.image)
@@ -295,7 +309,7 @@ class DockerRuntime:
     def _create(self, c: Container) -> None:
         if not c.image:
             raise ValueError(f"container {c.name} has no image: it belongs to the light runtime")
-        self._record(c.name, starts=c.starts)  # recorded before it exists, so a crash in between is still cleaned up
+        self._record(c.name, _Meta(starts=c.starts))  # recorded before it exists, so a crash in between is cleaned up
         self.client.containers.create(
             c.image,
             list(c.command) or None,
@@ -322,9 +336,9 @@ class DockerRuntime:
         seen = self._inspect(name)
         if seen is None:
             return
-        restarts, stopped, starts = self._meta(name)
-        if not stopped:
-            self._record(name, restarts, stopped=True, starts=starts)
+        meta = self._meta(name)
+        if not meta.stopped:
+            self._record(name, dataclasses.replace(meta, stopped=True))
         if seen.status.state != RunState.RUNNING:
             return
         with contextlib.suppress(docker.errors.NotFound):

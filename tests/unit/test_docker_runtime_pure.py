@@ -151,6 +151,7 @@ def test_restart_policy_decided_by_the_runtime(tmp_path: Path, policy: RestartPo
     assert engine.starts == (2 if restarted else 1)
     assert again.restarts == (1 if restarted else 0)
     assert (again.state == RunState.RUNNING) is restarted
+    assert again.exit_code == code  # running again, it still shows how it last exited (the engine forgot)
     if not restarted:
         # `portmesh start` of the exited container (``starts`` counted by the store): started whatever the policy.
         asked = rt.start(dataclasses.replace(c, starts=1), "pm-x-")
