@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 from typing import Protocol, TypeVar
 
-from portmesh.api.logs import read_log
 from portmesh.api.schemas import (
     ContainerIn,
     ContainerOut,
@@ -27,7 +26,6 @@ from portmesh.api.schemas import (
     HostIn,
     HostOut,
     HostProgress,
-    LogsOut,
     MappingIn,
     StatusOut,
 )
@@ -450,15 +448,6 @@ class Service:
         def read() -> ContainerOut:
             state = self.store.snapshot()
             return container_view(self.store, state, existing_container(state, name))
-
-        return await self.call(read)
-
-    async def logs(self, name: str, offset: int, tail: int | None) -> LogsOut:
-        def read() -> LogsOut:
-            existing_container(self.store.snapshot(), name)
-            status = self.store.container_status(name)
-            chunk = read_log(name, status.log_path if status is not None else "", offset, tail)
-            return LogsOut(name=name, path=chunk.path, offset=chunk.offset, text=chunk.text)
 
         return await self.call(read)
 
