@@ -99,7 +99,7 @@ class WaitTimeout(Exception):
 PORTLESS = (RunState.ERROR, RunState.EXITED)
 
 
-def behind_only(status: StatusOut, generation: int) -> bool:
+def hosts_behind(status: StatusOut, generation: int) -> bool:
     """True if some host's switch or agent has not reached ``generation`` (then that is the news, not the objects)."""
     return any(min(h.switch_generation, h.agent_generation) < generation for h in status.hosts)
 
@@ -330,7 +330,7 @@ class Service:
                 return status
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise WaitTimeout(generation, status, limit, [] if behind_only(status, generation) else containers)
+                raise WaitTimeout(generation, status, limit, [] if hosts_behind(status, generation) else containers)
             pause = min(remaining, RECHECK_SECONDS)
             if self._changed is None:
                 await asyncio.sleep(pause)
