@@ -239,11 +239,6 @@ def plumb_container(container: Container, netns: str, config: NetworkConfig) -> 
             index = None
         made = index is None
         if index is None:
-            if isolation.needed():
-                # A chain left from a vanished veth of this name (an image container's restart deletes
-                # it with its namespace) would be kept by isolate_port and leaves ovs-vswitchd deaf
-                # to the new device: drop it, so the new veth gets a chain of its own.
-                isolation.release_port(host_if)
             ipr.link(
                 "add",
                 ifname=host_if,
