@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 
 # Pause before retrying after the store could not be read or written.
 STORE_RETRY_S = 1.0
+# Least time between two status reports of one switch. While containers come up, every port that
+# appears is a sync and each report carries the set of containers still waiting for a port (up to
+# N names): reported on every sync, the store, the API and the agent re-read it hundreds of times
+# (the agent replicates Host). Flows are never delayed, only the report: the first after a quiet
+# spell goes at once, later ones at most this often (a leading-edge throttle).
+REPORT_INTERVAL_S = 0.1
 
 
 class StateSource(Protocol):
@@ -59,6 +65,7 @@ class Controller:
         self._handlers: set[asyncio.Task[Any]] = set()
         # Per datapath: the (generation, waiting containers) last reported to the store.
         self._reported: dict[int, tuple[int, frozenset[str]]] = {}
+        self._reported_at: dict[int, float] = {}  # loop time of that report
 
     def attach(self) -> None:
         """Subscribe to the store; its callback runs on the store's thread, so hop to our loop."""
@@ -142,9 +149,17 @@ class Controller:
         self.metrics.generation.labels(host).set(state.generation)
         if self._reported.get(switch.datapath_id) == (state.generation, waiting):
             return full  # e.g. a port of another bridge came and went: nothing new to say
+        loop = asyncio.get_running_loop()
+        early = self._reported_at.get(switch.datapath_id, -REPORT_INTERVAL_S) + REPORT_INTERVAL_S - loop.time()
+        if early > 0:
+            # Report later: mark the switch unrealised (the next pass is an empty delta: nothing sent) and wake then.
+            switch.realized(-1, ports_version)
+            loop.call_later(early, self._dirty.set)
+            return full
         try:
             await asyncio.to_thread(self.store.report_switch, host, state.generation, True, waiting)
             self._reported[switch.datapath_id] = (state.generation, waiting)
+            self._reported_at[switch.datapath_id] = loop.time()
         except Exception as exc:
             # The flows are in; only the report is missing. Mark the switch unrealised so the next
             # pass (an empty delta: nothing sent) reports again, and schedule that pass.
