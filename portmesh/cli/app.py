@@ -39,6 +39,7 @@ from portmesh.cli.client import (
     read_token,
     valid_url,
 )
+from portmesh.model.entities import RestartPolicy
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -210,6 +211,13 @@ def run(
         typer.Option("--port", "-p", help="80/tcp (on every --ip) or IP:80/tcp (on that IP); repeatable"),
     ] = None,
     image: Annotated[str | None, typer.Option("--image", help="image (Docker runtime)")] = None,
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for the command (repeatable)")] = None,
+    restart: Annotated[
+        RestartPolicy | None, typer.Option("--restart", help="when the command exits: no (default), on-failure, always")
+    ] = None,
+    stop_timeout: Annotated[
+        int | None, typer.Option("--stop-timeout", min=0, help="seconds from SIGTERM to SIGKILL on stop (default 10)")
+    ] = None,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = DEFAULT_WAIT,
     output: OutputOpt = Format.table,
@@ -221,7 +229,10 @@ def run(
     one that starts and exits at once is kept (as Docker does) and reported, exit status 1.
     """
     ips, ports = published(ip or [], port or [])
-    body = {"name": name, "host": host, "ips": ips, "ports": ports, "command": command or [], "image": image}
+    body: dict[str, Any] = {"name": name, "host": host, "ips": ips, "ports": ports, "command": command or [], "image": image}
+    # Only what was given: the API's defaults (restart no, stop timeout 10 s) stay the API's.
+    extras = {"env": env, "restart": restart.value if restart else None, "stop_timeout": stop_timeout}
+    body.update({k: v for k, v in extras.items() if v is not None})
     result = api_of(ctx).write("POST", "/v1/containers", body, wait=wait, wait_timeout=timeout)
     created = result.get("container") or {}
     if output is Format.json:
@@ -295,20 +306,38 @@ def inspect(
 
 
 def _container_write(
-    ctx: typer.Context, method: str, name: str, action: str, verb: str, *, wait: bool, timeout: float, output: Format
+    ctx: typer.Context,
+    method: str,
+    name: str,
+    action: str,
+    verb: str,
+    *,
+    wait: bool,
+    timeout: float,
+    output: Format,
+    params: dict[str, str] | None = None,
 ) -> None:
     path = f"/v1/containers/{quote_segment(name)}{action}"
-    result = api_of(ctx).write(method, path, wait=wait, wait_timeout=timeout)
+    result = api_of(ctx).write(method, path, wait=wait, wait_timeout=timeout, params=params)
     emit_json(result) if output is Format.json else render.write(out(), f"{name} {verb}", result)
 
 
 @app.command()
 @handles_api_errors
 def stop(
-    ctx: typer.Context, name: NameArg, wait: WaitOpt = True, timeout: TimeoutOpt = DEFAULT_WAIT, output: OutputOpt = Format.table
+    ctx: typer.Context,
+    name: NameArg,
+    time_: Annotated[
+        int | None,
+        typer.Option("--time", "-t", min=0, max=3600, help="seconds from SIGTERM to SIGKILL (default: its --stop-timeout)"),
+    ] = None,
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = DEFAULT_WAIT,
+    output: OutputOpt = Format.table,
 ) -> None:
-    """Stop a container (it keeps its IPs, block and mappings)."""
-    _container_write(ctx, "POST", name, "/stop", "stopped", wait=wait, timeout=timeout, output=output)
+    """Stop a container (it keeps its IPs, block and mappings): SIGTERM, then SIGKILL after --time seconds."""
+    params = {"time": str(time_)} if time_ is not None else None
+    _container_write(ctx, "POST", name, "/stop", "stopped", wait=wait, timeout=timeout, output=output, params=params)
 
 
 @app.command()
@@ -329,9 +358,16 @@ def start(
 @app.command()
 @handles_api_errors
 def rm(
-    ctx: typer.Context, name: NameArg, wait: WaitOpt = True, timeout: TimeoutOpt = DEFAULT_WAIT, output: OutputOpt = Format.table
+    ctx: typer.Context,
+    name: NameArg,
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="accepted for Docker habits: rm always stops a running container first")
+    ] = False,
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = DEFAULT_WAIT,
+    output: OutputOpt = Format.table,
 ) -> None:
-    """Remove a container and its mappings."""
+    """Remove a container and its mappings; a running one is stopped first (as docker rm -f)."""
     _container_write(ctx, "DELETE", name, "", "removed", wait=wait, timeout=timeout, output=output)
 
 

@@ -123,8 +123,17 @@ class Api:
     def get(self, path: str) -> Any:
         return self.request("GET", path)
 
-    def write(self, method: str, path: str, json: Any = None, *, wait: bool = False, wait_timeout: float = DEFAULT_WAIT) -> Any:
+    def write(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        *,
+        wait: bool = False,
+        wait_timeout: float = DEFAULT_WAIT,
+        params: dict[str, str] | None = None,
+    ) -> Any:
         """A mutating call; with ``wait`` the API answers once the change is live everywhere."""
-        params = {"wait": "true", "timeout": f"{wait_timeout:g}"} if wait else None
+        params = {**(params or {}), **({"wait": "true", "timeout": f"{wait_timeout:g}"} if wait else {})} or None
         # The HTTP timeout must outlast the API's own wait, so its 504 (with progress) reaches us.
         return self.request(method, path, json=json, params=params, timeout=wait_timeout + 10.0)

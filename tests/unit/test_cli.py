@@ -278,3 +278,34 @@ def test_run_passes_the_command_after_dashes_verbatim(invoke: Any, server: Serve
     assert r.exit_code == 0, r.output
     assert list(server.store.snapshot().containers["web"].command) == command
     assert len(server.store.snapshot().mappings) == 0, "options after -- are the command's, not run's"
+
+
+def test_run_takes_dockers_env_restart_and_stop_timeout(invoke: Any, server: Server) -> None:
+    setup_host(server)
+    r = invoke(
+        "run", "web", "--host", "h1", "--ip", IP, "-e", "A=1", "--env", "B=two words",
+        "--restart", "on-failure", "--stop-timeout", "3", "--", "sleep", "9",
+    )
+    assert r.exit_code == 0, r.output
+    c = server.store.snapshot().containers["web"]
+    assert list(c.env) == ["A=1", "B=two words"]
+    assert c.restart.value == "on-failure"
+    assert c.stop_timeout == 3
+    assert list(c.command) == ["sleep", "9"], "-e/--restart values are run's, not the command's"
+
+    r = invoke("run", "bad", "--host", "h1", "--ip", IP, "--restart", "sometimes")
+    assert r.exit_code == 2 and "--restart" in r.output
+    assert "bad" not in server.store.snapshot().containers
+
+
+def test_stop_time_reaches_the_api_and_rm_force_is_accepted(invoke: Any, server: Server) -> None:
+    setup_host(server)
+    assert invoke("run", "web", "--host", "h1", "--ip", IP, "--", "sleep", "9").exit_code == 0
+    r = invoke("stop", "web", "--time", "2")
+    assert r.exit_code == 0, r.output
+    assert not server.store.container_running("web")
+    assert server.store.snapshot().containers["web"].stop_timeout == 2
+    assert invoke("stop", "web", "-t", "-1").exit_code == 2
+    r = invoke("rm", "-f", "web")
+    assert r.exit_code == 0, r.output
+    assert server.store.snapshot().containers == {}
