@@ -351,7 +351,10 @@ def start(
     status = (result.get("container") or {}).get("status") or {}
     if wait and status.get("state") != "running":
         # The answer carries the container as its agent reported it at this write: say what really happened.
-        raise ApiError(0, "name", f"{name} did not start: {status.get('state', 'unknown')}: {status.get('message') or '-'}")
+        state, reason = status.get("state", "unknown"), status.get("message")
+        if state == "exited" and status.get("exit_code") is not None:
+            raise ApiError(0, "name", f"{name} started but exited at once (exit code {status['exit_code']})")
+        raise ApiError(0, "name", f"{name} did not start: {render.state_and_reason(state, reason)}")
     emit_json(result) if output is Format.json else render.write(out(), f"{name} started", result)
 
 

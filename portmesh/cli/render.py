@@ -41,7 +41,7 @@ def _ports(mappings: list[Json]) -> str:
 
 
 def _state(c: Json) -> str:
-    """``exited (exit 3, 2 restarts) (want up)``: what runs, how it last ended, and what is wanted."""
+    """``exited (exit 3, 2 restarts) (want up)``: what runs, how it last ended, and what is wanted if that differs."""
     status = c.get("status")
     actual = status["state"] if status else "pending"
     desired = "up" if c.get("running") else "down"
@@ -51,7 +51,9 @@ def _state(c: Json) -> str:
     if status and status.get("restarts"):
         extra.append(f"{status['restarts']} restart{'s' if status['restarts'] != 1 else ''}")
     how = f" ({', '.join(extra)})" if extra else ""
-    return f"{actual}{how} (want {desired})"
+    # Say what is wanted only where it differs from what runs: "running" alone is the normal case.
+    settled = (actual == "running") == (desired == "up")
+    return f"{actual}{how}" if settled else f"{actual}{how} (want {desired})"
 
 
 def _print(console: Console, table: Table) -> None:
@@ -149,7 +151,14 @@ def status(console: Console, st: Json) -> None:
     _print(console, table)
     # Containers that cannot run are listed apart: they do not hold the hosts back (docs/components.md, Waiting).
     for p in st.get("problems") or []:
-        console.print(Text(f"not running: {p['name']} on {p['host']}: {p['state']}: {p['message'] or '-'}"))
+        console.print(Text(f"not running: {p['name']} on {p['host']}: {state_and_reason(p['state'], p['message'])}"))
+
+
+def state_and_reason(state: str, message: str | None) -> str:
+    """``error: no such file``, but ``exited (code 1)`` rather than ``exited: exited (code 1)``."""
+    if not message:
+        return state
+    return message if message.startswith(state) else f"{state}: {message}"
 
 
 def write(console: Console, what: str, body: Json) -> None:

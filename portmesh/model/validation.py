@@ -31,7 +31,8 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 def parse_name(value: str, field: str = "name") -> str:
     """A container or host name: lowercase letters, digits, ``_.-``, 1-63 chars."""
     if not NAME_RE.fullmatch(value):  # fullmatch: "$" alone would let "web\n" through
-        raise InvalidInput(field, f"{value!r} is not a valid name (lowercase letters, digits, '_', '.', '-'; 1-63 chars)")
+        rule = "a lowercase letter or digit, then lowercase letters, digits, '_', '.', '-'; 1-63 chars"
+        raise InvalidInput(field, f"{value!r} is not a valid name ({rule})")
     return value
 
 
