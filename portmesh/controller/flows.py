@@ -5,6 +5,21 @@ name the owner (a mapping, a container, a host), the low 32 bits are a digest of
 the flow's content; two flows with the same cookie are the same flow, so the
 controller diffs a switch's installed flows against the desired ones by cookie
 alone and never needs to compare matches or actions read back from the switch.
+
+The digest covers a canonical text encoding of the flow's content, never a
+Python ``repr`` or a class name, so an upgrade that renames or moves a class
+does not change any cookie (which would re-install every flow on every switch).
+The encoding, version ``pm1``, is ASCII::
+
+    pm1;t=<table number>;p=<priority>;f=<field>[/m],...;a=<action> ...;g=<goto table number or ->;v=<value>,...
+
+Fields are in the shape's (sorted) order, ``/m`` marking a masked one. Actions,
+space separated, are ``set_field:<field>``, ``output`` (their values are slots
+in ``v``), ``move:<src>:<dst>:<n_bits>``, ``controller:<max_len>:<meter id or ->``
+and ``ct:<zone>:<table number or ->:<commit 0|1>:<label field or ->``. Values
+are the match values then the variable action values, each as text: an integer
+in decimal, a string as it is, a masked value as ``<value>/<mask>``.
+``tests/unit/test_cookies.py`` pins the resulting cookies of a few flows.
 """
 
 from __future__ import annotations
@@ -102,7 +117,7 @@ class Shape:
     hashing 200,000 of them cheap.
     """
 
-    __slots__ = ("actions", "fields", "goto", "masked", "priority", "slot_names", "table", "tag")
+    __slots__ = ("actions", "any_masked", "fields", "goto", "masked", "priority", "slot_names", "table", "tag")
 
     def __init__(
         self,
@@ -121,11 +136,63 @@ class Shape:
         self.goto = goto
         # Names of the value slots in order: match fields, then each variable action's field.
         self.slot_names = fields + tuple((a[1] or "output") for a in actions if isinstance(a, tuple))
-        # The cookie digest covers this tag, so per flow only the values are hashed.
-        self.tag = repr((table, priority, fields, masked, actions, goto)).encode()
+        # The cookie digest covers this tag (the canonical text of everything but the values, see the
+        # module docstring), so per flow only the values are formatted and hashed.
+        self.tag = shape_text(table, priority, fields, masked, actions, goto).encode("ascii")
+        self.any_masked = any(masked)
 
     def __repr__(self) -> str:
         return f"Shape({self.table.name}, {self.priority}, {self.fields}, goto={self.goto})"
+
+
+def _action_text(action: ActionShape) -> str:
+    """An action's stable name and constant arguments (see the module docstring)."""
+    if isinstance(action, tuple):
+        kind, field = action
+        if kind is SetField and field is not None:
+            return f"set_field:{field}"
+        if kind is Output:
+            return "output"
+        raise TypeError(f"no canonical text for variable action {action!r}")
+    if isinstance(action, Move):
+        return f"move:{action.src}:{action.dst}:{action.n_bits}"
+    if isinstance(action, ToController):
+        meter = "-" if action.meter is None else str(action.meter.meter_id)
+        return f"controller:{action.max_len}:{meter}"
+    if isinstance(action, Ct):
+        table = "-" if action.table is None else str(action.table.number)
+        return f"ct:{action.zone}:{table}:{int(action.commit)}:{action.label_from or '-'}"
+    raise TypeError(f"no canonical text for action {action!r}")
+
+
+def shape_text(
+    table: Table,
+    priority: int,
+    fields: tuple[str, ...],
+    masked: tuple[bool, ...],
+    actions: tuple[ActionShape, ...],
+    goto: Table | None,
+) -> str:
+    """The canonical text of a shape: the part of the cookie digest's input before ``;v=``."""
+    names = ",".join(f"{name}/m" if m else name for name, m in zip(fields, masked, strict=True))
+    acts = " ".join(_action_text(a) for a in actions)
+    target = "-" if goto is None else str(goto.number)
+    return f"pm1;t={table.number};p={int(priority)};f={names};a={acts};g={target};v="
+
+
+def _value_text(value: MatchValue) -> str:
+    """One value as canonical text: a masked ``(value, mask)`` as ``value/mask``; ints in decimal."""
+    if isinstance(value, tuple):
+        return f"{_value_text(value[0])}/{_value_text(value[1])}"
+    return str(int(value)) if isinstance(value, int) else value
+
+
+def values_text(shape: Shape, values: tuple[MatchValue, ...]) -> str:
+    """The canonical text of a flow's values (after ``;v=``)."""
+    if shape.any_masked:
+        return ",".join(map(_value_text, values))
+    # The hot path (200,000 mapping flows): ints and strings only, whose str() is their canonical text.
+    return ",".join(map(str, values))
 
 
 _SHAPES: dict[tuple[object, ...], Shape] = {}
@@ -189,7 +256,7 @@ class Flow:
         self.owner = owner
         if owner_bits is None:
             owner_bits = owner_id(owner_kind, owner) << 32
-        digest = hashlib.blake2b(shape.tag + repr(values).encode(), digest_size=4).digest()
+        digest = hashlib.blake2b(shape.tag + values_text(shape, values).encode(), digest_size=4).digest()
         self.cookie = owner_bits | int.from_bytes(digest, "big")
 
     @property
