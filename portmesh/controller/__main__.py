@@ -22,6 +22,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--store", required=True, help="state store remote, e.g. unix:/run/portmesh/lab/store.sock")
     ap.add_argument("--listen", default="tcp:127.0.0.1:6653", help="tcp:IP:PORT or unix:PATH for switches")
     ap.add_argument("--metrics", help="serve Prometheus metrics on ADDR:PORT (e.g. 127.0.0.1:9470)")
+    ap.add_argument("--echo-idle", type=float, default=5.0, metavar="SECONDS",
+                    help="send a switch an echo request after this long without a message from it (0: never)")
+    ap.add_argument("--echo-timeout", type=float, default=5.0, metavar="SECONDS",
+                    help="drop a switch's connection when an echo request gets no answer within this long")
     ap.add_argument("--log-level", default="INFO")
     return ap.parse_args(argv)
 
@@ -31,7 +35,7 @@ async def serve(args: argparse.Namespace) -> None:
     # replica alone was ~200 MB and ~6 s of loading on top of the state itself (store/reader.py).
     store = StateReader(args.store)
     await asyncio.to_thread(store.start)
-    controller = Controller(store, DEFAULT_CONFIG)
+    controller = Controller(store, DEFAULT_CONFIG, echo_idle=args.echo_idle, echo_timeout=args.echo_timeout)
     controller.attach()
     if args.metrics:
         addr, _, port = args.metrics.rpartition(":")
@@ -59,6 +63,8 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.echo_idle < 0 or args.echo_timeout <= 0:
+        raise SystemExit("--echo-idle must be >= 0 and --echo-timeout > 0 (seconds)")
     # A compile allocates hundreds of thousands of small immutable objects that live on; the default
     # generation-0 threshold (700) makes the collector rescan them over and over (~40 % of a 100k compile).
     gc.set_threshold(100_000, 50, 100)

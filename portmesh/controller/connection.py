@@ -4,6 +4,11 @@ Framing is done here (an OpenFlow header carries the message length); decoding
 and encoding are os-ken's. Requests that expect an answer (features, multipart,
 bundle control, barrier) get a future keyed by xid; everything the switch sends
 on its own (packet-in, port-status, errors without a waiter) goes to a handler.
+
+A switch that stops answering (frozen, its host gone, a cable pulled) does not
+close its TCP connection, so :meth:`OpenFlowConnection.keepalive` probes it with
+ECHO_REQUEST after a quiet spell and aborts the connection when nothing comes
+back, which the controller then handles exactly like a TCP error.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import itertools
 import logging
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -85,6 +91,7 @@ class OpenFlowConnection:
         self._cookie_xids: set[int] = set()
         self.datapath_id = 0
         self.peer = str(writer.get_extra_info("peername") or "?")
+        self.last_heard = time.monotonic()  # when the switch last sent a whole message
 
     async def handshake(self) -> int:
         """Exchange HELLO and FEATURES; returns the datapath id."""
@@ -118,13 +125,13 @@ class OpenFlowConnection:
         xid = self.next_xid()
         return await self.request_bytes(serialize(msg, xid), xid)
 
-    async def request_bytes(self, data: bytes, xid: int) -> list[Any]:
+    async def request_bytes(self, data: bytes, xid: int, timeout: float = REPLY_TIMEOUT_S) -> list[Any]:
         """Send pre-encoded bytes carrying ``xid`` and wait for the reply with that xid."""
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._waiters[xid] = future
         self.send(data)
         try:
-            return await asyncio.wait_for(future, REPLY_TIMEOUT_S)
+            return await asyncio.wait_for(future, timeout)
         finally:
             self._waiters.pop(xid, None)
 
@@ -179,6 +186,7 @@ class OpenFlowConnection:
         header = await self._reader.readexactly(HEADER.size)
         version, msg_type, length, xid = HEADER.unpack(header)
         body = await self._reader.readexactly(length - HEADER.size)
+        self.last_heard = time.monotonic()
         if msg_type == ofp.OFPT_MULTIPART_REPLY and xid in self._cookie_xids:
             return flow_cookies(header + body, xid)
         return ofproto_parser.msg(DP, version, msg_type, length, xid, header + body)
@@ -193,11 +201,44 @@ class OpenFlowConnection:
             self._cookie_xids.discard(xid)
         return {cookie for reply in replies for cookie in reply.cookies}
 
-    def close(self) -> None:
+    async def keepalive(self, idle: float, timeout: float) -> None:
+        """Probe a quiet switch; abort the connection when it stays silent.
+
+        After ``idle`` seconds without a message from the switch, send an
+        ECHO_REQUEST; if neither its reply nor anything else arrives within
+        ``timeout`` seconds, the switch is taken for dead: the connection is
+        aborted (not closed: a frozen peer never takes the unsent bytes a close
+        would wait to flush), so the reader sees end-of-file and every waiting
+        request fails, and the controller reports the switch disconnected as it
+        does for a TCP error. Any message counts as a sign of life, so a switch
+        busy sending replies is never probed. Returns only once it has aborted.
+        """
+        while True:
+            quiet = time.monotonic() - self.last_heard
+            if quiet < idle:
+                await asyncio.sleep(idle - quiet)
+                continue
+            xid = self.next_xid()
+            probe = serialize(parser.OFPEchoRequest(DP, data=b"portmesh"), xid)
+            try:
+                await self.request_bytes(probe, xid, timeout)
+            except TimeoutError:
+                if time.monotonic() - self.last_heard < timeout:
+                    continue  # no echo reply, but other messages: alive, just slow to answer
+                log.warning("switch %016x (%s): no reply to an echo request within %g s after %g s of silence; "
+                            "dropping the connection", self.datapath_id, self.peer, timeout, idle)
+                self.close(abort=True)
+                return
+
+    def close(self, abort: bool = False) -> None:
+        """Fail every waiting request and close (or, with ``abort``, drop at once) the transport."""
         for waiter in self._waiters.values():
             if not waiter.done():
                 waiter.set_exception(ConnectionError("switch connection closed"))
-        self._writer.close()
+        if abort:
+            self._writer.transport.abort()
+        else:
+            self._writer.close()
 
 
 def describe_error(msg: Any) -> str:

@@ -53,9 +53,15 @@ class StateSource(Protocol):
 class Controller:
     """Accepts switch connections and keeps every switch equal to the compiled desired state."""
 
-    def __init__(self, store: StateSource, config: NetworkConfig) -> None:
+    def __init__(
+        self, store: StateSource, config: NetworkConfig, echo_idle: float = 5.0, echo_timeout: float = 5.0
+    ) -> None:
         self.store = store
         self.config = config
+        # Switch liveness (OpenFlowConnection.keepalive): probe after echo_idle s of silence, drop the
+        # connection after echo_timeout s more without an answer; echo_idle <= 0 turns probing off.
+        self.echo_idle = echo_idle
+        self.echo_timeout = echo_timeout
         self.cache = EncodingCache()
         self.switches: dict[int, Switch] = {}
         self._dirty = asyncio.Event()
@@ -184,10 +190,13 @@ class Controller:
             self._handlers.add(task)
         switch: Switch | None = None
         serving: asyncio.Task[None] | None = None
+        alive: asyncio.Task[None] | None = None
         try:
             dpid = await conn.handshake()
             switch = Switch(conn, self.cache)
             serving = asyncio.create_task(conn.serve(self._handler(switch)))
+            if self.echo_idle > 0:
+                alive = asyncio.create_task(conn.keepalive(self.echo_idle, self.echo_timeout))
             await switch.read_ports()
             await switch.read_installed()
             old = self.switches.get(dpid)
@@ -203,6 +212,8 @@ class Controller:
         finally:
             if serving is not None:
                 serving.cancel()
+            if alive is not None:
+                alive.cancel()
             conn.close()
             if switch is not None and self.switches.get(switch.datapath_id) is switch:
                 del self.switches[switch.datapath_id]
