@@ -1,10 +1,13 @@
 """What the API does, apart from HTTP: validate against a snapshot, write, wait for convergence.
 
-Writes are serialised by one asyncio lock: each takes a fresh snapshot, validates
-the request against it with the model's pure checks, and only then writes, so two
-concurrent requests can never both pass validation for the same port or name.
-The store's index constraints remain the last line of defence against writers
-outside this process (they surface as :class:`Conflict`, i.e. 409).
+Writes other than a container's creation are serialised by one asyncio lock: each
+takes a fresh snapshot, validates the request against it with the model's pure checks,
+and only then writes, so two concurrent requests can never both pass validation for
+the same port or name. The store's index constraints remain the last line of defence
+against writers outside this process (they surface as :class:`Conflict`, i.e. 409).
+A creation takes no lock: its port block is kept unique by the store's ``Block``
+index, whatever the number of API instances, and a lost race is retried with the
+next block (:meth:`Service.add_container`).
 
 The store client is synchronous (its IDL runs in its own thread); every call goes
 through :func:`asyncio.to_thread` so the event loop never blocks on it.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import random
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 from typing import Protocol, TypeVar
@@ -29,6 +33,7 @@ from portmesh.api.schemas import (
     MappingIn,
     StatusOut,
 )
+from portmesh.model.blocks import CLAIM_ATTEMPTS, CLAIM_SPREAD, BlockTaken, allocate_block
 from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import (
     Container,
@@ -38,6 +43,7 @@ from portmesh.model.entities import (
     HostStatus,
     Mapping,
     MappingKey,
+    PortBlock,
     RunState,
 )
 from portmesh.model.errors import Conflict, InvalidInput, ModelError, NotFound
@@ -195,8 +201,17 @@ def container_view(store: StoreAPI, state: DesiredState, c: Container) -> Contai
     )
 
 
-def plan_container(state: DesiredState, config: NetworkConfig, body: ContainerIn) -> tuple[Container, list[Mapping]]:
+def plan_container(
+    state: DesiredState,
+    config: NetworkConfig,
+    body: ContainerIn,
+    refused: frozenset[PortBlock] = frozenset(),
+    nth: int = 0,
+) -> tuple[Container, list[Mapping]]:
     """The container and its ``ips x ports`` mappings, checked against ``state`` as one unit.
+
+    ``refused``: blocks the store just refused (claimed by another writer), never chosen;
+    ``nth``: take the nth free block rather than the lowest (a retry's spread, :func:`allocate_block`).
 
     A missing name is generated (Docker's ``adjective_surname``, never the command's first word);
     a missing host is chosen by :func:`choose_host` (fewest containers, ties by name).
@@ -224,6 +239,8 @@ def plan_container(state: DesiredState, config: NetworkConfig, body: ContainerIn
         restart=parse_restart(body.restart),
         stop_timeout=parse_stop_timeout(body.stop_timeout),
     )
+    if container.block in refused or nth:
+        container = dataclasses.replace(container, block=allocate_block(state, config, ips, refused, nth))
     # Check each mapping against a state that already holds the container and the
     # mappings before it, exactly as the store will hold them after the transaction.
     pending = dataclasses.replace(
@@ -289,6 +306,7 @@ class Service:
         self.config = config
         self.wait_timeout = wait_timeout
         self.write_lock = asyncio.Lock()
+        self._claiming: set[tuple[PortBlock, str]] = set()  # (block, IP) of this loop's creates in flight
         self._changed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -356,10 +374,35 @@ class Service:
             return await self.call(self.store.add_host, host), host
 
     async def add_container(self, body: ContainerIn) -> tuple[int, Container, list[Mapping]]:
-        async with self.write_lock:
-            container, mappings = plan_container(await self.snapshot(), self.config, body)
-            generation = await self.call(self.store.add_container, container, mappings)
+        """Plan and write a container; if its port block was claimed meanwhile, plan again without it.
+
+        No lock: the store's ``Block`` index keeps a block to one container per IP across every
+        API instance, and refuses a lost race with :class:`BlockTaken`. After
+        :data:`CLAIM_ATTEMPTS` lost races the answer is a 409 naming ``ips``.
+        """
+        refused: set[PortBlock] = set()
+        for attempt in range(CLAIM_ATTEMPTS):
+            state = await self.snapshot()
+            # Blocks this instance is committing right now are skipped, so its own concurrent
+            # creates do not race each other (a mere set: the index is what guarantees uniqueness).
+            busy = {block for block, ip in self._claiming if ip in body.ips}
+            # A retry spreads out at random: writers that all took the next lowest block collided again.
+            nth = random.randrange(CLAIM_SPREAD * attempt) if attempt else 0
+            container, mappings = plan_container(state, self.config, body, frozenset(refused | busy), nth)
+            mine = {(container.block, str(ip)) for ip in container.ips}
+            self._claiming |= mine
+            try:
+                generation = await self.call(self.store.add_container, container, mappings)
+            except BlockTaken:
+                refused.add(container.block)
+                continue
+            finally:
+                self._claiming -= mine
             return generation, container, mappings
+        raise Conflict(
+            "ips",
+            f"port blocks claimed concurrently by other writers {CLAIM_ATTEMPTS} times in a row; try again",
+        )
 
     async def create_container(
         self, body: ContainerIn, wait: bool, timeout: float | None = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
+from portmesh.model.blocks import BlockTaken
 from portmesh.model.entities import (
     Container,
     ContainerStatus,
@@ -123,7 +124,11 @@ class Store(Engine):
         return self._write(build)
 
     def add_container(self, c: Container, mappings: Sequence[Mapping] = ()) -> int:
-        """Add a container (desired to run) and its mappings in one transaction."""
+        """Add a container (desired to run), its port-block claims and its mappings in one transaction.
+
+        :class:`BlockTaken` if its block is claimed on one of its IPs, also when another writer
+        commits that claim first: the ``Block`` table's index refuses the second commit.
+        """
 
         def build(txn: Txn) -> bool:
             if c.name in self._mirror.container_rows:
@@ -140,12 +145,17 @@ class Store(Engine):
                     raise Conflict("port", f"{m.key} is listed twice")
                 keys.add(m.key)
                 self._insert_mapping(txn, m)
+            for claim in R.block_claims(c):  # the index refuses a taken one anyway; this saves the round trip
+                holder = self._mirror.claims.get(claim)
+                if holder is not None:
+                    raise BlockTaken("ips", f"port block {c.block.start}/{c.block.size} on {claim[0]} belongs to {holder!r}")
+                R.fill_block_row(txn.insert(self._idl.tables["Block"]), claim, c.name)
             return True
 
         return self._write(build)
 
     def remove_container(self, name: str, if_exists: bool = False) -> int:
-        """Remove a container and every mapping that points at it, in one transaction."""
+        """Remove a container, its port-block claims and every mapping that points at it, in one transaction."""
 
         def build(txn: Txn) -> bool:
             row = self._container_row(name)
@@ -155,6 +165,10 @@ class Store(Engine):
                 raise NotFound("name", f"container {name!r} does not exist")
             for key in self._mirror.mappings_of.get(name, ()):
                 self._row("Mapping", self._mirror.mapping_rows[key]).delete()
+            for claim_uuid in self._mirror.claim_rows_of.get(name, ()):
+                claim_row = self._row("Block", claim_uuid)
+                if claim_row is not None:
+                    claim_row.delete()
             row.delete()
             return True
 

@@ -78,6 +78,10 @@ class Mirror:
         self.mapping_rows: dict[MappingKey, UUID] = {}
         # container name -> keys of the mappings that point at it (remove_container)
         self.mappings_of: dict[str, set[MappingKey]] = {}
+        # Block table: (public IP, block start) -> container claiming it, and each container's claim rows
+        self.claims: dict[tuple[str, int], str] = {}
+        self.claim_rows_of: dict[str, set[UUID]] = {}
+        self._claim_of: dict[UUID, tuple[tuple[str, int], str]] = {}
         # row UUID -> name/key, because a deleted row is known by its UUID
         self._host_of: dict[UUID, str] = {}
         self._container_of: dict[UUID, str] = {}
@@ -101,6 +105,10 @@ class Mirror:
             self._drop_container(row_uuid)
             if columns is not None:
                 self._put_container(row_uuid, columns)
+        elif table == "Block":
+            self._drop_claim(row_uuid)
+            if columns is not None:
+                self._put_claim(row_uuid, columns)
         elif table == "Host":
             self._drop_host(row_uuid)
             if columns is not None:
@@ -148,6 +156,25 @@ class Mirror:
         name = self._container_of.pop(row_uuid, None)
         if name is not None and self.container_rows.get(name) == row_uuid:
             del self.containers[name], self.container_rows[name]
+
+    def _put_claim(self, row_uuid: UUID, columns: R.Row) -> None:
+        claim, container = (str(columns.public_ip), int(columns.block_start)), str(columns.container)
+        self.claims[claim] = container
+        self.claim_rows_of.setdefault(container, set()).add(row_uuid)
+        self._claim_of[row_uuid] = (claim, container)
+
+    def _drop_claim(self, row_uuid: UUID) -> None:
+        found = self._claim_of.pop(row_uuid, None)
+        if found is None:
+            return
+        claim, container = found
+        if self.claims.get(claim) == container:
+            del self.claims[claim]
+        rows = self.claim_rows_of.get(container)
+        if rows is not None:
+            rows.discard(row_uuid)
+            if not rows:
+                del self.claim_rows_of[container]
 
     def _put_mapping(self, row_uuid: UUID, columns: R.Row) -> None:
         m = R.mapping_from_row(columns)

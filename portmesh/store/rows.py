@@ -14,6 +14,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+from portmesh.model.blocks import BlockTaken
 from portmesh.model.entities import (
     DEFAULT_STOP_TIMEOUT,
     Container,
@@ -176,6 +177,22 @@ def fill_container_status(row: Row, status: ContainerStatus) -> None:
     row.runtime = status.runtime
 
 
+def block_claims(c: Container) -> list[tuple[str, int]]:
+    """The (public IP, block start) pairs a container claims in the ``Block`` table, one per IP.
+
+    The table's unique index on them is what keeps a block to one container per IP
+    whatever number of writers: ovsdb-server refuses the second claim. It keys on the
+    start only, so it assumes one ``block_size`` for the whole network (as the allocator does).
+    """
+    return [(str(ip), c.block.start) for ip in c.ips]
+
+
+def fill_block_row(row: Row, claim: tuple[str, int], container: str) -> None:
+    """Write one claim."""
+    row.public_ip, row.block_start = claim
+    row.container = container
+
+
 def fill_mapping_row(row: Row, m: Mapping) -> None:
     """Write a mapping."""
     row.public_ip = str(m.public_ip)
@@ -191,6 +208,7 @@ _INDEX_FIELDS: dict[tuple[str, str], tuple[str, str]] = {
     ("Container", "name"): ("name", "a container with this name already exists"),
     ("Container", "mac"): ("mac", "another container already has this MAC"),
     ("Mapping", "public_ip"): ("port", "this (public_ip, proto, port) is already mapped"),
+    ("Block", "public_ip"): ("ips", "another container claimed this port block on one of these IPs meanwhile"),
 }
 
 _INDEX_RE = re.compile(r'rows in "(?P<table>\w+)" table .* for index on columns? "(?P<column>\w+)"')
@@ -220,4 +238,4 @@ def error_from_commit(error: str) -> ModelError | None:
     field, reason = _INDEX_FIELDS.get(
         (match.group("table"), match.group("column")), (match.group("column"), "value already in use")
     )
-    return Conflict(field, reason)
+    return BlockTaken(field, reason) if match.group("table") == "Block" else Conflict(field, reason)

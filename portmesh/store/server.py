@@ -7,11 +7,13 @@ PID it was given back, never by name, so nothing else on the machine is touched.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from portmesh.store.rows import schema_path
 
@@ -32,7 +34,8 @@ def upgrade_db(db: Path | str, schema: Path | str | None = None) -> bool:
     """Convert a standalone ``db`` made with an older Portmesh schema, in place; True if it was converted.
 
     A schema that gains a column (1.2.0: ``Host.switch_waiting``) would otherwise make every
-    write naming that column fail against a database kept from before the upgrade.
+    write naming that column fail against a database kept from before the upgrade; one that
+    gains the ``Block`` table (1.3.0) needs the existing containers' blocks claimed in it.
     ``ovsdb-tool convert`` keeps every row; a clustered database is left alone (it is
     converted online with ``ovsdb-client convert``).
     """
@@ -41,7 +44,54 @@ def upgrade_db(db: Path | str, schema: Path | str | None = None) -> bool:
     if check.returncode != 0 or check.stdout.strip() != "yes":
         return False
     subprocess.run(["ovsdb-tool", "convert", str(db), schema], check=True, capture_output=True, text=True)
+    claim_blocks(db)
     return True
+
+
+def _ovsdb_set(value: Any) -> list[Any]:
+    """An OVSDB set in JSON: a bare atom for one element, ``["set", [...]]`` otherwise."""
+    if isinstance(value, list) and len(value) == 2 and value[0] == "set":
+        return list(value[1])
+    return [value]
+
+
+def claim_blocks(db: Path | str) -> int:
+    """Claim in the ``Block`` table the port block of every container that has no claim yet (offline,
+    on a standalone ``db``); return how many claims were written.
+
+    A database kept from before schema 1.3.0 holds containers but no claims; without them a new
+    container could be given a block already in use. Should such a database hold the same block
+    twice on one IP (the race the index now closes), the first container by name keeps the claim.
+    """
+    select = [
+        "Portmesh",
+        {"op": "select", "table": "Container", "where": [], "columns": ["name", "ips", "block_start"]},
+        {"op": "select", "table": "Block", "where": [], "columns": ["public_ip", "block_start"]},
+    ]
+    out = subprocess.run(
+        ["ovsdb-tool", "query", str(db), json.dumps(select)], check=True, capture_output=True, text=True
+    ).stdout
+    containers, claims = (reply["rows"] for reply in json.loads(out))
+    claimed = {(row["public_ip"], row["block_start"]) for row in claims}
+    inserts: list[dict[str, Any]] = []
+    for row in sorted(containers, key=lambda r: str(r["name"])):
+        for ip in _ovsdb_set(row["ips"]):
+            claim = (ip, row["block_start"])
+            if claim not in claimed:
+                claimed.add(claim)
+                inserts.append(
+                    {"op": "insert", "table": "Block",
+                     "row": {"public_ip": ip, "block_start": row["block_start"], "container": row["name"]}}
+                )
+    if inserts:
+        result = subprocess.run(
+            ["ovsdb-tool", "transact", str(db), json.dumps(["Portmesh", *inserts])],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        failed = [reply for reply in json.loads(result) if isinstance(reply, dict) and "error" in reply]
+        if failed:
+            raise RuntimeError(f"claiming the port blocks of {db} failed: {failed[0]}")
+    return len(inserts)
 
 
 def server_command(

@@ -1,0 +1,111 @@
+"""Port-block allocation: the pure choice (``exclude``), the store error that says a block was taken
+meanwhile, and the API's bounded retry with the refused block left out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from ipaddress import IPv4Address
+
+import pytest
+
+from portmesh.api.schemas import ContainerIn
+from portmesh.api.service import Service
+from portmesh.model.blocks import CLAIM_ATTEMPTS, BlockTaken, allocate_block, candidate_blocks
+from portmesh.model.config import NetworkConfig
+from portmesh.model.entities import Container, DesiredState, Host, Mapping, PortBlock
+from portmesh.model.errors import Conflict
+from portmesh.store import rows as R
+from tests.unit.fakes import FakeStore
+
+CONFIG = NetworkConfig()
+IP = IPv4Address("203.0.113.10")
+
+
+def test_lowest_free_block_and_exclude_skips_refused_blocks() -> None:
+    first, second, third = candidate_blocks(CONFIG)[:3]
+    assert allocate_block(DesiredState(), CONFIG, [IP]) == first  # positive control
+    assert allocate_block(DesiredState(), CONFIG, [IP], frozenset({first})) == second
+    assert allocate_block(DesiredState(), CONFIG, [IP], frozenset({first, second})) == third
+
+
+def test_nth_free_block_spreads_retries_and_clamps_to_the_last() -> None:
+    blocks = candidate_blocks(CONFIG)
+    assert allocate_block(DesiredState(), CONFIG, [IP], frozenset({blocks[1]}), nth=1) == blocks[2]
+    assert allocate_block(DesiredState(), CONFIG, [IP], nth=10**6) == blocks[-1]
+
+
+def test_exclude_of_every_block_is_a_conflict_naming_ips() -> None:
+    with pytest.raises(Conflict) as err:
+        allocate_block(DesiredState(), CONFIG, [IP], frozenset(candidate_blocks(CONFIG)))
+    assert err.value.field == "ips"
+
+
+def test_block_index_violation_is_block_taken() -> None:
+    details = (
+        'Transaction causes multiple rows in "Block" table to have identical values '
+        '("203.0.113.10" and 32768) for index on columns "public_ip" and "block_start".'
+    )
+    err = R.error_from_commit(json.dumps({"error": "constraint violation", "details": details}))
+    assert isinstance(err, BlockTaken) and err.field == "ips"
+    other = R.error_from_commit(json.dumps({"error": "constraint violation", "details": details.replace("Block", "Host")}))
+    assert isinstance(other, Conflict) and not isinstance(other, BlockTaken)  # control: other tables unchanged
+
+
+def test_block_claims_one_per_ip() -> None:
+    c = Container("c", "h1", "02:00:00:00:00:01", (IP, IPv4Address("203.0.113.11")), PortBlock(33792, 1024))
+    assert R.block_claims(c) == [("203.0.113.10", 33792), ("203.0.113.11", 33792)]
+
+
+class RacingStore(FakeStore):
+    """Refuses the first ``lose`` creates as if another writer had claimed their block first."""
+
+    def __init__(self, lose: int) -> None:
+        super().__init__()
+        self.lose = lose
+        self.tried: list[PortBlock] = []
+
+    def add_container(self, c: Container, mappings: Sequence[Mapping] = ()) -> int:
+        self.tried.append(c.block)
+        if len(self.tried) <= self.lose:
+            raise BlockTaken("ips", "claimed meanwhile")
+        return super().add_container(c, mappings)
+
+
+def service(lose: int) -> tuple[Service, RacingStore]:
+    store = RacingStore(lose)
+    store.add_host(Host("h1", 1))
+    return Service(store, CONFIG), store
+
+
+def test_a_lost_race_retries_with_another_block() -> None:
+    svc, store = service(lose=2)
+    _, container, _ = asyncio.run(svc.add_container(ContainerIn(name="c1", host="h1", ips=[str(IP)])))
+    assert store.tried[0] == candidate_blocks(CONFIG)[0]  # the first try is the lowest free block
+    assert len(set(store.tried)) == 3  # each retry skipped the blocks refused before
+    assert container.block == store.tried[2]
+    assert store.snapshot().containers["c1"].block == store.tried[2]
+
+
+def test_retries_are_bounded_then_409_naming_ips() -> None:
+    svc, store = service(lose=CLAIM_ATTEMPTS)
+    with pytest.raises(Conflict) as err:
+        asyncio.run(svc.add_container(ContainerIn(name="c1", host="h1", ips=[str(IP)])))
+    assert err.value.field == "ips" and not isinstance(err.value, BlockTaken)
+    assert len(store.tried) == CLAIM_ATTEMPTS and len(set(store.tried)) == CLAIM_ATTEMPTS
+    assert "c1" not in store.snapshot().containers  # nothing changed
+    assert not svc._claiming  # no in-flight block left behind
+
+
+def test_concurrent_creates_in_one_instance_get_distinct_blocks_without_a_lock() -> None:
+    svc, _store = service(lose=0)
+
+    async def many() -> list[Container]:
+        made = await asyncio.gather(
+            *(svc.add_container(ContainerIn(name=f"c{i}", host="h1", ips=[str(IP)])) for i in range(10))
+        )
+        return [c for _, c, _ in made]
+
+    containers = asyncio.run(many())
+    assert len({c.block for c in containers}) == 10
