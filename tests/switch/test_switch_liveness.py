@@ -13,9 +13,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import struct
 import time
 from pathlib import Path
 
+import pytest
+
+from portmesh.controller.connection import OpenFlowConnection
 from portmesh.controller.service import Controller
 from portmesh.lab.dummy_ovs import DummyOVS
 from portmesh.model.config import DEFAULT_CONFIG
@@ -39,7 +44,7 @@ class ProbingControllerThread(ControllerThread):
 
 def _vswitchd_pid(ovs: DummyOVS) -> int:
     """The PID of the ovs-vswitchd this test's fixture started (never one found by name)."""
-    procs = [p for p in ovs.procs if "ovs-vswitchd" in str(p.args[0])]
+    procs = [p for p in ovs.procs if isinstance(p.args, list) and p.args[0] == "ovs-vswitchd"]
     assert len(procs) == 1 and procs[0].poll() is None, ovs.procs
     return procs[0].pid
 
@@ -94,3 +99,56 @@ def test_frozen_switch_is_reported_disconnected_and_resyncs_with_no_flow_mods(
 async def _switch_count(controller: Controller) -> int:
     """How many switches the controller holds, read on its own loop."""
     return len(controller.switches)
+
+
+async def _pair() -> tuple[OpenFlowConnection, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A controller-side connection and the raw other end (the "switch"), over a socketpair."""
+    ours, theirs = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=ours)
+    peer_reader, peer_writer = await asyncio.open_connection(sock=theirs)
+    return OpenFlowConnection(reader, writer), peer_reader, peer_writer
+
+
+async def _ignore(msg: object) -> None:
+    del msg
+
+
+def test_silent_peer_is_dropped_by_keepalive() -> None:
+    async def run() -> float:
+        conn, _peer_reader, peer_writer = await _pair()
+        serving = asyncio.create_task(conn.serve(_ignore))
+        start = time.monotonic()
+        await asyncio.wait_for(conn.keepalive(0.2, 0.2), 5)
+        with pytest.raises(asyncio.IncompleteReadError):
+            await asyncio.wait_for(serving, 5)  # the abort ends the reader too, as a TCP error would
+        peer_writer.close()
+        return time.monotonic() - start
+
+    took = asyncio.run(run())
+    assert 0.35 <= took < 2.0, took
+
+
+def test_peer_that_talks_but_never_answers_echo_is_kept() -> None:
+    """Any message is a sign of life: a switch busy sending (but slow to echo) is not dropped."""
+
+    async def run() -> bool:
+        conn, _peer_reader, peer_writer = await _pair()
+        serving = asyncio.create_task(conn.serve(_ignore))
+        alive = asyncio.create_task(conn.keepalive(0.2, 0.2))
+
+        async def chatter() -> None:
+            for xid in range(1, 100):
+                peer_writer.write(struct.pack("!BBHI", 4, 0, 8, xid))  # OFPT_HELLO: not an echo reply
+                await asyncio.sleep(0.05)
+
+        talking = asyncio.create_task(chatter())
+        await asyncio.sleep(1.5)  # the observation window: several idle+timeout spans
+        kept = not alive.done() and not serving.done()
+        for task in (talking, alive, serving):
+            task.cancel()
+        await asyncio.gather(talking, alive, serving, return_exceptions=True)
+        conn.close()
+        peer_writer.close()
+        return kept
+
+    assert asyncio.run(run())
