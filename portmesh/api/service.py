@@ -239,6 +239,9 @@ def plan_container(
         restart=parse_restart(body.restart),
         stop_timeout=parse_stop_timeout(body.stop_timeout),
     )
+    # Never a block holding one of the container's own ports (new_mapping refuses that): choose past it.
+    size = config.block_size
+    refused = refused | {PortBlock(port - port % size, size) for port, _ in ports}
     if container.block in refused or nth:
         container = dataclasses.replace(container, block=allocate_block(state, config, ips, refused, nth))
     # Check each mapping against a state that already holds the container and the
@@ -307,6 +310,7 @@ class Service:
         self.wait_timeout = wait_timeout
         self.write_lock = asyncio.Lock()
         self._claiming: set[tuple[PortBlock, str]] = set()  # (block, IP) of this loop's creates in flight
+        self._mapping: set[tuple[str, int]] = set()  # (IP, port) of this loop's add_mapping in flight
         self._changed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -386,6 +390,8 @@ class Service:
             # Blocks this instance is committing right now are skipped, so its own concurrent
             # creates do not race each other (a mere set: the index is what guarantees uniqueness).
             busy = {block for block, ip in self._claiming if ip in body.ips}
+            size = self.config.block_size  # and the blocks of ports this instance is mapping right now
+            busy |= {PortBlock(port - port % size, size) for ip, port in self._mapping if ip in body.ips}
             # A retry spreads out at random: writers that all took the next lowest block collided again.
             nth = random.randrange(CLAIM_SPREAD * attempt) if attempt else 0
             container, mappings = plan_container(state, self.config, body, frozenset(refused | busy), nth)
@@ -463,7 +469,16 @@ class Service:
             if existing is not None and existing.container == body.container:
                 return state.generation, existing, False
             mapping = new_mapping(state, key, body.container)
-            return await self.call(self.store.add_mapping, mapping), mapping, True
+            # A create takes no lock: one in flight may be claiming the block this port lies in.
+            for block, ip in self._claiming:
+                if ip == str(key.public_ip) and key.port in block:
+                    raise Conflict("port", f"{key.port} lies in ephemeral block {block} being given to a new container")
+            entry = (str(key.public_ip), key.port)
+            self._mapping.add(entry)
+            try:
+                return await self.call(self.store.add_mapping, mapping), mapping, True
+            finally:
+                self._mapping.discard(entry)
 
     async def remove_mapping(self, public_ip: str, proto: str, port: int | str) -> int:
         async with self.write_lock:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Sequence
 from ipaddress import IPv4Address
 
 import pytest
 
-from portmesh.api.schemas import ContainerIn
+from portmesh.api.schemas import ContainerIn, MappingIn, PortIn
 from portmesh.api.service import Service
 from portmesh.model.blocks import CLAIM_ATTEMPTS, BlockTaken, allocate_block, candidate_blocks
 from portmesh.model.config import NetworkConfig
@@ -109,3 +110,86 @@ def test_concurrent_creates_in_one_instance_get_distinct_blocks_without_a_lock()
 
     containers = asyncio.run(many())
     assert len({c.block for c in containers}) == 10
+
+
+def test_a_create_never_takes_a_block_holding_its_own_mapped_port() -> None:
+    svc, _store = service(lose=0)
+    blocks = candidate_blocks(CONFIG)
+    body = ContainerIn(name="c1", host="h1", ips=[str(IP)], ports=[PortIn(port=blocks[0].start + 5)])
+    _, container, mappings = asyncio.run(svc.add_container(body))
+    assert container.block == blocks[1] and [m.port for m in mappings] == [blocks[0].start + 5]
+    _, plain, _ = asyncio.run(svc.add_container(ContainerIn(name="c2", host="h1", ips=["203.0.113.11"])))
+    assert plain.block == blocks[0]  # control: without the port the lowest block is given
+
+
+class SlowStore(FakeStore):
+    """Holds every add_container and add_mapping until released, so the test can act while one is in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.container_entered = threading.Event()
+
+    def add_container(self, c: Container, mappings: Sequence[Mapping] = ()) -> int:
+        self.entered.set()
+        self.container_entered.set()
+        self.release.wait(10)
+        return super().add_container(c, mappings)
+
+    def add_mapping(self, m: Mapping) -> int:
+        self.entered.set()
+        self.release.wait(10)
+        return super().add_mapping(m)
+
+
+def test_a_mapping_into_a_block_a_create_is_claiming_is_refused() -> None:
+    store = SlowStore()
+    store.add_host(Host("h1", 1))
+    store.release.set()
+    store.add_container(Container("old", "h1", "02:00:00:00:00:09", (IP,), candidate_blocks(CONFIG)[5]))
+    store.release.clear()
+    svc = Service(store, CONFIG)
+    first = candidate_blocks(CONFIG)[0]
+
+    async def race() -> tuple[Exception | None, Mapping]:
+        create = asyncio.create_task(svc.add_container(ContainerIn(name="c1", host="h1", ips=[str(IP)])))
+        await asyncio.to_thread(store.entered.wait, 10)
+        refused: Exception | None = None
+        try:
+            await svc.add_mapping(MappingIn(public_ip=str(IP), port=first.start + 1, container="old"))
+        except Conflict as exc:
+            refused = exc
+        outside = MappingIn(public_ip=str(IP), port=80, container="old")  # control: a port outside the block
+        store.release.set()
+        _, ok, _ = await svc.add_mapping(outside)
+        await create
+        return refused, ok
+
+    refused, ok = asyncio.run(race())
+    assert isinstance(refused, Conflict) and refused.field == "port"
+    assert ok.port == 80
+
+
+def test_a_create_skips_the_block_of_a_port_being_mapped() -> None:
+    store = SlowStore()
+    store.add_host(Host("h1", 1))
+    store.release.set()
+    store.add_container(Container("old", "h1", "02:00:00:00:00:09", (IP,), candidate_blocks(CONFIG)[5]))
+    store.release.clear()
+    store.entered.clear()
+    svc = Service(store, CONFIG)
+    first = candidate_blocks(CONFIG)[0]
+
+    async def race() -> Container:
+        mapping = asyncio.create_task(svc.add_mapping(MappingIn(public_ip=str(IP), port=first.start + 1, container="old")))
+        await asyncio.to_thread(store.entered.wait, 10)
+        store.container_entered.clear()
+        create = asyncio.create_task(svc.add_container(ContainerIn(name="c1", host="h1", ips=[str(IP)])))
+        await asyncio.to_thread(store.container_entered.wait, 10)  # planned while the mapping is in flight
+        assert not mapping.done()
+        store.release.set()
+        await mapping
+        _, c, _ = await create
+        return c
+
+    assert asyncio.run(race()).block == candidate_blocks(CONFIG)[1]
