@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -343,3 +345,119 @@ def host_ports() -> set[str]:
     """Container ports (host ends of container veths) present in this namespace."""
     with IPRoute() as ipr:
         return {str(m.get("ifname")) for m in ipr.link("dump") if is_container_port(str(m.get("ifname")))}
+
+
+# -- drift: read-only checks of what plumb_container built ----------------------------
+#
+# The agent's full pass asks these which plumbed containers drifted (a route, address or
+# rule deleted behind its back) and re-plumbs only those. Opening a netlink socket into a
+# namespace through pyroute2's ``IPRoute(netns=...)`` costs ~7 ms (a helper process);
+# one thread that enters each namespace in turn (setns) and opens a plain socket there
+# reads a namespace in ~2 ms, and nothing else of the agent moves.
+
+
+@dataclass(frozen=True)
+class NsView:
+    """One namespace's links, IPv4 addresses, routes and rules, as read at once."""
+
+    links: dict[str, tuple[int, int, str, int, int | None]]  # name -> (index, flags, mac, mtu, peer index)
+    addrs: set[tuple[int, str, int]]  # (index, address, prefixlen)
+    routes: set[tuple[int, str, int, int, int | None, str | None]]  # (table, dst, dst_len, type, oif, gateway)
+    rules: set[tuple[int | None, str | None, int | None]]  # (priority, iifname, table)
+
+
+def _view(ipr: IPRoute) -> NsView:
+    links = {
+        str(m.get("ifname")): (
+            int(m["index"]), int(m["flags"]), str(m.get("address")).lower(), int(m.get("mtu") or 0), m.get("link")
+        )
+        for m in ipr.link("dump")
+    }
+    addrs = {
+        (int(m["index"]), str(m.get("address")), int(m["prefixlen"])) for m in ipr.addr("dump") if m["family"] == socket.AF_INET
+    }
+    routes = {
+        (int(r.get("table") or 0), str(r.get("dst") or "0.0.0.0"), int(r["dst_len"]), int(r["type"]),
+         r.get("oif"), r.get("gateway"))
+        for r in ipr.route("dump", family=socket.AF_INET)
+    }
+    rules = {(r.get("priority"), r.get("iifname"), r.get("table")) for r in ipr.rule("dump", family=socket.AF_INET)}
+    return NsView(links, addrs, routes, rules)
+
+
+def host_view() -> NsView:
+    """The host namespace's view (container veths' host ends, their state and peers)."""
+    with IPRoute() as ipr:
+        return _view(ipr)
+
+
+def read_namespaces(netnses: Iterable[str], budget: float | None = None) -> dict[str, NsView | Exception]:
+    """Read each namespace in order, in one short-lived thread that enters them in turn.
+
+    Stops once ``budget`` seconds are spent (the caller resumes from there next time);
+    a namespace that cannot be read maps to its exception.
+    """
+    out: dict[str, NsView | Exception] = {}
+
+    def work() -> None:
+        deadline = None if budget is None else time.monotonic() + budget
+        for netns in netnses:
+            if deadline is not None and out and time.monotonic() > deadline:
+                return
+            try:
+                with open(netns_path(netns), "rb") as ns:
+                    pr_netns.setns(ns.fileno(), flags=0)
+                with IPRoute() as ipr:
+                    out[netns] = _view(ipr)
+            except Exception as exc:
+                out[netns] = exc
+
+    thread = threading.Thread(target=work, name="drift-read")
+    thread.start()
+    thread.join()
+    return out
+
+
+def container_drift(container: Container, config: NetworkConfig, host: NsView, inside: NsView) -> list[str]:
+    """What differs from what :func:`plumb_container` builds (sysctls aside); empty when nothing does."""
+    host_if = host.links.get(container.port_name)
+    if host_if is None:
+        return [f"veth {container.port_name} is missing"]
+    eth = inside.links.get(CONTAINER_IF)
+    if eth is None:
+        return [f"{CONTAINER_IF} is missing"]
+    problems: list[str] = []
+    if host_if[4] != eth[0] or eth[4] != host_if[0]:
+        problems.append(f"{container.port_name} does not pair with {CONTAINER_IF}")
+    if not host_if[1] & IFF_UP:
+        problems.append(f"{container.port_name} is down")
+    lo = inside.links.get("lo")
+    if lo is not None and not lo[1] & IFF_UP:
+        problems.append("lo is down")
+    index, flags, mac, mtu, _ = eth
+    if mac != container.mac.lower():
+        problems.append(f"MAC {mac}")
+    if mtu != config.container_mtu:
+        problems.append(f"MTU {mtu}")
+    if not flags & IFF_UP:
+        problems.append(f"{CONTAINER_IF} is down")
+    wanted = {(index, str(ip), 32) for ip in container.ips}
+    have = {a for a in inside.addrs if a[0] == index}
+    if have != wanted:
+        problems.append(f"addresses {sorted(a[1:] for a in have)}")
+    gw = str(config.gateway_ip)
+    needed = {(TABLE_MAIN, gw, 32, RTN_UNICAST, index, None), (TABLE_MAIN, "0.0.0.0", 0, RTN_UNICAST, index, gw)}
+    needed |= {(LOCAL_COPY_TABLE, str(ip), 32, RTN_LOCAL, index, None) for ip in container.ips}
+    for route in sorted(needed - inside.routes, key=str):
+        problems.append(f"route {route[1]}/{route[2]} table {route[0]} is missing")
+    ips = {str(ip) for ip in container.ips}
+    if any(r[0] == TABLE_LOCAL and r[3] == RTN_LOCAL and r[2] == 32 and r[1] in ips for r in inside.routes):
+        problems.append("a public IP's local route is back in table local")
+    if (RULE_PREF, CONTAINER_IF, LOCAL_COPY_TABLE) not in inside.rules:
+        problems.append("the policy rule is missing")
+    return problems
+
+
+def isolated_chains() -> set[str] | None:
+    """Container ports with their isolation chain, or None where none are needed (kernel datapath)."""
+    return isolation.isolated_ports() if isolation.needed() else None

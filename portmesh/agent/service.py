@@ -12,7 +12,8 @@ processes it finds (the runtime recorded their PIDs) and disturbs no traffic.
 A pass converges only the containers whose desired state (the Container row and
 its desired run state) changed since they last settled; every
 ``recheck_interval`` one full pass re-checks them all (processes that died,
-plumbing changed behind our back) and sweeps orphan ports. Before, every store
+plumbing changed behind our back: see _find_drift, and the host gateway) and sweeps
+orphan ports. Before, every store
 change -- including the agent's own status reports -- re-converged every
 container (runtime records rewritten, namespaces listed, the bridge's ports read
 per container), so bringing up N containers cost O(N^2): at 1,000 containers,
@@ -51,7 +52,8 @@ class AgentConfig:
     controller: str
     netns_prefix: str
     network: NetworkConfig
-    recheck_interval: float = 5.0  # seconds between process-liveness checks
+    recheck_interval: float = 5.0  # seconds between full passes (processes, plumbing drift, host gateway)
+    drift_budget: float = 0.1  # share of recheck_interval a full pass may spend reading plumbing for drift
     retry_interval: float = 2.0  # after a failed convergence
 
 
@@ -74,6 +76,7 @@ class Agent:
         self._settled: dict[str, tuple[Container, bool]] = {}
         self._next_full = 0.0  # monotonic time of the next full pass
         self._bridge_ok: BridgeSpec | None = None
+        self._drift_cursor = 0  # where the next drift check resumes (see _find_drift)
         self._loop: asyncio.AbstractEventLoop | None = None
         # Containers this pass started (with when): looked at again before the generation is reported.
         self._fresh: list[tuple[Container, float]] = []
@@ -117,14 +120,16 @@ class Agent:
             log.info("host %s is not registered in the store yet", self.cfg.host)
             return True
         spec = BridgeSpec(host.datapath_id, self.cfg.network.gateway_mac, self.cfg.controller)
-        if self._bridge_ok != spec:
+        full = time.monotonic() >= self._next_full
+        # Both read first (the bridge from the IDL's memory, the gateway with two netlink dumps), so a
+        # full pass re-checks them too: a deleted gateway address or pool route is put back.
+        if self._bridge_ok != spec or full:
             if self.bridge.ensure(spec):
                 log.info("bridge br0 set for datapath %s, controller %s", spec.dpid_hex, spec.controller)
             plumbing.ensure_host_gateway(self.cfg.network)
             self._bridge_ok = spec
 
         wanted = {c.name: c for c in state.containers_on(self.cfg.host)}
-        full = time.monotonic() >= self._next_full
         ok = self._remove_unwanted(wanted)
         if full:
             self._sweep_orphans(wanted)
@@ -206,6 +211,8 @@ class Agent:
         """Converge the containers not settled in their current desired state (all on a full pass);
         return the names of those in error (retried, never settled)."""
         running = self.store.running_containers()  # one lock for all, not one lookup each
+        if full:
+            self._find_drift(wanted)
         todo = [c for c in wanted.values() if full or c.image or self._settled.get(c.name) != (c, c.name in running)]
         self._plumb_light(todo)
         failed: list[str] = []
@@ -218,6 +225,45 @@ class Agent:
         for name in set(self._settled) - set(wanted):
             del self._settled[name]
         return failed
+
+    def _find_drift(self, wanted: dict[str, Container]) -> None:
+        """Forget the plumbing of containers whose namespace, veth or bridge port drifted, so this pass redoes it.
+
+        Read only: the host's links once, each namespace once (plumbing.read_namespaces), the bridge's
+        ports from the IDL's memory, the isolation chains once. Bounded: at most ``drift_budget`` of
+        the recheck interval is spent per pass, resuming where the last pass stopped, so a host with
+        thousands of containers checks them all over a few passes instead of spending a core on it.
+        """
+        names = [n for n in sorted(self._plumbed) if n in wanted]
+        if not names:
+            return
+        start = self._drift_cursor % len(names)
+        order = names[start:] + names[:start]
+        t0 = time.monotonic()
+        host = plumbing.host_view()
+        chains = plumbing.isolated_chains()
+        by_ns: dict[str, list[str]] = {}
+        for name in order:
+            by_ns.setdefault(self._plumbed[name][1][0], []).append(name)
+        views = plumbing.read_namespaces(list(by_ns), budget=self.cfg.recheck_interval * self.cfg.drift_budget)
+        checked = 0
+        for netns, view in views.items():
+            for name in by_ns[netns]:
+                checked += 1
+                c = self._plumbed[name][0]
+                if isinstance(view, Exception):
+                    problems = [f"namespace unreadable: {view}"]
+                else:
+                    problems = plumbing.container_drift(c, self.cfg.network, host, view)
+                if chains is not None and c.port_name not in chains:
+                    problems.append("its isolation chain is missing")
+                if not self.bridge.has_port(c.port_name):
+                    problems.append(f"port {c.port_name} is not on br0")
+                if problems:
+                    log.warning("container %s: plumbing drifted (%s); repairing", name, "; ".join(problems))
+                    del self._plumbed[name]
+        self._drift_cursor = start + checked
+        log.debug("drift check: %d of %d containers in %.1f ms", checked, len(names), (time.monotonic() - t0) * 1000)
 
     def _plumb_light(self, todo: list[Container]) -> None:
         """Plumb the light containers of this pass that are not plumbed yet, their bridge ports in one transaction.
