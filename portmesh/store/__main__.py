@@ -12,14 +12,16 @@ import sys
 from pathlib import Path
 
 from portmesh.store.rows import schema_path
-from portmesh.store.server import create_db, server_command, server_env
+from portmesh.store.server import create_db, server_command, server_env, upgrade_db
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run it."""
     parser = argparse.ArgumentParser(prog="python -m portmesh.store", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="create the db if missing, then exec ovsdb-server in the foreground")
+    serve = sub.add_parser(
+        "serve", help="create the db if missing (convert it if older), then exec ovsdb-server in the foreground"
+    )
     serve.add_argument("--db", required=True, type=Path, help="database file")
     serve.add_argument("--socket", required=True, type=Path, help="unix socket to listen on")
     serve.add_argument("--tcp", help="also listen on IP:PORT")
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.db.exists():
         create_db(args.db)
+    else:
+        upgrade_db(args.db)  # a database kept from an older schema: converted, its containers' blocks claimed
     if args.socket.exists():
         args.socket.unlink()
     cmd = server_command(args.db, args.socket, tcp=args.tcp, pidfile=args.pidfile, log_file=args.log_file)

@@ -9,7 +9,9 @@ import asyncio
 import json
 import shutil
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -24,7 +26,7 @@ from portmesh.model.entities import Container, Host, Mapping, PortBlock, mac_for
 from portmesh.model.errors import Conflict
 from portmesh.store.client import Store
 from portmesh.store.rows import schema_path
-from portmesh.store.server import create_db, start_server, stop_server
+from portmesh.store.server import claim_blocks, create_db, start_server, stop_server
 
 pytestmark = [
     pytest.mark.switch,
@@ -154,7 +156,8 @@ def old_schema(tmp_path: Path) -> Path:
     return path
 
 
-def test_containers_of_an_older_database_come_up_with_their_blocks_claimed(tmp_path: Path) -> None:
+def old_database(tmp_path: Path) -> Path:
+    """A 1.2.0 database holding two containers (one on two IPs) and no claims."""
     db = create_db(tmp_path / "store.db", old_schema(tmp_path))
     rows = [
         {"op": "insert", "table": "Host", "row": {"name": "h1", "datapath_id": 1}},
@@ -169,18 +172,66 @@ def test_containers_of_an_older_database_come_up_with_their_blocks_claimed(tmp_p
         ),
     ]
     subprocess.run(["ovsdb-tool", "transact", str(db), json.dumps(["Portmesh", *rows])], check=True, capture_output=True)
+    return db
+
+
+def assert_old_blocks_claimed(remote: str) -> None:
+    columns = ["public_ip", "block_start", "container"]
+    claims = transact(remote, {"op": "select", "table": "Block", "where": [], "columns": columns})
+    got = {(r["public_ip"], r["block_start"], r["container"]) for r in claims[0]["rows"]}  # type: ignore[attr-defined]
+    assert got == {(str(IP), 32768, "old1"), (str(IP), 32832, "old2"), ("203.0.113.21", 32832, "old2")}
+    with Store(remote, timeout=5) as store:
+        assert set(store.snapshot().containers) == {"old1", "old2"}  # rows kept
+        with pytest.raises(BlockTaken):  # the old block is claimed: the index stands for it
+            store.add_container(Container("new", "h1", mac_for("new"), (IP,), PortBlock(32768, 64)))
+        _, c, _ = asyncio.run(Service(store, CONFIG).add_container(ContainerIn(name="new", host="h1", ips=[str(IP)])))
+        assert c.block == PortBlock(32896, 64)  # control: the next free one is given
+
+
+def test_containers_of_an_older_database_come_up_with_their_blocks_claimed(tmp_path: Path) -> None:
+    db = old_database(tmp_path)
+    pid = start_server(db, tmp_path / "store.sock")
+    try:
+        assert_old_blocks_claimed(f"unix:{tmp_path / 'store.sock'}")
+    finally:
+        stop_server(pid)
+    assert claim_blocks(db) == 0  # every container is claimed: nothing left to do
+
+
+def test_the_serve_command_claims_the_blocks_of_an_older_database(tmp_path: Path) -> None:
+    db, sock = old_database(tmp_path), tmp_path / "store.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "portmesh.store", "serve", "--db", str(db), "--socket", str(sock)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        ready = False
+        while not ready and proc.poll() is None and time.monotonic() < deadline:
+            ready = sock.exists() and subprocess.run(
+                ["ovsdb-client", "list-dbs", f"unix:{sock}"], capture_output=True, timeout=5
+            ).returncode == 0
+        assert ready, proc.stderr.read() if proc.stderr and proc.poll() is not None else "not listening"
+        assert_old_blocks_claimed(f"unix:{sock}")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_block_held_twice_in_an_older_database_is_claimed_by_the_first_name(tmp_path: Path) -> None:
+    db = old_database(tmp_path)
+    twin = {"name": "old0", "host": "h1", "mac": mac_for("old0"), "ips": str(IP), "block_start": 32768,
+            "block_size": 64, "command": "[]", "running": True}  # the race the index closes, from before it
+    subprocess.run(
+        ["ovsdb-tool", "transact", str(db), json.dumps(["Portmesh", {"op": "insert", "table": "Container", "row": twin}])],
+        check=True, capture_output=True,
+    )
     pid = start_server(db, tmp_path / "store.sock")
     try:
         remote = f"unix:{tmp_path / 'store.sock'}"
-        columns = ["public_ip", "block_start", "container"]
-        claims = transact(remote, {"op": "select", "table": "Block", "where": [], "columns": columns})
-        got = {(r["public_ip"], r["block_start"], r["container"]) for r in claims[0]["rows"]}  # type: ignore[attr-defined]
-        assert got == {(str(IP), 32768, "old1"), (str(IP), 32832, "old2"), ("203.0.113.21", 32832, "old2")}
+        claims = transact(remote, {"op": "select", "table": "Block", "where": [["block_start", "==", 32768]]})
+        assert [(r["public_ip"], r["container"]) for r in claims[0]["rows"]] == [(str(IP), "old0")]  # type: ignore[attr-defined]
         with Store(remote, timeout=5) as store:
-            assert set(store.snapshot().containers) == {"old1", "old2"}  # rows kept
-            with pytest.raises(BlockTaken):  # the old block is claimed: the index stands for it
-                store.add_container(Container("new", "h1", mac_for("new"), (IP,), PortBlock(32768, 64)))
-            _, c, _ = asyncio.run(Service(store, CONFIG).add_container(ContainerIn(name="new", host="h1", ips=[str(IP)])))
-            assert c.block == PortBlock(32896, 64)  # control: the next free one is given
+            assert set(store.snapshot().containers) == {"old0", "old1", "old2"}  # the server still came up
     finally:
         stop_server(pid)
