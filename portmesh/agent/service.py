@@ -77,6 +77,7 @@ class Agent:
         self._next_full = 0.0  # monotonic time of the next full pass
         self._bridge_ok: BridgeSpec | None = None
         self._drift_cursor = 0  # where the next drift check resumes (see _find_drift)
+        self._drift_checked = False
         self._loop: asyncio.AbstractEventLoop | None = None
         # Containers this pass started (with when): looked at again before the generation is reported.
         self._fresh: list[tuple[Container, float]] = []
@@ -263,7 +264,10 @@ class Agent:
                     log.warning("container %s: plumbing drifted (%s); repairing", name, "; ".join(problems))
                     del self._plumbed[name]
         self._drift_cursor = start + checked
-        log.debug("drift check: %d of %d containers in %.1f ms", checked, len(names), (time.monotonic() - t0) * 1000)
+        # The first check of a process at INFO (its cost, and a mark that it ran), then at DEBUG every full pass.
+        log.log(logging.DEBUG if self._drift_checked else logging.INFO, "drift check: %d of %d containers in %.1f ms",
+                checked, len(names), (time.monotonic() - t0) * 1000)
+        self._drift_checked = True
 
     def _plumb_light(self, todo: list[Container]) -> None:
         """Plumb the light containers of this pass that are not plumbed yet, their bridge ports in one transaction.
