@@ -35,8 +35,9 @@ STORE_RETRY_S = 1.0
 # Least time between two status reports of one switch. While containers come up, every port that
 # appears is a sync and each report carries the set of containers still waiting for a port (up to
 # N names): reported on every sync, the store, the API and the agent re-read it hundreds of times
-# (the agent replicates Host). Flows are never delayed, only the report: the first after a quiet
-# spell goes at once, later ones at most this often (a leading-edge throttle).
+# (the agent replicates Host). Flows are never delayed, only such a report: the first after a quiet
+# spell goes at once, later ones at most this often (a leading-edge throttle). Reports whose waiting
+# set is empty or unchanged are never held back, so back-to-back writes each answer at once.
 REPORT_INTERVAL_S = 0.1
 
 
@@ -153,11 +154,14 @@ class Controller:
             log.info("switch %016x (%s): generation %d, %d flows; compile+send+commit %.3f s",
                      switch.datapath_id, host, state.generation, result.flows, done - started)
         self.metrics.generation.labels(host).set(state.generation)
-        if self._reported.get(switch.datapath_id) == (state.generation, waiting):
+        previous = self._reported.get(switch.datapath_id)
+        if previous == (state.generation, waiting):
             return full  # e.g. a port of another bridge came and went: nothing new to say
         loop = asyncio.get_running_loop()
         early = self._reported_at.get(switch.datapath_id, -REPORT_INTERVAL_S) + REPORT_INTERVAL_S - loop.time()
-        if early > 0:
+        # Only a report that names a new set of waiting containers is held back: a write that changes
+        # nothing about ports (a mapping, say), or the last port arriving, is reported at once.
+        if early > 0 and waiting and (previous is None or previous[1] != waiting):
             # Report later: mark the switch unrealised (the next pass is an empty delta: nothing sent) and wake then.
             switch.realized(-1, ports_version)
             loop.call_later(early, self._dirty.set)
