@@ -402,6 +402,10 @@ class Service:
             except BlockTaken:
                 refused.add(container.block)
                 continue
+            except Conflict as exc:
+                if body.name is not None or exc.field not in ("name", "mac"):
+                    raise
+                continue  # a generated name another create took meanwhile (no lock now): generate another
             finally:
                 self._claiming -= mine
             return generation, container, mappings

@@ -193,3 +193,29 @@ def test_a_create_skips_the_block_of_a_port_being_mapped() -> None:
         return c
 
     assert asyncio.run(race()).block == candidate_blocks(CONFIG)[1]
+
+
+class NameRacingStore(FakeStore):
+    """Refuses the first create as if another writer had just taken its (generated) name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def add_container(self, c: Container, mappings: Sequence[Mapping] = ()) -> int:
+        self.names.append(c.name)
+        if len(self.names) == 1:
+            raise Conflict("name", "a container with this name already exists")
+        return super().add_container(c, mappings)
+
+
+def test_a_generated_name_taken_meanwhile_is_generated_again_but_a_given_one_is_refused() -> None:
+    store = NameRacingStore()
+    store.add_host(Host("h1", 1))
+    _, container, _ = asyncio.run(Service(store, CONFIG).add_container(ContainerIn(host="h1", ips=[str(IP)])))
+    assert len(store.names) == 2 and container.name == store.names[1]
+    given = NameRacingStore()
+    given.add_host(Host("h1", 1))
+    with pytest.raises(Conflict) as err:
+        asyncio.run(Service(given, CONFIG).add_container(ContainerIn(name="c1", host="h1", ips=[str(IP)])))
+    assert err.value.field == "name" and given.names == ["c1"]
