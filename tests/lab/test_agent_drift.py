@@ -119,13 +119,15 @@ def _cases(cloud: Cloud) -> dict[str, tuple[list[str], str, Callable[[], bool], 
                             has(hns, ["nft", "list", "tables"], "netdev portmesh"), False),
         "host-nft-inet": (["nft", "delete", "table", "inet", "portmesh"], hns,
                           has(hns, ["nft", "list", "tables"], "inet portmesh"), False),
+        "veth": (["ip", "link", "del", port], hns, lambda: sh(hns, "ip", "link", "show", port, check=False).startswith(
+            tuple("0123456789")), True),
         "bridge-port": (["ovs-vsctl", "del-port", "br0", port], "", lambda: port in ovs(cloud, "ovs-vsctl", "list-ports", "br0"),
                         True),
     }
 
 
 CASES = ["container-address", "container-default-route", "container-gateway-route", "container-rule", "container-table100",
-         "host-gateway-address", "host-pool-route", "host-nft-netdev", "host-nft-inet", "bridge-port"]
+         "host-gateway-address", "host-pool-route", "host-nft-netdev", "host-nft-inet", "bridge-port", "veth"]
 
 
 @pytest.mark.parametrize("case", CASES)
