@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from portmesh.store.rows import schema_path
-from portmesh.store.server import create_db, server_command, server_env, upgrade_db
+from portmesh.store.server import claim_blocks, create_db, server_command, server_env, upgrade_db
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,11 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-file", type=Path, help="log file (default: next to the socket)")
     create = sub.add_parser("create", help="create the database file from the schema")
     create.add_argument("--db", required=True, type=Path)
+    claim = sub.add_parser(
+        "claim-blocks", help="claim the port blocks of containers that have none (after converting a cluster online)"
+    )
+    claim.add_argument("target", help="database file, or a server's remote (unix:PATH, tcp:IP:PORT)")
     sub.add_parser("schema", help="print the schema's path")
     args = parser.parse_args(argv)
 
     if args.command == "schema":
         print(schema_path())
+        return 0
+    if args.command == "claim-blocks":
+        print(f"{claim_blocks(args.target)} port block claims written")
         return 0
     if args.command == "create":
         create_db(args.db)

@@ -55,23 +55,44 @@ def _ovsdb_set(value: Any) -> list[Any]:
     return [value]
 
 
-def claim_blocks(db: Path | str) -> int:
-    """Claim in the ``Block`` table the port block of every container that has no claim yet (offline,
-    on a standalone ``db``); return how many claims were written.
+def _is_remote(target: Path | str) -> bool:
+    return str(target).startswith(("unix:", "tcp:", "ssl:"))
+
+
+def _run_ops(target: Path | str, verb: str, ops: list[dict[str, Any]]) -> list[Any]:
+    """Run ``ops`` as one transaction on a database file (``ovsdb-tool``) or a running server (``ovsdb-client``)."""
+    tool = "ovsdb-client" if _is_remote(target) else "ovsdb-tool"
+    out = subprocess.run(
+        [tool, verb, str(target), json.dumps(["Portmesh", *ops])], check=True, capture_output=True, text=True
+    ).stdout
+    replies: list[Any] = json.loads(out)
+    failed = [reply for reply in replies if isinstance(reply, dict) and "error" in reply]
+    if failed:
+        raise RuntimeError(f"{verb} on {target} failed: {failed[0]}")
+    return replies
+
+
+def claim_blocks(target: Path | str) -> int:
+    """Claim in the ``Block`` table the port block of every container that has no claim yet; return
+    how many claims were written. ``target``: a standalone database file (offline, as
+    :func:`upgrade_db` does) or a server's remote (``unix:``/``tcp:``, e.g. a Raft cluster's
+    member after ``ovsdb-client convert``).
 
     A database kept from before schema 1.3.0 holds containers but no claims; without them a new
     container could be given a block already in use. Should such a database hold the same block
     twice on one IP (the race the index now closes), the first container by name keeps the claim.
     """
-    select = [
-        "Portmesh",
-        {"op": "select", "table": "Container", "where": [], "columns": ["name", "ips", "block_start"]},
-        {"op": "select", "table": "Block", "where": [], "columns": ["public_ip", "block_start"]},
-    ]
-    out = subprocess.run(
-        ["ovsdb-tool", "query", str(db), json.dumps(select)], check=True, capture_output=True, text=True
-    ).stdout
-    containers, claims = (reply["rows"] for reply in json.loads(out))
+    containers, claims = (
+        reply["rows"]
+        for reply in _run_ops(
+            target,
+            "query" if not _is_remote(target) else "transact",
+            [
+                {"op": "select", "table": "Container", "where": [], "columns": ["name", "ips", "block_start"]},
+                {"op": "select", "table": "Block", "where": [], "columns": ["public_ip", "block_start"]},
+            ],
+        )
+    )
     claimed = {(row["public_ip"], row["block_start"]) for row in claims}
     inserts: list[dict[str, Any]] = []
     for row in sorted(containers, key=lambda r: str(r["name"])):
@@ -84,13 +105,7 @@ def claim_blocks(db: Path | str) -> int:
                      "row": {"public_ip": ip, "block_start": row["block_start"], "container": row["name"]}}
                 )
     if inserts:
-        result = subprocess.run(
-            ["ovsdb-tool", "transact", str(db), json.dumps(["Portmesh", *inserts])],
-            check=True, capture_output=True, text=True,
-        ).stdout
-        failed = [reply for reply in json.loads(result) if isinstance(reply, dict) and "error" in reply]
-        if failed:
-            raise RuntimeError(f"claiming the port blocks of {db} failed: {failed[0]}")
+        _run_ops(target, "transact", inserts)
     return len(inserts)
 
 

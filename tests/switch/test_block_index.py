@@ -235,3 +235,18 @@ def test_a_block_held_twice_in_an_older_database_is_claimed_by_the_first_name(tm
             assert set(store.snapshot().containers) == {"old0", "old1", "old2"}  # the server still came up
     finally:
         stop_server(pid)
+
+
+def test_claim_blocks_command_claims_online_on_a_running_server(server: str) -> None:
+    """What a Raft cluster needs after ``ovsdb-client convert``: the claims written through the server."""
+    transact(server, {"op": "insert", "table": "Host", "row": {"name": "h1", "datapath_id": 1}})
+    transact(server, {"op": "insert", "table": "Container",
+                      "row": {"name": "raw", "host": "h1", "mac": mac_for("raw"), "ips": str(IP), "block_start": 33024,
+                              "block_size": 64, "command": "[]", "running": True}})
+    command = [sys.executable, "-m", "portmesh.store", "claim-blocks", server]
+    first = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    assert first.strip() == "1 port block claims written"
+    again = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    assert again.strip() == "0 port block claims written"  # idempotent
+    with Store(server, timeout=5) as store, pytest.raises(BlockTaken):
+        store.add_container(Container("new", "h1", mac_for("new"), (IP,), PortBlock(33024, 64)))
