@@ -1,4 +1,5 @@
-"""Recorders and probes the isolation tests run inside lab namespaces (``python probes.py MODE ...``).
+"""Recorders and probes the isolation tests run inside lab namespaces (``python probes.py MODE ...``);
+frames are sent with clients.py ``raw-send``.
 
 Servers and sniffers print one line ``READY`` on stdout once their socket is
 open, so the test starts sending only then (no sleeping for readiness); each
@@ -108,19 +109,9 @@ def tcp_probe(targets: list[str], timeout: float) -> dict[str, object]:
     return {"results": asyncio.run(main())}
 
 
-def raw_send(ifname: str, frames_hex: list[str]) -> dict[str, object]:
-    """Send each frame as is, in order, on ``ifname`` (an AF_PACKET socket: no scapy here)."""
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-    s.bind((ifname, 0))
-    for frame in frames_hex:
-        s.send(bytes.fromhex(frame))
-    s.close()
-    return {"sent": len(frames_hex)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["udp-record", "arp-record", "tcp-serve", "tcp-probe", "raw-send"])
+    ap.add_argument("mode", choices=["udp-record", "arp-record", "tcp-serve", "tcp-probe"])
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--bind", default="0.0.0.0")
     ap.add_argument("--end", default="END")
@@ -138,10 +129,8 @@ def main() -> None:
         out = udp_record(a.port, a.end, a.seconds)
     elif a.mode == "arp-record":
         out = arp_record(a.ifname, a.until_sha, a.grace, a.seconds)
-    elif a.mode == "tcp-probe":
-        out = tcp_probe(a.args, a.timeout)
     else:
-        out = raw_send(a.ifname, a.args)
+        out = tcp_probe(a.args, a.timeout)
     json.dump(out, sys.stdout)
     sys.stdout.flush()
 
