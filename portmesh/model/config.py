@@ -23,6 +23,7 @@ class NetworkConfig:
       the mapping table rewrites it to the owning container's MAC.
     - ``ephemeral_*``: the range carved into per-container source-port blocks.
     - ``container_mtu``: leaves 50 bytes of VXLAN header on a 1500 underlay.
+    - ``vxlan_vni``/``vxlan_port``: the VXLAN network id and UDP port of the tunnels between hosts.
     - ``protected_networks``: the management and underlay networks (controller,
       store, agents, API, tunnels); containers never reach them, nor anything
       in 169.254.0.0/16 but the gateway (pipeline and host firewall).
@@ -38,6 +39,8 @@ class NetworkConfig:
     block_size: int = 1024
     container_mtu: int = 1450
     protected_networks: tuple[IPv4Network, ...] = (IPv4Network("198.18.0.0/15"),)
+    vxlan_vni: int = 4242
+    vxlan_port: int = 4789
 
     def in_pools(self, ip: IPv4Address) -> bool:
         """True if ``ip`` belongs to one of the configured public pools."""

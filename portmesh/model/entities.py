@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from ipaddress import IPv4Address
 
+from portmesh.model.config import DEFAULT_CONFIG, NetworkConfig
+
 
 class Proto(enum.StrEnum):
     """Transport protocols a mapping can name."""
@@ -50,18 +52,39 @@ class PortBlock:
         return f"{self.start}-{self.end}"
 
 
+class HostRole(enum.StrEnum):
+    """What a host does besides running containers.
+
+    ``gateway``: it faces the outside (its kernel routes the public pools in and
+    containers' traffic out), so its switch hands frames for the gateway MAC to
+    the host itself. ``compute``: it never sends public-source traffic out of its
+    own uplink; its switch sends frames for the gateway MAC through the tunnel to
+    a gateway host. A cloud without a gateway host treats every host as its own
+    gateway (one machine: ``portmesh up``).
+    """
+
+    GATEWAY = "gateway"
+    COMPUTE = "compute"
+
+
 @dataclass(frozen=True)
 class Host:
     """A machine running one Open vSwitch bridge and one portmesh agent.
 
-    ``underlay_ip`` is where other hosts' VXLAN tunnels end; ``datapath_id`` is
-    the bridge's OpenFlow datapath id, which is how the controller recognises
-    the switch when it connects.
+    ``underlay_ip`` is where other hosts' VXLAN tunnels end (a host without one
+    gets no tunnels); ``datapath_id`` is the bridge's OpenFlow datapath id, which
+    is how the controller recognises the switch when it connects.
     """
 
     name: str
     datapath_id: int
     underlay_ip: IPv4Address | None = None
+    role: HostRole = HostRole.GATEWAY
+
+    @cached_property
+    def tunnel_port(self) -> str:
+        """Name of the VXLAN device (and bridge port) that other hosts use to reach this one."""
+        return tunnel_port_for(self.name)
 
 
 class RestartPolicy(enum.StrEnum):
@@ -163,6 +186,27 @@ class DesiredState:
     hosts: dict[str, Host] = field(default_factory=dict)
     containers: dict[str, Container] = field(default_factory=dict)
     mappings: dict[MappingKey, Mapping] = field(default_factory=dict)
+    config: NetworkConfig = DEFAULT_CONFIG
+
+    def gateway_for(self, host: str) -> str | None:
+        """The host whose kernel is ``host``'s containers' way out: ``host`` itself if it is a gateway
+        (or if the cloud has no gateway host), else the first gateway host by name. None if ``host``
+        is unknown. One gateway per compute host for now; several (highly available) come later."""
+        me = self.hosts.get(host)
+        if me is None:
+            return None
+        if me.role is HostRole.GATEWAY:
+            return host
+        gateways = sorted(h.name for h in self.hosts.values() if h.role is HostRole.GATEWAY)
+        return gateways[0] if gateways else host
+
+    def peers_of(self, host: str) -> list[Host]:
+        """The other hosts ``host`` keeps a tunnel to: every other host with an underlay address, by name."""
+        me = self.hosts.get(host)
+        if me is None or me.underlay_ip is None:
+            return []
+        return sorted((h for h in self.hosts.values() if h.name != host and h.underlay_ip is not None),
+                      key=lambda h: h.name)
 
     def containers_on(self, host: str) -> list[Container]:
         """Containers placed on ``host``, in name order (stable output)."""
@@ -184,6 +228,19 @@ def port_name_for(container_name: str) -> str:
     the name is a digest; the controller finds the container's OpenFlow port by it.
     """
     return "pm" + hashlib.blake2b(container_name.encode(), digest_size=6).hexdigest()
+
+
+def tunnel_port_for(host_name: str) -> str:
+    """Deterministic name of the VXLAN device leading to ``host_name``: ``vx`` + 12 hex digits (<=15 chars).
+
+    The same on every host, so the controller finds on each switch the port that leads to a host by name.
+    """
+    return "vx" + hashlib.blake2b(b"tunnel:" + host_name.encode(), digest_size=6).hexdigest()
+
+
+def is_tunnel_port(name: str) -> bool:
+    """True for a name :func:`tunnel_port_for` could have made."""
+    return len(name) == 14 and name.startswith("vx") and all(ch in "0123456789abcdef" for ch in name[2:])
 
 
 def mac_for(container_name: str) -> str:
@@ -238,3 +295,4 @@ class HostStatus:
     agent_generation: int = 0
     switch_connected: bool = False
     switch_waiting: frozenset[str] = frozenset()
+    tunnels: tuple[tuple[str, str], ...] = ()  # (peer host, "up" | "down: reason"), reported by the agent
