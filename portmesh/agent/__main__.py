@@ -18,7 +18,6 @@ import pyroute2.config
 
 from portmesh.agent.bridge import Bridge
 from portmesh.agent.service import Agent, AgentConfig
-from portmesh.model.config import DEFAULT_CONFIG
 from portmesh.runtime import docker as docker_runtime
 from portmesh.runtime.light import LightRuntime
 from portmesh.store.client import Store
@@ -60,7 +59,7 @@ async def serve(args: argparse.Namespace) -> None:
     await asyncio.to_thread(store.start)
     bridge = Bridge(args.ovsdb)
     await asyncio.to_thread(bridge.start)
-    cfg = AgentConfig(args.host, args.controller, args.netns_prefix, DEFAULT_CONFIG)
+    cfg = AgentConfig(args.host, args.controller, args.netns_prefix)
     docker_url = args.docker_url if args.docker_url is not None else docker_runtime.default_url()
     engine = None
     if docker_url and docker_url != "none":

@@ -183,13 +183,20 @@ def ensure_host_gateway(config: NetworkConfig, bridge: str = BRIDGE) -> None:
             raise PlumbingError(f"bridge port {bridge} does not exist yet")
         _ensure_up(ipr, index)
         have = _addresses(ipr, index)
-        for address, prefixlen in sorted(have):
-            if address == gw and prefixlen != config.gateway_prefix:
-                ipr.addr("del", index=index, address=address, prefixlen=prefixlen)
+        # br0 holds the gateway address only: another one is an older gateway address (or prefix).
+        for address, prefixlen in sorted(have - {(gw, config.gateway_prefix)}):
+            ipr.addr("del", index=index, address=address, prefixlen=prefixlen)
         if (gw, config.gateway_prefix) not in have:
             ipr.addr("add", index=index, address=gw, prefixlen=config.gateway_prefix)
         for pool in config.public_pools:
             _ensure_route(ipr, TABLE_MAIN, str(pool.network_address), pool.prefixlen, index)
+        # A pool removed from the config (pools live in the store) loses its on-link route here.
+        pools = {(str(p.network_address), p.prefixlen) for p in config.public_pools}
+        for r in _routes(ipr, TABLE_MAIN):
+            dst = (str(r.get("dst") or "0.0.0.0"), int(r["dst_len"]))
+            if (r.get("oif") == index and r["type"] == RTN_UNICAST and r.get("proto") == RTPROT_STATIC
+                    and r.get("gateway") is None and dst not in pools):
+                ipr.route("del", dst=f"{dst[0]}/{dst[1]}", oif=index, table=TABLE_MAIN, proto=RTPROT_STATIC)
     isolation.ensure_host_firewall(bridge, config.protected_networks)
     write_sysctls({"net.ipv4.ip_forward": "1"})
 

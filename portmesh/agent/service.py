@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from portmesh.agent import plumbing
 from portmesh.agent.bridge import Bridge, BridgeSpec
-from portmesh.model.config import NetworkConfig
+from portmesh.model.config import DEFAULT_CONFIG, NetworkConfig
 from portmesh.model.entities import Container, ContainerStatus, DesiredState, RunState, port_name_for
 from portmesh.model.errors import NotFound
 from portmesh.runtime.base import Runtime
@@ -51,7 +51,6 @@ class AgentConfig:
     host: str
     controller: str
     netns_prefix: str
-    network: NetworkConfig
     recheck_interval: float = 5.0  # seconds between full passes (processes, plumbing drift, host gateway)
     drift_budget: float = 0.1  # share of recheck_interval a full pass may spend reading plumbing for drift
     retry_interval: float = 2.0  # after a failed convergence
@@ -81,6 +80,9 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Containers this pass started (with when): looked at again before the generation is reported.
         self._fresh: list[tuple[Container, float]] = []
+        # The cloud's network config (MTU, gateway, pools, protected networks) from the store's
+        # Global row, as of the snapshot being converged; DEFAULT_CONFIG only before the first one.
+        self.network: NetworkConfig = DEFAULT_CONFIG
 
     def notify(self) -> None:
         """Store callback (called from the store's IDL thread): converge soon."""
@@ -120,14 +122,22 @@ class Agent:
         if host is None:
             log.info("host %s is not registered in the store yet", self.cfg.host)
             return True
-        spec = BridgeSpec(host.datapath_id, self.cfg.network.gateway_mac, self.cfg.controller)
+        if state.config != self.network:
+            if self._plumbed:
+                # MTU, gateway or pools changed: every container's plumbing is re-checked against the new config.
+                log.info("network config changed; re-plumbing %d containers", len(self._plumbed))
+            self.network = state.config
+            self._plumbed.clear()
+            self._settled.clear()
+            self._bridge_ok = None
+        spec = BridgeSpec(host.datapath_id, self.network.gateway_mac, self.cfg.controller)
         full = time.monotonic() >= self._next_full
         # Both read first (the bridge from the IDL's memory, the gateway with two netlink dumps), so a
         # full pass re-checks them too: a deleted gateway address or pool route is put back.
         if self._bridge_ok != spec or full:
             if self.bridge.ensure(spec):
                 log.info("bridge br0 set for datapath %s, controller %s", spec.dpid_hex, spec.controller)
-            plumbing.ensure_host_gateway(self.cfg.network)
+            plumbing.ensure_host_gateway(self.network)
             self._bridge_ok = spec
 
         wanted = {c.name: c for c in state.containers_on(self.cfg.host)}
@@ -206,7 +216,7 @@ class Agent:
             log.info("removing orphan port %s", port)
             self.bridge.remove_port(port)
             plumbing.unplumb_container(port)
-        plumbing.recheck_isolation(self.cfg.network)
+        plumbing.recheck_isolation(self.network)
 
     def _converge_containers(self, wanted: dict[str, Container], full: bool) -> list[str]:
         """Converge the containers not settled in their current desired state (all on a full pass);
@@ -255,7 +265,7 @@ class Agent:
                 if isinstance(view, Exception):
                     problems = [f"namespace unreadable: {view}"]
                 else:
-                    problems = plumbing.container_drift(c, self.cfg.network, host, view)
+                    problems = plumbing.container_drift(c, self.network, host, view)
                 if chains is not None and c.port_name not in chains:
                     problems.append("its isolation chain is missing")
                 if not self.bridge.has_port(c.port_name):
@@ -287,7 +297,7 @@ class Agent:
                 ident = plumbing.netns_identity(netns)
                 if self._plumbed.get(c.name) == (c, ident):
                     continue
-                if plumbing.plumb_container(c, netns, self.cfg.network):
+                if plumbing.plumb_container(c, netns, self.network):
                     made.append(c.port_name)
             except Exception as exc:
                 log.warning("container %s: plumbing deferred to its own step: %s", c.name, exc)
@@ -348,7 +358,7 @@ class Agent:
         before = self._plumbed.get(c.name)
         if before == (c, ident):
             return
-        if plumbing.plumb_container(c, netns, self.cfg.network):
+        if plumbing.plumb_container(c, netns, self.network):
             self.bridge.reattach_ports([c.port_name])  # a new veth under a name the bridge may hold
         else:
             self.bridge.ensure_port(c.port_name)
