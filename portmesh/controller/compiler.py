@@ -60,7 +60,7 @@ PRIO_DEFAULT = 0
 
 LINK_LOCAL = IPv4Network("169.254.0.0/16")
 
-__all__ = ["OFPP_CONTROLLER", "compile_switch"]
+__all__ = ["OFPP_CONTROLLER", "CommonFlows", "compile_switch"]
 
 
 def compile_switch(
@@ -73,12 +73,80 @@ def compile_switch(
 
     ``ports`` maps bridge-port names to OpenFlow port numbers as the switch
     reports them; a local container whose port is not there yet gets no
-    port-bound flows (its traffic is dropped until the port appears).
+    port-bound flows (its traffic is dropped until the port appears), a remote
+    container whose host's tunnel port is not there gets no L2 flow.
     """
     return check_unique(SwitchCompiler(config, host).compile(state, ports).values())
 
 
 MappingEntry = tuple[Mapping, str, int | None, tuple[Flow, ...]]
+ContainerInputs = tuple[Container, int | None, int | None]  # the container, its local port, the tunnel to its host
+
+
+class CommonFlows:
+    """The host-independent flows (mapping rewrites, reply blocks, public-IP flows), built once for all switches.
+
+    Every switch holds the same rewrite for a mapping, so the switches' compilers
+    share one instance: the first compiler to meet a changed mapping builds its
+    flow and the others reuse that very object (memory and compile time grow with
+    the mappings, not with hosts x mappings). The set of mappings that changed
+    between two snapshots is likewise computed once. Entries are keyed by
+    everything their flows depend on, so sharing never changes any output.
+    """
+
+    def __init__(self, config: NetworkConfig) -> None:
+        self.config = config
+        self._rewrites: dict[MappingKey, tuple[Mapping, str, tuple[Flow, ...]]] = {}
+        self._blocks: dict[tuple[str, str, tuple[IPv4Address, ...], object], tuple[Flow, ...]] = {}
+        self._ips: dict[IPv4Address, tuple[Flow, ...]] = {}
+        self._dirty: tuple[object, object, frozenset[MappingKey]] = (None, None, frozenset())
+
+    def rewrite(self, mapping: Mapping, mac: str) -> tuple[Flow, ...]:
+        """The mapping's rewrite flow (as a one-flow tuple, shared by every switch)."""
+        hit = self._rewrites.get(mapping.key)
+        if hit is not None and hit[1] == mac and (hit[0] is mapping or hit[0] == mapping):
+            return hit[2]
+        flows = (rewrite_flow(mapping, mac),)
+        self._rewrites[mapping.key] = (mapping, mac, flows)
+        return flows
+
+    def blocks(self, container: Container) -> tuple[Flow, ...]:
+        """The container's reply-block flows."""
+        key = (container.name, container.mac, container.ips, container.block)
+        hit = self._blocks.get(key)
+        if hit is None:
+            hit = self._blocks[key] = tuple(block_flows(container))
+        return hit
+
+    def public_ip(self, ip: IPv4Address) -> tuple[Flow, ...]:
+        """The flows of one public IP (ARP, echo, refusals, ICMP errors)."""
+        hit = self._ips.get(ip)
+        if hit is None:
+            hit = self._ips[ip] = tuple(public_ip_flows(self.config, ip))
+        return hit
+
+    def dirty(self, prev: MappingABC[MappingKey, Mapping], new: MappingABC[MappingKey, Mapping]) -> set[MappingKey]:
+        """Keys whose mapping differs (added, changed or gone) between two snapshots; one pass per pair."""
+        if self._dirty[0] is prev and self._dirty[1] is new:
+            return set(self._dirty[2])
+        dirty = {key for key, mapping in new.items() if prev.get(key) is not mapping}
+        # Keys that went away: only worth a second pass over 100,000 keys when some did.
+        fresh = sum(1 for key in dirty if key not in prev)
+        if len(prev) != len(new) - fresh:
+            dirty.update(prev.keys() - new.keys())
+        self._dirty = (prev, new, frozenset(dirty))
+        return dirty
+
+    def prune(self, state: DesiredState) -> None:
+        """Forget entries the state no longer has (called once per round, after every switch is synced)."""
+        if len(self._rewrites) > len(state.mappings):
+            self._rewrites = {k: v for k, v in self._rewrites.items() if k in state.mappings}
+        if len(self._blocks) > len(state.containers):
+            live = {(c.name, c.mac, c.ips, c.block) for c in state.containers.values()}
+            self._blocks = {k: v for k, v in self._blocks.items() if k in live}
+        ips = state.public_ips()
+        if len(self._ips) > len(ips):
+            self._ips = {k: v for k, v in self._ips.items() if k in ips}
 
 
 class SwitchCompiler:
@@ -92,11 +160,14 @@ class SwitchCompiler:
     different object or their container's inputs changed.
     """
 
-    def __init__(self, config: NetworkConfig, host: str) -> None:
+    def __init__(self, config: NetworkConfig, host: str, common: CommonFlows | None = None) -> None:
+        if common is not None and common.config != config:
+            raise ValueError("the shared flows were built for another config")
         self.config = config
         self.host = host
+        self.common = common if common is not None else CommonFlows(config)
         self._owners: dict[object, tuple[Flow, ...]] = {}
-        self._container_inputs: dict[str, tuple[Container, int | None]] = {}
+        self._container_inputs: dict[str, ContainerInputs] = {}
         self._mappings: dict[MappingKey, MappingEntry] = {}
         self._by_container: dict[str, set[MappingKey]] = {}
         self._prev_mappings: MappingABC[MappingKey, Mapping] = {}
@@ -123,7 +194,7 @@ class SwitchCompiler:
         if self._index[0] is not inputs:
             by_ip: dict[IPv4Address, list[Container]] = {}
             by_port: dict[int, Container] = {}
-            for container, port in inputs.values():
+            for container, port, _tunnel in inputs.values():
                 for ip in container.ips:
                     by_ip.setdefault(ip, []).append(container)
                 if port is not None and container.host == self.host:
@@ -175,11 +246,7 @@ class SwitchCompiler:
             removed.update(f.cookie for f in flows)
 
         prev, new = self._prev_mappings, state.mappings
-        dirty = {key for key, mapping in new.items() if prev.get(key) is not mapping}
-        # Keys that went away: only worth a second pass over 100,000 keys when some did.
-        fresh = sum(1 for key in dirty if key not in prev)
-        if len(prev) != len(new) - fresh:
-            dirty.update(prev.keys() - new.keys())
+        dirty = self.common.dirty(prev, new)
         for name in changed_owners:
             dirty.update(self._by_container.get(name, ()))
         cache, by_container = self._mappings, self._by_container
@@ -211,21 +278,32 @@ class SwitchCompiler:
         # Identity first: an incremental store hands back the very same objects for unchanged rows.
         if old is not None and (old[0] is mapping or old[0] == mapping) and old[1] == owner.mac and old[2] == port:
             return old
-        return (mapping, owner.mac, port, tuple(mapping_flows(mapping, owner, port)))
+        rewrite = self.common.rewrite(mapping, owner.mac)
+        flows = rewrite if port is None else (*rewrite, allowance_flow(mapping, owner, port, rewrite[0]))
+        return (mapping, owner.mac, port, flows)
 
     def _walk_small(
         self, state: DesiredState, ports: MappingABC[str, int]
     ) -> Iterator[tuple[tuple[Flow, ...], tuple[Flow, ...] | None]]:
         """Host, public-IP and container owners: their flows and, if (re)built, ``()`` (else None)."""
-        cached = self._owners
+        cached, common = self._owners, self.common
         config, host = self.config, self.host
-        keys: list[tuple[object, Callable[[], Iterator[Flow]]]] = [
-            (("host", host), partial(host_flows, config, host)),
-            *((("ip", ip), partial(public_ip_flows, config, ip)) for ip in state.public_ips()),
+        # Other hosts' tunnel ports on this switch (a tunnel the agent has not made yet is simply absent).
+        tunnels = {h.name: ports.get(h.tunnel_port) for h in state.hosts.values() if h.name != host}
+        gateway = state.gateway_for(host)
+        is_gateway = gateway in (None, host)
+        gateway_out = OFPP_LOCAL if is_gateway else tunnels.get(gateway or host)
+        tunnel_ports = tuple(sorted(p for p in tunnels.values() if p is not None))
+        keys: list[tuple[object, Callable[[], Iterable[Flow]]]] = [
+            (("host", host, gateway_out), partial(host_flows, config, host, gateway_out)),
+            (("tunnels", host, tunnel_ports, is_gateway), partial(tunnel_flows, config, host, tunnel_ports, is_gateway)),
+            *((("ip", ip), partial(common.public_ip, ip)) for ip in state.public_ips()),
         ]
         for c in state.containers.values():
-            port = ports.get(c.port_name) if c.host == host else None
-            keys.append(((c, port), partial(container_flows, c, port)))
+            local = c.host == host
+            port = ports.get(c.port_name) if local else None
+            tunnel = None if local else tunnels.get(c.host)
+            keys.append(((c, port, tunnel), partial(container_flows, c, port, tunnel, common)))
         for key, build in keys:
             hit = cached.get(key)
             flows = hit if hit is not None else tuple(build())
@@ -256,15 +334,44 @@ def check_unique(flows: Iterable[Flow]) -> dict[int, Flow]:
     return out
 
 
-def container_flows(container: Container, port: int | None) -> Iterator[Flow]:
-    """A container's flows: its reply block on every switch, port security and delivery on its own."""
-    yield from block_flows(container)
+def container_flows(
+    container: Container, port: int | None, tunnel: int | None = None, common: CommonFlows | None = None
+) -> Iterator[Flow]:
+    """A container's flows: its reply block on every switch, port security and delivery on its own,
+    and on another host's switch delivery into the tunnel to its host (``tunnel``, when that port exists)."""
+    yield from (common.blocks(container) if common is not None else block_flows(container))
     if port is not None:
         yield from container_port_flows(container, port)
+    if tunnel is not None:
+        yield flow(Table.L2, PRIO_ALLOW, OwnerKind.CONTAINER, container.name, (Output(tunnel),), eth_dst=container.mac)
 
 
-def host_flows(config: NetworkConfig, host: str) -> Iterator[Flow]:
-    """Flows every switch has: trust the gateway port, answer ARP for the gateway, default paths."""
+def tunnel_flows(config: NetworkConfig, host: str, tunnel_ports: tuple[int, ...], is_gateway: bool) -> Iterator[Flow]:
+    """Frames from other hosts: IPv4 from a tunnel port goes to FROM_TUNNEL, which delivers only locally.
+
+    Split horizon: nothing in FROM_TUNNEL outputs to a tunnel, so a frame crosses at
+    most one. On a gateway host the gateway MAC leads to the host (the way out for
+    compute hosts' containers); an echo request is committed to conntrack first, as
+    from a container port, so the reply (which comes back through LOCAL) gets its
+    owner's MAC from ct_label and L2 sends it into the tunnel to the owner's host.
+    """
+    h = OwnerKind.HOST
+    for port in tunnel_ports:
+        yield flow(Table.CLASSIFY, PRIO_ALLOW, h, host, (), Table.FROM_TUNNEL, in_port=port, eth_type=ETH_IP)
+    if is_gateway and tunnel_ports:
+        yield flow(Table.FROM_TUNNEL, PRIO_ICMP_LOCAL, h, host,
+                   (Ct(ICMP_ZONE, commit=True, label_from="eth_src"), Output(OFPP_LOCAL)),
+                   eth_dst=config.gateway_mac, eth_type=ETH_IP, ip_proto=IPPROTO_ICMP, icmpv4_type=ICMP_ECHO_REQUEST)
+        yield flow(Table.FROM_TUNNEL, PRIO_ALLOW, h, host, (Output(OFPP_LOCAL),), eth_dst=config.gateway_mac)
+    yield flow(Table.FROM_TUNNEL, PRIO_DEFAULT, h, host)
+
+
+def host_flows(config: NetworkConfig, host: str, gateway_out: int | None = OFPP_LOCAL) -> Iterator[Flow]:
+    """Flows every switch has: trust the gateway port, answer ARP for the gateway, default paths.
+
+    ``gateway_out`` is where frames for the gateway MAC go: LOCAL on a host that is its own
+    way out, else the tunnel port to its gateway host (None while that port is missing: dropped).
+    """
     h = OwnerKind.HOST
     yield flow(Table.CLASSIFY, PRIO_ALLOW, h, host, (), Table.ARP, in_port=OFPP_LOCAL, eth_type=ETH_ARP)
     yield flow(Table.CLASSIFY, PRIO_ALLOW, h, host, (), Table.MAPPING, in_port=OFPP_LOCAL, eth_type=ETH_IP)
@@ -276,7 +383,8 @@ def host_flows(config: NetworkConfig, host: str) -> Iterator[Flow]:
                eth_type=ETH_IP, ipv4_dst=str(config.gateway_ip), ip_proto=IPPROTO_ICMP, icmpv4_type=8)
     yield from fence_flows(config, host)
     yield flow(Table.MAPPING, PRIO_DEFAULT, h, host, (), Table.L2)
-    yield flow(Table.L2, PRIO_ALLOW, h, host, (Output(OFPP_LOCAL),), eth_dst=config.gateway_mac)
+    if gateway_out is not None:
+        yield flow(Table.L2, PRIO_ALLOW, h, host, (Output(gateway_out),), eth_dst=config.gateway_mac)
     yield flow(Table.L2, PRIO_DEFAULT, h, host)
     yield from icmp_host_flows(host)
 
@@ -358,16 +466,33 @@ def mapping_flows(mapping: Mapping, owner: Container, port: int | None) -> Itera
     build (a unit test compares them), from pre-built shapes. Field order is the
     shapes' sorted order.
     """
+    rewrite = rewrite_flow(mapping, owner.mac)
+    yield rewrite
+    if port is not None:
+        yield allowance_flow(mapping, owner, port, rewrite)
+
+
+def rewrite_flow(mapping: Mapping, mac: str) -> Flow:
+    """The mapping's rewrite: (public IP, proto, port) -> eth_dst of its owner. The same on every switch."""
     key = mapping.key
     name = str(key)
     k = OwnerKind.MAPPING
-    bits = owner_id(k, name) << 32
-    ip = _text(key.public_ip)
-    proto = IPPROTO[key.proto]
-    rewrite, allow = _mapping_shapes(key.proto)
-    yield Flow(rewrite, (ETH_IP, proto, ip, key.port, owner.mac), k, name, bits)
-    if port is not None:
-        yield Flow(allow, (owner.mac, ETH_IP, port, proto, ip, key.port), k, name, bits)
+    rewrite, _allow = _mapping_shapes(key.proto)
+    return Flow(rewrite, (ETH_IP, IPPROTO[key.proto], _text(key.public_ip), key.port, mac), k, name,
+                owner_id(k, name) << 32)
+
+
+def allowance_flow(mapping: Mapping, owner: Container, port: int, rewrite: Flow | None = None) -> Flow:
+    """On the owner's switch: the owner may send from the mapped port. Given the mapping's
+    ``rewrite`` flow, its owner name and cookie bits are reused (the same owner: no second digest)."""
+    key = mapping.key
+    k = OwnerKind.MAPPING
+    _rewrite, allow = _mapping_shapes(key.proto)
+    values = (owner.mac, ETH_IP, port, IPPROTO[key.proto], _text(key.public_ip), key.port)
+    if rewrite is not None:
+        return Flow(allow, values, k, rewrite.owner, rewrite.cookie & ~0xFFFFFFFF)
+    name = str(key)
+    return Flow(allow, values, k, name, owner_id(k, name) << 32)
 
 
 def block_flows(container: Container) -> Iterator[Flow]:
@@ -405,6 +530,7 @@ def container_port_flows(container: Container, port: int) -> Iterator[Flow]:
     yield flow(Table.CLASSIFY, PRIO_PORT_DROP, k, name, in_port=port)
     yield flow(Table.L2, PRIO_BLOCK, k, name, (Output(OFPP_IN_PORT),), eth_dst=mac, in_port=port)
     yield flow(Table.L2, PRIO_ALLOW, k, name, (Output(port),), eth_dst=mac)
+    yield flow(Table.FROM_TUNNEL, PRIO_ALLOW, k, name, (Output(port),), eth_dst=mac)
 
 
 def arp_responder(ip: IPv4Address, mac: str) -> tuple[SetField | Move | Output, ...]:

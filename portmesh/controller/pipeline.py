@@ -33,8 +33,10 @@ class Table(enum.Enum):
         purpose=(
             "Ingress classification and port security. A container port may send only with its own MAC, "
             "from one of its IPs, and (TCP/UDP) from a source port it owns: a mapped service port or its "
-            "ephemeral block. ARP must carry its own MAC and IP. The host's gateway port and tunnel ports "
-            "are trusted. Everything else hits the container's drop flow, whose counter is the port-security count. "
+            "ephemeral block. ARP must carry its own MAC and IP. The host's gateway port is trusted; IPv4 "
+            "arriving on a tunnel port (a port named after another host's tunnel, see FROM_TUNNEL) goes to "
+            "FROM_TUNNEL, anything else from a tunnel is dropped. Everything else hits the container's drop flow, "
+            "whose counter is the port-security count. "
             "ICMP from a container: an echo request is committed to conntrack (zone 1, the sender's MAC in "
             "ct_label); a destination unreachable or time exceeded goes to the controller (meter ICMP_OUT), which "
             "passes it on to MAPPING only if the header it quotes is addressed to a port the sender owns; any "
@@ -46,7 +48,7 @@ class Table(enum.Enum):
             {"in_port", "eth_src", "eth_type", "ipv4_src", "ip_proto", "tcp_src", "udp_src", "arp_spa", "arp_sha",
              "icmpv4_type"}
         ),
-        next_tables=("ARP", "MAPPING"),
+        next_tables=("ARP", "MAPPING", "FROM_TUNNEL"),
         miss="drop",
     )
     ARP = TableSpec(
@@ -92,6 +94,23 @@ class Table(enum.Enum):
             "netdev ingress chain with policy drop (table netdev portmesh), which OVS's packet socket precedes."
         ),
         match_fields=frozenset({"eth_dst", "in_port"}),
+        next_tables=(),
+        miss="drop",
+    )
+    FROM_TUNNEL = TableSpec(
+        number=4,
+        purpose=(
+            "Frames that came from another host through a VXLAN tunnel port. They were classified, rewritten "
+            "and fenced on the switch where they entered the cloud, so here they are only delivered, and only "
+            "to local things (split horizon: a frame from a tunnel never leaves by a tunnel, so it crosses at "
+            "most one): a local container's MAC goes to its port; on a host that is a gateway, the gateway MAC "
+            "goes to LOCAL (ICMP echo requests first committed to conntrack zone 1 with the sender's MAC in "
+            "ct_label, as from a container port, so the reply finds its way back through L2 and the tunnel). "
+            "On other hosts L2 sends a remote container's MAC to the tunnel port of its host and the gateway MAC "
+            "to the tunnel port of the host's gateway host, so that traffic between containers of one host never "
+            "leaves it and traffic to another host crosses exactly one tunnel."
+        ),
+        match_fields=frozenset({"eth_dst", "eth_type", "ip_proto", "icmpv4_type"}),
         next_tables=(),
         miss="drop",
     )
