@@ -11,7 +11,6 @@ import signal
 import prometheus_client
 
 from portmesh.controller.service import Controller
-from portmesh.model.config import DEFAULT_CONFIG
 from portmesh.store.reader import StateReader
 
 log = logging.getLogger("portmesh.controller")
@@ -35,7 +34,8 @@ async def serve(args: argparse.Namespace) -> None:
     # replica alone was ~200 MB and ~6 s of loading on top of the state itself (store/reader.py).
     store = StateReader(args.store)
     await asyncio.to_thread(store.start)
-    controller = Controller(store, DEFAULT_CONFIG, echo_idle=args.echo_idle, echo_timeout=args.echo_timeout)
+    # The network config comes with every snapshot (the store's Global row), never from here.
+    controller = Controller(store, echo_idle=args.echo_idle, echo_timeout=args.echo_timeout)
     controller.attach()
     if args.metrics:
         addr, _, port = args.metrics.rpartition(":")

@@ -1,8 +1,12 @@
 """The controller process: desired state from the store in, flows on every switch out.
 
-Store changes only set a flag; one task turns the newest snapshot into each
-connected switch's desired flow set and syncs it, so a burst of writes becomes
-one bundle per switch. After a switch holds the flows of generation G the
+Store changes only set a flag; one task reads the newest snapshot and wakes the
+task of each connected switch that lags, which turns it into that switch's
+desired flow set and syncs it, so a burst of writes becomes one bundle per
+switch and a slow or dead switch never holds back the others. The flows every
+switch shares (mapping rewrites, reply blocks, public IPs) are built once for
+all of them (:class:`CommonFlows`), from the config in the snapshot itself: a
+config change means fresh compilers and a full sync of every switch. After a switch holds the flows of generation G the
 controller reports G for that host (what ``--wait`` waits for), together with
 the host's containers that have no port on the switch yet, hence no flows: a
 container that cannot start never gets a port, and waiting for it would hold
@@ -18,14 +22,13 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol
 
 from portmesh.controller import icmp
-from portmesh.controller.compiler import SwitchCompiler
+from portmesh.controller.compiler import CommonFlows, SwitchCompiler
 from portmesh.controller.connection import OpenFlowConnection
 from portmesh.controller.encoding import DP, EncodingCache, ofp, parser, serialize
 from portmesh.controller.metrics import ControllerMetrics
 from portmesh.controller.pipeline import Table
 from portmesh.controller.reject import refusal
 from portmesh.controller.switch import Switch
-from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import DesiredState
 
 log = logging.getLogger(__name__)
@@ -54,11 +57,13 @@ class StateSource(Protocol):
 class Controller:
     """Accepts switch connections and keeps every switch equal to the compiled desired state."""
 
-    def __init__(
-        self, store: StateSource, config: NetworkConfig, echo_idle: float = 5.0, echo_timeout: float = 5.0
-    ) -> None:
+    def __init__(self, store: StateSource, echo_idle: float = 5.0, echo_timeout: float = 5.0) -> None:
         self.store = store
-        self.config = config
+        # The newest snapshot and the flows shared by every switch's compiler, built for its config.
+        self.state: DesiredState | None = None
+        self.common: CommonFlows | None = None
+        self._wake: dict[int, asyncio.Event] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
         # Switch liveness (OpenFlowConnection.keepalive): probe after echo_idle s of silence, drop the
         # connection after echo_timeout s more without an answer; echo_idle <= 0 turns probing off.
         self.echo_idle = echo_idle
@@ -81,7 +86,7 @@ class Controller:
         self._dirty.set()
 
     async def run(self) -> None:
-        """Converge forever: wait for a change, sync every switch against the newest snapshot."""
+        """Converge forever: wait for a change, wake every switch that lags the newest snapshot."""
         while True:
             await self._dirty.wait()
             self._dirty.clear()
@@ -93,16 +98,39 @@ class Controller:
                 await asyncio.sleep(STORE_RETRY_S)
                 self._dirty.set()
                 continue
-            stale = [s for s in self.switches.values() if s.needs_sync(state.generation)]
-            if not stale:
-                continue  # e.g. our own status report came back through the store
-            full = [await self._sync(switch, state) for switch in stale]
-            if any(full):
+            self.adopt(state)
+            for dpid, switch in self.switches.items():
+                # e.g. our own status report came back through the store: nothing to wake
+                if switch.needs_sync(state.generation):
+                    self._wake[dpid].set()
+
+    def adopt(self, state: DesiredState) -> None:
+        """Make ``state`` the newest snapshot; a new config gets new shared flows (hence fresh compilers)."""
+        self.state = state
+        if self.common is None or self.common.config != state.config:
+            if self.common is not None:
+                log.info("network config changed: every switch is compiled afresh")
+            self.common = CommonFlows(state.config)
+
+    async def _serve(self, switch: Switch, wake: asyncio.Event) -> None:
+        """One switch's task: sync it whenever it lags the newest snapshot, independently of the others."""
+        while True:
+            await wake.wait()
+            wake.clear()
+            state = self.state
+            if state is None or not switch.needs_sync(state.generation):
+                continue
+            full = await self._sync(switch, state)
+            if self.state is not state:
+                wake.set()  # a newer snapshot arrived meanwhile
+            if full:
                 # After a full sync, drop encodings no switch holds (a delta forgets its own deletions).
                 wanted: set[int] = set()
-                for switch in self.switches.values():
-                    wanted |= switch.installed
+                for other in self.switches.values():
+                    wanted |= other.installed
                 self.cache.retain(wanted)
+            if self.common is not None and not any(s.needs_sync(state.generation) for s in self.switches.values()):
+                self.common.prune(state)  # every switch is past the older snapshots
 
     async def _sync(self, switch: Switch, state: DesiredState) -> bool:
         """Sync one switch to ``state`` and report the generation it now realises; True if it was a full sync."""
@@ -111,9 +139,12 @@ class Controller:
             log.warning("switch %016x belongs to no known host; leaving it alone", switch.datapath_id)
             switch.realized(state.generation, switch.ports_version)
             return False
-        if switch.compiler is None or switch.compiler.host != host:
-            switch.compiler, switch.in_step = SwitchCompiler(self.config, host), False
+        if self.common is None or self.common.config != state.config:
+            self.common = CommonFlows(state.config)
         compiler = switch.compiler
+        if compiler is None or compiler.host != host or compiler.common is not self.common:
+            compiler = SwitchCompiler(self.common.config, host, self.common)
+            switch.compiler, switch.in_step = compiler, False
         started = time.perf_counter()
         ports_version, ports = switch.ports_version, dict(switch.ports)
         full = not (switch.in_step and switch.realized_ports_version == ports_version)
@@ -206,7 +237,10 @@ class Controller:
             old = self.switches.get(dpid)
             if old is not None:
                 old.conn.close()
+                self._stop_task(dpid)
             self.switches[dpid] = switch
+            wake = self._wake[dpid] = asyncio.Event()
+            self._tasks[dpid] = asyncio.create_task(self._serve(switch, wake))
             self.metrics.switches.set(len(self.switches))
             log.info("switch %016x connected from %s with %d flows", dpid, conn.peer, len(switch.installed))
             self._dirty.set()
@@ -221,11 +255,18 @@ class Controller:
             conn.close()
             if switch is not None and self.switches.get(switch.datapath_id) is switch:
                 del self.switches[switch.datapath_id]
+                self._stop_task(switch.datapath_id)
                 self._reported.pop(switch.datapath_id, None)
                 self.metrics.switches.set(len(self.switches))
                 await self._report_disconnected(switch.datapath_id)
             if task is not None:
                 self._handlers.discard(task)
+
+    def _stop_task(self, dpid: int) -> None:
+        task = self._tasks.pop(dpid, None)
+        if task is not None:
+            task.cancel()
+        self._wake.pop(dpid, None)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Drop every switch connection and let each handler report its switch disconnected.
@@ -277,7 +318,9 @@ class Controller:
             switch.conn.send(serialize(out, switch.conn.next_xid()))
 
     def _reject(self, switch: Switch, msg: Any) -> None:
-        reply = refusal(bytes(msg.data), self.config.virtual_mac)
+        if self.state is None:
+            return
+        reply = refusal(bytes(msg.data), self.state.config.virtual_mac)
         if reply is None:
             return
         in_port = msg.match["in_port"]

@@ -14,7 +14,6 @@ import pytest
 
 from portmesh.controller.service import Controller
 from portmesh.lab.dummy_ovs import DummyOVS
-from portmesh.model.config import DEFAULT_CONFIG
 from portmesh.model.entities import DesiredState
 
 pytestmark = pytest.mark.switch
@@ -79,7 +78,7 @@ class ControllerThread:
         return self
 
     async def _start(self) -> None:
-        self.controller = Controller(self.source, DEFAULT_CONFIG)
+        self.controller = Controller(self.source)
         self.controller.attach()
         self._server = await asyncio.start_unix_server(self.controller.handle_switch, str(self.path))
         self._task = asyncio.create_task(self.controller.run())

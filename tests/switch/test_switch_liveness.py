@@ -23,7 +23,6 @@ import pytest
 from portmesh.controller.connection import OpenFlowConnection
 from portmesh.controller.service import Controller
 from portmesh.lab.dummy_ovs import DummyOVS
-from portmesh.model.config import DEFAULT_CONFIG
 from tests.switch.conftest import ControllerThread, MemoryState
 from tests.switch.test_pipeline_trace import build_state
 
@@ -36,7 +35,7 @@ class ProbingControllerThread(ControllerThread):
     """The test controller with short echo idle/timeout values."""
 
     async def _start(self) -> None:
-        self.controller = Controller(self.source, DEFAULT_CONFIG, echo_idle=IDLE, echo_timeout=TIMEOUT)
+        self.controller = Controller(self.source, echo_idle=IDLE, echo_timeout=TIMEOUT)
         self.controller.attach()
         self._server = await asyncio.start_unix_server(self.controller.handle_switch, str(self.path))
         self._task = asyncio.create_task(self.controller.run())
