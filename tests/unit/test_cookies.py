@@ -19,6 +19,7 @@ from portmesh.controller.flows import (
     OFPP_IN_PORT,
     Ct,
     Flow,
+    Output,
     OwnerKind,
     ToController,
     flow,
@@ -105,3 +106,25 @@ def test_cookie_ignores_how_an_integer_is_typed() -> None:
     a = flow(Table.MAPPING, PRIO_ALLOW, OwnerKind.HOST, "h1", (), Table.L2, eth_type=0x0800)
     b = flow(Table.MAPPING, PRIO_ALLOW, OwnerKind.HOST, "h1", (), Table.L2, eth_type=Ethertype.IP)
     assert a.cookie == b.cookie
+
+
+def test_single_host_flows_are_unchanged_by_multi_host_support() -> None:
+    """One host, no tunnels: the compiler's whole output is what it was before issue 12 but for the
+    FROM_TUNNEL miss flow (a one-host switch upgraded to this controller re-installs nothing else)."""
+    from portmesh.controller.compiler import compile_switch
+
+    owner = _owner()
+    state = DesiredState(hosts={"h1": Host("h1", 1)}, containers={"c1": owner},
+                         mappings={KEY: Mapping(KEY, "c1")})
+    flows = compile_switch(state, DEFAULT_CONFIG, "h1", {owner.port_name: 7})
+    new = [f for f in flows.values() if f.table is Table.FROM_TUNNEL]
+    old = sorted(c for c, f in flows.items() if f.table is not Table.FROM_TUNNEL)
+    digest = hashlib.blake2b(b"".join(c.to_bytes(8, "big") for c in old), digest_size=8).hexdigest()
+    assert sorted((dict(f.match).get("eth_dst", "miss"), f.actions) for f in new) == [
+        ("02:00:00:00:00:07", (Output(7),)), ("miss", ())]
+    assert digest == PINNED_SINGLE_HOST, digest
+
+
+# A digest of the 35 cookies (all but FROM_TUNNEL's) of one host with one container and one mapping, the same
+# as the compiler of commit d794b2c (before multi-host flows) gives.
+PINNED_SINGLE_HOST = "560e04a8e1a4ebb6"
