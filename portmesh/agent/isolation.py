@@ -8,7 +8,8 @@ the container's packets itself (``ip_forward=1``), past every port-security flow
 
 Two tables, both named ``portmesh`` and owned by the agent alone:
 
-- ``netdev portmesh``: one ingress chain per port, named after the port,
+- ``netdev portmesh``: one ingress chain per port (container veths and the VXLAN
+  tunnel devices, whose decapsulated frames are for OVS only), named after the port,
   ``policy drop`` with no rules. The packet socket sees a frame before the ingress
   hook, so OVS still gets it; the host kernel never does. One chain per port (not
   one chain with a device list) because creating and deleting a single-device
@@ -19,7 +20,9 @@ Two tables, both named ``portmesh`` and owned by the agent alone:
 - ``inet portmesh``: the host firewall for the gateway port (br0's internal port,
   where OVS hands containers' traffic to the host). Nothing that arrives there may
   reach a socket of the host (``input``), and nothing may be forwarded to the
-  link-local, management or underlay networks (``forward``). Stateless on purpose:
+  link-local, management or underlay networks (``forward``); on a compute host
+  nothing from it is forwarded at all. VXLAN (UDP ``vxlan_port``) is accepted only
+  from the peer hosts' underlay addresses (set ``tunnel_peers``). Stateless on purpose:
   a ``ct`` expression would turn on conntrack for every forwarded connection of the
   host's namespace, the containers' data path included.
 
@@ -38,7 +41,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Iterable
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -185,12 +188,24 @@ def _check_name(port: str) -> None:
 
 # -- the gateway port: containers reach the outside, nothing of the host's ------------------
 
+PEER_SET = "tunnel_peers"  # set of peers' underlay IPs in ``inet portmesh``: the only sources of VXLAN
 
-def firewall_rules(bridge: str, protected: Iterable[IPv4Network]) -> list[tuple[str, str, str]]:
-    """(chain, rule, why) for the host firewall; ``why`` becomes the rule's comment."""
+
+def firewall_rules(
+    bridge: str, protected: Iterable[IPv4Network], *, vxlan_port: int | None = None, compute: bool = False
+) -> list[tuple[str, str, str]]:
+    """(chain, rule, why) for the host firewall; ``why`` becomes the rule's comment.
+
+    With ``vxlan_port``, UDP to that port is accepted only from the addresses in set
+    :data:`PEER_SET` (the peer hosts' underlay IPs, kept apart from the rules by
+    :func:`ensure_host_firewall` so a host joining changes no rule): anyone else could
+    inject frames into br0 through a tunnel device. A ``compute`` host forwards nothing
+    that arrives on the bridge: its containers leave through a tunnel to a gateway host,
+    never through this host's own uplink (defence in depth behind the controller's flows).
+    """
     _check_name(bridge)
     nets = ", ".join(str(n) for n in sorted({LINK_LOCAL, *protected}))
-    return [
+    rules = [
         ("input", f'iifname "{bridge}" drop', "containers reach nothing that listens on this host"),
         (
             "forward",
@@ -198,23 +213,55 @@ def firewall_rules(bridge: str, protected: Iterable[IPv4Network]) -> list[tuple[
             "containers reach no link-local, management or underlay network",
         ),
     ]
+    if vxlan_port is not None:
+        if not 0 < vxlan_port < 65536:
+            raise ValueError(f"vxlan_port {vxlan_port}: not a UDP port")
+        rules += [
+            ("input", f"udp dport {vxlan_port} ip saddr @{PEER_SET} accept", "VXLAN from peer hosts' underlay addresses"),
+            ("input", f"udp dport {vxlan_port} drop", "VXLAN from anyone else would inject frames into br0"),
+        ]
+    if compute:
+        rules.append(("forward", f'iifname "{bridge}" drop', "a compute host never routes its containers' traffic out"))
+    return rules
 
 
-def ensure_host_firewall(bridge: str, protected: Iterable[IPv4Network]) -> bool:
-    """Make table ``inet portmesh`` hold exactly :func:`firewall_rules`; True if it was (re)written.
+def ensure_host_firewall(
+    bridge: str,
+    protected: Iterable[IPv4Network],
+    *,
+    vxlan_port: int | None = None,
+    peers: Iterable[IPv4Address] = (),
+    compute: bool = False,
+) -> bool:
+    """Make table ``inet portmesh`` hold exactly :func:`firewall_rules` and set :data:`PEER_SET` exactly
+    ``peers``; True if anything was written.
 
     Each rule's comment carries a digest of the whole rule set, so reading the
     comments back tells whether the table is current; when it is not, the table
-    is replaced in one atomic transaction (no moment without the rules).
+    is replaced in one atomic transaction (no moment without the rules), the peer
+    set's elements with it. When only the peers differ, just the elements are
+    added and deleted, in one transaction.
     """
-    rules = firewall_rules(bridge, protected)
+    rules = firewall_rules(bridge, protected, vxlan_port=vxlan_port, compute=compute)
+    wanted_peers = {str(IPv4Address(p)) for p in peers}
     digest = hashlib.blake2b(repr(rules).encode(), digest_size=6).hexdigest()
-    wanted = [(chain, f"{why} [{digest}]") for chain, _rule, why in rules]
+    # In the order nft lists them back: the input chain's rules, then the forward chain's.
+    wanted = [(chain, f"{why} [{digest}]") for c in ("input", "forward") for chain, _rule, why in rules if chain == c]
     objects = nft().objects(f"list table inet {TABLE}")
     have = [(o["rule"]["chain"], o["rule"].get("comment", "")) for o in objects if "rule" in o]
-    if have == wanted:
-        return False
-    body = ""
+    have_peers = {str(e) for o in objects if o.get("set", {}).get("name") == PEER_SET for e in o["set"].get("elem", [])}
+    if have == wanted and any(o.get("set", {}).get("name") == PEER_SET for o in objects):
+        if have_peers == wanted_peers:
+            return False
+        commands = ""
+        if wanted_peers - have_peers:
+            commands += f"add element inet {TABLE} {PEER_SET} {{ {', '.join(sorted(wanted_peers - have_peers))} }}\n"
+        if have_peers - wanted_peers:
+            commands += f"delete element inet {TABLE} {PEER_SET} {{ {', '.join(sorted(have_peers - wanted_peers))} }}\n"
+        nft().run(commands)
+        return True
+    elements = f" elements = {{ {', '.join(sorted(wanted_peers))} }};" if wanted_peers else ""
+    body = f"  set {PEER_SET} {{ type ipv4_addr;{elements} }}\n"
     for chain in ("input", "forward"):
         body += f"  chain {chain} {{\n    type filter hook {chain} priority filter; policy accept;\n"
         body += "".join(f'    {rule} comment "{why} [{digest}]"\n' for c, rule, why in rules if c == chain)

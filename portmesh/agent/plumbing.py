@@ -165,7 +165,9 @@ def write_sysctls(values: Mapping[str, str], netns: str | None = None) -> None:
 # -- host ------------------------------------------------------------------------
 
 
-def ensure_host_gateway(config: NetworkConfig, bridge: str = BRIDGE) -> None:
+def ensure_host_gateway(
+    config: NetworkConfig, bridge: str = BRIDGE, *, peers: Iterable[IPv4Address] = (), compute: bool = False
+) -> None:
     """The bridge's internal port is the containers' gateway: address, up, pool routes, forwarding, firewall.
 
     Runs in the host's namespace; the bridge's internal port must already exist
@@ -174,7 +176,8 @@ def ensure_host_gateway(config: NetworkConfig, bridge: str = BRIDGE) -> None:
     /16 would make the host claim all of 169.254.0.0/16 and shadow a cloud's
     metadata service (169.254.169.254). The gateway address with any other prefix
     (an older agent's /16) is replaced. The host firewall goes on before
-    forwarding is turned on.
+    forwarding is turned on; ``peers`` (underlay IPs) are the only sources of VXLAN it
+    accepts, and a ``compute`` host forwards nothing from br0 (isolation.firewall_rules).
     """
     gw = str(config.gateway_ip)
     with IPRoute() as ipr:
@@ -197,16 +200,32 @@ def ensure_host_gateway(config: NetworkConfig, bridge: str = BRIDGE) -> None:
             if (r.get("oif") == index and r["type"] == RTN_UNICAST and r.get("proto") == RTPROT_STATIC
                     and r.get("gateway") is None and dst not in pools):
                 ipr.route("del", dst=f"{dst[0]}/{dst[1]}", oif=index, table=TABLE_MAIN, proto=RTPROT_STATIC)
-    isolation.ensure_host_firewall(bridge, config.protected_networks)
+    host_firewall(config, bridge, peers=peers, compute=compute)
     write_sysctls({"net.ipv4.ip_forward": "1"})
 
 
-def recheck_isolation(config: NetworkConfig, bridge: str = BRIDGE) -> None:
-    """The agent's full re-check: every container port on the host isolated (and no chain for a gone one),
-    the host firewall as it must be. See :mod:`portmesh.agent.isolation`."""
+def host_firewall(
+    config: NetworkConfig, bridge: str = BRIDGE, *, peers: Iterable[IPv4Address] = (), compute: bool = False
+) -> bool:
+    """Table ``inet portmesh`` as the config, the peers and the host's role say; True if written."""
+    return isolation.ensure_host_firewall(
+        bridge, config.protected_networks, vxlan_port=config.vxlan_port, peers=peers, compute=compute
+    )
+
+
+def recheck_isolation(
+    config: NetworkConfig,
+    bridge: str = BRIDGE,
+    *,
+    tunnel_ports: Iterable[str] = (),
+    peers: Iterable[IPv4Address] = (),
+    compute: bool = False,
+) -> None:
+    """The agent's full re-check: every container port and tunnel device (``tunnel_ports``) on the host
+    isolated (and no chain for a gone one), the host firewall as it must be. See :mod:`portmesh.agent.isolation`."""
     if isolation.needed():
-        isolation.sync_ports(host_ports())
-    isolation.ensure_host_firewall(bridge, config.protected_networks)
+        isolation.sync_ports(host_ports() | set(tunnel_ports))
+    host_firewall(config, bridge, peers=peers, compute=compute)
 
 
 # -- containers --------------------------------------------------------------------

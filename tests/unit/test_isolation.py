@@ -8,6 +8,7 @@ import os
 import subprocess
 import threading
 from collections.abc import Callable
+from ipaddress import IPv4Address as A
 from ipaddress import IPv4Network
 from typing import TypeVar
 
@@ -90,3 +91,42 @@ def test_ports_and_firewall_converge_and_a_second_pass_writes_nothing() -> None:
     assert got["chains"] == {"pm00000000000b"}
     assert got["fw"] is True and got["fw_again"] is False and got["fw_changed"] is True
     assert got["released"] is True and got["released_again"] is False
+
+
+def test_firewall_rules_accept_vxlan_from_peers_only_and_a_compute_host_forwards_nothing_from_br0() -> None:
+    rules = isolation.firewall_rules("br0", [IPv4Network("198.18.0.0/15")], vxlan_port=4789, compute=True)
+    assert [(c, r) for c, r, _ in rules[2:]] == [
+        ("input", "udp dport 4789 ip saddr @tunnel_peers accept"),
+        ("input", "udp dport 4789 drop"),
+        ("forward", 'iifname "br0" drop'),
+    ]
+    assert len(isolation.firewall_rules("br0", [], vxlan_port=4789)) == 4  # a gateway host forwards (fenced)
+    with pytest.raises(ValueError, match="vxlan_port"):
+        isolation.firewall_rules("br0", [], vxlan_port=0)
+
+
+@needs_nft
+def test_peer_set_follows_the_peers_without_rewriting_the_rules() -> None:
+    def work() -> dict[str, object]:
+        def fw(*peers: str, compute: bool = False) -> bool:
+            return isolation.ensure_host_firewall("br0", [], vxlan_port=4789, peers=[A(p) for p in peers], compute=compute)
+
+        def handles() -> list[int]:
+            return [o["rule"]["handle"] for o in isolation.nft().objects(f"list table inet {isolation.TABLE}") if "rule" in o]
+
+        out: dict[str, object] = {"first": fw("198.19.0.12"), "again": fw("198.19.0.12")}
+        before = handles()
+        out["joined"] = fw("198.19.0.12", "198.19.0.13")
+        out["left"] = fw("198.19.0.13")
+        out["same_rules"] = handles() == before
+        out["text"] = isolation.nft().run(f"list set inet {isolation.TABLE} {isolation.PEER_SET}")
+        out["compute"] = fw("198.19.0.13", compute=True)
+        out["compute_again"] = fw("198.19.0.13", compute=True)
+        out["text_after"] = isolation.nft().run(f"list set inet {isolation.TABLE} {isolation.PEER_SET}")
+        return out
+
+    got = in_scratch_netns(work)
+    assert got["first"] is True and got["again"] is False
+    assert got["joined"] is True and got["left"] is True and got["same_rules"] is True
+    assert "198.19.0.13" in str(got["text"]) and "198.19.0.12" not in str(got["text"])
+    assert got["compute"] is True and got["compute_again"] is False and "198.19.0.13" in str(got["text_after"])
