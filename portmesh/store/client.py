@@ -16,8 +16,10 @@ the controller recompute.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from collections.abc import Mapping as MappingABC
 
 from portmesh.model.blocks import BlockTaken
+from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import (
     Container,
     ContainerStatus,
@@ -31,6 +33,7 @@ from portmesh.model.entities import (
 from portmesh.model.errors import Conflict, InvalidInput, NotFound
 from portmesh.store import rows as R
 from portmesh.store.engine import Engine, StoreError, Txn
+from portmesh.store.mirror import Committed
 
 __all__ = ["Store", "StoreError"]
 
@@ -119,6 +122,22 @@ class Store(Engine):
             if placed:
                 raise Conflict("name", f"host {name!r} still has containers: {', '.join(placed[:5])}")
             row.delete()
+            return True
+
+        return self._write(build)
+
+    def set_config(self, config: NetworkConfig) -> int:
+        """Replace the cloud's configuration (the Global row's config columns); an unchanged config
+        does not bump the generation. What may change, and when, is the API's call to make."""
+
+        def build(txn: Txn) -> bool:
+            rows = self._rows("Global")
+            if not rows:
+                R.fill_config(self._insert_global(txn), config)
+                return True
+            if self._mirror.config == config:
+                return False
+            R.fill_config(rows[0], config)
             return True
 
         return self._write(build)
@@ -254,6 +273,30 @@ class Store(Engine):
             return True
 
         self._write(build, bump=False)
+
+    def report_tunnels(self, host: str, tunnels: MappingABC[str, str]) -> None:
+        """Agent: the state of its tunnels, peer host -> ``up`` or ``down: reason`` (no generation bump).
+
+        Written only when it differs from what this client last saw or wrote, so an agent may
+        report after every pass: an unchanged report costs no round trip.
+        """
+        want = {str(peer): str(state) for peer, state in tunnels.items()}
+
+        def build(txn: Txn) -> bool:
+            row = self._host(host, field="host")
+            if self._reported_tunnels.get(row.uuid) == want:
+                return False
+            if "tunnels" in row._data and dict(R.tunnels_from_row(Committed(row))) == want:
+                self._reported_tunnels[row.uuid] = want
+                return False
+            row.tunnels = want
+            written.append(row.uuid)
+            return True
+
+        written: list[object] = []
+        self._write(build, bump=False)
+        for row_uuid in written[-1:]:
+            self._reported_tunnels[row_uuid] = want
 
     def _host_row(self, name: str) -> R.Row | None:
         return self._row("Host", self._mirror.host_rows.get(name))

@@ -28,6 +28,7 @@ with warnings.catch_warnings():
     from ovsdbapp.backend.ovs_idl import connection as ovs_conn
     from ovsdbapp.backend.ovs_idl import idlutils
 
+from portmesh.model.config import DEFAULT_CONFIG  # only to initialise a database without a Global row
 from portmesh.store import rows as R
 from portmesh.store.jsonstream import install as install_stream_parser
 from portmesh.store.mirror import Mirror
@@ -142,6 +143,9 @@ class Engine:
             for table in tables:
                 helper.register_table(table)
         self._mirror = Mirror()
+        # Host row -> the tunnel report last written through this client (report_tunnels), for an
+        # agent's view that does not replicate the column it writes.
+        self._reported_tunnels: dict[Any, dict[str, str]] = {}
         self._idl = _Idl(remote, helper, self._after_run, self._on_row, self._on_reload)
         reconnect = getattr(getattr(self._idl, "_session", None), "reconnect", None)
         if reconnect is not None:
@@ -294,11 +298,21 @@ class Engine:
     def _bump(self, txn: Txn) -> bool:
         """Increment Global.generation in ``txn``; True if the Global row had to be created."""
         rows = self._rows("Global")
+        if rows and rows[0]._data is None:
+            return True  # inserted by this very transaction (set_config on a database without one)
         if rows:
             rows[0].increment("generation")
             return False
-        txn.insert(self._idl.tables["Global"]).generation = 1
+        self._insert_global(txn)
         return True
+
+    def _insert_global(self, txn: Txn) -> R.Row:
+        """The Global row of a database created without one (``create_db`` makes it): generation 1 and
+        the default configuration, so that its columns never read as "no pools"."""
+        row = txn.insert(self._idl.tables["Global"])
+        row.generation = 1
+        R.fill_config(row, DEFAULT_CONFIG)
+        return row
 
     def _wait_for_change(self, seqno: int, deadline: float) -> bool:
         remaining = deadline - time.monotonic()

@@ -25,6 +25,7 @@ import uuid as uuid_mod
 from collections.abc import Iterable
 from typing import Any
 
+from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import Container, DesiredState, Host, Mapping, MappingKey
 from portmesh.store import rows as R
 
@@ -69,6 +70,8 @@ class Mirror:
     def reset(self) -> None:
         """Forget everything (before the whole database is loaded again)."""
         self.generation = 0
+        # None until the Global row is seen: the snapshot then keeps DesiredState's own default.
+        self.config: NetworkConfig | None = None
         self.hosts: dict[str, Host] = {}
         self.containers: dict[str, Container] = {}
         self.mappings: dict[MappingKey, Mapping] = {}
@@ -116,10 +119,11 @@ class Mirror:
         elif table == "Global":
             if columns is None:
                 if row_uuid == self._global:
-                    self._global, self.generation = None, 0
+                    self._global, self.generation, self.config = None, 0, None
             else:
                 self._global = row_uuid
                 self.generation = int(columns.generation)
+                self.config = R.config_from_row(columns) if hasattr(columns, "public_pools") else None
 
     def rebuild(self, tables: dict[str, Iterable[R.Row]]) -> None:
         """Start over from the committed rows of every table (after the IDL reloaded its cache)."""
@@ -131,7 +135,10 @@ class Mirror:
 
     def state(self) -> DesiredState:
         """A copy the caller may keep and change: the entities are immutable, the dicts are new."""
-        return DesiredState(self.generation, dict(self.hosts), dict(self.containers), dict(self.mappings))
+        hosts, containers, mappings = dict(self.hosts), dict(self.containers), dict(self.mappings)
+        if self.config is None:
+            return DesiredState(self.generation, hosts, containers, mappings)
+        return DesiredState(self.generation, hosts, containers, mappings, self.config)
 
     # -- per table ---------------------------------------------------------------------------------
 

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping as MappingABC
+from dataclasses import replace
 from importlib import resources
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
 from portmesh.model.blocks import BlockTaken
+from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import (
     DEFAULT_STOP_TIMEOUT,
     Container,
     ContainerStatus,
     Host,
+    HostRole,
     HostStatus,
     Mapping,
     MappingKey,
@@ -41,9 +45,20 @@ Row = Any
 
 # The columns the desired state is made of (what host_from_row, container_from_row and
 # mapping_from_row read): a reader that monitors only these never hears of status reports.
+# The cloud's configuration (schema 1.4.0), in the Global row: what config_from_row reads.
+CONFIG_COLUMNS: tuple[str, ...] = (
+    "public_pools",
+    "gateway_ip",
+    "block_size",
+    "container_mtu",
+    "protected_networks",
+    "vxlan_vni",
+    "vxlan_port",
+)
+
 DESIRED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "Global": ("generation",),
-    "Host": ("name", "datapath_id", "underlay_ip"),
+    "Global": ("generation", *CONFIG_COLUMNS),
+    "Host": ("name", "datapath_id", "underlay_ip", "role"),
     "Container": (
         "name",
         "host",
@@ -73,9 +88,65 @@ def _optional(value: list[Any]) -> Any:
 
 
 def host_from_row(row: Row) -> Host:
-    """The desired part of a Host row."""
+    """The desired part of a Host row (an empty ``role``, as a row from before schema 1.4.0 has: gateway)."""
     ip = _optional(row.underlay_ip)
-    return Host(name=row.name, datapath_id=row.datapath_id, underlay_ip=IPv4Address(ip) if ip else None)
+    role = _optional(getattr(row, "role", []))
+    return Host(
+        name=row.name,
+        datapath_id=row.datapath_id,
+        underlay_ip=IPv4Address(ip) if ip else None,
+        role=HostRole(role) if role else HostRole.GATEWAY,
+    )
+
+
+def config_from_row(row: Row) -> NetworkConfig:
+    """The cloud's configuration held by the Global row.
+
+    The sets are taken as they are: an empty ``public_pools`` means no pools, not the default
+    (a new or upgraded database is written the whole default config explicitly, see
+    :func:`config_columns`). A scalar column left empty keeps the model's default for that
+    field, which only a Global row written by something else than portmesh can have.
+    """
+    present: dict[str, object] = {
+        "public_pools": tuple(sorted((IPv4Network(n) for n in row.public_pools), key=_net_key)),
+        "protected_networks": tuple(sorted((IPv4Network(n) for n in row.protected_networks), key=_net_key)),
+    }
+    ip = _optional(row.gateway_ip)
+    if ip:
+        present["gateway_ip"] = IPv4Address(ip)
+    for name in ("block_size", "container_mtu", "vxlan_vni", "vxlan_port"):
+        value = _optional(getattr(row, name))
+        if value is not None:
+            present[name] = int(value)
+    return replace(NetworkConfig(), **present)  # type: ignore[arg-type]
+
+
+def _net_key(net: IPv4Network) -> tuple[int, int]:
+    return int(net.network_address), net.prefixlen
+
+
+def config_columns(config: NetworkConfig) -> dict[str, object]:
+    """The Global row's config columns for ``config``, as Python values (what the IDL takes)."""
+    return {
+        "public_pools": sorted(str(n) for n in config.public_pools),
+        "gateway_ip": [str(config.gateway_ip)],
+        "block_size": [config.block_size],
+        "container_mtu": [config.container_mtu],
+        "protected_networks": sorted(str(n) for n in config.protected_networks),
+        "vxlan_vni": [config.vxlan_vni],
+        "vxlan_port": [config.vxlan_port],
+    }
+
+
+def config_json(config: NetworkConfig) -> dict[str, object]:
+    """The same columns in OVSDB's JSON (RFC 7047 §5.1), for raw ``insert``/``update`` operations."""
+    return {name: ["set", value] for name, value in config_columns(config).items()}
+
+
+def fill_config(row: Row, config: NetworkConfig) -> None:
+    """Write ``config`` into the Global row."""
+    for name, value in config_columns(config).items():
+        setattr(row, name, value)
 
 
 def host_status_from_row(row: Row) -> HostStatus:
@@ -85,7 +156,14 @@ def host_status_from_row(row: Row) -> HostStatus:
         agent_generation=row.agent_generation,
         switch_connected=row.switch_connected,
         switch_waiting=frozenset(getattr(row, "switch_waiting", ())),  # absent before schema 1.2.0
+        tunnels=tunnels_from_row(row),
     )
+
+
+def tunnels_from_row(row: Row) -> tuple[tuple[str, str], ...]:
+    """The agent's tunnel report as :attr:`HostStatus.tunnels`: (peer, state) pairs by peer."""
+    tunnels: MappingABC[str, str] = getattr(row, "tunnels", None) or {}  # absent before schema 1.4.0
+    return tuple(sorted((str(peer), str(state)) for peer, state in tunnels.items()))
 
 
 def container_from_row(row: Row) -> Container:
@@ -147,6 +225,7 @@ def fill_host_row(row: Row, host: Host) -> None:
     row.name = host.name
     row.datapath_id = host.datapath_id
     row.underlay_ip = [str(host.underlay_ip)] if host.underlay_ip is not None else []
+    row.role = [host.role.value]
 
 
 def fill_container_row(row: Row, c: Container) -> None:

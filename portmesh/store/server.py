@@ -15,11 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from portmesh.store.rows import schema_path
+from portmesh.model.config import DEFAULT_CONFIG
+from portmesh.store.rows import config_json, schema_path
+
+# The first schema whose Global row holds the cloud's configuration.
+CONFIG_VERSION = (1, 4, 0)
 
 
 def create_db(db: Path | str, schema: Path | str | None = None) -> Path:
-    """Create ``db`` from the Portmesh schema with ``ovsdb-tool create`` (it must not exist yet)."""
+    """Create ``db`` from the Portmesh schema with ``ovsdb-tool create`` (it must not exist yet), with its
+    Global row holding the default configuration (generation 0)."""
     db = Path(db)
     subprocess.run(
         ["ovsdb-tool", "create", str(db), str(schema or schema_path())],
@@ -27,7 +32,42 @@ def create_db(db: Path | str, schema: Path | str | None = None) -> Path:
         capture_output=True,
         text=True,
     )
+    if _version(db) >= CONFIG_VERSION:  # tests create older databases with older schemas
+        init_config(db)
     return db
+
+
+def _version(db: Path | str) -> tuple[int, ...]:
+    out = subprocess.run(["ovsdb-tool", "db-version", str(db)], check=True, capture_output=True, text=True).stdout
+    return tuple(int(part) for part in out.strip().split("."))
+
+
+def init_config(target: Path | str) -> bool:
+    """Write the default configuration into a Global row that has none; True if it wrote.
+
+    ``target``: a standalone database file or a server's remote. A database from before schema
+    1.4.0 gains the config columns empty on conversion, and an empty ``public_pools`` means "no
+    pools": so the defaults are written explicitly, once (a row with a ``gateway_ip`` has been
+    configured and is left alone), and hosts without a role become gateways, as they were.
+    """
+    (found,) = (
+        reply["rows"]
+        for reply in _run_ops(
+            target,
+            "query" if not _is_remote(target) else "transact",
+            [{"op": "select", "table": "Global", "where": [], "columns": ["gateway_ip"]}],
+        )
+    )
+    ops: list[dict[str, Any]] = []
+    if not found:
+        ops.append({"op": "insert", "table": "Global", "row": {"generation": 0, **config_json(DEFAULT_CONFIG)}})
+    elif not _ovsdb_set(found[0]["gateway_ip"]):
+        ops.append({"op": "update", "table": "Global", "where": [], "row": config_json(DEFAULT_CONFIG)})
+    if not ops:
+        return False
+    ops.append({"op": "update", "table": "Host", "where": [["role", "==", ["set", []]]], "row": {"role": "gateway"}})
+    _run_ops(target, "transact", ops)
+    return True
 
 
 def upgrade_db(db: Path | str, schema: Path | str | None = None) -> bool:
@@ -35,7 +75,8 @@ def upgrade_db(db: Path | str, schema: Path | str | None = None) -> bool:
 
     A schema that gains a column (1.2.0: ``Host.switch_waiting``) would otherwise make every
     write naming that column fail against a database kept from before the upgrade; one that
-    gains the ``Block`` table (1.3.0) needs the existing containers' blocks claimed in it.
+    gains the ``Block`` table (1.3.0) needs the existing containers' blocks claimed in it, and
+    one that gains the configuration (1.4.0) needs the defaults written (:func:`init_config`).
     ``ovsdb-tool convert`` keeps every row; a clustered database is left alone (it is
     converted online with ``ovsdb-client convert``).
     """
@@ -45,6 +86,8 @@ def upgrade_db(db: Path | str, schema: Path | str | None = None) -> bool:
         return False
     subprocess.run(["ovsdb-tool", "convert", str(db), schema], check=True, capture_output=True, text=True)
     claim_blocks(db)
+    if _version(db) >= CONFIG_VERSION:
+        init_config(db)
     return True
 
 

@@ -7,13 +7,15 @@ import json
 import shutil
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from portmesh.model.entities import HostStatus
+from portmesh.model.config import DEFAULT_CONFIG
+from portmesh.model.entities import HostRole, HostStatus
 from portmesh.store.client import Store
-from portmesh.store.rows import schema_path
+from portmesh.store.rows import CONFIG_COLUMNS, schema_path
 from portmesh.store.server import create_db, start_server, stop_server, upgrade_db
 
 pytestmark = pytest.mark.skipif(shutil.which("ovsdb-server") is None, reason="openvswitch is not installed")
@@ -52,3 +54,64 @@ def test_upgrade_is_needed_for_an_old_database(tmp_path: Path) -> None:
     db = create_db(tmp_path / "store.db", old_schema(tmp_path))
     assert upgrade_db(db) is True  # positive control: an old database does need it
     assert upgrade_db(db) is False
+
+
+def schema_1_3_0(tmp_path: Path) -> Path:
+    """The Portmesh schema as 1.3.0 had it: no configuration in Global, no Host.role nor Host.tunnels."""
+    schema = json.loads(schema_path().read_text())
+    schema["version"] = "1.3.0"
+    for column in CONFIG_COLUMNS:
+        del schema["tables"]["Global"]["columns"][column]
+    for column in ("role", "tunnels"):
+        del schema["tables"]["Host"]["columns"][column]
+    path = tmp_path / "1.3.0.ovsschema"
+    path.write_text(json.dumps(schema))
+    return path
+
+
+@pytest.mark.parametrize("with_global", [True, False])
+def test_a_1_3_0_database_gets_the_default_config_written_and_its_hosts_become_gateways(
+    tmp_path: Path, with_global: bool
+) -> None:
+    db = create_db(tmp_path / "store.db", schema_1_3_0(tmp_path))
+    ops: list[object] = ["Portmesh", {"op": "insert", "table": "Host", "row": {"name": "h1", "datapath_id": 1}}]
+    if with_global:
+        ops.append({"op": "insert", "table": "Global", "row": {"generation": 5}})
+    subprocess.run(["ovsdb-tool", "transact", str(db), json.dumps(ops)], check=True, capture_output=True)
+    pid = start_server(db, tmp_path / "store.sock")
+    try:
+        with Store(f"unix:{tmp_path / 'store.sock'}") as store:
+            state = store.snapshot()
+            assert state.generation == (5 if with_global else 0)
+            assert state.config == DEFAULT_CONFIG  # written explicitly, not a fallback: see below
+            assert state.hosts["h1"].role is HostRole.GATEWAY
+            assert store.set_config(replace(DEFAULT_CONFIG, public_pools=())) == state.generation + 1
+            assert store.snapshot().config.public_pools == ()
+    finally:
+        stop_server(pid)
+    dump = subprocess.run(
+        ["ovsdb-tool", "query", str(db),
+         json.dumps(["Portmesh", {"op": "select", "table": "Host", "where": [], "columns": ["role"]}])],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    assert json.loads(dump)[0]["rows"] == [{"role": "gateway"}]  # the role is in the row, not only read so
+    # Restarting (upgrade_db runs again) keeps the operator's choice: an empty pool set stays empty.
+    assert upgrade_db(db) is False
+    pid = start_server(db, tmp_path / "store.sock")
+    try:
+        with Store(f"unix:{tmp_path / 'store.sock'}") as store:
+            assert store.snapshot().config.public_pools == ()
+            assert store.snapshot().config.vxlan_vni == DEFAULT_CONFIG.vxlan_vni  # positive control: config read
+    finally:
+        stop_server(pid)
+
+
+def test_a_new_database_holds_the_default_config_explicitly(tmp_path: Path) -> None:
+    db = create_db(tmp_path / "store.db")
+    out = subprocess.run(
+        ["ovsdb-tool", "query", str(db), json.dumps(["Portmesh", {"op": "select", "table": "Global", "where": []}])],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    (row,) = json.loads(out)[0]["rows"]
+    assert row["generation"] == 0
+    assert row["public_pools"] == "203.0.113.0/24" and row["vxlan_port"] == 4789 and row["container_mtu"] == 1450

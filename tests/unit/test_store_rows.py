@@ -90,3 +90,31 @@ def test_schema_file_is_shipped() -> None:
     schema = json.loads(R.schema_path().read_text())
     assert schema["name"] == "Portmesh" and tuple(map(int, schema["version"].split("."))) >= (1, 2, 0)
     assert all(t["isRoot"] for t in schema["tables"].values())
+
+
+def test_config_round_trips_through_the_global_row_columns() -> None:
+    from dataclasses import replace
+    from ipaddress import IPv4Network
+
+    from portmesh.model.config import DEFAULT_CONFIG
+
+    config = replace(DEFAULT_CONFIG, public_pools=(IPv4Network("203.0.113.0/25"), IPv4Network("198.51.100.0/24")),
+                     block_size=256, vxlan_vni=9)
+    row = SimpleNamespace(**R.config_columns(config))
+    back = R.config_from_row(row)
+    assert back == replace(config, public_pools=tuple(sorted(config.public_pools)))
+    assert set(R.config_json(config)) == set(R.CONFIG_COLUMNS) == set(R.DESIRED_COLUMNS["Global"]) - {"generation"}
+    empty = SimpleNamespace(**{**R.config_columns(config), "public_pools": []})
+    assert R.config_from_row(empty).public_pools == ()  # no pools, not the default
+
+
+def test_host_role_defaults_to_gateway_for_rows_without_one() -> None:
+    from portmesh.model.entities import HostRole
+
+    row = SimpleNamespace(name="h", datapath_id=1, underlay_ip=["198.19.0.11"], role=[])
+    assert R.host_from_row(row).role is HostRole.GATEWAY
+    row.role = ["compute"]
+    assert R.host_from_row(row).role is HostRole.COMPUTE
+    status = SimpleNamespace(switch_generation=1, agent_generation=2, switch_connected=True, switch_waiting=[],
+                             tunnels={"h3": "down: x", "h2": "up"})
+    assert R.host_status_from_row(status).tunnels == (("h2", "up"), ("h3", "down: x"))
