@@ -1,4 +1,4 @@
-"""``python -m portmesh.api --store unix:PATH --listen 127.0.0.1:8470 [--token-file PATH]``.
+"""``python -m portmesh.api --store REMOTE --listen IP:PORT [--token-file PATH]``.
 
 Connects to the state store, then serves the HTTP API with uvicorn on one
 event loop. The API listens on loopback by default: it is the machine's control
@@ -15,8 +15,8 @@ from pathlib import Path
 import uvicorn
 
 from portmesh.api.app import create_app
+from portmesh.api.progress import AGENT_SILENCE
 from portmesh.api.token import DEFAULT_TOKEN_FILE, load_or_create_token
-from portmesh.model.config import DEFAULT_CONFIG
 
 log = logging.getLogger("portmesh.api")
 
@@ -35,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 8470), help="HOST:PORT to serve on")
     parser.add_argument("--token-file", type=Path, default=DEFAULT_TOKEN_FILE, help="bearer token file")
     parser.add_argument("--wait-timeout", type=float, default=30.0, help="default seconds for ?wait=true")
+    parser.add_argument(
+        "--agent-silence",
+        type=float,
+        default=AGENT_SILENCE,
+        help="seconds a host's agent may stay behind without progress before writes stop waiting for it "
+        "(unless they concern its host) and name it as lagging",
+    )
     parser.add_argument(
         "--log-dir",
         action="append",
@@ -57,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     store.start()
     try:
         app = create_app(
-            store, token, DEFAULT_CONFIG, wait_timeout=args.wait_timeout, unavailable=(StoreError,), log_dirs=args.log_dir
+            store,
+            token,
+            wait_timeout=args.wait_timeout,
+            agent_silence=args.agent_silence,
+            unavailable=(StoreError,),
+            log_dirs=args.log_dir,
         )
         host, port = args.listen
         uvicorn.run(app, host=host, port=port, log_level=args.log_level.lower())

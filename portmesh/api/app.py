@@ -26,9 +26,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from portmesh.api.progress import AGENT_SILENCE
 from portmesh.api.routes import router
 from portmesh.api.service import Service, StoreAPI, WaitTimeout
-from portmesh.model.config import DEFAULT_CONFIG, NetworkConfig
 from portmesh.model.errors import Conflict, InvalidInput, ModelError, NotFound
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,9 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def create_app(
     store: StoreAPI,
     token: str,
-    config: NetworkConfig = DEFAULT_CONFIG,
     *,
     wait_timeout: float = 30.0,
+    agent_silence: float = AGENT_SILENCE,
     unavailable: tuple[type[Exception], ...] = (),
     log_dirs: Sequence[str] = (),
 ) -> FastAPI:
@@ -122,11 +122,12 @@ def create_app(
     ``unavailable`` lists the store's "could not reach it / commit timed out" errors,
     answered 503 (retry later) rather than 500; passed in so this module needs no store import.
     ``log_dirs`` adds directories (besides :data:`portmesh.api.logs.LOG_DIRS`) whose ``*.log``
-    files the logs endpoint may read.
+    files the logs endpoint may read. ``agent_silence``: seconds an agent may stay behind without
+    progress before it counts as down (progress.py). The network config is the store's (``state.config``).
     """
     if not token:
         raise ValueError("an API token is required")
-    service = Service(store, config, wait_timeout)
+    service = Service(store, None, wait_timeout, agent_silence)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -24,6 +24,9 @@ from portmesh.api.schemas import (
     IP_DOC,
     NAME_DOC,
     PROTO_DOC,
+    ConfigOut,
+    ConfigPatch,
+    ConfigWriteOut,
     ContainerIn,
     ContainerOut,
     ContainerWriteOut,
@@ -31,14 +34,19 @@ from portmesh.api.schemas import (
     HostIn,
     HostOut,
     HostWriteOut,
+    LagOut,
     LogsOut,
     MappingIn,
     MappingOut,
     MappingWriteOut,
+    PoolIn,
+    PoolOut,
+    PoolWriteOut,
     StatusOut,
     WriteOut,
 )
 from portmesh.api.service import Service
+from portmesh.api.settings import pool_view
 from portmesh.model.entities import RunState
 from portmesh.model.validation import MAX_STOP_TIMEOUT
 
@@ -67,7 +75,10 @@ Name = Annotated[str, Path(json_schema_extra=NAME_DOC)]
 PublicIp = Annotated[str, Path(json_schema_extra=IP_DOC)]
 ProtoPath = Annotated[str, Path(json_schema_extra={"pattern": PROTO_DOC["pattern"]})]
 PortPath = Annotated[int, Path(ge=1, le=65535)]
-Wait = Annotated[bool, Query(description="Answer only once the change is live on every host.")]
+Wait = Annotated[
+    bool,
+    Query(description="Answer only once the change is live on the hosts it concerns and on every host that is up."),
+]
 StopTime = Annotated[
     int | None,
     Query(
@@ -94,14 +105,23 @@ router = APIRouter(prefix="/v1", responses=ERRORS, dependencies=[Depends(require
 
 
 async def _converged(
-    service: Service, generation: int, wait: bool, timeout: float | None, containers: Sequence[str] = ()
-) -> bool:
-    """Per object: the switches and agents at ``generation`` and the named ``containers`` realised
-    (service.compute_status), never the whole host, so one broken container delays no other write."""
+    service: Service,
+    generation: int,
+    wait: bool,
+    timeout: float | None,
+    containers: Sequence[str] = (),
+    hosts: Sequence[str | None] = (),
+) -> tuple[bool, list[LagOut]]:
+    """Per object: the switches and agents waited for at ``generation`` and the named ``containers``
+    realised (progress.compute_status), never the whole host, so one broken container delays no other
+    write; per host: those the write concerns (the containers' and ``hosts``, the gateways) and every
+    other host that is up. The second value names the hosts down and not waited for."""
+    anchors = [h for h in hosts if h is not None]
     if wait:
-        await service.wait_converged(generation, timeout, containers)
-        return True
-    return (await service.status(generation, containers)).converged
+        status = await service.wait_converged(generation, timeout, containers, anchors)
+        return True, status.lagging
+    status = await service.status(generation, containers, anchors)
+    return status.converged, status.lagging
 
 
 # --- hosts ---
@@ -119,9 +139,66 @@ async def get_host(name: Name, service: Svc) -> HostOut:
 
 @router.post("/hosts", status_code=201, tags=["hosts"])
 async def add_host(body: HostIn, service: Svc, wait: Wait = False, timeout: Timeout = None) -> HostWriteOut:
+    """Register a host; the others' agents add a tunnel to it. A new host whose switch is not
+    connected yet is named in ``lagging``, not waited for."""
     generation, host = await service.add_host(body)
-    done = await _converged(service, generation, wait, timeout)
-    return HostWriteOut(generation=generation, converged=done, host=HostOut.of(host))
+    done, lagging = await _converged(service, generation, wait, timeout)
+    return HostWriteOut(generation=generation, converged=done, lagging=lagging, host=HostOut.of(host))
+
+
+@router.delete("/hosts/{name}", tags=["hosts"])
+async def remove_host(name: Name, service: Svc, wait: Wait = False, timeout: Timeout = None) -> WriteOut:
+    """Forget a host (409 while containers are placed on it); the others' agents remove their tunnel to it."""
+    generation = await service.remove_host(name)
+    done, lagging = await _converged(service, generation, wait, timeout)
+    return WriteOut(generation=generation, converged=done, lagging=lagging)
+
+
+# --- configuration and public pools ---
+
+
+@router.get("/config", tags=["config"])
+async def get_config(service: Svc) -> ConfigOut:
+    """The cloud's network configuration, as every component reads it from the store."""
+    return ConfigOut.of((await service.snapshot()).config)
+
+
+@router.patch("/config", tags=["config"])
+async def patch_config(body: ConfigPatch, service: Svc, wait: Wait = False, timeout: Timeout = None) -> ConfigWriteOut:
+    """Change some fields. 409 naming the field while containers exist (they are plumbed with the
+    old values); unchanged values are no change. Public pools: ``/v1/pools``."""
+    generation, config = await service.set_config(body)
+    done, lagging = await _converged(service, generation, wait, timeout)
+    return ConfigWriteOut(generation=generation, converged=done, lagging=lagging, config=ConfigOut.of(config))
+
+
+@router.get("/pools", tags=["config"])
+async def list_pools(service: Svc) -> list[PoolOut]:
+    state = await service.snapshot()
+    return [pool_view(state, pool) for pool in state.config.public_pools]
+
+
+@router.post("/pools", status_code=201, tags=["config"])
+async def add_pool(body: PoolIn, service: Svc, wait: Wait = False, timeout: Timeout = None) -> PoolWriteOut:
+    """Add a public pool: 422 not an IPv4 network without host bits, 409 overlapping another pool."""
+    generation, pool = await service.add_pool(body.pool)
+    done, lagging = await _converged(service, generation, wait, timeout)
+    view = pool_view(await service.snapshot(), pool)
+    return PoolWriteOut(generation=generation, converged=done, lagging=lagging, pool=view)
+
+
+@router.delete("/pools/{address}/{prefix}", tags=["config"])
+async def remove_pool(
+    address: PublicIp,
+    prefix: Annotated[int, Path(ge=0, le=32)],
+    service: Svc,
+    wait: Wait = False,
+    timeout: Timeout = None,
+) -> WriteOut:
+    """Remove the pool ``address/prefix``: 404 if it is none, 409 while a container holds an IP of it."""
+    generation, _ = await service.remove_pool(address, prefix)
+    done, lagging = await _converged(service, generation, wait, timeout)
+    return WriteOut(generation=generation, converged=done, lagging=lagging)
 
 
 # --- containers ---
@@ -165,19 +242,22 @@ async def add_container(body: ContainerIn, service: Svc, wait: Wait = False, tim
     With ``wait``, a container whose first start fails is removed again and refused (404 ``image``
     / 422 ``command``): a failed create changes nothing. ``notes`` says what the API chose.
     """
-    generation, container, done = await service.create_container(body, wait, timeout)
+    generation, container, progress = await service.create_container(body, wait, timeout)
     notes = [f"name {container.name!r} generated"] if body.name is None else []
     if body.host is None:
         notes.append(f"host {container.host!r} chosen: fewest containers, ties by name")
     view = await service.container(container.name)
-    return ContainerWriteOut(generation=generation, converged=done, container=view, notes=notes)
+    return ContainerWriteOut(
+        generation=generation, converged=progress.converged, lagging=progress.lagging, container=view, notes=notes
+    )
 
 
 @router.delete("/containers/{name}", tags=["containers"])
 async def remove_container(name: Name, service: Svc, wait: Wait = False, timeout: Timeout = None) -> WriteOut:
     """Remove a container and, in the same transaction, its mappings."""
-    generation = await service.remove_container(name)
-    return WriteOut(generation=generation, converged=await _converged(service, generation, wait, timeout))
+    generation, host = await service.remove_container(name)
+    done, lagging = await _converged(service, generation, wait, timeout, hosts=[host])
+    return WriteOut(generation=generation, converged=done, lagging=lagging)
 
 
 @router.post("/containers/{name}/stop", tags=["containers"])
@@ -185,16 +265,18 @@ async def stop_container(
     name: Name, service: Svc, wait: Wait = False, timeout: Timeout = None, time: StopTime = None
 ) -> ContainerWriteOut:
     generation = await service.set_running(name, False, time)
-    done = await _converged(service, generation, wait, timeout, [name])
-    return ContainerWriteOut(generation=generation, converged=done, container=await service.container(name))
+    done, lagging = await _converged(service, generation, wait, timeout, [name])
+    view = await service.container(name)
+    return ContainerWriteOut(generation=generation, converged=done, lagging=lagging, container=view)
 
 
 @router.post("/containers/{name}/start", tags=["containers"])
 async def start_container(name: Name, service: Svc, wait: Wait = False, timeout: Timeout = None) -> ContainerWriteOut:
     """Answers with the container as its agent reports it: a start that failed shows in error, with the reason."""
     generation = await service.set_running(name, True)
-    done = await _converged(service, generation, wait, timeout, [name])
-    return ContainerWriteOut(generation=generation, converged=done, container=await service.container(name))
+    done, lagging = await _converged(service, generation, wait, timeout, [name])
+    view = await service.container(name)
+    return ContainerWriteOut(generation=generation, converged=done, lagging=lagging, container=view)
 
 
 # --- mappings ---
@@ -213,16 +295,17 @@ async def add_mapping(
     generation, mapping, created = await service.add_mapping(body)
     if not created:
         response.status_code = 200
-    done = await _converged(service, generation, wait, timeout, [mapping.container])
-    return MappingWriteOut(generation=generation, converged=done, mapping=MappingOut.of(mapping))
+    done, lagging = await _converged(service, generation, wait, timeout, [mapping.container])
+    return MappingWriteOut(generation=generation, converged=done, lagging=lagging, mapping=MappingOut.of(mapping))
 
 
 @router.delete("/mappings/{public_ip}/{proto}/{port}", tags=["mappings"])
 async def remove_mapping(
     public_ip: PublicIp, proto: ProtoPath, port: PortPath, service: Svc, wait: Wait = False, timeout: Timeout = None
 ) -> WriteOut:
-    generation = await service.remove_mapping(public_ip, proto, port)
-    return WriteOut(generation=generation, converged=await _converged(service, generation, wait, timeout))
+    generation, host = await service.remove_mapping(public_ip, proto, port)
+    done, lagging = await _converged(service, generation, wait, timeout, hosts=[host])
+    return WriteOut(generation=generation, converged=done, lagging=lagging)
 
 
 # --- convergence ---

@@ -12,11 +12,13 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field
 
+from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import (
     DEFAULT_STOP_TIMEOUT,
     Container,
     ContainerStatus,
     Host,
+    HostRole,
     HostStatus,
     Mapping,
     PortBlock,
@@ -68,12 +70,39 @@ class ErrorBody(BaseModel):
     detail: ErrorDetail
 
 
+ROLE_DOC: dict[str, Any] = {"enum": [r.value for r in HostRole]}
+
+
 class HostIn(BaseModel):
     """A host to register; ``datapath_id`` defaults to the lowest one not in use."""
 
     name: str = name_field("host name")
     datapath_id: int | None = Field(default=None, ge=1, le=MAX_DATAPATH_ID)
-    underlay_ip: str | None = Field(default=None, json_schema_extra=IP_DOC)
+    underlay_ip: str | None = Field(
+        default=None,
+        description="where the other hosts' VXLAN tunnels end: not in a public pool, unique among hosts",
+        json_schema_extra=IP_DOC,
+    )
+    role: str | None = Field(
+        default=None,
+        description="gateway (faces the outside) or compute; default: gateway if the cloud has none yet, else compute",
+        json_schema_extra=ROLE_DOC,
+    )
+
+
+class TunnelOut(BaseModel):
+    """One of a host's VXLAN tunnels to a peer, as its agent reports it."""
+
+    peer: str
+    up: bool
+    state: str = Field(description='"up" or "down: <reason>"')
+
+
+class LagOut(BaseModel):
+    """A host a write did not wait for (it does not concern it and the host is down), and why."""
+
+    host: str
+    reason: str
 
 
 class HostStatusOut(BaseModel):
@@ -93,19 +122,26 @@ class HostStatusOut(BaseModel):
 
 
 class HostOut(BaseModel):
-    """A registered host and how far it has caught up."""
+    """A registered host, its tunnels and containers, and how far it has caught up."""
 
     name: str
     datapath_id: int
     underlay_ip: str | None
+    role: str = HostRole.GATEWAY.value
+    containers: int = Field(default=0, description="containers placed on it")
+    tunnels: list[TunnelOut] = Field(default_factory=list, description="to its peers, as its agent last reported")
     status: HostStatusOut | None = None
 
     @classmethod
-    def of(cls, host: Host, status: HostStatus | None = None) -> HostOut:
+    def of(cls, host: Host, status: HostStatus | None = None, containers: int = 0) -> HostOut:
+        tunnels = [TunnelOut(peer=peer, up=state == "up", state=state) for peer, state in (status.tunnels if status else ())]
         return cls(
             name=host.name,
             datapath_id=host.datapath_id,
             underlay_ip=str(host.underlay_ip) if host.underlay_ip is not None else None,
+            role=host.role.value,
+            containers=containers,
+            tunnels=tunnels,
             status=HostStatusOut.of(status) if status is not None else None,
         )
 
@@ -274,6 +310,9 @@ class HostProgress(BaseModel):
     switch_connected: bool
     converged: bool
     waiting: list[str] = Field(default_factory=list, description="containers starting: their flows wait for their port")
+    down: str | None = Field(
+        default=None, description="why the host counts as down (switch disconnected, agent silent); null if it is not"
+    )
 
 
 class ContainerProblem(BaseModel):
@@ -296,13 +335,18 @@ class StatusOut(BaseModel):
     converged: bool
     hosts: list[HostProgress]
     problems: list[ContainerProblem] = Field(default_factory=list)
+    lagging: list[LagOut] = Field(
+        default_factory=list, description="hosts behind and down; a write that does not concern them does not wait for them"
+    )
 
 
 class WriteOut(BaseModel):
-    """Answer to every write: the generation it produced, and whether it is live everywhere yet."""
+    """Answer to every write: the generation it produced, whether it is live on the hosts it concerns
+    (and on every host that is up), and the hosts that are down and were not waited for."""
 
     generation: int
     converged: bool
+    lagging: list[LagOut] = Field(default_factory=list, description="hosts down, not waited for: the write is not live there")
 
 
 class HostWriteOut(WriteOut):
@@ -316,3 +360,79 @@ class ContainerWriteOut(WriteOut):
 
 class MappingWriteOut(WriteOut):
     mapping: MappingOut
+
+
+# --- configuration and pools ---
+
+
+class ConfigOut(BaseModel):
+    """The cloud's network configuration (the store's Global row)."""
+
+    public_pools: list[str]
+    gateway_ip: str
+    gateway_prefix: int
+    gateway_mac: str
+    virtual_mac: str
+    ephemeral_start: int
+    ephemeral_end: int
+    block_size: int
+    container_mtu: int
+    protected_networks: list[str]
+    vxlan_vni: int
+    vxlan_port: int
+
+    @classmethod
+    def of(cls, config: NetworkConfig) -> ConfigOut:
+        return cls(
+            public_pools=[str(p) for p in config.public_pools],
+            gateway_ip=str(config.gateway_ip),
+            gateway_prefix=config.gateway_prefix,
+            gateway_mac=config.gateway_mac,
+            virtual_mac=config.virtual_mac,
+            ephemeral_start=config.ephemeral_start,
+            ephemeral_end=config.ephemeral_end,
+            block_size=config.block_size,
+            container_mtu=config.container_mtu,
+            protected_networks=[str(n) for n in config.protected_networks],
+            vxlan_vni=config.vxlan_vni,
+            vxlan_port=config.vxlan_port,
+        )
+
+
+Int = Annotated[int, BeforeValidator(json_integer)]
+
+
+class ConfigPatch(BaseModel, extra="forbid"):
+    """Fields to change; absent ones keep their value. Refused (409) while containers exist,
+    unless unchanged: containers are plumbed with the old values. Pools: ``/v1/pools``."""
+
+    gateway_ip: str | None = Field(default=None, description="link-local next hop of every container", json_schema_extra=IP_DOC)
+    block_size: Int | None = Field(default=None, ge=64, le=32768, description="ports per container block, a power of two")
+    container_mtu: Int | None = Field(default=None, ge=576, le=9000, description="underlay MTU - 50 (VXLAN)")
+    protected_networks: list[str] | None = Field(
+        default=None, description="management and underlay networks containers never reach (CIDRs)"
+    )
+    vxlan_vni: Int | None = Field(default=None, ge=1, le=2**24 - 1)
+    vxlan_port: Int | None = Field(default=None, ge=1, le=65535)
+
+
+class ConfigWriteOut(WriteOut):
+    config: ConfigOut
+
+
+class PoolIn(BaseModel):
+    """A public pool to add: an IPv4 network (CIDR, no host bits) the cloud is routed."""
+
+    pool: str = Field(description="e.g. 203.0.113.0/24")
+
+
+class PoolOut(BaseModel):
+    """A public pool and the IPs of it containers hold."""
+
+    pool: str
+    size: int = Field(description="addresses in it")
+    used: int = Field(description="addresses of it held by containers")
+
+
+class PoolWriteOut(WriteOut):
+    pool: PoolOut

@@ -20,19 +20,27 @@ import contextlib
 import dataclasses
 import random
 from collections.abc import Callable, Sequence
-from ipaddress import IPv4Address
-from typing import Protocol, TypeVar
+from ipaddress import IPv4Address, IPv4Network
+from typing import TypeVar
 
+from portmesh.api.progress import (
+    AGENT_SILENCE,
+    Liveness,
+    StoreAPI,
+    WaitTimeout,
+    compute_status,
+    hosts_behind,
+)
 from portmesh.api.schemas import (
+    ConfigPatch,
     ContainerIn,
     ContainerOut,
-    ContainerProblem,
     HostIn,
     HostOut,
-    HostProgress,
     MappingIn,
     StatusOut,
 )
+from portmesh.api.settings import plan_config, plan_pool_add, plan_pool_remove
 from portmesh.model.blocks import CLAIM_ATTEMPTS, CLAIM_SPREAD, BlockTaken, allocate_block
 from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import (
@@ -40,7 +48,7 @@ from portmesh.model.entities import (
     ContainerStatus,
     DesiredState,
     Host,
-    HostStatus,
+    HostRole,
     Mapping,
     MappingKey,
     PortBlock,
@@ -63,132 +71,11 @@ from portmesh.model.validation import (
 )
 
 T = TypeVar("T")
+__all__ = ["Service", "StoreAPI", "WaitTimeout"]  # the last two re-exported from progress.py (their old home)
 
 # Backstop only: convergence is noticed through the store's change callback; this
 # re-check bounds the delay should a callback be missed (e.g. during a reconnect).
 RECHECK_SECONDS = 1.0
-
-
-class StoreAPI(Protocol):
-    """The part of :class:`portmesh.store.client.Store` the API uses (tests pass a fake)."""
-
-    def snapshot(self) -> DesiredState: ...
-    def subscribe(self, callback: Callable[[], None]) -> None: ...
-    def add_host(self, host: Host, may_exist: bool = False) -> int: ...
-    def add_container(self, c: Container, mappings: Sequence[Mapping] = ()) -> int: ...
-    def remove_container(self, name: str, if_exists: bool = False) -> int: ...
-    def add_mapping(self, m: Mapping) -> int: ...
-    def remove_mapping(self, key: MappingKey, if_exists: bool = False) -> int: ...
-    def set_container_running(self, name: str, running: bool, stop_timeout: int | None = None) -> int: ...
-    def container_running(self, name: str) -> bool: ...
-    def container_status(self, name: str) -> ContainerStatus | None: ...
-    def container_statuses(self) -> dict[str, ContainerStatus]: ...
-    def running_containers(self) -> set[str]: ...
-    def host_status(self, host: str) -> HostStatus: ...
-
-
-class WaitTimeout(Exception):
-    """A write is in the store but not yet live everywhere; carries the last progress seen."""
-
-    def __init__(self, generation: int, status: StatusOut, timeout: float, containers: Sequence[str] = ()) -> None:
-        behind = [h.name for h in status.hosts if min(h.switch_generation, h.agent_generation) < generation]
-        where = [f"hosts {', '.join(behind)}"] if behind else []
-        if containers:  # a per-object wait: say which of its objects are not live yet
-            where.append(f"containers {', '.join(containers)} not reported live")
-        super().__init__(f"generation {generation} not realised within {timeout:g}s: {'; '.join(where) or 'hosts'}")
-        self.generation = generation
-        self.status = status
-
-
-# States in which a container has no port on its switch, and never will until something changes:
-# it cannot start (error) or its process is gone (exited). Waiting for its flows would never end.
-PORTLESS = (RunState.ERROR, RunState.EXITED)
-
-
-def hosts_behind(status: StatusOut, generation: int) -> bool:
-    """True if some host's switch or agent has not reached ``generation`` (then that is the news, not the objects)."""
-    return any(min(h.switch_generation, h.agent_generation) < generation for h in status.hosts)
-
-
-def expects_port(running: bool, status: ContainerStatus | None) -> bool:
-    """Whether a container should have a port (and flows) on its switch: desired to run and not
-    reported unable to (an image container's port exists only while its process runs)."""
-    return running and (status is None or status.state not in PORTLESS)
-
-
-def compute_status(store: StoreAPI, target: int | None = None, containers: Sequence[str] | None = None) -> StatusOut:
-    """Progress of every host against ``target`` (default: the store's current generation). Blocking.
-
-    A host is up to date when its switch and its agent have realised ``target`` and every
-    container its switch still waits for (no port yet) is one that cannot have a port
-    (:data:`PORTLESS` or stopped): what can be realised is realised. Containers in error, or
-    exited although desired to run, are listed in ``problems``, not held against the host.
-
-    With ``containers`` (the objects one write changed; empty for a write that changed none,
-    e.g. a mapping removal) the answer's ``converged`` is per object instead: every switch and
-    agent at ``target`` (they report it whatever the state of other containers), and each named
-    container reported on by its agent at ``target`` and, if it should run, holding its flows
-    (not in its switch's waiting set). A container still starting elsewhere delays nobody.
-    ``problems`` and the hosts' ``waiting`` are filled only for the whole picture.
-    """
-    state = store.snapshot()
-    goal = state.generation if target is None else target
-    if containers is None:  # the whole picture (GET /v1/status): every status, in one lock each
-        statuses, running = store.container_statuses(), store.running_containers()
-    else:
-        # A write's answer: only the named containers, so that a write costs O(its objects), not
-        # O(all containers) nor O(containers still starting) (bench/containers posts 1,000 in a row).
-        names = set(containers)
-        found = ((n, store.container_status(n)) for n in names)
-        statuses = {n: st for n, st in found if st is not None}
-        running = {n for n in names if store.container_running(n)}
-    hosts = []
-    caught_up = True
-    for name in sorted(state.hosts):
-        hs = store.host_status(name)
-        at_goal = hs.switch_generation >= goal and hs.agent_generation >= goal
-        caught_up = caught_up and at_goal
-        starting = sorted(  # the whole picture only: a write's answer does not look at other containers
-            c
-            for c in (hs.switch_waiting if containers is None else ())
-            if c in state.containers and expects_port(c in running, statuses.get(c))
-        )
-        hosts.append(
-            HostProgress(
-                name=name,
-                switch_generation=hs.switch_generation,
-                agent_generation=hs.agent_generation,
-                switch_connected=hs.switch_connected,
-                converged=at_goal and not starting,
-                waiting=starting,
-            )
-        )
-    problems = [
-        ContainerProblem(name=c.name, host=c.host, state=st.state.value, message=st.message)
-        for c in (sorted(state.containers.values(), key=lambda c: c.name) if containers is None else ())
-        if (st := statuses.get(c.name)) is not None
-        and (st.state == RunState.ERROR or (st.state == RunState.EXITED and c.name in running))
-    ]
-    if containers is not None:
-        converged = caught_up and all(_object_ready(store, state, name, statuses, running) for name in containers)
-    else:
-        converged = all(h.converged for h in hosts)
-    return StatusOut(generation=state.generation, converged=converged, hosts=hosts, problems=problems)
-
-
-def _object_ready(
-    store: StoreAPI, state: DesiredState, name: str, statuses: dict[str, ContainerStatus], running: set[str]
-) -> bool:
-    """One container's part of a per-object wait (its host's agent has realised the target already)."""
-    c = state.containers.get(name)
-    if c is None:
-        return True  # removed since: nothing of it left to wait for
-    status = statuses.get(name)
-    if status is None or status.state == RunState.PENDING:
-        return False
-    if not expects_port(name in running, status):
-        return True  # its agent reported it stopped, exited or in error: that is the answer
-    return name not in store.host_status(c.host).switch_waiting
 
 
 def container_view(store: StoreAPI, state: DesiredState, c: Container) -> ContainerOut:
@@ -259,7 +146,11 @@ def plan_container(
 
 
 def plan_host(state: DesiredState, body: HostIn) -> Host:
-    """A new host, unique by name and by datapath id."""
+    """A new host, unique by name, datapath id and underlay address (which no public pool may hold).
+
+    Without a role it is the gateway if the cloud has no gateway host yet (the first host faces the
+    outside, as a one-machine cloud does), else a compute host.
+    """
     name = parse_name(body.name, "name")
     if name in state.hosts:
         raise Conflict("name", f"host {name!r} already exists")
@@ -272,7 +163,22 @@ def plan_host(state: DesiredState, body: HostIn) -> Host:
     underlay: IPv4Address | None = None
     if body.underlay_ip is not None:
         underlay = parse_ip(body.underlay_ip, "underlay_ip")
-    return Host(name=name, datapath_id=dpid, underlay_ip=underlay)
+        if underlay.is_unspecified or underlay.is_multicast or underlay.is_loopback or underlay == IPv4Address("255.255.255.255"):
+            raise InvalidInput("underlay_ip", f"{underlay} is not a unicast address another host can reach")
+        if state.config.in_pools(underlay):
+            raise InvalidInput("underlay_ip", f"{underlay} is in a public pool: public IPs are for containers")
+        owner = next((h.name for h in state.hosts.values() if h.underlay_ip == underlay), None)
+        if owner is not None:
+            raise Conflict("underlay_ip", f"{underlay} is already host {owner!r}'s underlay address")
+    if body.role is None:
+        has_gateway = any(h.role is HostRole.GATEWAY for h in state.hosts.values())
+        role = HostRole.COMPUTE if has_gateway else HostRole.GATEWAY
+    else:
+        try:
+            role = HostRole(body.role)
+        except ValueError:
+            raise InvalidInput("role", f"{body.role!r} is not one of {', '.join(r.value for r in HostRole)}") from None
+    return Host(name=name, datapath_id=dpid, underlay_ip=underlay, role=role)
 
 
 def parse_key(public_ip: str, proto: str, port: int | str) -> MappingKey:
@@ -304,10 +210,19 @@ def existing_container(state: DesiredState, name: str) -> Container:
 class Service:
     """The API's state: the store, the write lock, and the convergence signal."""
 
-    def __init__(self, store: StoreAPI, config: NetworkConfig, wait_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        store: StoreAPI,
+        config: NetworkConfig | None = None,
+        wait_timeout: float = 30.0,
+        agent_silence: float = AGENT_SILENCE,
+    ) -> None:
+        """``config`` is accepted for callers of the one-host API and ignored: every check reads the
+        store's (``state.config``, the Global row), so API instances never disagree on it."""
+        del config
         self.store = store
-        self.config = config
         self.wait_timeout = wait_timeout
+        self.liveness = Liveness(agent_silence)
         self.write_lock = asyncio.Lock()
         self._claiming: set[tuple[PortBlock, str]] = set()  # (block, IP) of this loop's creates in flight
         self._mapping: set[tuple[str, int]] = set()  # (IP, port) of this loop's add_mapping in flight
@@ -343,21 +258,24 @@ class Service:
     async def snapshot(self) -> DesiredState:
         return await self.call(self.store.snapshot)
 
-    async def status(self, target: int | None = None, containers: Sequence[str] | None = None) -> StatusOut:
-        return await self.call(compute_status, self.store, target, containers)
+    async def status(
+        self, target: int | None = None, containers: Sequence[str] | None = None, hosts: Sequence[str] = ()
+    ) -> StatusOut:
+        return await self.call(compute_status, self.store, target, containers, hosts, self.liveness)
 
     async def wait_converged(
-        self, generation: int, timeout: float | None = None, containers: Sequence[str] = ()
+        self, generation: int, timeout: float | None = None, containers: Sequence[str] = (), hosts: Sequence[str] = ()
     ) -> StatusOut:
         """Return once ``generation`` is realised for the write that made it, per object (the
-        ``containers`` it changed; see :func:`compute_status`); :class:`WaitTimeout` after ``timeout`` s."""
+        ``containers`` it changed) and per host (those it concerns: the containers' and ``hosts``,
+        the gateways; see :func:`compute_status`); :class:`WaitTimeout` after ``timeout`` s."""
         limit = self.wait_timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
         while True:
             if self._changed is not None:
                 self._changed.clear()  # cleared before reading, so a change after the read wakes us
-            status = await self.status(generation, containers)
+            status = await self.status(generation, containers, hosts)
             if status.converged:
                 return status
             remaining = deadline - loop.time()
@@ -377,6 +295,39 @@ class Service:
             host = plan_host(await self.snapshot(), body)
             return await self.call(self.store.add_host, host), host
 
+    async def remove_host(self, name: str) -> int:
+        """Forget a host: 404 unknown, 409 while containers are placed on it (named; move or remove them)."""
+        async with self.write_lock:
+            state = await self.snapshot()
+            if name not in state.hosts:
+                raise NotFound("name", f"host {name!r} does not exist")
+            placed = [c.name for c in state.containers_on(name)]
+            if placed:
+                more = f" and {len(placed) - 3} more" if len(placed) > 3 else ""
+                raise Conflict("name", f"host {name!r} still holds container {', '.join(map(repr, placed[:3]))}{more}")
+            return await self.call(self.store.remove_host, name)
+
+    # --- configuration (the store's Global row) ---
+
+    async def set_config(self, patch: ConfigPatch) -> tuple[int, NetworkConfig]:
+        """Apply ``patch``; an unchanged config writes nothing (the current generation is the answer)."""
+        async with self.write_lock:
+            state = await self.snapshot()
+            config = plan_config(state, patch)
+            if config == state.config:
+                return state.generation, config
+            return await self.call(self.store.set_config, config), config
+
+    async def add_pool(self, value: str) -> tuple[int, IPv4Network]:
+        async with self.write_lock:
+            config, pool = plan_pool_add(await self.snapshot(), value)
+            return await self.call(self.store.set_config, config), pool
+
+    async def remove_pool(self, address: str, prefix: int) -> tuple[int, IPv4Network]:
+        async with self.write_lock:
+            config, pool = plan_pool_remove(await self.snapshot(), address, prefix)
+            return await self.call(self.store.set_config, config), pool
+
     async def add_container(self, body: ContainerIn) -> tuple[int, Container, list[Mapping]]:
         """Plan and write a container; if its port block was claimed meanwhile, plan again without it.
 
@@ -390,11 +341,11 @@ class Service:
             # Blocks this instance is committing right now are skipped, so its own concurrent
             # creates do not race each other (a mere set: the index is what guarantees uniqueness).
             busy = {block for block, ip in self._claiming if ip in body.ips}
-            size = self.config.block_size  # and the blocks of ports this instance is mapping right now
+            size = state.config.block_size  # and the blocks of ports this instance is mapping right now
             busy |= {PortBlock(port - port % size, size) for ip, port in self._mapping if ip in body.ips}
             # A retry spreads out at random: writers that all took the next lowest block collided again.
             nth = random.randrange(CLAIM_SPREAD * attempt) if attempt else 0
-            container, mappings = plan_container(state, self.config, body, frozenset(refused | busy), nth)
+            container, mappings = plan_container(state, state.config, body, frozenset(refused | busy), nth)
             mine = {(container.block, str(ip)) for ip in container.ips}
             self._claiming |= mine
             try:
@@ -416,7 +367,7 @@ class Service:
 
     async def create_container(
         self, body: ContainerIn, wait: bool, timeout: float | None = None
-    ) -> tuple[int, Container, bool]:
+    ) -> tuple[int, Container, StatusOut]:
         """Create a container; with ``wait``, a first start that fails undoes the create.
 
         The wait is per object (this container and the switches), so a broken container
@@ -429,13 +380,13 @@ class Service:
         """
         generation, container, _ = await self.add_container(body)
         if not wait:
-            return generation, container, (await self.status(generation, [container.name])).converged
+            return generation, container, await self.status(generation, [container.name])
         limit = self.wait_timeout if timeout is None else timeout
         deadline = asyncio.get_running_loop().time() + limit
-        await self.wait_converged(generation, limit, [container.name])
+        progress = await self.wait_converged(generation, limit, [container.name])
         status = await self.call(self.store.container_status, container.name)
         if status is None or status.state != RunState.ERROR:
-            return generation, container, True
+            return generation, container, progress
         async with self.write_lock:
             # Only the container this request made (a concurrent rm + run of the same name is left alone).
             if (await self.snapshot()).containers.get(container.name) == container:
@@ -446,13 +397,14 @@ class Service:
             # Answer once its host has let go of it too (namespace, port); the refusal stands regardless.
             remaining = max(0.1, deadline - asyncio.get_running_loop().time())
             with contextlib.suppress(WaitTimeout):
-                await self.wait_converged(undone, remaining)
+                await self.wait_converged(undone, remaining, hosts=[container.host])
         raise start_failure(container, status)
 
-    async def remove_container(self, name: str) -> int:
+    async def remove_container(self, name: str) -> tuple[int, str]:
+        """The generation and the host it was on (the host the removal concerns)."""
         async with self.write_lock:
-            existing_container(await self.snapshot(), name)
-            return await self.call(self.store.remove_container, name)
+            c = existing_container(await self.snapshot(), name)
+            return await self.call(self.store.remove_container, name), c.host
 
     async def set_running(self, name: str, running: bool, stop_timeout: int | None = None) -> int:
         """``stop_timeout`` (a stop's ``?time=``) is written with the run state, in the same transaction."""
@@ -484,28 +436,36 @@ class Service:
             finally:
                 self._mapping.discard(entry)
 
-    async def remove_mapping(self, public_ip: str, proto: str, port: int | str) -> int:
+    async def remove_mapping(self, public_ip: str, proto: str, port: int | str) -> tuple[int, str | None]:
+        """The generation and the host of the container it pointed at (the host the removal concerns)."""
         async with self.write_lock:
             key = parse_key(public_ip, proto, port)
-            if key not in (await self.snapshot()).mappings:
+            state = await self.snapshot()
+            mapping = state.mappings.get(key)
+            if mapping is None:
                 raise NotFound("mapping", f"{key} is not mapped")
-            return await self.call(self.store.remove_mapping, key)
+            owner = state.containers.get(mapping.container)
+            return await self.call(self.store.remove_mapping, key), owner.host if owner else None
 
     # --- reads ---
 
     async def hosts(self) -> list[HostOut]:
         def read() -> list[HostOut]:
             state = self.store.snapshot()
-            return [HostOut.of(h, self.store.host_status(h.name)) for _, h in sorted(state.hosts.items())]
+            count = {name: 0 for name in state.hosts}
+            for c in state.containers.values():
+                count[c.host] = count.get(c.host, 0) + 1
+            return [HostOut.of(h, self.store.host_status(h.name), count[h.name]) for _, h in sorted(state.hosts.items())]
 
         return await self.call(read)
 
     async def host(self, name: str) -> HostOut:
         def read() -> HostOut:
-            host = self.store.snapshot().hosts.get(name)
+            state = self.store.snapshot()
+            host = state.hosts.get(name)
             if host is None:
                 raise NotFound("name", f"host {name!r} does not exist")
-            return HostOut.of(host, self.store.host_status(name))
+            return HostOut.of(host, self.store.host_status(name), len(state.containers_on(name)))
 
         return await self.call(read)
 

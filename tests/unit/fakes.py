@@ -11,6 +11,7 @@ import dataclasses
 import threading
 from collections.abc import Callable, Collection, Sequence
 
+from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import (
     Container,
     ContainerStatus,
@@ -34,6 +35,7 @@ class FakeStore:
         self._hosts: dict[str, HostStatus] = {}
         self._subscribers: list[Callable[[], None]] = []
         self.writes = 0
+        self.down: set[str] = set()  # hosts auto_converge leaves alone (a dead machine)
 
     # --- lifecycle ---
 
@@ -46,7 +48,7 @@ class FakeStore:
     def snapshot(self) -> DesiredState:
         with self._lock:
             s = self._state
-            return DesiredState(s.generation, dict(s.hosts), dict(s.containers), dict(s.mappings))
+            return DesiredState(s.generation, dict(s.hosts), dict(s.containers), dict(s.mappings), s.config)
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         with self._lock:
@@ -63,7 +65,12 @@ class FakeStore:
             self.writes += 1
             if self.auto_converge:
                 for name in self._state.hosts:
-                    self._hosts[name] = HostStatus(gen, gen, True)
+                    if name in self.down:
+                        continue  # a dead host: its switch and agent report nothing any more
+                    old = self._hosts.get(name, HostStatus())
+                    self._hosts[name] = dataclasses.replace(
+                        old, switch_generation=gen, agent_generation=gen, switch_connected=True, switch_waiting=frozenset()
+                    )
                 self._report_containers()
         self._notify()
         return gen
@@ -83,6 +90,11 @@ class FakeStore:
                     return self._state.generation
                 raise NotFound("name", f"host {name!r} does not exist")
             return self._commit(hosts={k: v for k, v in self._state.hosts.items() if k != name})
+
+    def set_config(self, config: NetworkConfig) -> int:
+        """As the store's Global row: the whole config in one write (no check: the API checks)."""
+        with self._lock:
+            return self._commit(config=config)
 
     def add_container(self, c: Container, mappings: Sequence[Mapping] = ()) -> int:
         with self._lock:
@@ -179,6 +191,13 @@ class FakeStore:
         with self._lock:
             old = self._hosts.get(host, HostStatus())
             self._hosts[host] = dataclasses.replace(old, agent_generation=generation)
+        self._notify()
+
+    def report_tunnels(self, host: str, tunnels: Sequence[tuple[str, str]]) -> None:
+        """As an agent: its tunnels to its peers, ``(peer, "up" | "down: reason")``."""
+        with self._lock:
+            old = self._hosts.get(host, HostStatus())
+            self._hosts[host] = dataclasses.replace(old, tunnels=tuple(tunnels))
         self._notify()
 
     def host_status(self, host: str) -> HostStatus:

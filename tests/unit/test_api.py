@@ -239,7 +239,7 @@ def test_unknown_container(client: TestClient, store: FakeStore) -> None:
 
 
 def test_status_converges(client: TestClient, store: FakeStore) -> None:
-    assert client.get("/v1/status").json() == {"generation": 0, "converged": True, "hosts": [], "problems": []}
+    assert client.get("/v1/status").json() == {"generation": 0, "converged": True, "hosts": [], "problems": [], "lagging": []}
     add_host(client)
     st = client.get("/v1/status").json()
     assert st["generation"] == 1 and not st["converged"] and not st["hosts"][0]["converged"]
