@@ -3,9 +3,15 @@
 Topology (every address in a documentation/benchmark range, nothing in the
 machine's namespace but the API on loopback and the store's unix socket):
 
-    <prefix>mgmt   Linux bridge mgmt0 198.18.0.1/24; the controller listens there
-    <prefix>hN     host N: mgmt0 198.18.0.(10+N)/24, OVS + agent; h1 also has up0 198.51.100.1/24
+    <prefix>mgmt   the "control machine": Linux bridge mgmt0 198.18.0.1/24, where the store
+                   (TCP 6640) and the controller (TCP 6653) listen; Linux bridge ul0, the underlay
+    <prefix>hN     host N: mgmt0 198.18.0.(10+N)/24, ul0 198.19.0.(10+N)/24 (MTU 1500), OVS + agent;
+                   h1 is the gateway host and the only one with an uplink, up0 198.51.100.1/24
     <prefix>inet   the outside world: eth0 198.51.100.2/24, route to the public pools via h1
+
+Each daemon runs with the flags of a real deployment (docs/deploy.md): agents reach the
+store and the controller over TCP on the management network, their VXLAN tunnels run
+over ul0; no unix socket is shared with a host namespace.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from portmesh.runtime.light import LightRuntime
 log = logging.getLogger("portmesh.lab")
 
 MGMT_NET = "198.18.0"
+UNDERLAY_NET = "198.19.0"
+UNDERLAY_MTU = 1500
 INET_IP, UPLINK_IP = "198.51.100.2", "198.51.100.1"
 INET_PREFIXLEN = 24
 RMEM_KEY = "net.core.rmem_default"
@@ -40,6 +48,21 @@ Say = Callable[[str], None]
 def mgmt_ip(index: int) -> str:
     """Host number ``index`` (1-based) on the management network."""
     return f"{MGMT_NET}.{10 + index}"
+
+
+def underlay_ip(index: int) -> str:
+    """Host number ``index`` (1-based) on the underlay: where the other hosts' tunnels to it end."""
+    return f"{UNDERLAY_NET}.{10 + index}"
+
+
+def host_index(host: str) -> int:
+    """``h3`` -> 3: the host's number (its datapath id and the last octet of its addresses minus 10)."""
+    return int(host.removeprefix("h"))
+
+
+def host_role(host: str) -> str:
+    """h1 faces inet (the gateway host); every other lab host is a compute host."""
+    return "gateway" if host == "h1" else "compute"
 
 
 def ovs_of(state: LabState, host: str) -> OvsInstance:
@@ -79,15 +102,14 @@ class Lab:
     def _up(self, state: LabState, tune_rmem: bool) -> None:
         if tune_rmem:
             self._set_machine_sysctl(state, RMEM_KEY, str(RMEM_LAB))
-        for ns in ["mgmt", "inet", *state.hosts]:
+        for ns in ["mgmt", "inet"]:
             self._namespace(state, state.ns(ns))
         mgmt = state.ns("mgmt")
-        link.bridge(mgmt, "mgmt0")
+        self._bridge(state, mgmt, "mgmt0")
         link.address(mgmt, "mgmt0", f"{services.CONTROLLER_IP}/24")
-        for i, host in enumerate(state.hosts, start=1):
-            self._veth(state, state.ns(host), "mgmt0", mgmt, f"m-{host}")
-            link.enslave(mgmt, f"m-{host}", "mgmt0")
-            link.address(state.ns(host), "mgmt0", f"{mgmt_ip(i)}/24")
+        self._bridge(state, mgmt, services.UNDERLAY_DEV)
+        for host in state.hosts:
+            self._host_links(state, host)
         h1, inet = state.ns(state.hosts[0]), state.ns("inet")
         self._veth(state, inet, "eth0", h1, "up0")
         link.address(inet, "eth0", f"{INET_IP}/{INET_PREFIXLEN}")
@@ -97,18 +119,46 @@ class Lab:
         self.say(f"lab {self.name}: namespaces and links made ({', '.join(state.namespaces)})")
 
         for host in state.hosts:
-            ovs = ovs_of(state, host)
-            self._record(state, f"ovsdb-server:{host}", ovs.start_db, ovs.netns, ovs.rundir / "ovsdb-server.log")
-            self._record(state, f"ovs-vswitchd:{host}", ovs.start_vswitchd, ovs.netns, ovs.rundir / "ovs-vswitchd.log")
+            self._host_ovs(state, host)
         self.say(f"lab {self.name}: OVS running in {', '.join(state.ns(h) for h in state.hosts)}")
         self._start_components(state)
+
+    def _host_links(self, state: LabState, host: str) -> None:
+        """Host namespace with its management and underlay interfaces, each a veth into the mgmt namespace's bridge."""
+        i, ns, mgmt = host_index(host), state.ns(host), state.ns("mgmt")
+        self._namespace(state, ns)
+        self._veth(state, ns, "mgmt0", mgmt, f"m-{host}")
+        link.enslave(mgmt, f"m-{host}", "mgmt0")
+        link.address(ns, "mgmt0", f"{mgmt_ip(i)}/24")
+        self._veth(state, ns, services.UNDERLAY_DEV, mgmt, f"u-{host}", mtu=UNDERLAY_MTU)
+        link.enslave(mgmt, f"u-{host}", services.UNDERLAY_DEV)
+        link.address(ns, services.UNDERLAY_DEV, f"{underlay_ip(i)}/24")
+
+    def _host_ovs(self, state: LabState, host: str) -> None:
+        ovs = ovs_of(state, host)
+        self._record(state, f"ovsdb-server:{host}", ovs.start_db, ovs.netns, ovs.rundir / "ovsdb-server.log")
+        self._record(state, f"ovs-vswitchd:{host}", ovs.start_vswitchd, ovs.netns, ovs.rundir / "ovs-vswitchd.log")
+
+    def _register(self, state: LabState, host: str) -> None:
+        """Register ``host`` through the API as an operator would (``portmesh host add``)."""
+        i = host_index(host)
+        self._api(state).register_host(host, i, underlay_ip(i), role=host_role(host))
+
+    def _api(self, state: LabState) -> services.ApiClient:
+        return services.ApiClient(state.api_url, services.token_file(state.dir).read_text().strip())
+
+    def _start_agent(self, state: LabState, host: str) -> None:
+        state.agent_state_dirs.append(str(services.agent_state_dir(state.dir, host)))
+        state.save()
+        argv = services.agent_argv(state.dir, host, ovs_of(state, host).remote, state.prefix, state.docker_url)
+        self._spawn(state, f"agent:{host}", argv, state.ns(host))
 
     def _start_components(self, state: LabState) -> None:
         labdir = state.dir
         if not services.available("portmesh.store.__main__"):
             self.say("portmesh.store is not there yet: no store, controller, agents or API started")
             return
-        store = self._spawn(state, "store", services.store_argv(labdir))
+        store = self._spawn(state, "store", services.store_argv(labdir), state.ns("mgmt"))
         wait_unix_socket(services.store_socket(labdir), store.ref)
         if services.available("portmesh.controller.__main__"):
             self._spawn(state, "controller", services.controller_argv(labdir), state.ns("mgmt"))
@@ -117,24 +167,20 @@ class Lab:
         if not services.available("portmesh.api.__main__"):
             self.say("portmesh.api is not there yet: no API started and no host registered")
         else:
-            token = services.make_token(labdir)
+            services.make_token(labdir)
             # The default lab answers where the CLI looks by default (127.0.0.1:8470, token in
             # /run/portmesh/lab/api.token), so `portmesh lab up; portmesh run ...` needs no settings.
             port = services.free_port(services.DEFAULT_API_PORT if self.name == services.DEFAULT_LAB else 0)
             state.api_url = f"http://127.0.0.1:{port}"
             self._spawn(state, "api", services.api_argv(labdir, port))
             services.wait_http(f"{state.api_url}/v1/hosts")
-            api = services.ApiClient(state.api_url, token)
-            for i, host in enumerate(state.hosts, start=1):
-                api.register_host(host, i, mgmt_ip(i))
+            for host in state.hosts:
+                self._register(state, host)
             self.say(f"lab {self.name}: API on {state.api_url}, hosts registered: {', '.join(state.hosts)}")
         if services.available("portmesh.agent.__main__"):
             self._container_engine(state)
             for host in state.hosts:
-                state.agent_state_dirs.append(str(services.agent_state_dir(labdir, host)))
-                state.save()
-                argv = services.agent_argv(labdir, host, ovs_of(state, host).remote, state.prefix, state.docker_url)
-                self._spawn(state, f"agent:{host}", argv, state.ns(host))
+                self._start_agent(state, host)
         else:
             self.say("portmesh.agent is not there yet: no agents started")
 
@@ -168,10 +214,15 @@ class Lab:
         state.save()
         node.create(ns)
 
-    def _veth(self, state: LabState, ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
+    def _bridge(self, state: LabState, ns: str, name: str) -> None:
+        state.links.append((ns, name))
+        state.save()
+        link.bridge(ns, name)
+
+    def _veth(self, state: LabState, ns_a: str, if_a: str, ns_b: str, if_b: str, mtu: int | None = None) -> None:
         state.links.append((ns_a, if_a))
         state.save()
-        link.veth(ns_a, if_a, ns_b, if_b)
+        link.veth(ns_a, if_a, ns_b, if_b, mtu=mtu)
 
     def _set_machine_sysctl(self, state: LabState, key: str, value: str) -> None:
         path = Path("/proc/sys") / key.replace(".", "/")
@@ -214,6 +265,83 @@ class Lab:
         state.processes.remove(old)
         state.save()
         return self._spawn(state, label, old.argv, old.netns)
+
+    # -- hosts joining and leaving a running lab ----------------------------------
+
+    def add_host(self) -> str:
+        """A new compute host in a running lab, made as a real one joins: links, OVS, ``host add``, its agent.
+
+        Returns its name (the next free number). A failure half-way leaves what was made
+        recorded, so ``down`` (or :meth:`remove_host`) still removes it.
+        """
+        state = self.state()
+        if state is None:
+            raise LookupError(f"lab {self.name} is not up")
+        host = f"h{max(host_index(h) for h in state.hosts) + 1}"
+        state.hosts.append(host)
+        state.save()
+        self._host_links(state, host)
+        self._host_ovs(state, host)
+        if state.api_url:
+            self._register(state, host)
+        if state.process("agent:h1") is not None:
+            self._start_agent(state, host)
+        self.say(f"lab {self.name}: host {host} added ({underlay_ip(host_index(host))} on the underlay)")
+        return host
+
+    def remove_host(self, host: str) -> list[str]:
+        """Take ``host`` out as an operator would (``host rm``, then its daemons stop) and remove what the lab made for it.
+
+        Returns the problems met (empty when all went). The gateway host h1 cannot leave.
+        """
+        state = self.state()
+        if state is None or host not in state.hosts:
+            raise LookupError(f"lab {self.name} has no host {host!r}")
+        if host == state.hosts[0]:
+            raise ValueError(f"{host} is the lab's gateway host (the uplink to inet); it cannot leave")
+        problems: list[str] = []
+        unregistered: list[str] = []
+        if state.api_url:
+            try:
+                self._api(state).remove_host(host)
+            except Exception as exc:
+                unregistered.append(f"host rm {host}: {exc}")
+        ns = state.ns(host)
+        for proc in [p for p in reversed(state.processes) if p.label.endswith(f":{host}")]:
+            try:
+                procs.stop(proc.ref)
+                state.processes.remove(proc)
+            except Exception as exc:
+                problems.append(f"stop {proc.label} ({proc.pid}): {exc}")
+        state_dir = str(services.agent_state_dir(state.dir, host))
+        if state_dir in state.agent_state_dirs and Path(state_dir).is_dir():
+            runtime = LightRuntime(Path(state_dir))
+            for name in runtime.known():
+                try:
+                    runtime.remove(name)
+                except Exception as exc:
+                    problems.append(f"remove container {name}: {exc}")
+        for entry in [e for e in reversed(state.links) if e[0] == ns]:
+            try:
+                if node.exists(ns):
+                    link.delete(*entry)  # a veth takes its peer (m-hN, u-hN in mgmt) with it
+                state.links.remove(entry)
+            except Exception as exc:
+                problems.append(f"delete {entry[0]}:{entry[1]}: {exc}")
+        try:
+            node.remove(ns)
+            state.namespaces.remove(ns)
+        except Exception as exc:
+            problems.append(f"remove namespace {ns}: {exc}")
+        if not problems:
+            state.hosts.remove(host)
+            if state_dir in state.agent_state_dirs:
+                state.agent_state_dirs.remove(state_dir)
+            shutil.rmtree(state.dir / host, ignore_errors=True)
+        state.save()
+        problems = unregistered + problems
+        self.say(f"lab {self.name}: host {host} removed" + (f" with problems: {problems}" if problems else ""))
+        return problems
 
     # -- down ---------------------------------------------------------------------
 

@@ -17,8 +17,10 @@ from typing import Any
 import httpx
 
 PY = sys.executable
-CONTROLLER_IP = "198.18.0.1"
+CONTROLLER_IP = "198.18.0.1"  # the "control machine" (the mgmt namespace): controller and store listen here
 CONTROLLER_PORT = 6653
+STORE_PORT = 6640
+UNDERLAY_DEV = "ul0"  # each lab host's underlay interface: the agents' --underlay-dev
 
 
 def available(module: str) -> bool:
@@ -34,7 +36,13 @@ def store_socket(labdir: Path) -> Path:
 
 
 def store_remote(labdir: Path) -> str:
+    """The store as seen from the control machine (API, controller): its unix socket."""
     return f"unix:{store_socket(labdir)}"
+
+
+def store_tcp_remote() -> str:
+    """The store as the hosts see it: TCP on the management network (no socket is shared with a host namespace)."""
+    return f"tcp:{CONTROLLER_IP}:{STORE_PORT}"
 
 
 def store_argv(labdir: Path) -> list[str]:
@@ -47,6 +55,8 @@ def store_argv(labdir: Path) -> list[str]:
         str(labdir / "store.db"),
         "--socket",
         str(store_socket(labdir)),
+        "--tcp",
+        f"{CONTROLLER_IP}:{STORE_PORT}",
         "--log-file",
         str(labdir / "store.log"),
     ]
@@ -74,14 +84,15 @@ def podman_argv(labdir: Path) -> list[str]:
 
 
 def agent_argv(labdir: Path, host: str, ovsdb_remote: str, prefix: str, docker_url: str = "") -> list[str]:
-    return [
+    """The agent as its systemd unit runs it on a real host: store and controller over TCP, its underlay device."""
+    argv = [
         PY,
         "-m",
         "portmesh.agent",
         "--host",
         host,
         "--store",
-        store_remote(labdir),
+        store_tcp_remote(),
         "--ovsdb",
         ovsdb_remote,
         "--controller",
@@ -93,6 +104,21 @@ def agent_argv(labdir: Path, host: str, ovsdb_remote: str, prefix: str, docker_u
         "--docker-url",
         docker_url or "none",
     ]
+    # TODO(issue 12): pass --underlay-dev unconditionally once the agent's flag has landed (engineer C).
+    if accepts_flag("portmesh.agent.__main__", "--underlay-dev"):
+        argv += ["--underlay-dev", UNDERLAY_DEV]
+    return argv
+
+
+def accepts_flag(module: str, flag: str) -> bool:
+    """True if ``module``'s source declares ``flag`` (the lab runs while components gain their issue-12 flags)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError:
+        return False
+    if spec is None or spec.origin is None:
+        return False
+    return f'"{flag}"' in Path(spec.origin).read_text()
 
 
 def agent_state_dir(labdir: Path, host: str) -> Path:
@@ -160,13 +186,22 @@ class ApiClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=base_url, headers=headers, timeout=15.0)
 
-    def register_host(self, name: str, datapath_id: int, underlay_ip: str | None = None) -> None:
+    def register_host(self, name: str, datapath_id: int, underlay_ip: str | None = None, role: str = "") -> None:
+        """``POST /v1/hosts`` as ``portmesh host add NAME --underlay-ip IP --role ROLE`` does."""
         body: dict[str, Any] = {"name": name, "datapath_id": datapath_id}
         if underlay_ip:
             body["underlay_ip"] = underlay_ip
+        if role:
+            body["role"] = role
         reply = self.http.post("/v1/hosts", json=body)
         if reply.status_code not in (200, 201, 409):
             raise RuntimeError(f"POST /v1/hosts {name}: {reply.status_code} {reply.text}")
+
+    def remove_host(self, name: str) -> None:
+        """``DELETE /v1/hosts/NAME`` (``portmesh host rm``): the other hosts drop their tunnels to it."""
+        reply = self.http.delete(f"/v1/hosts/{name}")
+        if reply.status_code not in (200, 204, 404):
+            raise RuntimeError(f"DELETE /v1/hosts/{name}: {reply.status_code} {reply.text}")
 
     def container_netns(self, name: str) -> str:
         reply = self.http.get(f"/v1/containers/{name}")
