@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+from os_ken.lib import pcaplib
+from os_ken.lib.packet import ethernet, packet
 
 from portmesh.lab.dummy_ovs import DummyOVS
 from portmesh.model.config import DEFAULT_CONFIG as CFG
 from portmesh.model.entities import DesiredState, Host, HostRole, MappingKey, Proto
 from portmesh.model.validation import new_container, new_mapping
 from tests.switch.conftest import ControllerThread, MemoryState
+from tests.switch.test_icmp_trace import echo, error, icmp_of, quoted
 from tests.switch.test_pipeline_trace import last_actions, of_outputs
 
 pytestmark = pytest.mark.switch
@@ -178,3 +182,51 @@ def test_a_config_change_reprograms_every_switch(cloud: Cloud) -> None:
     assert of_outputs(cloud.trace("h2", probe)) == [str(TUNNEL_NO["h1"])]
     old = probe.replace(f"dl_dst={new_mac}", f"dl_dst={CFG.gateway_mac}")
     assert of_outputs(cloud.trace("h2", old)) == []
+
+
+def _tx(cloud: Cloud, host: str, port_name: str, tmp_name: str) -> Path:
+    path = cloud.ovs[host].dir / f"{tmp_name}.pcap"
+    cloud.ovs[host].vsctl("set", "interface", port_name, f"options:tx_pcap={path}")
+    return path
+
+
+def _frames(path: Path) -> list[bytes]:
+    if not path.exists() or path.stat().st_size < 24:
+        return []
+    with path.open("rb") as f:
+        return [bytes(buf) for _ts, buf in pcaplib.Reader(f)]
+
+
+def _wait_frame(path: Path, ok: Callable[[bytes], bool], timeout: float = 5.0) -> bytes:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for got in _frames(path):
+            if ok(got):
+                return got
+        time.sleep(0.02)
+    raise AssertionError(f"nothing matching left by {path.name}: {[f.hex() for f in _frames(path)]}")
+
+
+def test_echo_and_icmp_errors_for_a_compute_host_container_go_back_through_its_tunnel(cloud: Cloud) -> None:
+    """On the gateway host: a compute container's echo request from the tunnel is committed to conntrack,
+    so the reply from outside goes back into that tunnel with the container's MAC; an ICMP error quoting
+    its mapped port goes through the controller to the same tunnel."""
+    b = cloud.state.containers["b"]
+    gw, vm = CFG.gateway_mac, CFG.virtual_mac
+    to_h2 = _tx(cloud, "h1", cloud.state.hosts["h2"].tunnel_port, "to_h2")
+    to_kernel = _tx(cloud, "h1", "br0", "local")
+    h1 = cloud.ovs["h1"]
+    from_h2 = cloud.state.hosts["h2"].tunnel_port
+    h1.appctl("netdev-dummy/receive", from_h2, echo(b.mac, gw, str(IP10), OUTSIDE, 8, 77).hex())
+    _wait_frame(to_kernel, lambda f: (i := icmp_of(f)) is not None and i.type == 8 and i.data.id == 77)
+    h1.appctl("netdev-dummy/receive", "br0", echo(gw, vm, OUTSIDE, str(IP10), 0, 77).hex())
+    reply = _wait_frame(to_h2, lambda f: (i := icmp_of(f)) is not None and i.type == 0)
+    assert packet.Packet(reply).get_protocol(ethernet.ethernet).dst == b.mac and icmp_of(reply).data.id == 77
+    # An unsolicited reply (another echo id) is not sent anywhere: the control for the one above.
+    h1.appctl("netdev-dummy/receive", "br0", echo(gw, vm, OUTSIDE, str(IP10), 0, 78).hex())
+    # Fragmentation needed, quoting b's mapped port 80: the controller sends it on to b, through the tunnel.
+    err = error(gw, vm, OUTSIDE, str(IP10), quoted(str(IP10), OUTSIDE, Proto.TCP, 80, 40000))
+    h1.appctl("netdev-dummy/receive", "br0", err.hex())
+    got = _wait_frame(to_h2, lambda f: (i := icmp_of(f)) is not None and i.type == 3)
+    assert packet.Packet(got).get_protocol(ethernet.ethernet).dst == b.mac
+    assert [icmp_of(f).type for f in _frames(to_h2) if icmp_of(f) is not None] == [0, 3]
