@@ -47,6 +47,12 @@ Txn = Any  # ovs.db.idl.Transaction (untyped library)
 Build = Callable[[Txn], bool]
 
 
+# What a host agent's view replicates (Store(remote, host=NAME)), and the Host columns it writes
+# without replicating them (its reports; see Engine.__init__).
+AGENT_VIEW_TABLES = ("Global", "Host", "Container")
+AGENT_WRITES: dict[str, tuple[str, ...]] = {"Host": ("agent_generation", "tunnels")}
+
+
 class StoreError(RuntimeError):
     """The store could not be reached, or a commit did not go through in time."""
 
@@ -73,9 +79,11 @@ class _Idl(ovs_conn.OvsdbIdl):  # type: ignore[misc]
     """
 
     def __init__(self, remote: str, helper: Any, after_run: Callable[[bool], None],
-                 on_row: Callable[[str, Any], None], on_reload: Callable[[], None]) -> None:
+                 on_row: Callable[[str, Any], None], on_reload: Callable[[], None],
+                 unmonitored: dict[str, tuple[str, ...]], where: dict[str, list[Any]]) -> None:
         super().__init__(remote, helper, leader_only=True)
         self._after_run, self._on_row, self._on_reload = after_run, on_row, on_reload
+        self._unmonitored, self._where = unmonitored, where
         self._reloading = False
         for table in self.tables.values():
             table.rows = _Rows(table, self._cleared)
@@ -86,6 +94,22 @@ class _Idl(ovs_conn.OvsdbIdl):  # type: ignore[misc]
     def notify(self, event: str, row: Any, updates: Any = None) -> None:
         if not self._reloading:  # a reload rebuilds everything at the end of the run anyway
             self._on_row(event, row)
+
+    def send_request(self, request: Any) -> Any:
+        """Every monitor request of the Portmesh database (first, and after each reconnect) asks
+        for the registered columns minus ``unmonitored`` (written, never read: the library's own
+        ``readonly`` columns cannot be written) and only the rows matching ``where``.
+
+        Setting the condition here rather than by ``cond_change`` means the very first load
+        already holds only those rows, and a reconnect (``monitor_cond_since``) asks the same."""
+        if request.method in ("monitor", "monitor_cond", "monitor_cond_since") and request.params[0] == self._db.name:
+            for table, monitor_requests in request.params[2].items():
+                for monitor_request in monitor_requests:
+                    drop = self._unmonitored.get(table, ())
+                    monitor_request["columns"] = [c for c in monitor_request["columns"] if c not in drop]
+                    if table in self._where and request.method != "monitor":
+                        monitor_request["where"] = self._where[table]
+        return super().send_request(request)
 
     def cooperative_yield(self) -> None:
         """Do not yield per row. ovsdbapp sleeps 0 s for every row of an update (for eventlet);
@@ -129,24 +153,40 @@ class _Wakeup:
 class Engine:
     """Owns the IDL and its thread; :class:`Store` adds the Portmesh operations on top."""
 
-    def __init__(self, remote: str, timeout: float = 10.0, tables: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, remote: str, timeout: float = 10.0, tables: Sequence[str] | None = None, host: str | None = None
+    ) -> None:
         """``tables``: replicate only these (default: all). A host agent needs neither the
         Mapping table nor its memory (~340 MB and ~7 s of loading at 100,000 mappings); reads
-        and writes then concern those tables only."""
+        and writes then concern those tables only.
+
+        ``host``: the view of that host's agent (issue 12: its cost must grow with its own work,
+        not with the cloud). Container rows are monitored only where ``host`` is that host
+        (conditional monitoring: the server sends no other host's containers, nor their
+        changes), all their columns (the agent reads the desired ones, ``running`` and its own
+        status reports); Host and Global rows all, but only their desired columns. The Host
+        columns the agent writes (:data:`AGENT_WRITES`) are registered but not monitored, so
+        other agents' and the controller's reports never wake it, and it can still write them.
+        """
         self.remote = remote
         self.timeout = timeout
+        self.host = host
         install_stream_parser()  # the library's pure-Python JSON lexer was the largest cost of a write
         helper = ovs_idl.SchemaHelper(location=str(R.schema_path()))
-        if tables is None:
+        if tables is None and host is None:
             helper.register_all()
-        else:
-            for table in tables:
+        for table in tables or (() if host is None else AGENT_VIEW_TABLES):
+            if host is not None and table in ("Global", "Host"):
+                helper.register_columns(table, [*R.DESIRED_COLUMNS[table], *AGENT_WRITES.get(table, ())])
+            else:
                 helper.register_table(table)
+        unmonitored = {} if host is None else AGENT_WRITES
+        where = {} if host is None else {"Container": [["host", "==", host]]}
         self._mirror = Mirror()
         # Host row -> the tunnel report last written through this client (report_tunnels), for an
         # agent's view that does not replicate the column it writes.
         self._reported_tunnels: dict[Any, dict[str, str]] = {}
-        self._idl = _Idl(remote, helper, self._after_run, self._on_row, self._on_reload)
+        self._idl = _Idl(remote, helper, self._after_run, self._on_row, self._on_reload, unmonitored, where)
         reconnect = getattr(getattr(self._idl, "_session", None), "reconnect", None)
         if reconnect is not None:
             reconnect.set_backoff(RECONNECT_BACKOFF_MS, RECONNECT_BACKOFF_MS)
