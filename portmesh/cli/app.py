@@ -11,22 +11,17 @@ Names are checked with the model's own rule before they become part of a URL.
 
 from __future__ import annotations
 
-import enum
-import functools
-import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 import typer.core
-from rich.console import Console
 from typer._click.core import Context as ClickContext  # typer vendors click; its Command names this type
 
-from portmesh.cli import enter, render
+from portmesh.cli import cloud, enter, render
 from portmesh.cli.args import check_name, check_names, mapping_target, published, valid_name
 from portmesh.cli.client import (
     DEFAULT_API,
@@ -38,6 +33,16 @@ from portmesh.cli.client import (
     quote_segment,
     read_token,
     valid_url,
+)
+from portmesh.cli.common import (
+    Format,
+    OutputOpt,
+    TimeoutOpt,
+    WaitOpt,
+    api_of,
+    emit_json,
+    handles_api_errors,
+    out,
 )
 from portmesh.model.entities import RestartPolicy
 
@@ -54,6 +59,7 @@ app = typer.Typer(
 )
 map_app = typer.Typer(help="Mappings: (public IP, port/proto) -> container.", no_args_is_help=True)
 app.add_typer(map_app, name="map")
+cloud.register(app)
 
 FOLLOW_PAUSE = 0.5  # logs -f: how often to ask for more once caught up
 LAB_COMMANDS = ("lab", "up", "down", "demo")
@@ -70,49 +76,6 @@ class RawArgs(typer.core.TyperCommand):
     def parse_args(self, ctx: ClickContext, args: list[str]) -> list[str]:
         ctx.args = list(args)
         return []
-
-
-class Format(enum.StrEnum):
-    table = "table"
-    json = "json"
-
-
-OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for scripts")]
-WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="Return once the change is live on every host.")]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, max=3600, help="Seconds to wait for convergence.")]
-
-
-def out() -> Console:
-    """A console that prints machine text literally: no markup, no ``:emoji:`` codes, no highlighting.
-
-    Built per call so it writes to whatever sys.stdout is now (CliRunner swaps it). Off a
-    terminal, tables are as wide as their content (a pipe has no width to wrap at).
-    """
-    width = None if sys.stdout.isatty() else render.PIPE_WIDTH
-    return Console(highlight=False, soft_wrap=True, markup=False, emoji=False, width=width)
-
-
-def emit_json(body: Any) -> None:
-    typer.echo(json.dumps(body, indent=2))
-
-
-def handles_api_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn an :class:`ApiError` into ``error: <field>: <reason>`` on stderr and exit status 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except ApiError as exc:
-            typer.echo(f"error: {exc.describe()}", err=True)
-            raise typer.Exit(1) from None
-
-    return wrapper
-
-
-def api_of(ctx: typer.Context) -> Api:
-    api: Api = ctx.ensure_object(Api) if ctx.obj is None else ctx.obj
-    return api
 
 
 def complete_names(ctx: typer.Context, incomplete: str) -> list[str]:

@@ -115,20 +115,53 @@ def mappings(console: Console, items: list[Json]) -> None:
     _print(console, table)
 
 
+def tunnels(items: list[Json]) -> str:
+    """``2/2 up``, or ``1/2 up; down: h3 (no route)``: how many of a host's tunnels are up, and which are not."""
+    if not items:
+        return "-"
+    down = []
+    for t in items:
+        if not t.get("up"):
+            why = str(t.get("state", "")).removeprefix("down").lstrip(": ")
+            down.append(f"{t['peer']} ({why})" if why else str(t["peer"]))
+    text = f"{len(items) - len(down)}/{len(items)} up"
+    return f"{text}; down: {', '.join(down)}" if down else text
+
+
 def hosts(console: Console, items: list[Json]) -> None:
-    table = _new_table("NAME", "DATAPATH ID", "UNDERLAY", "SWITCH", "AGENT", "CONNECTED")
+    table = _new_table("NAME", "ROLE", "DATAPATH ID", "UNDERLAY", "TUNNELS", "CONNECTED", "CONTAINERS", "SWITCH", "AGENT")
     for h in items:
         st = h.get("status") or {}
         table.add_row(
             *_row(
                 h["name"],
+                h.get("role") or "-",
                 f"{h['datapath_id']:016x}",
                 h.get("underlay_ip") or "-",
+                tunnels(h.get("tunnels") or []),
+                "yes" if st.get("switch_connected") else "no",
+                str(h.get("containers", "-")),
                 str(st.get("switch_generation", "-")),
                 str(st.get("agent_generation", "-")),
-                "yes" if st.get("switch_connected") else "no",
             )
         )
+    _print(console, table)
+
+
+def pools(console: Console, items: list[Json]) -> None:
+    table = _new_table("POOL", "ADDRESSES", "USED")
+    for p in items:
+        table.add_row(*_row(p["pool"], str(p["size"]), str(p["used"])))
+    _print(console, table)
+
+
+def config(console: Console, cfg: Json) -> None:
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in cfg.items():
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+        table.add_row(*_row(key, shown or "-"))
     _print(console, table)
 
 
@@ -137,7 +170,7 @@ def status(console: Console, st: Json) -> None:
     console.print(Text.assemble(f"generation {st['generation']}: ", verdict))
     if not st["hosts"]:
         return
-    table = _new_table("HOST", "SWITCH", "AGENT", "CONNECTED", "UP TO DATE")
+    table = _new_table("HOST", "SWITCH", "AGENT", "CONNECTED", "UP TO DATE", "DOWN")
     for h in st["hosts"]:
         table.add_row(
             *_row(
@@ -146,6 +179,7 @@ def status(console: Console, st: Json) -> None:
                 str(h["agent_generation"]),
                 "yes" if h["switch_connected"] else "no",
                 "yes" if h["converged"] else "no",
+                h.get("down") or "-",
             )
         )
     _print(console, table)
@@ -162,6 +196,13 @@ def state_and_reason(state: str, message: str | None) -> str:
 
 
 def write(console: Console, what: str, body: Json) -> None:
-    """One line for a write: what happened, at which generation, and whether it is live yet."""
-    live = "live everywhere" if body.get("converged") else "not yet live everywhere"
+    """One line for a write: what happened, at which generation, and whether it is live yet; then one
+    line per host that is down and was not waited for (``h3 lags: switch disconnected``)."""
+    lagging = body.get("lagging") or []
+    if body.get("converged"):
+        live = "live on every host that is up" if lagging else "live everywhere"
+    else:
+        live = "not yet live everywhere"
     console.print(Text(f"{what} (generation {body['generation']}, {live})"))
+    for lag in lagging:
+        console.print(Text(f"{lag.get('host')} lags: {lag.get('reason')}"))
