@@ -37,6 +37,35 @@ def create_db(db: Path | str, schema: Path | str | None = None) -> Path:
     return db
 
 
+def create_cluster(db: Path | str, local: str) -> Path:
+    """Create ``db`` as the first member of a new Raft cluster reachable by the others at ``local``
+    (``tcp:IP:PORT``), holding what a new standalone database holds (the default configuration).
+
+    ``ovsdb-tool create-cluster`` takes its contents from a standalone database: one is made
+    next to ``db`` with :func:`create_db`, then removed."""
+    db = Path(db)
+    seed = db.with_name(f".{db.name}.seed")
+    seed.unlink(missing_ok=True)
+    try:
+        create_db(seed)
+        subprocess.run(
+            ["ovsdb-tool", "create-cluster", str(db), str(seed), local], check=True, capture_output=True, text=True
+        )
+    finally:
+        seed.unlink(missing_ok=True)
+    return db
+
+
+def join_cluster(db: Path | str, local: str, remotes: list[str]) -> Path:
+    """Create ``db`` as a new member that joins the Raft cluster at ``remotes`` (any of its members'
+    ``tcp:IP:PORT``); it takes the data from the cluster once its server runs."""
+    db = Path(db)
+    subprocess.run(
+        ["ovsdb-tool", "join-cluster", str(db), "Portmesh", local, *remotes], check=True, capture_output=True, text=True
+    )
+    return db
+
+
 def _version(db: Path | str) -> tuple[int, ...]:
     out = subprocess.run(["ovsdb-tool", "db-version", str(db)], check=True, capture_output=True, text=True).stdout
     return tuple(int(part) for part in out.strip().split("."))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from portmesh.model.config import DEFAULT_CONFIG
 from portmesh.model.entities import (
     Container,
     ContainerStatus,
@@ -326,18 +327,24 @@ def _role(ctl: Path) -> str:
     return next((line.split(":", 1)[1].strip() for line in out.stdout.splitlines() if line.startswith("Role:")), "")
 
 
+def make_cluster_dbs(tmp_path: Path) -> list[Path]:
+    """Three members' database files, made with the store's own entry points (as docs/deploy.md does)."""
+    addrs = [f"tcp:127.0.0.1:{_free_port()}" for _ in range(3)]
+    dbs = [tmp_path / f"m{i}.db" for i in range(3)]
+    store = [sys.executable, "-m", "portmesh.store"]
+    subprocess.run([*store, "create-cluster", "--db", str(dbs[0]), "--local", addrs[0]], check=True)
+    for i in (1, 2):
+        remotes = ",".join(addrs[:i])
+        subprocess.run([*store, "join-cluster", "--db", str(dbs[i]), "--local", addrs[i], "--remote", remotes], check=True)
+    return dbs
+
+
 @contextlib.contextmanager
 def raft_cluster(tmp_path: Path) -> Iterator[tuple[str, dict[int, int]]]:
     """Three ovsdb-server members on loopback: the comma-separated remote and member → PID (stopped on exit)."""
     if shutil.which("ovsdb-server") is None:
         pytest.skip("ovsdb-server not installed")
-    from portmesh.store.rows import schema_path
-
-    addrs = [f"tcp:127.0.0.1:{_free_port()}" for _ in range(3)]
-    dbs = [tmp_path / f"m{i}.db" for i in range(3)]
-    subprocess.run(["ovsdb-tool", "create-cluster", str(dbs[0]), str(schema_path()), addrs[0]], check=True)
-    for i in (1, 2):
-        subprocess.run(["ovsdb-tool", "join-cluster", str(dbs[i]), "Portmesh", addrs[i], addrs[0]], check=True)
+    dbs = make_cluster_dbs(tmp_path)
     pids: dict[int, int] = {}
     try:
         for i in range(3):
@@ -365,3 +372,4 @@ def test_raft_cluster_survives_a_leader_kill(tmp_path: Path) -> None:
         assert s.add_host(Host("h2", 2)) == 2
         assert time.monotonic() - t0 < 8, "failover took too long (reconnect backoff not capped?)"
         assert set(s.snapshot().hosts) == {"h1", "h2"}
+        assert s.snapshot().config == DEFAULT_CONFIG  # create-cluster seeded the Global row
