@@ -26,6 +26,7 @@ from portmesh.store.server import (
     join_cluster,
     server_command,
     server_env,
+    upgrade,
     upgrade_db,
 )
 
@@ -61,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         "claim-blocks", help="claim the port blocks of containers that have none (after converting a cluster online)"
     )
     claim.add_argument("target", help="database file, or a server's remote (unix:PATH, tcp:IP:PORT)")
+    up = sub.add_parser(
+        "upgrade",
+        help="convert a database to this schema: a file offline, or a running cluster online through one member",
+    )
+    up.add_argument("target", help="database file, or a server's remote (unix:PATH, tcp:IP:PORT)")
     init = sub.add_parser(
         "init-config", help="write the default config into a Global row without one (after converting a cluster online)"
     )
@@ -82,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "claim-blocks":
         print(f"{claim_blocks(args.target)} port block claims written")
+        return 0
+    if args.command == "upgrade":
+        print("converted" if upgrade(args.target) else "already current")
         return 0
     if args.command == "init-config":
         print("default config written" if init_config(args.target) else "config already set")

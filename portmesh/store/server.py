@@ -120,6 +120,27 @@ def upgrade_db(db: Path | str, schema: Path | str | None = None) -> bool:
     return True
 
 
+def upgrade(target: Path | str, schema: Path | str | None = None) -> bool:
+    """Bring a database to the current schema, with everything a conversion needs after it; True if converted.
+
+    A file: :func:`upgrade_db` (offline). A running server's remote (a Raft cluster's member,
+    ``tcp:IP:PORT``): ``ovsdb-client convert`` online (the cluster converts as one), then the
+    port-block claims and the default config it may lack. Idempotent.
+    """
+    if not _is_remote(target):
+        return upgrade_db(target, schema)
+    schema = str(schema or schema_path())
+    check = subprocess.run(
+        ["ovsdb-client", "needs-conversion", str(target), schema], check=True, capture_output=True, text=True
+    )
+    converted = check.stdout.strip() == "yes"
+    if converted:
+        subprocess.run(["ovsdb-client", "convert", str(target), schema], check=True, capture_output=True, text=True)
+    claim_blocks(target)
+    init_config(target)
+    return converted
+
+
 def _ovsdb_set(value: Any) -> list[Any]:
     """An OVSDB set in JSON: a bare atom for one element, ``["set", [...]]`` otherwise."""
     if isinstance(value, list) and len(value) == 2 and value[0] == "set":

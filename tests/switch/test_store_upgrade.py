@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -115,3 +116,30 @@ def test_a_new_database_holds_the_default_config_explicitly(tmp_path: Path) -> N
     (row,) = json.loads(out)[0]["rows"]
     assert row["generation"] == 0
     assert row["public_pools"] == "203.0.113.0/24" and row["vxlan_port"] == 4789 and row["container_mtu"] == 1450
+
+
+def test_a_1_3_0_cluster_is_upgraded_online_by_the_upgrade_command(tmp_path: Path) -> None:
+    """A Raft cluster is converted online (ovsdb-client convert), then gets the claims and config it lacks."""
+    from tests.switch.test_store import _free_port
+
+    old = schema_1_3_0(tmp_path)
+    seed = create_db(tmp_path / "seed.db", old)
+    ops = ["Portmesh", {"op": "insert", "table": "Host", "row": {"name": "h1", "datapath_id": 1}},
+           {"op": "insert", "table": "Global", "row": {"generation": 3}}]
+    subprocess.run(["ovsdb-tool", "transact", str(seed), json.dumps(ops)], check=True, capture_output=True)
+    db = tmp_path / "m0.db"
+    subprocess.run(["ovsdb-tool", "create-cluster", str(db), str(seed), f"tcp:127.0.0.1:{_free_port()}"], check=True)
+    port = _free_port()
+    pid = start_server(db, tmp_path / "m0.sock", tcp=f"127.0.0.1:{port}", create=False)
+    try:
+        remote = f"tcp:127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "portmesh.store", "upgrade", remote]
+        first = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        assert first.strip() == "converted"
+        assert subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip() == "already current"
+        with Store(remote) as store:
+            state = store.snapshot()
+            assert state.generation == 3 and state.config == DEFAULT_CONFIG
+            assert state.hosts["h1"].role is HostRole.GATEWAY
+    finally:
+        stop_server(pid)
