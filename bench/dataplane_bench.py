@@ -19,6 +19,11 @@ Paths:
                (agent stopped, nftables tables ``portmesh`` deleted in the host
                namespace): the "before" of issue 11, to price the isolation.
                Not in the default set (``--paths ...,portmesh_open``).
+  mh_*         across hosts (``--paths multihost``; bench/dataplane_multihost.py): one
+               3-host lab, container to container on one host and on two hosts, inet to
+               a container on the gateway host and on a compute host, throughput and RTT,
+               always built and measured together; ``cross_host`` in the JSON holds the
+               cross/same ratios (target >= 0.8). Not in the default set.
 
 Everything lives in namespaces named ``pmb-<pid>-*`` (so runs never collide with the
 lab, the tests or each other); addresses come only from 198.51.100.0/24 (outside),
@@ -60,8 +65,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TOOLS = HERE / "dataplane_tools.py"
-PATHS = ("direct", "bridge_dnat", "ovs_ctnat", "portmesh", "portmesh_open")
+MH_PATHS = ("mh_c2c_same", "mh_c2c_cross", "mh_inet_gw", "mh_inet_compute")  # bench/dataplane_multihost.py
+PATHS = ("direct", "bridge_dnat", "ovs_ctnat", "portmesh", "portmesh_open", *MH_PATHS)
 DEFAULT_PATHS = PATHS[:4]
+ALIASES = {"multihost": MH_PATHS}
 RMEM_SYSCTL = Path("/proc/sys/net/core/rmem_default")
 
 CLIENT_IP = "198.51.100.2"
@@ -86,6 +93,8 @@ class Target:
     http_port: int
     iperf_port: int
     extra: Callable[[], dict[str, Any]] = field(default=lambda: {})
+    cps: bool = True  # measure new connections/s (a container client's few source ports cannot)
+    tunnel_bytes: Callable[[], int] | None = None  # bytes through the hosts' tunnels so far (multihost)
 
 
 class BenchError(RuntimeError):
@@ -206,6 +215,7 @@ class Bench:
         ns, host, http_port, iperf_port = t.client_ns, t.host, t.http_port, t.iperf_port
         a = self.args
         out: dict[str, Any] = {}
+        tunnel0 = t.tunnel_bytes() if t.tunnel_bytes else 0
         # Latency first, on an idle path.
         rr = self._tool_json(
             ns,
@@ -215,7 +225,24 @@ class Bench:
         out["rtt_ms_p50"] = rr["rtt_ms_p50"]
         out["rtt_ms_p99"] = rr["rtt_ms_p99"]
         out["rtt_samples"] = rr["samples"]
-        cps = self._tool_json(
+        cps = self._cps(ns, host, http_port) if t.cps else None
+        if cps is not None:
+            out["conn_per_s"] = cps["conn_per_s"]
+            out["conn_failed"] = cps["failed"]
+        out["gbps"], out["tcp_retransmits"] = self._iperf(ns, host, iperf_port)
+        if t.tunnel_bytes:
+            out["tunnel_mbytes"] = round((t.tunnel_bytes() - tunnel0) / 1e6, 1)
+        log(
+            f"  {path}: {out['gbps']:.2f} Gbit/s, rtt p50 {out['rtt_ms_p50']:.3f} ms p99 {out['rtt_ms_p99']:.3f} ms, "
+            + (f"{out['conn_per_s']:.0f} conn/s ({out['conn_failed']} failed), " if cps is not None else "")
+            + f"{out['tcp_retransmits']} retransmits"
+            + (f", {out['tunnel_mbytes']} MB sent into tunnels" if t.tunnel_bytes else "")
+        )
+        return out
+
+    def _cps(self, ns: str, host: str, http_port: int) -> dict[str, Any]:
+        a = self.args
+        return self._tool_json(
             ns,
             [
                 "cps",
@@ -232,14 +259,6 @@ class Bench:
             ],
             timeout=a.cps_seconds + 15,
         )
-        out["conn_per_s"] = cps["conn_per_s"]
-        out["conn_failed"] = cps["failed"]
-        out["gbps"], out["tcp_retransmits"] = self._iperf(ns, host, iperf_port)
-        log(
-            f"  {path}: {out['gbps']:.2f} Gbit/s, rtt p50 {out['rtt_ms_p50']:.3f} ms p99 {out['rtt_ms_p99']:.3f} ms, "
-            f"{out['conn_per_s']:.0f} conn/s ({out['conn_failed']} failed), {out['tcp_retransmits']} retransmits"
-        )
-        return out
 
     def _tool_json(self, ns: str, argv: list[str], timeout: float) -> dict[str, Any]:
         p = self.run([python_exe(), str(TOOLS), *argv], ns=ns, timeout=timeout)
@@ -527,6 +546,23 @@ class Bench:
 
         return PortmeshOpenPath(self).setup()
 
+    def _multihost(self, path: str) -> Target:
+        from dataplane_multihost import shared
+
+        return shared(self).target(path)
+
+    def path_mh_c2c_same(self) -> Target:
+        return self._multihost("mh_c2c_same")
+
+    def path_mh_c2c_cross(self) -> Target:
+        return self._multihost("mh_c2c_cross")
+
+    def path_mh_inet_gw(self) -> Target:
+        return self._multihost("mh_inet_gw")
+
+    def path_mh_inet_compute(self) -> Target:
+        return self._multihost("mh_inet_compute")
+
     # -- lifecycle --------------------------------------------------------------
 
     def set_rmem(self) -> None:
@@ -654,7 +690,8 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """``"x/y"`` → metric ratio for every measured pair (x after y in PATHS), direct as the base first."""
-    ok = [p for p in PATHS if p in results and "status" not in results[p]]
+    # The multihost paths have their own comparison (cross_host): other clients, other MTU.
+    ok = [p for p in PATHS if p in results and "status" not in results[p] and p not in MH_PATHS]
     out: dict[str, dict[str, float]] = {}
     for base, other in itertools.combinations(ok, 2):
         r: dict[str, float] = {}
@@ -667,29 +704,33 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def print_table(results: dict[str, dict[str, Any]], rat: dict[str, dict[str, float]]) -> None:
-    print(f"{'path':<12} " + " ".join(f"{label:>12}" for _k, label, _h in METRICS))
+    width = max([12, *(len(p) for p in results)])
+    print(f"{'path':<{width}} " + " ".join(f"{label:>12}" for _k, label, _h in METRICS))
     for p in PATHS:
         r = results.get(p, {})
         if not r:
             continue
         if "status" in r:
-            print(f"{p:<12} {r['status']}: {r['reason']}")
+            print(f"{p:<{width}} {r['status']}: {r['reason']}")
             continue
-        print(
-            f"{p:<12} "
-            + " ".join(
-                f"{r.get(k, float('nan')):>12.3f}" if k != "conn_per_s" else f"{r.get(k, float('nan')):>12.0f}"
-                for k, _l, _h in METRICS
-            )
-        )
-    print("ratios (throughput and conn/s: higher is better; rtt: lower is better)")
+        cells = []
+        for k, _l, _h in METRICS:
+            v = r.get(k)
+            cells.append(f"{'-':>12}" if v is None else f"{v:>12.0f}" if k == "conn_per_s" else f"{v:>12.3f}")
+        print(f"{p:<{width}} " + " ".join(cells))
+    if rat:
+        print("ratios (throughput and conn/s: higher is better; rtt: lower is better)")
     for pair, r in rat.items():
         print(f"  {pair:<24} " + "  ".join(f"{k} x{v:.3f}" for k, v in r.items()))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--paths", default=",".join(DEFAULT_PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
+    p.add_argument(
+        "--paths",
+        default=",".join(DEFAULT_PATHS),
+        help=f"comma-separated subset of {','.join(PATHS)}; 'multihost' = every mh_* path",
+    )
     p.add_argument("--prefix", default="pmb-", help="namespace prefix; the PID is appended (default pmb-)")
     p.add_argument("--rounds", type=int, default=3, help="measure every path this many times; medians")
     p.add_argument("--interleave", action="store_true", help="build every path first and alternate between them")
@@ -714,7 +755,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only remove what a killed earlier run left (namespaces of dead runs, the bench lab)",
     )
     a = p.parse_args(argv)
-    a.paths = list(dict.fromkeys(x.strip() for x in a.paths.split(",") if x.strip()))
+    names = (x.strip() for x in a.paths.split(",") if x.strip())
+    a.paths = list(dict.fromkeys(n for name in names for n in ALIASES.get(name, (name,))))
     bad = set(a.paths) - set(PATHS)
     if bad:
         p.error(f"unknown path(s): {', '.join(sorted(bad))}")
@@ -763,7 +805,11 @@ def main(argv: list[str] | None = None) -> int:
             # each runs with only its own machinery alive (a busy control plane costs only its own
             # path). --interleave builds all first and alternates, so load bursts from elsewhere
             # hit every path alike.
-            groups = [args.paths] if args.interleave else [[p] for p in args.paths]
+            # The multihost paths share one 3-host lab and are compared with each other: always one group.
+            mh = [p for p in args.paths if p in MH_PATHS]
+            rest = [p for p in args.paths if p not in MH_PATHS]
+            groups = [rest] if args.interleave and rest else [[p] for p in rest]
+            groups += [mh] if mh else []
             for group in groups:
                 mark = bench.mark()
                 try:
@@ -782,11 +828,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     rat = ratios(results)
     print_table(results, rat)
+    cross: dict[str, Any] = {}
+    if any(p in results for p in MH_PATHS):
+        from dataplane_multihost import cross_host, print_cross_host
+
+        cross = cross_host(results)
+        print_cross_host(cross)
     for note in bench.notes:
         print(f"note: {note}")
     summary: dict[str, Any] = {
         **results,
         "ratios": rat,
+        **({"cross_host": cross} if cross else {}),
         "rmem_default": bench.rmem_used,
         "seconds": round(time.monotonic() - t0, 1),
         "loadavg_1m": {"before": load_before, "after": round(os.getloadavg()[0], 2)},

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,3 +35,38 @@ def test_bench_entry_starts_from_the_system_python(entry: str, tmp_path: Path) -
     probe = subprocess.run([str(SYSTEM_PYTHON), "-c", "import ovs, pyroute2"], env=env, capture_output=True, timeout=60)
     if probe.returncode == 0:
         pytest.skip("this system python has the dependencies itself: the re-exec is not what made it work")
+
+
+def _dataplane_modules() -> tuple[Any, Any]:
+    """bench/dataplane_bench.py and dataplane_multihost.py, imported as bench/dataplane imports them."""
+    import importlib
+    import sys
+
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module("dataplane_bench"), importlib.import_module("dataplane_multihost")
+
+
+def test_dataplane_multihost_alias_names_the_four_cross_host_paths() -> None:
+    bench, multihost = _dataplane_modules()
+    args = bench.parse_args(["--paths", "portmesh,multihost"])
+    assert args.paths == ["portmesh", *multihost.MH_PATHS]
+    assert tuple(bench.MH_PATHS) == multihost.MH_PATHS
+    # Each of them is a path the benchmark can build (a path_<name> method).
+    assert all(callable(getattr(bench.Bench, f"path_{p}", None)) for p in multihost.MH_PATHS)
+
+
+def test_dataplane_cross_host_ratios() -> None:
+    _bench, multihost = _dataplane_modules()
+    results: dict[str, dict[str, Any]] = {
+        "mh_c2c_same": {"gbps": 10.0, "rtt_ms_p50": 0.10},
+        "mh_c2c_cross": {"gbps": 7.0, "rtt_ms_p50": 0.20},
+        "mh_inet_gw": {"gbps": 8.0, "rtt_ms_p50": 0.20},
+        "mh_inet_compute": {"status": "unavailable", "reason": "x"},
+    }
+    out = multihost.cross_host(results)
+    assert set(out) == {"c2c"}  # inet has no cross-host figure: nothing made up
+    assert out["c2c"]["gbps_ratio"] == 0.7 and out["c2c"]["throughput_meets_target"] is False
+    assert out["c2c"]["rtt_ratio_same_over_cross"] == 0.5
+    results["mh_c2c_cross"]["gbps"] = 8.5
+    assert multihost.cross_host(results)["c2c"]["throughput_meets_target"] is True
