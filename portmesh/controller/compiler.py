@@ -96,19 +96,19 @@ class CommonFlows:
 
     def __init__(self, config: NetworkConfig) -> None:
         self.config = config
-        self._rewrites: dict[MappingKey, tuple[Mapping, str, tuple[Flow, ...]]] = {}
+        self._rewrites: dict[MappingKey, MappingEntry] = {}
         self._blocks: dict[tuple[str, str, tuple[IPv4Address, ...], object], tuple[Flow, ...]] = {}
         self._ips: dict[IPv4Address, tuple[Flow, ...]] = {}
         self._dirty: tuple[object, object, frozenset[MappingKey]] = (None, None, frozenset())
 
-    def rewrite(self, mapping: Mapping, mac: str) -> tuple[Flow, ...]:
-        """The mapping's rewrite flow (as a one-flow tuple, shared by every switch)."""
+    def rewrite(self, mapping: Mapping, mac: str) -> MappingEntry:
+        """The mapping's entry on a switch that is not its owner's: its rewrite flow alone. One entry
+        object for every such switch (their caches hold the very same tuple, not a copy each)."""
         hit = self._rewrites.get(mapping.key)
         if hit is not None and hit[1] == mac and (hit[0] is mapping or hit[0] == mapping):
-            return hit[2]
-        flows = (rewrite_flow(mapping, mac),)
-        self._rewrites[mapping.key] = (mapping, mac, flows)
-        return flows
+            return hit
+        entry = self._rewrites[mapping.key] = (mapping, mac, None, (rewrite_flow(mapping, mac),))
+        return entry
 
     def blocks(self, container: Container) -> tuple[Flow, ...]:
         """The container's reply-block flows."""
@@ -278,9 +278,11 @@ class SwitchCompiler:
         # Identity first: an incremental store hands back the very same objects for unchanged rows.
         if old is not None and (old[0] is mapping or old[0] == mapping) and old[1] == owner.mac and old[2] == port:
             return old
-        rewrite = self.common.rewrite(mapping, owner.mac)
-        flows = rewrite if port is None else (*rewrite, allowance_flow(mapping, owner, port, rewrite[0]))
-        return (mapping, owner.mac, port, flows)
+        shared = self.common.rewrite(mapping, owner.mac)
+        if port is None:
+            return shared
+        rewrite = shared[3][0]
+        return (mapping, owner.mac, port, (rewrite, allowance_flow(mapping, owner, port, rewrite)))
 
     def _walk_small(
         self, state: DesiredState, ports: MappingABC[str, int]
