@@ -99,6 +99,48 @@ def cases() -> list[Case]:
         Case(("lab", "exec", "--name", "Bad_Name", "inet", "--", "true")),
         Case(("down", "--name", "..")),
     ]
+    return out + cloud_cases()
+
+
+def cloud_cases() -> list[Case]:
+    """Hosts, pools and config: bad input refused by the CLI (exit 2) or by the API (exit 1), nothing written."""
+    ul = "198.19.0.20"
+    out = [Case(("host", "add", name, "--underlay-ip", ul)) for name in BAD_NAMES[::3]]
+    out += [Case(("host", "rm", name)) for name in BAD_NAMES[1::3]]
+    out += [Case(("host", "add", "h9", "--underlay-ip", ip)) for ip in ("", "x", "999.1.1.1", "::1", HUGE, "198.19.0.0/24")]
+    out += [
+        Case(("host", "add", "h9", "--underlay-ip", IP)),  # in a public pool: the API's 422
+        Case(("host", "add", "h9", "--underlay-ip", "0.0.0.0")),
+        Case(("host", "add", "h1", "--underlay-ip", ul)),  # exists: 409
+        Case(("host", "add", "h9", "--underlay-ip", ul, "--role", "router")),
+        Case(("host", "add", "h9", "--underlay-ip", ul, "--datapath-id", HUGE)),
+        Case(("host", "add", "h9", "--underlay-ip", ul, "--datapath-id", "0")),
+        Case(("host", "add", "h9", "--underlay-ip", ul, "--datapath-id", "1")),  # h1's: 409
+        Case(("host", "add", "h9")),
+        Case(("host", "rm", "ghost")),
+        Case(("host", "rm", "h1")),  # holds web: 409
+    ]
+    cidrs = ["", "x", "198.51.100.1/24", HUGE, f"198.51.100.0/{HUGE}", "198.51.100.0/-1", "::/0", "198.51.100.0/24/8", "/24"]
+    out += [Case(("pool", "add" if i % 2 else "rm", c)) for i, c in enumerate(cidrs)]
+    out += [
+        Case(("pool", "add", "203.0.113.0/24")),  # exists: overlap, 409
+        Case(("pool", "add", "0.0.0.0/0")),  # the API's 422: too large
+        Case(("pool", "add", "127.0.0.0/8")),
+        Case(("pool", "rm", "198.51.100.0/24")),  # not a pool: 404
+        Case(("pool", "rm", "203.0.113.0/24")),  # web holds an IP of it: 409
+        Case(("pool", "ls", "-o", "yaml")),
+        Case(("pool", "ls"), bad=False),
+        Case(("pool", "ls", "-o", "json"), bad=False),
+        Case(("config", "show"), bad=False),
+        Case(("config", "show", "-o", "json"), bad=False),
+        Case(("hosts", "-o", "json"), bad=False),
+    ]
+    values = [("nope", "1"), ("public_pools", "198.51.100.0/24"), ("block_size", HUGE), ("block_size", "-1"),
+              ("block_size", ""), ("vxlan_vni", "0x10"), ("container_mtu", "\u0661\u0664\u0660\u0660"),
+              ("gateway_ip", ""), ("gateway_ip", "10.0.0.1"), ("protected_networks", ","),
+              ("protected_networks", "0.0.0.0/0"), ("protected_networks", "203.0.113.0/24"), ("block_size", "512")]
+    out += [Case(("config", "set", k, v)) for k, v in values]
+    out += [Case(("config", "set", "block_size")), Case(("config", "set"))]
     return out
 
 
@@ -176,6 +218,8 @@ def test_no_traceback_for_any_hostile_input(server: Server, tmp_path: Path, wher
         corpus = [Case(c.args) for c in corpus if c.args[0] in ("ps", "inspect", "exec", "logs") and not c.bad]
         corpus += [Case(("run", "web2", "--host", "h1", "--ip", IP)), Case(("map", "add", IP, "80/tcp", "web"))]
         corpus += [Case(("status",)), Case(("hosts",)), Case(("map", "ls")), Case(("logs", "-f", "web"))]
+        corpus += [Case(("pool", "ls")), Case(("config", "show")), Case(("pool", "add", "198.51.100.0/24"))]
+        corpus += [Case(("host", "add", "h9", "--underlay-ip", "198.19.0.20")), Case(("config", "set", "vxlan_port", "4790"))]
     writes = server.store.writes
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda c: run_case(c, api, tmp_path), corpus))
