@@ -1,4 +1,4 @@
-"""``python -m portmesh.agent --host H --store unix:... --ovsdb unix:... --controller tcp:IP:PORT``.
+"""``python -m portmesh.agent --host H --store REMOTE --ovsdb REMOTE --controller tcp:IP:PORT --underlay-dev IFACE``.
 
 Runs inside the host's network namespace (the lab puts it there). Stopping the
 agent leaves containers and plumbing as they are: traffic keeps flowing and a
@@ -33,6 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--store", required=True, help="state store remote: unix:PATH or tcp:IP:PORT[,...]")
     ap.add_argument("--ovsdb", required=True, help="this host's Open_vSwitch db: unix:PATH or tcp:IP:PORT")
     ap.add_argument("--controller", required=True, help="OpenFlow controller target for br0, e.g. tcp:IP:6653")
+    ap.add_argument(
+        "--underlay-dev",
+        default=None,
+        help="the interface the VXLAN tunnels to other hosts run over; this host's underlay IP (registered in the "
+        "store) must be on it (default: none, no tunnels: a cloud of one machine)",
+    )
     ap.add_argument("--netns-prefix", default="", help="prefix of the containers' namespace names")
     ap.add_argument(
         "--state-dir", type=Path, default=None, help="where the runtime records containers (default /var/lib/portmesh/agent/HOST)"
@@ -54,12 +60,14 @@ async def serve(args: argparse.Namespace) -> None:
     pyroute2.config.disable_mp_signal = True
     state_dir = args.state_dir or Path("/var/lib/portmesh/agent") / args.host
     # Not the Mapping table: an agent never reads it, and at 100,000 mappings its replica would be
-    # most of the agent's memory. Global stays: its generation is what the agent reports.
-    store = Store(args.store, tables=AGENT_TABLES)
+    # most of the agent's memory. Global stays: its generation is what the agent reports, and it
+    # holds the cloud's config. host=: only this host's Container rows (issue 12: an agent's cost
+    # grows with its own host's work, not with the cloud), Host rows whole (peers' underlay IPs).
+    store = Store(args.store, tables=AGENT_TABLES, host=args.host)
     await asyncio.to_thread(store.start)
     bridge = Bridge(args.ovsdb)
     await asyncio.to_thread(bridge.start)
-    cfg = AgentConfig(args.host, args.controller, args.netns_prefix)
+    cfg = AgentConfig(args.host, args.controller, args.netns_prefix, args.underlay_dev)
     docker_url = args.docker_url if args.docker_url is not None else docker_runtime.default_url()
     engine = None
     if docker_url and docker_url != "none":

@@ -28,11 +28,20 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 
-from portmesh.agent import plumbing
+from portmesh.agent import plumbing, tunnels
 from portmesh.agent.bridge import Bridge, BridgeSpec
 from portmesh.model.config import DEFAULT_CONFIG, NetworkConfig
-from portmesh.model.entities import Container, ContainerStatus, DesiredState, RunState, port_name_for
+from portmesh.model.entities import (
+    Container,
+    ContainerStatus,
+    DesiredState,
+    HostRole,
+    RunState,
+    is_tunnel_port,
+    port_name_for,
+)
 from portmesh.model.errors import NotFound
 from portmesh.runtime.base import Runtime
 from portmesh.store.client import Store
@@ -51,6 +60,7 @@ class AgentConfig:
     host: str
     controller: str
     netns_prefix: str
+    underlay_dev: str | None = None  # the interface the VXLAN tunnels run over; None: no tunnels (one machine)
     recheck_interval: float = 5.0  # seconds between full passes (processes, plumbing drift, host gateway)
     drift_budget: float = 0.1  # share of recheck_interval a full pass may spend reading plumbing for drift
     retry_interval: float = 2.0  # after a failed convergence
@@ -83,6 +93,12 @@ class Agent:
         # The cloud's network config (MTU, gateway, pools, protected networks) from the store's
         # Global row, as of the snapshot being converged; DEFAULT_CONFIG only before the first one.
         self.network: NetworkConfig = DEFAULT_CONFIG
+        # The tunnels last found exactly as planned (None: check on the next pass), the firewall's
+        # (peers, compute) last written, and the tunnel report last sent to the store.
+        self._tunnels_ok: dict[str, tunnels.TunnelSpec] | None = None
+        self._firewall: tuple[frozenset[IPv4Address], bool] = (frozenset(), False)
+        self._firewall_ok: tuple[frozenset[IPv4Address], bool] | None = None
+        self._reported_tunnels: dict[str, str] | None = None
 
     def notify(self) -> None:
         """Store callback (called from the store's IDL thread): converge soon."""
@@ -132,13 +148,18 @@ class Agent:
             self._bridge_ok = None
         spec = BridgeSpec(host.datapath_id, self.network.gateway_mac, self.cfg.controller)
         full = time.monotonic() >= self._next_full
+        specs = tunnels.plan(state, self.cfg.host, self.cfg.underlay_dev) if self.cfg.underlay_dev else {}
+        self._firewall = (frozenset(s.remote for s in specs.values()), host.role is HostRole.COMPUTE)
         # Both read first (the bridge from the IDL's memory, the gateway with two netlink dumps), so a
         # full pass re-checks them too: a deleted gateway address or pool route is put back.
-        if self._bridge_ok != spec or full:
+        if self._bridge_ok != spec or full or self._firewall_ok != self._firewall:
             if self.bridge.ensure(spec):
                 log.info("bridge br0 set for datapath %s, controller %s", spec.dpid_hex, spec.controller)
-            plumbing.ensure_host_gateway(self.network)
-            self._bridge_ok = spec
+            peers, compute = self._firewall
+            plumbing.ensure_host_gateway(self.network, peers=peers, compute=compute)
+            self._bridge_ok, self._firewall_ok = spec, self._firewall
+        if full or self._tunnels_ok != specs:
+            self._converge_tunnels(specs)
 
         wanted = {c.name: c for c in state.containers_on(self.cfg.host)}
         ok = self._remove_unwanted(wanted)
@@ -159,6 +180,35 @@ class Agent:
             self._reported_generation = state.generation
             log.info("host %s realised generation %d (%d containers)", self.cfg.host, state.generation, len(wanted))
         return ok and not failed
+
+    def _converge_tunnels(self, specs: dict[str, tunnels.TunnelSpec]) -> None:
+        """The VXLAN mesh as planned (tunnels.py), each device a plain br0 port; report it when it changed.
+
+        A failing tunnel does not fail the pass (the host's containers are fine); it is
+        reported down with the reason and retried on the next full pass.
+        """
+        done = tunnels.realise(specs)
+        for name in done.removed:
+            self.bridge.remove_port(name)
+        # br0 ports of tunnels no longer planned whose device went some other way.
+        for port in sorted(p for p in self.bridge.ports() if is_tunnel_port(p) and p not in specs):
+            log.info("removing tunnel port %s from br0: its host left the mesh", port)
+            self.bridge.remove_port(port)
+        if not done.underlay_problem:
+            # A remade device under a name br0 holds: ovs-vswitchd must open it afresh.
+            self.bridge.reattach_ports(done.made)
+            self.bridge.ensure_ports([n for n in sorted(specs) if n not in done.errors])
+        devices, underlay = tunnels.observe(specs)
+        on_bridge = {n for n in specs if self.bridge.has_port(n)}
+        report = tunnels.status(specs, devices, on_bridge, underlay, done.errors)
+        down = {peer: why for peer, why in report.items() if why != "up"}
+        if down:
+            log.warning("tunnels down on %s: %s", self.cfg.host, "; ".join(f"{p}: {w}" for p, w in sorted(down.items())))
+        self._tunnels_ok = None if down else dict(specs)
+        if report != self._reported_tunnels:
+            self.store.report_tunnels(self.cfg.host, report)
+            self._reported_tunnels = report
+            log.info("tunnels of %s: %d up, %d down", self.cfg.host, len(report) - len(down), len(down))
 
     def _recheck_fresh(self) -> None:
         """Look again at the containers this pass started, :data:`STARTUP_GRACE` after their start.
@@ -216,7 +266,8 @@ class Agent:
             log.info("removing orphan port %s", port)
             self.bridge.remove_port(port)
             plumbing.unplumb_container(port)
-        plumbing.recheck_isolation(self.network)
+        peers, compute = self._firewall
+        plumbing.recheck_isolation(self.network, tunnel_ports=tunnels.present(), peers=peers, compute=compute)
 
     def _converge_containers(self, wanted: dict[str, Container], full: bool) -> list[str]:
         """Converge the containers not settled in their current desired state (all on a full pass);
