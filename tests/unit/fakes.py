@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable, Collection, Sequence
+from collections.abc import Mapping as MappingABC
 
 from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import (
@@ -193,11 +194,11 @@ class FakeStore:
             self._hosts[host] = dataclasses.replace(old, agent_generation=generation)
         self._notify()
 
-    def report_tunnels(self, host: str, tunnels: Sequence[tuple[str, str]]) -> None:
-        """As an agent: its tunnels to its peers, ``(peer, "up" | "down: reason")``."""
+    def report_tunnels(self, host: str, tunnels: MappingABC[str, str]) -> None:
+        """As an agent: its tunnels, peer -> ``"up"`` or ``"down: reason"`` (the store's signature)."""
         with self._lock:
             old = self._hosts.get(host, HostStatus())
-            self._hosts[host] = dataclasses.replace(old, tunnels=tuple(tunnels))
+            self._hosts[host] = dataclasses.replace(old, tunnels=tuple(sorted(tunnels.items())))
         self._notify()
 
     def host_status(self, host: str) -> HostStatus:

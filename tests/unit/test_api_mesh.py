@@ -190,7 +190,7 @@ def test_host_remove(client: TestClient, store: FakeStore) -> None:
 def test_hosts_listing(client: TestClient, store: FakeStore) -> None:
     three_hosts(client)
     post(client, "/v1/containers", {"name": "a", "host": "h2", "ips": [IP]})
-    store.report_tunnels("h1", [("h2", "up"), ("h3", "down: no route")])
+    store.report_tunnels("h1", {"h2": "up", "h3": "down: no route"})
     hosts = {h["name"]: h for h in client.get("/v1/hosts").json()}
     h1 = hosts["h1"]
     assert h1["role"] == "gateway" and h1["underlay_ip"] == "198.19.0.11" and h1["containers"] == 0

@@ -21,7 +21,7 @@ def test_host_add_rm_and_hosts_table(invoke: Any, server: Server) -> None:  # no
     r = invoke("host", "add", "h4", "--underlay-ip", "198.19.0.14", "--role", "gateway", "--datapath-id", "40")
     assert r.exit_code == 0 and "host h4 added as gateway" in r.stdout and "live everywhere" in r.stdout, r.output
     assert server.store.snapshot().hosts["h4"].datapath_id == 40
-    server.store.report_tunnels("h1", [("h2", "up"), ("h3", "down: no route"), ("h4", "up")])
+    server.store.report_tunnels("h1", {"h2": "up", "h3": "down: no route", "h4": "up"})
     r = invoke("run", "web", "--host", "h2", "--ip", IP)
     assert r.exit_code == 0, r.output
     r = invoke("hosts")
