@@ -100,6 +100,7 @@ def test_two_api_instances_creating_at_once_never_share_a_block(server: str) -> 
     outcomes: list[tuple[str, Container | None, Exception | None]] = []
     lock = threading.Lock()
     with Store(server, timeout=10) as s1, Store(server, timeout=10) as s2:
+        s1.set_config(CONFIG)  # the API reads the block size from the store's config
         s1.add_host(Host("h1", 1))
         counted = [CountingStore(s1), CountingStore(s2)]
         apis = [Service(c, CONFIG) for c in counted]  # type: ignore[arg-type]
@@ -182,6 +183,7 @@ def assert_old_blocks_claimed(remote: str) -> None:
     assert got == {(str(IP), 32768, "old1"), (str(IP), 32832, "old2"), ("203.0.113.21", 32832, "old2")}
     with Store(remote, timeout=5) as store:
         assert set(store.snapshot().containers) == {"old1", "old2"}  # rows kept
+        store.set_config(CONFIG)  # the API reads the block size from the store's config
         with pytest.raises(BlockTaken):  # the old block is claimed: the index stands for it
             store.add_container(Container("new", "h1", mac_for("new"), (IP,), PortBlock(32768, 64)))
         _, c, _ = asyncio.run(Service(store, CONFIG).add_container(ContainerIn(name="new", host="h1", ips=[str(IP)])))
