@@ -35,10 +35,6 @@ UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
 DOC = ROOT / "docs" / "deploy.md"
 INSTALLED_BIN = "/opt/portmesh/bin/"
 COMPONENTS = ("store", "controller", "api", "agent")
-# Flags of the issue-12 contract (common design) still being added by their owners: a rejection naming one
-# of them is an expected failure until it lands, then these tests hold it.
-PENDING_FLAGS = ("--underlay-dev", "create-cluster", "join-cluster")
-PENDING_CLI = ("host", "pool", "config")
 
 
 class Parsed(Exception):
@@ -127,9 +123,6 @@ def parse_with_real_parser(main: Callable[..., Any], argv: list[str], monkeypatc
         raise Parsed(original(self, args, namespace))
 
     def no_exit(self: argparse.ArgumentParser, status: int = 0, message: str | None = None) -> Any:
-        pending = [flag for flag in PENDING_FLAGS if flag in (message or "")]
-        if pending:
-            pytest.xfail(f"{self.prog}: {', '.join(pending)} not there yet")
         raise AssertionError(f"{self.prog} rejected {argv}: {message}")
 
     with monkeypatch.context() as m:
@@ -286,7 +279,6 @@ def test_doc_cli_command_lines_parse() -> None:
 
     root = typer.main.get_command(app)
     checked = 0
-    pending: set[str] = set()
     for words in doc_commands():
         if words[0] != "portmesh" or len(words) < 2 or words[1] in ("lab", "demo", "up"):
             continue
@@ -295,13 +287,10 @@ def test_doc_cli_command_lines_parse() -> None:
         path = ["portmesh"]
         while isinstance(command, TyperGroup) and args and not args[0].startswith("-"):
             sub = command.get_command(Context(command), args[0])
-            if sub is None and len(path) == 1 and args[0] in PENDING_CLI:
-                pending.add(args[0])
-                break
             assert sub is not None, f"docs/deploy.md shows {' '.join(words)!r}: no command {' '.join([*path, args[0]])!r}"
             path.append(args.pop(0))
             command = sub
-        if "--help" in args or (args and args[0] in pending):
+        if "--help" in args:
             continue
         try:
             command.make_context(" ".join(path), list(args))
@@ -309,5 +298,3 @@ def test_doc_cli_command_lines_parse() -> None:
             raise AssertionError(f"docs/deploy.md shows {' '.join(words)!r}: {exc.format_message()}") from exc
         checked += 1
     assert checked
-    if pending:
-        pytest.xfail(f"CLI commands of issue 12 not there yet: {sorted(pending)}")
