@@ -136,7 +136,11 @@ class Agent:
         """One idempotent pass; True if the host now matches ``state`` (then its generation is reported)."""
         host = state.hosts.get(self.cfg.host)
         if host is None:
-            log.info("host %s is not registered in the store yet", self.cfg.host)
+            log.info("host %s is not registered in the store (yet, or any more)", self.cfg.host)
+            if self._tunnels_ok != {} and (tunnels.present() or self._tunnels_ok is not None):
+                # Removed from the cloud: its tunnels go too (the others remove theirs to it).
+                self._converge_tunnels({}, report=False)
+                self._reported_tunnels = None
             return True
         if state.config != self.network:
             if self._plumbed:
@@ -181,7 +185,7 @@ class Agent:
             log.info("host %s realised generation %d (%d containers)", self.cfg.host, state.generation, len(wanted))
         return ok and not failed
 
-    def _converge_tunnels(self, specs: dict[str, tunnels.TunnelSpec]) -> None:
+    def _converge_tunnels(self, specs: dict[str, tunnels.TunnelSpec], report: bool = True) -> None:
         """The VXLAN mesh as planned (tunnels.py), each device a plain br0 port; report it when it changed.
 
         A failing tunnel does not fail the pass (the host's containers are fine); it is
@@ -200,15 +204,15 @@ class Agent:
             self.bridge.ensure_ports([n for n in sorted(specs) if n not in done.errors])
         devices, underlay = tunnels.observe(specs)
         on_bridge = {n for n in specs if self.bridge.has_port(n)}
-        report = tunnels.status(specs, devices, on_bridge, underlay, done.errors)
-        down = {peer: why for peer, why in report.items() if why != "up"}
+        status = tunnels.status(specs, devices, on_bridge, underlay, done.errors)
+        down = {peer: why for peer, why in status.items() if why != "up"}
         if down:
             log.warning("tunnels down on %s: %s", self.cfg.host, "; ".join(f"{p}: {w}" for p, w in sorted(down.items())))
         self._tunnels_ok = None if down else dict(specs)
-        if report != self._reported_tunnels:
-            self.store.report_tunnels(self.cfg.host, report)
-            self._reported_tunnels = report
-            log.info("tunnels of %s: %d up, %d down", self.cfg.host, len(report) - len(down), len(down))
+        if report and status != self._reported_tunnels:
+            self.store.report_tunnels(self.cfg.host, status)
+            self._reported_tunnels = status
+            log.info("tunnels of %s: %d up, %d down", self.cfg.host, len(status) - len(down), len(down))
 
     def _recheck_fresh(self) -> None:
         """Look again at the containers this pass started, :data:`STARTUP_GRACE` after their start.

@@ -228,8 +228,12 @@ def realise(specs: Mapping[str, TunnelSpec]) -> Realised:
                     out.made.append(name)
                     log.info("tunnel %s to %s made (remote %s, vni %d)", name, spec.peer, spec.remote, spec.vni)
                 index = int(ipr.link_lookup(ifname=name)[0])
-                # Before it is up: no decapsulated frame ever reaches the host's IP stack.
-                if userspace and name not in chains:
+                # Before it is up: no decapsulated frame ever reaches the host's IP stack. A new device
+                # gets a new chain: this kernel keeps a chain whose device was deleted, and whether it
+                # hooks a new device of the same name is not something to rely on.
+                if userspace and name in chains and name in out.made:
+                    isolation.release_port(name)
+                if userspace and (name not in chains or name in out.made):
                     isolation.isolate_port(name)
                 if Path(f"/proc/sys/net/ipv6/conf/{name}").is_dir():
                     Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1")

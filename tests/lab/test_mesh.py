@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -210,6 +211,36 @@ def test_a_deleted_tunnel_device_is_remade_and_ovs_reads_the_new_one(mesh: Mesh)
         return f"in_port({dev})" in mesh.appctl("h2", "dpctl/dump-flows", "--names")
 
     wait_until(seen, 10, f"a frame through the remade {dev} in h2's datapath")
+    # ... and the remade device is isolated like the first: h2's kernel never processes its frames.
+    sh(mesh.ns("h2"), "ip", "neigh", "flush", "dev", dev)
+    start = mesh.rx("h2", dev)
+    mesh.send_vxlan(mesh.ns("h3"), "h2", pair_vni(CFG.vxlan_vni, "h2", "h3"), count=5)
+    wait_until(lambda: mesh.rx("h2", dev) >= start + 5, 5, "frames decapsulated on the remade device")
+    time.sleep(0.2)  # the kernel would have handled them in the softirq that counted them
+    assert PROBE_SENDER_IP not in sh(mesh.ns("h2"), "ip", "neigh", "show", "dev", dev)
+
+
+def test_an_agent_restart_remakes_no_tunnel(mesh: Mesh) -> None:
+    def identity(host: str) -> dict[str, object]:
+        links = {d["ifname"]: d["ifindex"] for d in json.loads(sh(mesh.ns(host), "ip", "-j", "link", "show", "type", "vxlan"))}
+        ofports = {n: mesh.ovs(host, "ovs-vsctl", "get", "Interface", n, "ofport").strip() for n in links}
+        chains = {n: line for line in mesh.chains(host).splitlines() for n in links if f"chain {n}" in line}
+        handles = json.loads(sh(mesh.ns(host), "nft", "-j", "-a", "list", "table", "netdev", "portmesh"))
+        chain_handles = {o["chain"]["name"]: o["chain"]["handle"] for o in handles["nftables"] if "chain" in o}
+        return {"links": links, "ofports": ofports, "chains": chains,
+                "handles": {n: chain_handles.get(n) for n in links}}
+
+    before = identity("h2")
+    current = mesh.lab.state()
+    old = current.process("agent:h2") if current is not None else None
+    assert old is not None
+    mark = "tunnels of h2: 2 up, 0 down"  # logged by each agent process once its first pass has checked them
+    seen_before = Path(old.log).read_text().count(mark)
+    proc = mesh.lab.restart("agent:h2")
+    wait_until(lambda: Path(proc.log).read_text().count(mark) > (seen_before if proc.log == old.log else 0), 30,
+               "the restarted agent's check of its tunnels")
+    assert mesh.mesh_is(["h1", "h2", "h3"])
+    assert identity("h2") == before
 
 
 @pytest.fixture

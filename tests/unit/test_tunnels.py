@@ -111,6 +111,9 @@ def test_realise_makes_keeps_remakes_and_removes_devices() -> None:
         out["left"] = tunnels.present()
         out["chains_after"] = isolation.isolated_ports()
         out["no_underlay"] = tunnels.realise(tunnels.plan(state(H1, H2), "h1", "nosuch0"))
+        clash = tunnels.plan(state(H1, H2, H3), "h1", "ul0")
+        clash[H3.tunnel_port] = replace(clash[H3.tunnel_port], vni=clash[H2.tunnel_port].vni)
+        out["clash"] = tunnels.realise(clash)
         return out
 
     got = in_scratch_netns(work)
@@ -133,4 +136,8 @@ def test_realise_makes_keeps_remakes_and_removes_devices() -> None:
     assert got["left"] == {n2} and n3 not in got["chains_after"]  # type: ignore[operator]
     no_underlay = got["no_underlay"]
     assert isinstance(no_underlay, tunnels.Realised) and no_underlay.underlay_problem == "underlay device nosuch0 does not exist"
-
+    clash = got["clash"]
+    assert isinstance(clash, tunnels.Realised)
+    # Two peers whose pairs share a VNI: the second by name is refused with the reason, not made.
+    second = max(n2, n3)
+    assert clash.errors[second].startswith(f"VNI {tunnels.pair_vni(4242, 'h1', 'h2')} is also the tunnel to")
