@@ -195,6 +195,9 @@ def test_unprivileged_units_drop_every_capability() -> None:
         assert unit_value(unit, "CapabilityBoundingSet") == ""
         assert unit_value(unit, "NoNewPrivileges") == "yes"
         assert unit_value(unit, "ProtectSystem") == "strict"
+        # Under a read-only system ovsdb-server still needs a writable /tmp ("failed to create temporary
+        # file"): PrivateTmp gives it one of its own.
+        assert unit_value(unit, "PrivateTmp") == "yes"
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
