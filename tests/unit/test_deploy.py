@@ -301,3 +301,30 @@ def test_doc_cli_command_lines_parse() -> None:
             raise AssertionError(f"docs/deploy.md shows {' '.join(words)!r}: {exc.format_message()}") from exc
         checked += 1
     assert checked
+
+
+def test_lab_runs_the_daemons_with_the_units_flags() -> None:
+    """The lab is the deployment in namespaces: each daemon gets the flags its unit passes (issue 12).
+
+    Compared by flag name, not value (addresses and paths differ); the units' optional extras
+    (``$..._ARGS``) are left out, and the lab may add only what namespaces need.
+    """
+    from portmesh.lab import services
+
+    lab_only = {"--netns-prefix", "--log-file"}  # containers' namespace names; the lab's log layout
+    labdir = Path("/run/portmesh/x")
+    lab = {
+        "store": services.store_argv(labdir),
+        "controller": services.controller_argv(labdir),
+        "api": services.api_argv(labdir, 8470),
+        "agent": services.agent_argv(labdir, "h2", "unix:/run/portmesh/x/h2/db.sock", "pm-x-"),
+    }
+    for component, argv in lab.items():
+        unit = DEPLOY / "systemd" / f"portmesh-{component}.service"
+        env = {k: ("" if k.endswith("_ARGS") else v) for k, v in read_env_file(DEPLOY / "env" / f"{component}.env").items()}
+        unit_flags = {w for w in expand_exec(unit_value(unit, "ExecStart"), env) if w.startswith("--")}
+        lab_flags = {w for w in argv if w.startswith("--")}
+        assert argv[1:3] == ["-m", f"portmesh.{component}"], argv
+        assert unit_flags <= lab_flags, f"{component}: the lab does not pass {sorted(unit_flags - lab_flags)}"
+        missing = sorted(lab_flags - unit_flags - lab_only)
+        assert not missing, f"{component}: the unit does not pass {missing}"
