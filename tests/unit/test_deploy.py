@@ -156,6 +156,8 @@ def test_unit_execstart_parses_with_the_components_parser(unit: Path, monkeypatc
     argv = expand_exec(unit_value(unit, "ExecStart"), env)
     assert argv[0] == f"{INSTALLED_BIN}portmesh-{component}", argv[0]
     assert unit_value(unit, "Restart") == "on-failure"
+    if component != "store":  # they wait for a store (and the agent for a controller) on another host
+        assert unit_value(unit, "StartLimitIntervalSec") == "0"
     args = parse_with_real_parser(entry_point(Path(argv[0]).name), argv[1:], monkeypatch)
 
     # What each unit must hand over, checked on the parsed values, not on the text.
