@@ -254,16 +254,25 @@ class Lab:
         return proc
 
     def restart(self, label: str) -> Process:
-        """Stop a recorded daemon by its PID and start it again the same way (fault and restart tests)."""
+        """Stop a recorded daemon by its PID and start it again the same way (fault and restart tests).
+
+        Works for every component and for a host's ``ovsdb-server``/``ovs-vswitchd`` (a host whose switch died).
+        A process that is already gone (stopped by a test) is simply started again.
+        """
         state = self.state()
         old = state.process(label) if state is not None else None
         if state is None or old is None:
             raise LookupError(f"lab {self.name} has no process {label!r}")
-        if not old.argv:
+        kind, _, host = label.partition(":")
+        ovs = ovs_of(state, host) if kind in ("ovsdb-server", "ovs-vswitchd") and host in state.hosts else None
+        if not old.argv and ovs is None:
             raise ValueError(f"{label} was not started from a recorded command line")
         procs.stop(old.ref)
         state.processes.remove(old)
         state.save()
+        if ovs is not None:  # OVS keeps its own paths and environment: start it the way up did
+            start = ovs.start_db if kind == "ovsdb-server" else ovs.start_vswitchd
+            return self._record(state, label, start, ovs.netns, Path(old.log))
         return self._spawn(state, label, old.argv, old.netns)
 
     # -- hosts joining and leaving a running lab ----------------------------------
