@@ -6,9 +6,11 @@ desired flow set and syncs it, so a burst of writes becomes one bundle per
 switch and a slow or dead switch never holds back the others. The flows every
 switch shares (mapping rewrites, reply blocks, public IPs) are built once for
 all of them (:class:`CommonFlows`), from the config in the snapshot itself: a
-config change means fresh compilers and a full sync of every switch. After a switch holds the flows of generation G the
-controller reports G for that host (what ``--wait`` waits for), together with
-the host's containers that have no port on the switch yet, hence no flows: a
+config change means fresh compilers and a full sync of every switch.
+
+After a switch holds the flows of generation G the controller reports G for
+that host (what ``--wait`` waits for), together with the host's containers
+that have no port on the switch yet, hence no flows: a
 container that cannot start never gets a port, and waiting for it would hold
 back every later write on its host (the API waits per object instead).
 """
@@ -120,7 +122,14 @@ class Controller:
             state = self.state
             if state is None or not switch.needs_sync(state.generation):
                 continue
-            full = await self._sync(switch, state)
+            try:
+                full = await self._sync(switch, state)
+            except Exception:
+                # This task is the switch's only way to its flows: it must outlive any bug in one pass.
+                log.exception("switch %016x: sync pass failed; retrying", switch.datapath_id)
+                await asyncio.sleep(0.5)
+                wake.set()
+                continue
             if self.state is not state:
                 wake.set()  # a newer snapshot arrived meanwhile
             if full:

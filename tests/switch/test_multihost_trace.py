@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import pytest
 from os_ken.lib import pcaplib
@@ -230,3 +232,34 @@ def test_echo_and_icmp_errors_for_a_compute_host_container_go_back_through_its_t
     got = _wait_frame(to_h2, lambda f: (i := icmp_of(f)) is not None and i.type == 3)
     assert packet.Packet(got).get_protocol(ethernet.ethernet).dst == b.mac
     assert [icmp_of(f).type for f in _frames(to_h2) if icmp_of(f) is not None] == [0, 3]
+
+
+def test_a_stuck_switch_does_not_hold_back_the_others(cloud: Cloud) -> None:
+    """Each switch is synced by its own task: while one switch's sync hangs, the others realise a new generation.
+    The stuck one is the first the controller knows (a loop over the switches in turn would wait for it)."""
+    controller = cloud.ctl.controller
+    assert controller is not None
+    stuck = next(iter(controller.switches.values()))
+    stuck_host = next(h for h in HOSTS if cloud.state.hosts[h].datapath_id == stuck.datapath_id)
+    release = threading.Event()
+    real_apply = stuck.apply
+
+    async def hang(*args: Any) -> Any:
+        await asyncio.to_thread(release.wait, 20)
+        return await real_apply(*args)
+
+    stuck.apply = hang  # type: ignore[method-assign,assignment]
+    try:
+        d = new_container(cloud.state, CFG, name="d", host=stuck_host, ips=[IP10])
+        state = replace(cloud.state, containers={**cloud.state.containers, "d": d})
+        m = new_mapping(state, MappingKey(IP10, Proto.UDP, 53), "d")
+        generation = cloud.source.publish(replace(state, mappings={**state.mappings, m.key: m}))
+        for host in HOSTS:
+            if host != stuck_host:
+                cloud.source.wait_realized(host, generation)
+        assert cloud.source.reports[stuck_host][0] < generation  # still syncing
+    finally:
+        release.set()
+    # Positive control: once released, it realises the generation too (d, waiting for its port, is named).
+    with cloud.source._cond:
+        assert cloud.source._cond.wait_for(lambda: cloud.source.reports[stuck_host][0] >= generation, 10)
