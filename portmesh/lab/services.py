@@ -85,7 +85,7 @@ def podman_argv(labdir: Path) -> list[str]:
 
 def agent_argv(labdir: Path, host: str, ovsdb_remote: str, prefix: str, docker_url: str = "") -> list[str]:
     """The agent as its systemd unit runs it on a real host: store and controller over TCP, its underlay device."""
-    argv = [
+    return [
         PY,
         "-m",
         "portmesh.agent",
@@ -103,22 +103,9 @@ def agent_argv(labdir: Path, host: str, ovsdb_remote: str, prefix: str, docker_u
         str(agent_state_dir(labdir, host)),
         "--docker-url",
         docker_url or "none",
+        "--underlay-dev",
+        UNDERLAY_DEV,
     ]
-    # TODO(issue 12): pass --underlay-dev unconditionally once the agent's flag has landed (engineer C).
-    if accepts_flag("portmesh.agent.__main__", "--underlay-dev"):
-        argv += ["--underlay-dev", UNDERLAY_DEV]
-    return argv
-
-
-def accepts_flag(module: str, flag: str) -> bool:
-    """True if ``module``'s source declares ``flag`` (the lab runs while components gain their issue-12 flags)."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except ModuleNotFoundError:
-        return False
-    if spec is None or spec.origin is None:
-        return False
-    return f'"{flag}"' in Path(spec.origin).read_text()
 
 
 def agent_state_dir(labdir: Path, host: str) -> Path:

@@ -221,6 +221,7 @@ def test_one_switch_per_host_all_under_one_controller(cloud: Cloud) -> None:
         # The agent runs as its systemd unit would: store and controller over TCP, the underlay device.
         assert agent.argv[agent.argv.index("--store") + 1] == services.store_tcp_remote()
         assert agent.argv[agent.argv.index("--controller") + 1] == services.controller_target()
+        assert agent.argv[agent.argv.index("--underlay-dev") + 1] == services.UNDERLAY_DEV
         ovs = ovs_of(state, host)
         out = node.run(["ovs-ofctl", "-O", "OpenFlow13", "show", "br0"], netns=ovs.netns, env=ovs.env()).stdout
         dpids.add(out.split("dpid:")[1].split()[0])
