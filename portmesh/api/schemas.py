@@ -399,21 +399,35 @@ class ConfigOut(BaseModel):
         )
 
 
-Int = Annotated[int, BeforeValidator(json_integer)]
+OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+# An IPv4 network as the API reads it (host bits are refused by the API, which no pattern can say).
+CIDR_PATTERN = rf"^({OCTET}\.){{3}}{OCTET}/(3[0-2]|[12]?[0-9])$"
+LINK_LOCAL_PATTERN = rf"^169\.254\.{OCTET}\.{OCTET}$"
+BLOCK_SIZES = [2**n for n in range(6, 16)]
+
+
+# Bounds inside the type, so that ``X | None`` states them in the document (a Field on the union would not).
+BlockSize = Annotated[int, Field(ge=64, le=32768, json_schema_extra={"enum": BLOCK_SIZES}), BeforeValidator(json_integer)]
+Mtu = Annotated[int, Field(ge=576, le=9000), BeforeValidator(json_integer)]
+Vni = Annotated[int, Field(ge=1, le=2**24 - 1), BeforeValidator(json_integer)]
+UdpPort = Annotated[int, Field(ge=1, le=65535), BeforeValidator(json_integer)]
+LinkLocal = Annotated[str, Field(json_schema_extra={**IP_DOC, "pattern": LINK_LOCAL_PATTERN})]
+Cidr = Annotated[str, Field(json_schema_extra={"pattern": CIDR_PATTERN})]
 
 
 class ConfigPatch(BaseModel, extra="forbid"):
     """Fields to change; absent ones keep their value. Refused (409) while containers exist,
     unless unchanged: containers are plumbed with the old values. Pools: ``/v1/pools``."""
 
-    gateway_ip: str | None = Field(default=None, description="link-local next hop of every container", json_schema_extra=IP_DOC)
-    block_size: Int | None = Field(default=None, ge=64, le=32768, description="ports per container block, a power of two")
-    container_mtu: Int | None = Field(default=None, ge=576, le=9000, description="underlay MTU - 50 (VXLAN)")
-    protected_networks: list[str] | None = Field(
-        default=None, description="management and underlay networks containers never reach (CIDRs)"
+    gateway_ip: LinkLocal | None = Field(default=None, description="link-local next hop of every container (169.254.0.0/16)")
+    block_size: BlockSize | None = Field(default=None, description="ports per container block, a power of two")
+    container_mtu: Mtu | None = Field(default=None, description="underlay MTU - 50 (VXLAN)")
+    protected_networks: list[Cidr] | None = Field(
+        default=None,
+        description="management and underlay networks containers never reach (CIDRs, /8 or longer, no host bits)",
     )
-    vxlan_vni: Int | None = Field(default=None, ge=1, le=2**24 - 1)
-    vxlan_port: Int | None = Field(default=None, ge=1, le=65535)
+    vxlan_vni: Vni | None = None
+    vxlan_port: UdpPort | None = None
 
 
 class ConfigWriteOut(WriteOut):
@@ -423,7 +437,9 @@ class ConfigWriteOut(WriteOut):
 class PoolIn(BaseModel):
     """A public pool to add: an IPv4 network (CIDR, no host bits) the cloud is routed."""
 
-    pool: str = Field(description="e.g. 203.0.113.0/24")
+    pool: str = Field(
+        description="e.g. 203.0.113.0/24: /8 or longer, no host bits, public unicast", json_schema_extra={"pattern": CIDR_PATTERN}
+    )
 
 
 class PoolOut(BaseModel):

@@ -163,10 +163,11 @@ def plan_host(state: DesiredState, body: HostIn) -> Host:
     underlay: IPv4Address | None = None
     if body.underlay_ip is not None:
         underlay = parse_ip(body.underlay_ip, "underlay_ip")
+        # Well-formed but unusable here: 409, as an IP outside the pools is for a container (check_public_ip).
         if underlay.is_unspecified or underlay.is_multicast or underlay.is_loopback or underlay == IPv4Address("255.255.255.255"):
-            raise InvalidInput("underlay_ip", f"{underlay} is not a unicast address another host can reach")
+            raise Conflict("underlay_ip", f"{underlay} is not a unicast address another host can reach")
         if state.config.in_pools(underlay):
-            raise InvalidInput("underlay_ip", f"{underlay} is in a public pool: public IPs are for containers")
+            raise Conflict("underlay_ip", f"{underlay} is in a public pool: public IPs are for containers")
         owner = next((h.name for h in state.hosts.values() if h.underlay_ip == underlay), None)
         if owner is not None:
             raise Conflict("underlay_ip", f"{underlay} is already host {owner!r}'s underlay address")

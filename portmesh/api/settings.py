@@ -9,7 +9,7 @@ overlapping another, a pool a container holds an IP of, a plumbing value while c
 from __future__ import annotations
 
 import dataclasses
-from ipaddress import AddressValueError, IPv4Address, IPv4Network, NetmaskValueError
+from ipaddress import AddressValueError, IPv4Network, NetmaskValueError
 
 from portmesh.api.schemas import ConfigPatch, PoolOut
 from portmesh.model.config import NetworkConfig
@@ -76,9 +76,15 @@ def plan_pool_add(state: DesiredState, value: str) -> tuple[NetworkConfig, IPv4N
 
 
 def plan_pool_remove(state: DesiredState, address: str, prefix: int) -> tuple[NetworkConfig, IPv4Network]:
-    """The config without the pool ``address/prefix``. 404 if it is not a pool; 409 while a
-    container holds an IP of it (named: its mappings and flows would point nowhere)."""
-    net = parse_network(f"{address}/{prefix}", "pool", 0)
+    """The config without the pool ``address/prefix``. 404 if it is not a pool (one with host bits
+    never is); 409 while a container holds an IP of it (named: its mappings and flows would point nowhere)."""
+    ip = parse_ip(address, "address")
+    try:
+        net = IPv4Network(f"{ip}/{prefix}", strict=False)
+    except ValueError:
+        raise InvalidInput("prefix", f"{prefix} is not a prefix length (0-32)") from None
+    if str(net.network_address) != address:
+        raise NotFound("pool", f"{address}/{prefix} is not a public pool (it has host bits set; pools have none)")
     config = state.config
     if net not in config.public_pools:
         raise NotFound("pool", f"{net} is not a public pool")
@@ -98,8 +104,8 @@ def plan_config(state: DesiredState, patch: ConfigPatch) -> NetworkConfig:
     changes: dict[str, object] = {}
     if patch.gateway_ip is not None:
         gw = parse_ip(patch.gateway_ip, "gateway_ip")
-        if not gw.is_link_local or gw in (IPv4Address("169.254.0.0"), IPv4Address("169.254.255.255")):
-            raise InvalidInput("gateway_ip", f"{gw} is not a link-local unicast address (169.254.0.1-169.254.255.254)")
+        if not gw.is_link_local:  # the host owns it as a /32, so any address of 169.254.0.0/16 will do
+            raise InvalidInput("gateway_ip", f"{gw} is not a link-local address (169.254.0.0/16)")
         changes["gateway_ip"] = gw
     if patch.block_size is not None:
         size = patch.block_size

@@ -70,10 +70,11 @@ class CaughtUp:
                         self.store.report_container_status(name, want)
             for host in state.hosts:
                 hs = self.store.host_status(host)
-                if hs.switch_generation < state.generation or not hs.switch_connected:
-                    self.store.report_switch(host, state.generation, True)
-                if hs.agent_generation < state.generation:
-                    self.store.report_agent(host, state.generation)
+                with contextlib.suppress(NotFound):  # removed meanwhile (DELETE /v1/hosts/{name})
+                    if hs.switch_generation < state.generation or not hs.switch_connected:
+                        self.store.report_switch(host, state.generation, True)
+                    if hs.agent_generation < state.generation:
+                        self.store.report_agent(host, state.generation)
 
     def stop(self) -> None:
         self.stopping = True
@@ -121,8 +122,25 @@ def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop_server(pid)
 
 
+# schemathesis.toml, read from the run's directory:
+# - A pool, and the protected networks of a config, must have no host bits and not be too large: no JSON
+#   Schema pattern says that, and the API answers 422 as asked of it (the brief: "422 bad CIDR / host bits
+#   set"), so "schema-valid data accepted" (ST202) accepts a 422 from those two operations only.
+# - 504 is the declared answer to ?wait=true with a timeout shorter than the stand-in's reports take (the
+#   coverage phase sends 5e-324 s); a 500 is still a failure.
+SCHEMATHESIS_TOML = """
+[checks.not_a_server_error]
+expected-statuses = ["2xx", "3xx", "4xx", "504"]
+
+[[operations]]
+include-name = ["POST /v1/pools", "PATCH /v1/config"]
+checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx"]
+"""
+
+
 def schemathesis_run(api_url: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """``schemathesis run`` (its CLI: the pytest plugin does not load under this pytest) on the served document."""
+    (tmp / "schemathesis.toml").write_text(SCHEMATHESIS_TOML)
     exe = Path(sys.executable).with_name("schemathesis")
     argv = [
         str(exe),

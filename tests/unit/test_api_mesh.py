@@ -150,8 +150,9 @@ def test_pool_add_refused(client: TestClient, store: FakeStore, pool: str, statu
 
 
 def test_pool_remove_bad_path(client: TestClient) -> None:
-    assert_refused(client.delete("/v1/pools/nope/24"), 422, "pool")
+    assert_refused(client.delete("/v1/pools/nope/24"), 422, "address")
     assert_refused(client.delete("/v1/pools/198.51.100.0/40"), 422, "prefix")
+    assert_refused(client.delete("/v1/pools/203.0.113.1/24"), 404, "pool")  # host bits: never a pool
 
 
 # --- hosts: roles, underlay, removal, listing ---
@@ -168,8 +169,10 @@ def test_host_roles_default_and_given(client: TestClient, store: FakeStore) -> N
 def test_host_underlay_checked(client: TestClient, store: FakeStore) -> None:
     three_hosts(client)
     assert_refused(client.post("/v1/hosts", json={"name": "h4", "underlay_ip": "198.19.0.11"}), 409, "underlay_ip")
-    assert_refused(client.post("/v1/hosts", json={"name": "h4", "underlay_ip": IP}), 422, "underlay_ip")
-    assert_refused(client.post("/v1/hosts", json={"name": "h4", "underlay_ip": "0.0.0.0"}), 422, "underlay_ip")
+    # Well-formed but unusable in this cloud: 409, as an IP outside the pools is for a container.
+    assert_refused(client.post("/v1/hosts", json={"name": "h4", "underlay_ip": IP}), 409, "underlay_ip")
+    assert_refused(client.post("/v1/hosts", json={"name": "h4", "underlay_ip": "0.0.0.0"}), 409, "underlay_ip")
+    assert_refused(client.post("/v1/hosts", json={"name": "h4", "underlay_ip": "1.2.3"}), 422, "underlay_ip")
     assert "h4" not in store.snapshot().hosts
     post(client, "/v1/hosts", {"name": "h4", "underlay_ip": "198.19.0.14"})  # positive control
 
