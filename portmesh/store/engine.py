@@ -255,6 +255,17 @@ class Engine:
         """The IDL row with ``row_uuid`` (from the mirror), or None."""
         return None if row_uuid is None else self._table(table).rows.get(row_uuid)
 
+    def _verify(self, row: Any, column: str) -> None:
+        """Make the commit fail (TRY_AGAIN, then a rebuild on fresh data) if ``column`` of ``row`` changed,
+        or the row went, since the cache read it.
+
+        ``Row.verify`` alone is not enough: the Python IDL (ovs 4.0) records the prerequisite but
+        sends a ``wait`` only for rows the transaction also writes, so a verified row must be
+        entered among them (an entry without changes adds no update)."""
+        row.verify(column)
+        if row._data is not None:
+            self._idl.txn._txn_rows[row.uuid] = row
+
     def _generation(self) -> int:
         return self._mirror.generation
 
