@@ -103,6 +103,40 @@ def down(name: NameOpt = "lab") -> None:
         raise typer.Exit(1)
 
 
+@app.command("add-host")
+def add_host(name: NameOpt = "lab") -> None:
+    """Add a compute host to a running lab as a real one joins: links, OVS, `host add`, its agent (prints its name)."""
+    _need_root()
+    _state(name)
+    try:
+        with progress(f"lab {name}: adding a host") as say:
+            host = Lab(name, say=say).add_host()
+    except Exception as exc:
+        typer.echo(f"lab add-host failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(host)
+
+
+@app.command("rm-host")
+def rm_host(
+    host: Annotated[str, typer.Argument(metavar="HOST", help="a lab host other than h1 (the gateway host)")],
+    name: NameOpt = "lab",
+) -> None:
+    """Take a host out of a running lab (`host rm`, its daemons stopped) and remove what the lab made for it."""
+    _need_root()
+    state = _state(name)
+    if host not in state.hosts:
+        typer.echo(f"error: HOST: lab {name} has no host {host!r} (hosts: {', '.join(state.hosts)})", err=True)
+        raise typer.Exit(1)
+    try:
+        problems = Lab(name, say=lambda msg: typer.echo(msg, err=True)).remove_host(host)
+    except ValueError as exc:
+        typer.echo(f"error: HOST: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if problems:
+        raise typer.Exit(1)
+
+
 @app.command()
 def status(name: NameOpt = "lab") -> None:
     """Show what the lab recorded and whether it is still alive (JSON)."""

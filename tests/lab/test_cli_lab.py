@@ -7,6 +7,7 @@ is the real ``portmesh`` console script in a subprocess, pointed at the lab only
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from portmesh.lab import node
 from portmesh.lab.network import Lab
 from portmesh.lab.state import LabState
 
@@ -130,3 +132,23 @@ def test_exec_into_an_image_container_enters_its_filesystem_and_pids(lab: LabSta
         assert IP in r.stdout, r.stdout + r.stderr
     finally:
         pm("rm", "cli2", env=env, timeout=120)
+
+
+def test_lab_add_host_and_rm_host(lab: LabState) -> None:
+    """A compute host joins the running lab and leaves it again, seen through the product's own `portmesh hosts`."""
+    env = lab_env(lab)
+    r = pm("lab", "add-host", "--name", lab.name)
+    assert r.returncode == 0 and r.stdout == "h2\n", r.stdout + r.stderr
+    try:
+        hosts = {h["name"]: h for h in json.loads(pm("hosts", "-o", "json", env=env).stdout)}
+        assert hosts["h2"]["role"] == "compute" and hosts["h2"]["underlay_ip"] == "198.19.0.12", hosts
+        assert hosts["h1"]["role"] == "gateway"
+        r = pm("lab", "rm-host", "h1", "--name", lab.name)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "gateway" in r.stderr, r.stderr
+        r = pm("lab", "rm-host", "h9", "--name", lab.name)
+        assert r.returncode == 1 and r.stderr.startswith("error: HOST:") and "h9" in r.stderr, r.stderr
+    finally:
+        r = pm("lab", "rm-host", "h2", "--name", lab.name)
+    assert r.returncode == 0, r.stderr
+    assert [h["name"] for h in json.loads(pm("hosts", "-o", "json", env=env).stdout)] == ["h1"]
+    assert not node.exists(lab.ns("h2"))
