@@ -3,10 +3,11 @@
 Every /v1 call, read or write, needs the bearer token, as Docker's and Kubernetes'
 APIs do (a container's command, environment and logs are not for anyone who can
 reach the port); ``/healthz`` and the OpenAPI document (app.py) stay open. Every
-write answers with the generation it produced; with ``?wait=true`` it answers only once every host's
-switch and agent have realised that generation and the containers the write changed are reported
-live or failed (per object: a broken container elsewhere delays nothing; docs/components.md,
-"Waiting"), or 504 after ``timeout`` s.
+write answers with the generation it produced; with ``?wait=true`` it answers only once the switches
+and agents of the hosts it concerns (and of every host that is up) have realised that generation and the
+containers the write changed are reported live or failed (per object: a broken container elsewhere delays
+nothing; per host: a host that is down and not concerned is named in ``lagging``, not waited for;
+docs/components.md, "Waiting"), or 504 after ``timeout`` s.
 """
 
 from __future__ import annotations
