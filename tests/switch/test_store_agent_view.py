@@ -4,15 +4,19 @@ hosts and the config, only desired Host columns; and it can still write every re
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from portmesh.model.entities import Container, ContainerStatus, Host, HostRole, RunState
+from portmesh.model.entities import Container, ContainerStatus, Host, HostRole, RunState, mac_for
 from portmesh.store.client import Store
+from portmesh.store.server import start_server, stop_server
 from tests.switch.test_store import container, mapping, server
 from tests.switch.test_store_mirror import wait_until
 
@@ -124,3 +128,37 @@ def test_agent_view_writes_its_reports_and_is_not_woken_by_others(api: Store, se
         # A report repeated after the agent restarts (a new client) is written again only if it differs.
         agent.report_tunnels("h2", {"h1": "up"})
         wait_until(lambda: api.host_status("h2").tunnels == (("h1", "up"),))
+
+
+def test_agent_view_stays_filtered_across_a_server_restart(tmp_path: Path) -> None:
+    """After a reconnect (a new server on the same file, rows changed while it was down) the view
+    loads again with the same condition: its own host's containers only, the offline changes included."""
+    db, sock = tmp_path / "store.db", tmp_path / "store.sock"
+    pid = start_server(db, sock)
+    try:
+        with Store(f"unix:{sock}", timeout=5) as api:
+            for h in hosts():
+                api.add_host(h)
+            api.add_container(container("c2", "h2", block=32768))
+        agent = Store(f"unix:{sock}", timeout=5, host="h2")
+        seen = Seen(agent)
+        with agent:
+            assert set(agent.snapshot().containers) == {"c2"}
+            stop_server(pid)
+            rows = [
+                {"op": "insert", "table": "Container",
+                 "row": {"name": name, "host": host, "mac": mac_for(name), "ips": "203.0.113.10",
+                         "block_start": start, "block_size": 1024, "command": "[]", "running": True}}
+                for name, host, start in (("c2b", "h2", 33792), ("c3", "h3", 34816))
+            ]
+            rows.append({"op": "mutate", "table": "Global", "where": [],
+                         "mutations": [["generation", "+=", 1]]})
+            subprocess.run(["ovsdb-tool", "transact", str(db), json.dumps(["Portmesh", *rows])],
+                           check=True, capture_output=True)
+            pid = start_server(db, sock, create=False)
+            wait_until(lambda: "c2b" in agent.snapshot().containers, timeout=15)  # positive control
+            assert set(agent.snapshot().containers) == {"c2", "c2b"}
+            assert set(seen.hosts) == {"h2"}, f"the agent saw other hosts' containers: {seen.hosts}"
+            agent.report_agent("h2", agent.snapshot().generation)  # and it still writes
+    finally:
+        stop_server(pid)
