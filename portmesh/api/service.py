@@ -317,6 +317,8 @@ class Service:
             config = plan_config(state, patch)
             if config == state.config:
                 return state.generation, config
+            if self._claiming:  # a create takes no lock: one in flight would be plumbed with the old values
+                raise Conflict("body", "a container is being created; try again once it is")
             return await self.call(self.store.set_config, config), config
 
     async def add_pool(self, value: str) -> tuple[int, IPv4Network]:
@@ -327,6 +329,9 @@ class Service:
     async def remove_pool(self, address: str, prefix: int) -> tuple[int, IPv4Network]:
         async with self.write_lock:
             config, pool = plan_pool_remove(await self.snapshot(), address, prefix)
+            creating = sorted({ip for _, ip in self._claiming if parse_ip(ip) in pool})
+            if creating:  # a create takes no lock: one in flight may be about to hold an IP of this pool
+                raise Conflict("pool", f"{pool} is in use: a container is being created on {', '.join(creating)}")
             return await self.call(self.store.set_config, config), pool
 
     async def add_container(self, body: ContainerIn) -> tuple[int, Container, list[Mapping]]:

@@ -273,3 +273,28 @@ def test_silent_agent_counts_as_down_after_silence() -> None:
         store.converge()  # it comes back: nobody lags
         r = client.post("/v1/containers?wait=true", json={"name": "c", "host": "h2", "ips": [IP]})
         assert r.status_code == 201 and r.json()["lagging"] == [], r.text
+
+
+def test_config_and_pool_writes_wait_out_a_create_in_flight() -> None:
+    """Creates take no lock: a config change or pool removal while one is being written would strand it."""
+    import asyncio
+
+    from portmesh.api.schemas import ConfigPatch
+    from portmesh.api.service import Service
+    from portmesh.model.entities import PortBlock
+    from portmesh.model.errors import Conflict
+
+    store = FakeStore(auto_converge=True)
+    store.set_config(dataclasses.replace(DEFAULT_CONFIG, public_pools=(*DEFAULT_CONFIG.public_pools, IPv4Network(POOL2))))
+    svc = Service(store)
+    svc._claiming.add((PortBlock(32768, 1024), IP2))  # a create on 198.51.100.7 being committed
+    with pytest.raises(Conflict) as refused:
+        asyncio.run(svc.set_config(ConfigPatch(block_size=512)))
+    assert refused.value.field == "body"
+    with pytest.raises(Conflict) as refused:
+        asyncio.run(svc.remove_pool("198.51.100.0", 24))
+    assert refused.value.field == "pool" and IP2 in refused.value.reason
+    svc._claiming.clear()  # positive control: once it is written (or not), both go through
+    asyncio.run(svc.set_config(ConfigPatch(block_size=512)))
+    asyncio.run(svc.remove_pool("198.51.100.0", 24))
+    assert store.snapshot().config.block_size == 512 and len(store.snapshot().config.public_pools) == 1
