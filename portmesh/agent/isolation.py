@@ -192,14 +192,22 @@ PEER_SET = "tunnel_peers"  # set of peers' underlay IPs in ``inet portmesh``: th
 
 
 def firewall_rules(
-    bridge: str, protected: Iterable[IPv4Network], *, vxlan_port: int | None = None, compute: bool = False
+    bridge: str,
+    protected: Iterable[IPv4Network],
+    *,
+    vxlan_port: int | None = None,
+    underlay_dev: str | None = None,
+    compute: bool = False,
 ) -> list[tuple[str, str, str]]:
     """(chain, rule, why) for the host firewall; ``why`` becomes the rule's comment.
 
-    With ``vxlan_port``, UDP to that port is accepted only from the addresses in set
-    :data:`PEER_SET` (the peer hosts' underlay IPs, kept apart from the rules by
-    :func:`ensure_host_firewall` so a host joining changes no rule): anyone else could
-    inject frames into br0 through a tunnel device. A ``compute`` host forwards nothing
+    With ``vxlan_port``, UDP to that port is accepted only on ``underlay_dev`` and from
+    the addresses in set :data:`PEER_SET` (the peer hosts' underlay IPs, kept apart from
+    the rules by :func:`ensure_host_firewall` so a host joining changes no rule): anyone
+    else could inject frames into br0 through a tunnel device. The interface matters: a
+    packet from the internet claiming a peer's source address reaches the kernel's VXLAN
+    socket through the uplink just as well (the socket listens on every address), and the
+    tunnel device takes it. Without ``underlay_dev`` (no tunnels), all of it is dropped. A ``compute`` host forwards nothing
     that arrives on the bridge: its containers leave through a tunnel to a gateway host,
     never through this host's own uplink (defence in depth behind the controller's flows).
     """
@@ -216,10 +224,14 @@ def firewall_rules(
     if vxlan_port is not None:
         if not 0 < vxlan_port < 65536:
             raise ValueError(f"vxlan_port {vxlan_port}: not a UDP port")
-        rules += [
-            ("input", f"udp dport {vxlan_port} ip saddr @{PEER_SET} accept", "VXLAN from peer hosts' underlay addresses"),
-            ("input", f"udp dport {vxlan_port} drop", "VXLAN from anyone else would inject frames into br0"),
-        ]
+        if underlay_dev is not None:
+            _check_name(underlay_dev)
+            rules.append((
+                "input",
+                f'iifname "{underlay_dev}" udp dport {vxlan_port} ip saddr @{PEER_SET} accept',
+                "VXLAN from peer hosts' underlay addresses, on the underlay",
+            ))
+        rules.append(("input", f"udp dport {vxlan_port} drop", "VXLAN from anyone else would inject frames into br0"))
     if compute:
         rules.append(("forward", f'iifname "{bridge}" drop', "a compute host never routes its containers' traffic out"))
     return rules
@@ -230,6 +242,7 @@ def ensure_host_firewall(
     protected: Iterable[IPv4Network],
     *,
     vxlan_port: int | None = None,
+    underlay_dev: str | None = None,
     peers: Iterable[IPv4Address] = (),
     compute: bool = False,
 ) -> bool:
@@ -242,7 +255,7 @@ def ensure_host_firewall(
     set's elements with it. When only the peers differ, just the elements are
     added and deleted, in one transaction.
     """
-    rules = firewall_rules(bridge, protected, vxlan_port=vxlan_port, compute=compute)
+    rules = firewall_rules(bridge, protected, vxlan_port=vxlan_port, underlay_dev=underlay_dev, compute=compute)
     wanted_peers = {str(IPv4Address(p)) for p in peers}
     digest = hashlib.blake2b(repr(rules).encode(), digest_size=6).hexdigest()
     # In the order nft lists them back: the input chain's rules, then the forward chain's.

@@ -166,7 +166,12 @@ def write_sysctls(values: Mapping[str, str], netns: str | None = None) -> None:
 
 
 def ensure_host_gateway(
-    config: NetworkConfig, bridge: str = BRIDGE, *, peers: Iterable[IPv4Address] = (), compute: bool = False
+    config: NetworkConfig,
+    bridge: str = BRIDGE,
+    *,
+    underlay_dev: str | None = None,
+    peers: Iterable[IPv4Address] = (),
+    compute: bool = False,
 ) -> None:
     """The bridge's internal port is the containers' gateway: address, up, pool routes, forwarding, firewall.
 
@@ -200,16 +205,22 @@ def ensure_host_gateway(
             if (r.get("oif") == index and r["type"] == RTN_UNICAST and r.get("proto") == RTPROT_STATIC
                     and r.get("gateway") is None and dst not in pools):
                 ipr.route("del", dst=f"{dst[0]}/{dst[1]}", oif=index, table=TABLE_MAIN, proto=RTPROT_STATIC)
-    host_firewall(config, bridge, peers=peers, compute=compute)
+    host_firewall(config, bridge, underlay_dev=underlay_dev, peers=peers, compute=compute)
     write_sysctls({"net.ipv4.ip_forward": "1"})
 
 
 def host_firewall(
-    config: NetworkConfig, bridge: str = BRIDGE, *, peers: Iterable[IPv4Address] = (), compute: bool = False
+    config: NetworkConfig,
+    bridge: str = BRIDGE,
+    *,
+    underlay_dev: str | None = None,
+    peers: Iterable[IPv4Address] = (),
+    compute: bool = False,
 ) -> bool:
-    """Table ``inet portmesh`` as the config, the peers and the host's role say; True if written."""
+    """Table ``inet portmesh`` as the config, the underlay, the peers and the host's role say; True if written."""
     return isolation.ensure_host_firewall(
-        bridge, config.protected_networks, vxlan_port=config.vxlan_port, peers=peers, compute=compute
+        bridge, config.protected_networks, vxlan_port=config.vxlan_port, underlay_dev=underlay_dev, peers=peers,
+        compute=compute,
     )
 
 
@@ -218,6 +229,7 @@ def recheck_isolation(
     bridge: str = BRIDGE,
     *,
     tunnel_ports: Iterable[str] = (),
+    underlay_dev: str | None = None,
     peers: Iterable[IPv4Address] = (),
     compute: bool = False,
 ) -> None:
@@ -225,7 +237,7 @@ def recheck_isolation(
     isolated (and no chain for a gone one), the host firewall as it must be. See :mod:`portmesh.agent.isolation`."""
     if isolation.needed():
         isolation.sync_ports(host_ports() | set(tunnel_ports))
-    host_firewall(config, bridge, peers=peers, compute=compute)
+    host_firewall(config, bridge, underlay_dev=underlay_dev, peers=peers, compute=compute)
 
 
 # -- containers --------------------------------------------------------------------

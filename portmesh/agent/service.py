@@ -160,7 +160,7 @@ class Agent:
             if self.bridge.ensure(spec):
                 log.info("bridge br0 set for datapath %s, controller %s", spec.dpid_hex, spec.controller)
             peers, compute = self._firewall
-            plumbing.ensure_host_gateway(self.network, peers=peers, compute=compute)
+            plumbing.ensure_host_gateway(self.network, underlay_dev=self.cfg.underlay_dev, peers=peers, compute=compute)
             self._bridge_ok, self._firewall_ok = spec, self._firewall
         if full or self._tunnels_ok != specs:
             self._converge_tunnels(specs)
@@ -271,7 +271,8 @@ class Agent:
             self.bridge.remove_port(port)
             plumbing.unplumb_container(port)
         peers, compute = self._firewall
-        plumbing.recheck_isolation(self.network, tunnel_ports=tunnels.present(), peers=peers, compute=compute)
+        plumbing.recheck_isolation(self.network, tunnel_ports=tunnels.present(), underlay_dev=self.cfg.underlay_dev,
+                                   peers=peers, compute=compute)
 
     def _converge_containers(self, wanted: dict[str, Container], full: bool) -> list[str]:
         """Converge the containers not settled in their current desired state (all on a full pass);

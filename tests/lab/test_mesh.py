@@ -30,7 +30,7 @@ import pytest
 
 from portmesh.agent.tunnels import pair_vni
 from portmesh.lab import link, node, services
-from portmesh.lab.network import Lab, ovs_of
+from portmesh.lab.network import UPLINK_IP, Lab, ovs_of
 from portmesh.lab.state import LabState
 from portmesh.model.config import DEFAULT_CONFIG as CFG
 from portmesh.model.entities import tunnel_port_for
@@ -44,16 +44,19 @@ ROGUE_IP = f"{UNDERLAY}.99"
 PROBE_SENDER_IP = "198.51.100.250"  # the inner ARP request's sender: a neighbour entry names it if h1's kernel saw it
 PROBE_SENDER_MAC = "02:00:00:00:99:01"
 
-# Sends VXLAN packets (UDP to argv[1]:argv[2]) carrying one inner Ethernet frame: an ARP
-# request who-has argv[5] from argv[6]/argv[7], VNI argv[3], argv[4] times.
+# Sends VXLAN packets (UDP to argv[1]:argv[2], from source address argv[8] if given) carrying one
+# inner Ethernet frame: an ARP request who-has argv[5] from argv[6]/argv[7], VNI argv[3], argv[4] times.
 SEND_VXLAN = r"""
 import socket, struct, sys
 dst, port, vni, count, target, sip, smac = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:8]
+src = sys.argv[8] if len(sys.argv) > 8 else ""
 mac = bytes.fromhex(smac.replace(":", ""))
 arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + socket.inet_aton(sip) + b"\0" * 6 + socket.inet_aton(target)
 frame = b"\xff" * 6 + mac + b"\x08\x06" + arp + b"\0" * 18
 header = struct.pack("!II", 0x08000000, vni << 8)
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+if src:
+    s.bind((src, 0))
 for _ in range(count):
     s.sendto(header + frame, (dst, port))
 """
@@ -137,9 +140,10 @@ class Mesh:
         stats = json.loads(sh(self.ns(host), "ip", "-s", "-j", "link", "show", dev))[0]["stats64"]["rx"]
         return int(stats["packets"])
 
-    def send_vxlan(self, from_ns: str, to_host: str, vni: int, count: int = 5, target: str = "") -> None:
-        argv = [sys.executable, "-c", SEND_VXLAN, uip(to_host), str(CFG.vxlan_port), str(vni), str(count),
-                target or uip(to_host), PROBE_SENDER_IP, PROBE_SENDER_MAC]
+    def send_vxlan(self, from_ns: str, to_host: str, vni: int, count: int = 5, target: str = "", to_ip: str = "",
+                   from_ip: str = "") -> None:
+        argv = [sys.executable, "-c", SEND_VXLAN, to_ip or uip(to_host), str(CFG.vxlan_port), str(vni), str(count),
+                target or uip(to_host), PROBE_SENDER_IP, PROBE_SENDER_MAC] + ([from_ip] if from_ip else [])
         node.run(argv, netns=from_ns, check=True, timeout=30)
 
 
@@ -272,6 +276,32 @@ def test_vxlan_from_a_non_peer_address_is_dropped_and_from_a_peer_it_arrives(mes
     mesh.send_vxlan(mesh.ns("h2"), "h1", vni, count=5)
     wait_until(lambda: mesh.rx("h1", dev) >= start + 5, 5, "VXLAN from the peer h2 (positive control)")
     assert mesh.rx("h1", dev) == start + 5, "VXLAN from a non-peer address reached the tunnel device"
+
+
+def test_vxlan_claiming_a_peer_address_from_the_internet_is_dropped(mesh: Mesh) -> None:
+    """The kernel's VXLAN socket listens on every address: a peer's source address is trusted on the underlay only."""
+    dev, vni, h1, inet = tunnel_port_for("h2"), pair_vni(CFG.vxlan_vni, "h1", "h2"), mesh.ns("h1"), mesh.ns("inet")
+    sh(inet, "ip", "addr", "add", f"{uip('h2')}/32", "dev", "eth0")  # inet poses as h2
+    try:
+        start = mesh.rx("h1", dev)
+        mesh.send_vxlan(inet, "h1", vni, count=5, to_ip=UPLINK_IP, from_ip=uip("h2"))
+        mesh.send_vxlan(mesh.ns("h2"), "h1", vni, count=5)  # the real h2, after: counted once both are in
+        wait_until(lambda: mesh.rx("h1", dev) >= start + 5, 5, "VXLAN from the real h2 (positive control)")
+        assert mesh.rx("h1", dev) == start + 5, "VXLAN from the internet with a peer's address reached the tunnel"
+
+        # Positive control: without h1's firewall the forged packets do reach the tunnel device.
+        def forged_arrives() -> bool:
+            if "table inet portmesh" in sh(h1, "nft", "list", "tables"):  # the agent's full pass was quicker
+                sh(h1, "nft", "delete", "table", "inet", "portmesh")
+            before = mesh.rx("h1", dev)
+            mesh.send_vxlan(inet, "h1", vni, count=1, to_ip=UPLINK_IP, from_ip=uip("h2"))
+            time.sleep(0.1)
+            return mesh.rx("h1", dev) > before
+
+        wait_until(forged_arrives, 5, "forged VXLAN arriving without the firewall (positive control)")
+        wait_until(lambda: "table inet portmesh" in sh(h1, "nft", "list", "tables"), 30, "h1's firewall back")
+    finally:
+        sh(inet, "ip", "addr", "del", f"{uip('h2')}/32", "dev", "eth0", check=False)
 
 
 def test_a_decapsulated_frame_for_the_host_itself_never_reaches_its_kernel(mesh: Mesh) -> None:

@@ -84,7 +84,8 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Kernel:
                    for n, s in k.devices.items()}
         return devices, (3, 1500, "")
 
-    def gateway(config: object, bridge: str = "br0", *, peers: Any = (), compute: bool = False) -> None:
+    def gateway(config: object, bridge: str = "br0", *, underlay_dev: str | None = None, peers: Any = (),
+                compute: bool = False) -> None:
         k.firewalls.append((frozenset(peers), compute))
 
     monkeypatch.setattr(tunnels, "realise", realise)

@@ -94,13 +94,18 @@ def test_ports_and_firewall_converge_and_a_second_pass_writes_nothing() -> None:
 
 
 def test_firewall_rules_accept_vxlan_from_peers_only_and_a_compute_host_forwards_nothing_from_br0() -> None:
-    rules = isolation.firewall_rules("br0", [IPv4Network("198.18.0.0/15")], vxlan_port=4789, compute=True)
+    rules = isolation.firewall_rules("br0", [IPv4Network("198.18.0.0/15")], vxlan_port=4789, underlay_dev="ul0",
+                                     compute=True)
     assert [(c, r) for c, r, _ in rules[2:]] == [
-        ("input", "udp dport 4789 ip saddr @tunnel_peers accept"),
+        ("input", 'iifname "ul0" udp dport 4789 ip saddr @tunnel_peers accept'),
         ("input", "udp dport 4789 drop"),
         ("forward", 'iifname "br0" drop'),
     ]
-    assert len(isolation.firewall_rules("br0", [], vxlan_port=4789)) == 4  # a gateway host forwards (fenced)
+    assert len(isolation.firewall_rules("br0", [], vxlan_port=4789, underlay_dev="ul0")) == 4  # a gateway forwards
+    # No underlay, no tunnels: VXLAN is only dropped.
+    assert [r for _, r, _ in isolation.firewall_rules("br0", [], vxlan_port=4789)][2:] == ["udp dport 4789 drop"]
+    with pytest.raises(ValueError, match="port name"):
+        isolation.firewall_rules("br0", [], vxlan_port=4789, underlay_dev='ul0" accept')
     with pytest.raises(ValueError, match="vxlan_port"):
         isolation.firewall_rules("br0", [], vxlan_port=0)
 
@@ -109,7 +114,8 @@ def test_firewall_rules_accept_vxlan_from_peers_only_and_a_compute_host_forwards
 def test_peer_set_follows_the_peers_without_rewriting_the_rules() -> None:
     def work() -> dict[str, object]:
         def fw(*peers: str, compute: bool = False) -> bool:
-            return isolation.ensure_host_firewall("br0", [], vxlan_port=4789, peers=[A(p) for p in peers], compute=compute)
+            return isolation.ensure_host_firewall("br0", [], vxlan_port=4789, underlay_dev="ul0", peers=[A(p) for p in peers],
+                                                  compute=compute)
 
         def handles() -> list[int]:
             return [o["rule"]["handle"] for o in isolation.nft().objects(f"list table inet {isolation.TABLE}") if "rule" in o]
