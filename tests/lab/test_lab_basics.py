@@ -236,3 +236,24 @@ def test_agent_restart_disturbs_nothing(lab2: LabState) -> None:
         assert flows() == before
     finally:
         http.delete("/v1/containers/db")
+
+
+def test_underlay_of_its_own_and_components_over_tcp(lab2: LabState) -> None:
+    """Hosts meet on ul0 (198.19.0.0/24, full 1500-byte frames); agents reach the store over TCP in mgmt."""
+    h1, h2 = lab2.ns("h1"), lab2.ns("h2")
+    assert "198.19.0.11/24" in run_in(h1, "ip", "-o", "-4", "addr", "show", "dev", "ul0")
+    assert "mtu 1500" in run_in(h1, "ip", "link", "show", "dev", "ul0")
+    # 1472 bytes of ICMP payload + 28 of headers = 1500, unfragmented: passes; one byte more does not leave h1.
+    run_in(h1, "ping", "-c1", "-W2", "-M", "do", "-s", "1472", "198.19.0.12")
+    too_big = node.run(["ping", "-c1", "-W2", "-M", "do", "-s", "1473", "198.19.0.12"], netns=h1, check=False)
+    assert too_big.returncode != 0
+    assert "up0" not in run_in(h2, "ip", "-o", "link"), "compute hosts have no uplink"
+    store = lab2.process("store")
+    assert store is not None and store.netns == lab2.ns("mgmt")
+    listening = run_in(lab2.ns("mgmt"), "ss", "-Hltn")
+    assert f"{services.CONTROLLER_IP}:{services.STORE_PORT}" in listening, listening
+    for host in lab2.hosts:
+        agent = lab2.process(f"agent:{host}")
+        if agent is not None:
+            assert agent.argv[agent.argv.index("--store") + 1] == services.store_tcp_remote()
+            assert not any(arg.startswith("unix:") and "store" in arg for arg in agent.argv), agent.argv
