@@ -235,8 +235,10 @@ def realise(specs: Mapping[str, TunnelSpec]) -> Realised:
                     isolation.release_port(name)
                 if userspace and (name not in chains or name in out.made):
                     isolation.isolate_port(name)
-                if Path(f"/proc/sys/net/ipv6/conf/{name}").is_dir():
-                    Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1")
+                # A bridge port only: no IPv6 link-local address, router solicitations or DAD from it.
+                ipv6 = Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
+                if ipv6.exists() and ipv6.read_text().strip() != "1":
+                    ipv6.write_text("1")
                 if not ipr.link("get", index=index)[0]["flags"] & IFF_UP:
                     ipr.link("set", index=index, state="up")
             except Exception as exc:
