@@ -138,6 +138,7 @@ def compute_status(
     containers: Sequence[str] | None = None,
     anchors: Collection[str] = (),
     liveness: Liveness | None = None,
+    exempt: Collection[str] = (),
 ) -> StatusOut:
     """Progress of every host against ``target`` (default: the store's current generation). Blocking.
 
@@ -152,7 +153,8 @@ def compute_status(
     ``target`` and, if it should run, holding its flows (not in its switch's waiting set).
     A container still starting elsewhere delays nobody. Hosts down and not concerned
     (:func:`concerned_hosts` of the containers' hosts and ``anchors``) are not waited for and
-    listed in ``lagging``; the whole picture lists every host down and behind there.
+    listed in ``lagging``; the whole picture lists every host down and behind there. ``exempt`` hosts are
+    never concerned (a host just added: its agent may not run yet, so it is waited for only if it is up).
     ``problems`` and the hosts' ``waiting`` are filled only for the whole picture.
     """
     state = store.snapshot()
@@ -168,7 +170,7 @@ def compute_status(
         statuses = {n: st for n, st in found if st is not None}
         running = {n for n in names if store.container_running(n)}
         homes = {c.host for n in names if (c := state.containers.get(n)) is not None}
-        concerned = concerned_hosts(state, homes | set(anchors))
+        concerned = concerned_hosts(state, homes | set(anchors)) - set(exempt)
     live = liveness or Liveness()
     hosts, lagging = [], []
     caught_up = True

@@ -112,16 +112,17 @@ async def _converged(
     timeout: float | None,
     containers: Sequence[str] = (),
     hosts: Sequence[str | None] = (),
+    exempt: Sequence[str] = (),
 ) -> tuple[bool, list[LagOut]]:
     """Per object: the switches and agents waited for at ``generation`` and the named ``containers``
     realised (progress.compute_status), never the whole host, so one broken container delays no other
     write; per host: those the write concerns (the containers' and ``hosts``, the gateways) and every
-    other host that is up. The second value names the hosts down and not waited for."""
+    other host that is up, never ``exempt``. The second value names the hosts down and not waited for."""
     anchors = [h for h in hosts if h is not None]
     if wait:
-        status = await service.wait_converged(generation, timeout, containers, anchors)
+        status = await service.wait_converged(generation, timeout, containers, anchors, exempt)
         return True, status.lagging
-    status = await service.status(generation, containers, anchors)
+    status = await service.status(generation, containers, anchors, exempt)
     return status.converged, status.lagging
 
 
@@ -140,10 +141,10 @@ async def get_host(name: Name, service: Svc) -> HostOut:
 
 @router.post("/hosts", status_code=201, tags=["hosts"])
 async def add_host(body: HostIn, service: Svc, wait: Wait = False, timeout: Timeout = None) -> HostWriteOut:
-    """Register a host; the others' agents add a tunnel to it. A new host whose switch is not
-    connected yet is named in ``lagging``, not waited for."""
+    """Register a host; the others' agents add a tunnel to it. The new host, gateway or not, is waited
+    for only if it is up: its agent may start after this (it reads its underlay address from here)."""
     generation, host = await service.add_host(body)
-    done, lagging = await _converged(service, generation, wait, timeout)
+    done, lagging = await _converged(service, generation, wait, timeout, exempt=[host.name])
     return HostWriteOut(generation=generation, converged=done, lagging=lagging, host=HostOut.of(host))
 
 

@@ -260,12 +260,21 @@ class Service:
         return await self.call(self.store.snapshot)
 
     async def status(
-        self, target: int | None = None, containers: Sequence[str] | None = None, hosts: Sequence[str] = ()
+        self,
+        target: int | None = None,
+        containers: Sequence[str] | None = None,
+        hosts: Sequence[str] = (),
+        exempt: Sequence[str] = (),
     ) -> StatusOut:
-        return await self.call(compute_status, self.store, target, containers, hosts, self.liveness)
+        return await self.call(compute_status, self.store, target, containers, hosts, self.liveness, exempt)
 
     async def wait_converged(
-        self, generation: int, timeout: float | None = None, containers: Sequence[str] = (), hosts: Sequence[str] = ()
+        self,
+        generation: int,
+        timeout: float | None = None,
+        containers: Sequence[str] = (),
+        hosts: Sequence[str] = (),
+        exempt: Sequence[str] = (),
     ) -> StatusOut:
         """Return once ``generation`` is realised for the write that made it, per object (the
         ``containers`` it changed) and per host (those it concerns: the containers' and ``hosts``,
@@ -276,7 +285,7 @@ class Service:
         while True:
             if self._changed is not None:
                 self._changed.clear()  # cleared before reading, so a change after the read wakes us
-            status = await self.status(generation, containers, hosts)
+            status = await self.status(generation, containers, hosts, exempt)
             if status.converged:
                 return status
             remaining = deadline - loop.time()

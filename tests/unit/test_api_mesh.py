@@ -298,3 +298,16 @@ def test_config_and_pool_writes_wait_out_a_create_in_flight() -> None:
     asyncio.run(svc.set_config(ConfigPatch(block_size=512)))
     asyncio.run(svc.remove_pool("198.51.100.0", 24))
     assert store.snapshot().config.block_size == 512 and len(store.snapshot().config.public_pools) == 1
+
+
+def test_host_add_does_not_wait_for_the_new_host_itself(client: TestClient, store: FakeStore) -> None:
+    """An operator registers a host before its agent runs: the answer names it, without a 504."""
+    store.down.add("h1")  # its agent and switch are not running yet
+    started = time.monotonic()
+    out = post(client, "/v1/hosts?wait=true&timeout=5", {"name": "h1", "underlay_ip": "198.19.0.11"})
+    assert time.monotonic() - started < 1.0
+    assert out["host"]["role"] == "gateway" and out["lagging"] == [{"host": "h1", "reason": "switch disconnected"}]
+    # Positive control: a later write that concerns h1 (the gateway) does wait for it, and times out naming it.
+    r = client.post("/v1/hosts?wait=true&timeout=0.3", json={"name": "h2", "underlay_ip": "198.19.0.12"})
+    assert_refused(r, 504, "wait")
+    assert "h1 (switch disconnected)" in r.json()["detail"]["reason"]
