@@ -122,11 +122,10 @@ class Store(Engine):
             placed = sorted(c.name for c in self._mirror.containers.values() if c.host == name)
             if placed:
                 raise Conflict("name", f"host {name!r} still has containers: {', '.join(placed[:5])}")
-            # A container placed on the host by another client commits a generation this cache has
-            # not seen: the commit then fails (TRY_AGAIN) and this check runs again on fresh data.
-            # Without it, 25 of 60 races in tests/switch/test_store_remove_host.py left an orphan.
-            for global_row in self._rows("Global"):
-                self._verify(global_row, "generation")
+            # A container another client placed on the host meanwhile, which this cache has not seen
+            # yet, fails the commit; the check then runs again on fresh data. Without it, 25 of 60
+            # races in tests/switch/test_store_remove_host.py left a container on a removed host.
+            self._expect_none(txn, "Container", "host", name)
             row.delete()
             return True
 
@@ -188,8 +187,6 @@ class Store(Engine):
                 if if_exists:
                     return False
                 raise NotFound("name", f"container {name!r} does not exist")
-            for global_row in self._rows("Global"):  # a mapping added meanwhile: try again, and delete it too
-                self._verify(global_row, "generation")
             for key in self._mirror.mappings_of.get(name, ()):
                 self._row("Mapping", self._mirror.mapping_rows[key]).delete()
             for claim_uuid in self._mirror.claim_rows_of.get(name, ()):
@@ -197,6 +194,9 @@ class Store(Engine):
                 if claim_row is not None:
                     claim_row.delete()
             row.delete()
+            # A mapping or claim another client added meanwhile: try again on fresh data, and delete it too.
+            self._expect_none(txn, "Mapping", "container", name)
+            self._expect_none(txn, "Block", "container", name)
             return True
 
         return self._write(build)

@@ -266,6 +266,19 @@ class Engine:
         if row._data is not None:
             self._idl.txn._txn_rows[row.uuid] = row
 
+    def _expect_none(self, txn: Txn, table: str, column: str, value: str) -> None:
+        """Make the commit fail (TRY_AGAIN, then a rebuild on fresh data) if, once the transaction's
+        own changes are applied, any ``table`` row still has ``column == value``.
+
+        A raw ``wait`` (RFC 7047 §5.2.6, timeout 0), checked by the server at commit: it catches rows
+        another client added since the cache was read, and only those, so unrelated writes never
+        make it retry (verifying Global.generation did: 4 of 300 removes failed under a storm of
+        creates)."""
+        txn.add_op(
+            {"op": "wait", "table": table, "timeout": 0, "where": [[column, "==", value]],
+             "columns": [column], "until": "==", "rows": []}
+        )
+
     def _generation(self) -> int:
         return self._mirror.generation
 
