@@ -179,7 +179,13 @@ class Store(Engine):
         return self._write(build)
 
     def remove_container(self, name: str, if_exists: bool = False) -> int:
-        """Remove a container, its port-block claims and every mapping that points at it, in one transaction."""
+        """Remove a container, its port-block claims and every mapping that points at it, in one transaction.
+
+        A mapping another client added just before, which this cache had not seen when the
+        transaction was built, is removed right after (:meth:`_sweep_mappings`). A wait on "no
+        mapping names it" would close even that moment, but ovsdb-server answers it by scanning
+        the Mapping table: 67 ms a remove at 100,000 mappings, measured, with the server blocked.
+        """
 
         def build(txn: Txn) -> bool:
             row = self._container_row(name)
@@ -194,12 +200,34 @@ class Store(Engine):
                 if claim_row is not None:
                     claim_row.delete()
             row.delete()
-            # A mapping or claim another client added meanwhile: try again on fresh data, and delete it too.
-            self._expect_none(txn, "Mapping", "container", name)
-            self._expect_none(txn, "Block", "container", name)
             return True
 
-        return self._write(build)
+        generation = self._write(build)
+        return max(generation, self._sweep_mappings(name))
+
+    def _sweep_mappings(self, container: str) -> int:
+        """Delete the mappings still naming ``container`` once it is gone; the generation written, or 0.
+
+        After a commit the cache holds every commit before it (read-your-writes), so a mapping
+        that won the race against the removal is in it now; one that comes later is refused
+        (add_mapping verifies its container's row). A container created again under the same
+        name meanwhile keeps its mappings."""
+        swept = False
+
+        def build(txn: Txn) -> bool:
+            nonlocal swept
+            keys = self._mirror.mappings_of.get(container)
+            if not keys or self._container_row(container) is not None:
+                return False
+            for key in keys:
+                self._row("Mapping", self._mirror.mapping_rows[key]).delete()
+            swept = True
+            return True
+
+        if not self._mirror.mappings_of.get(container):
+            return 0  # the common case: nothing raced (the cache is already past the removal: see above)
+        generation = self._write(build)
+        return generation if swept else 0
 
     def add_mapping(self, m: Mapping) -> int:
         """Add one mapping; its container must exist (NotFound) and its key be free (Conflict)."""

@@ -65,7 +65,16 @@ def test_remove_container_never_orphans_a_mapping_added_meanwhile(server: str) -
     rounds = 60
     orphans: list[str] = []
     removed = mapped = 0
+    swept: list[int] = []
     with Store(server, timeout=10) as mapper, Store(server, timeout=10) as remover:
+        sweep = remover._sweep_mappings
+
+        def counting_sweep(container: str) -> int:
+            generation = sweep(container)
+            swept.append(generation)
+            return generation
+
+        remover._sweep_mappings = counting_sweep  # type: ignore[method-assign]
         mapper.add_host(Host("h1", 1))
         for r in range(rounds):
             name = f"c{r}"
@@ -95,6 +104,7 @@ def test_remove_container_never_orphans_a_mapping_added_meanwhile(server: str) -
             if key in state.mappings:
                 orphans.append(str(key))
                 mapper.remove_mapping(key)
-    print(f"{rounds} rounds: mapping added before the removal {mapped}, orphaned {len(orphans)}")
+    sweeps = sum(1 for g in swept if g)
+    print(f"{rounds} rounds: mapping added before the removal {mapped}, swept after it {sweeps}, orphaned {len(orphans)}")
     assert mapped and removed  # the mapping won some races (positive control)
     assert not orphans, f"mappings left pointing at a removed container: {orphans}"
