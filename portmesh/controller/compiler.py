@@ -133,11 +133,18 @@ class CommonFlows:
             return set(self._dirty[2])
         dirty = changed_keys(prev, new)
         self._dirty = (prev, new, frozenset(dirty))
+        for key in dirty:
+            if key not in new:
+                self._rewrites.pop(key, None)  # gone (a switch still behind rebuilds it if it must)
         return dirty
 
     def prune(self, state: DesiredState) -> None:
-        """Forget entries the state no longer has (called once per round, after every switch is synced)."""
-        if len(self._rewrites) > len(state.mappings):
+        """Forget entries the state no longer has (called once per round, after every switch is synced).
+
+        Removed mappings leave as they are seen (:meth:`dirty`); what a full compile left behind
+        is swept only once it is a good part of the whole, so the sweep costs O(1) per change.
+        """
+        if len(self._rewrites) > len(state.mappings) * 5 // 4 + 1024:
             self._rewrites = {k: v for k, v in self._rewrites.items() if k in state.mappings}
         if len(self._blocks) > len(state.containers):
             live = {(c.name, c.mac, c.ips, c.block) for c in state.containers.values()}
@@ -170,6 +177,7 @@ class SwitchCompiler:
         self._by_container: dict[str, set[MappingKey]] = {}
         self._prev_mappings: MappingABC[MappingKey, Mapping] = {}
         self._pending: dict[object, tuple[Flow, ...]] = {}
+        self._pending_inputs: dict[str, ContainerInputs] = {}
         self._vanished: list[tuple[Flow, ...]] = []
         self._index: tuple[object, dict[IPv4Address, list[Container]], dict[int, Container]] = (None, {}, {})
 
@@ -285,9 +293,17 @@ class SwitchCompiler:
     def _walk_small(
         self, state: DesiredState, ports: MappingABC[str, int]
     ) -> Iterator[tuple[tuple[Flow, ...], tuple[Flow, ...] | None]]:
-        """Host, public-IP and container owners: their flows and, if (re)built, ``()`` (else None)."""
+        """Host, tunnel, public-IP and container owners: their flows and, if (re)built, the flows they
+        had before (``()`` if none), else None.
+
+        Containers are keyed by name and checked against their last inputs, identity first:
+        hashing a Container (a dataclass of tuples of addresses) for each of hundreds of
+        containers on every change of every switch cost more than the change itself.
+        """
         cached, common = self._owners, self.common
         config, host = self.config, self.host
+        self._pending, self._pending_inputs = {}, {}
+        pending, pending_inputs = self._pending, self._pending_inputs
         # Other hosts' tunnel ports on this switch (a tunnel the agent has not made yet is simply absent).
         tunnels = {h.name: ports.get(h.tunnel_port) for h in state.hosts.values() if h.name != host}
         gateway = state.gateway_for(host)
@@ -299,24 +315,36 @@ class SwitchCompiler:
             (("tunnels", host, tunnel_ports, is_gateway), partial(tunnel_flows, config, host, tunnel_ports, is_gateway)),
             *((("ip", ip), partial(common.public_ip, ip)) for ip in state.public_ips()),
         ]
-        for c in state.containers.values():
-            local = c.host == host
-            port = ports.get(c.port_name) if local else None
-            tunnel = None if local else tunnels.get(c.host)
-            keys.append(((c, port, tunnel), partial(container_flows, c, port, tunnel, common)))
         for key, build in keys:
             hit = cached.get(key)
             flows = hit if hit is not None else tuple(build())
-            self._pending[key] = flows
+            pending[key] = flows
             yield flows, (None if hit is not None else ())
+        last = self._container_inputs
+        for c in state.containers.values():
+            name = c.name
+            local = c.host == host
+            port = ports.get(c.port_name) if local else None
+            tunnel = None if local else tunnels.get(c.host)
+            key = ("container", name)
+            old = last.get(name)
+            before = cached.get(key)
+            if before is not None and old is not None and (old[0] is c or old[0] == c) and old[1:] == (port, tunnel):
+                pending[key], pending_inputs[name] = before, old
+                yield before, None
+                continue
+            flows = tuple(container_flows(c, port, tunnel, common))
+            pending[key], pending_inputs[name] = flows, (c, port, tunnel)
+            yield flows, (before or ())
 
     def _commit_small(self, small: list[tuple[tuple[Flow, ...], tuple[Flow, ...] | None]]) -> set[str]:
         """Adopt the small owners just walked; returns the containers whose inputs changed or vanished."""
-        used, self._pending = self._pending, {}
+        used, inputs = self._pending, self._pending_inputs
+        self._pending, self._pending_inputs = {}, {}
         self._vanished = [flows for key, flows in self._owners.items() if key not in used]
-        inputs = {key[0].name: key for key in used if isinstance(key, tuple) and isinstance(key[0], Container)}
-        changed = {name for name, old in self._container_inputs.items() if inputs.get(name) != old}
-        changed.update(inputs.keys() - self._container_inputs.keys())
+        last = self._container_inputs
+        changed = {name for name, old in last.items() if inputs.get(name) is not old}
+        changed.update(inputs.keys() - last.keys())
         self._owners, self._container_inputs = used, inputs
         return changed
 
