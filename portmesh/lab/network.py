@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
-from portmesh.lab import link, node, services
+from portmesh.lab import link, node, services, sysctl
 from portmesh.lab.ovs import OvsInstance, wait_unix_socket
 from portmesh.lab.state import LAB_NAME_RE, LabState, Process, lab_dir
 from portmesh.model.config import DEFAULT_CONFIG, NetworkConfig
@@ -225,14 +225,15 @@ class Lab:
         link.veth(ns_a, if_a, ns_b, if_b, mtu=mtu)
 
     def _set_machine_sysctl(self, state: LabState, key: str, value: str) -> None:
-        path = Path("/proc/sys") / key.replace(".", "/")
-        before = path.read_text().strip()
-        if before == value:
+        """Set a machine-wide sysctl for this lab; the last lab holding it puts the original back (sysctl.py)."""
+        before = sysctl.read(key)
+        original = sysctl.hold(key, value, self.name)
+        if original is None:
             return
-        state.sysctls[key] = before
+        state.sysctls[key] = original
         state.save()
-        path.write_text(value)
-        self.say(f"lab {self.name}: {key} {before} -> {value} (put back on down)")
+        if before != value:
+            self.say(f"lab {self.name}: {key} {before} -> {value} (put back on down)")
 
     def _spawn(self, state: LabState, label: str, argv: Sequence[str], netns: str | None = None) -> Process:
         logfile = state.dir / "logs" / f"{label.replace(':', '-')}.log"
@@ -388,8 +389,7 @@ class Lab:
         for ns in reversed(state.namespaces):
             attempt(f"remove namespace {ns}", partial(node.remove, ns))
         for key, value in state.sysctls.items():
-            path = Path("/proc/sys") / key.replace(".", "/")
-            attempt(f"restore {key}", partial(path.write_text, value))
+            attempt(f"restore {key}", partial(sysctl.release, key, self.name, value))
         if problems:
             self.say(f"lab {self.name}: down left problems (state kept in {state.dir}):")
             for problem in problems:
