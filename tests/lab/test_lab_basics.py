@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from portmesh.lab import node, services, sysctl
+from portmesh.lab import link, node, services, sysctl
 from portmesh.lab.network import Lab, ovs_of
 from portmesh.lab.state import LabState, lab_dir
 from portmesh.runtime import procs
@@ -79,7 +79,11 @@ def test_up_then_down_leaves_nothing(lab_factory: list[Lab]) -> None:
     root_before = root_addresses()
     lab = Lab(unique_name("u"), say=quiet)
     lab_factory.append(lab)
-    state = lab.up(hosts=1)
+    lab.up(hosts=3)
+    assert lab.add_host() == "h4"  # a host joined later is removed by down like the others
+    state = lab.state()
+    assert state is not None and state.hosts == ["h1", "h2", "h3", "h4"]
+    assert {"ul0", "u-h1", "u-h4", "m-h4"} <= link.links(state.ns("mgmt"))
 
     assert state.namespaces and all(node.exists(ns) for ns in state.namespaces)
     assert all(ns.startswith(state.prefix) for ns in state.namespaces)
