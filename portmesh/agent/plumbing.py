@@ -206,7 +206,11 @@ def ensure_host_gateway(
                     and r.get("gateway") is None and dst not in pools):
                 ipr.route("del", dst=f"{dst[0]}/{dst[1]}", oif=index, table=TABLE_MAIN, proto=RTPROT_STATIC)
     host_firewall(config, bridge, underlay_dev=underlay_dev, peers=peers, compute=compute)
-    write_sysctls({"net.ipv4.ip_forward": "1"})
+    # br0 is the containers' IPv4 gateway only: no IPv6 router solicitations or DAD from the host into the switch.
+    sysctls = {"net.ipv4.ip_forward": "1"}
+    if Path(f"/proc/sys/net/ipv6/conf/{bridge}").is_dir():
+        sysctls[f"net.ipv6.conf.{bridge}.disable_ipv6"] = "1"
+    write_sysctls(sysctls)
 
 
 def host_firewall(
