@@ -19,6 +19,11 @@ container (runtime records rewritten, namespaces listed, the bridge's ports read
 per container), so bringing up N containers cost O(N^2): at 1,000 containers,
 seconds per pass. Containers with an image are checked on every pass (their
 engine's events wake the agent).
+
+With ``--underlay-dev`` the agent also keeps this host's part of the VXLAN mesh
+(tunnels.py): one kernel VXLAN device per peer host as a plain br0 port, made
+when the store's hosts change and re-checked on every full pass, and the host
+firewall's list of peers; it reports each tunnel's state to the store when it changes.
 """
 
 from __future__ import annotations
@@ -95,7 +100,7 @@ class Agent:
         self.network: NetworkConfig = DEFAULT_CONFIG
         # The tunnels last found exactly as planned (None: check on the next pass), the firewall's
         # (peers, compute) last written, and the tunnel report last sent to the store.
-        self._tunnels_ok: dict[str, tunnels.TunnelSpec] | None = None
+        self._tunnels_ok: dict[str, tunnels.TunnelSpec] | None = None  # the plan last converged
         self._firewall: tuple[frozenset[IPv4Address], bool] = (frozenset(), False)
         self._firewall_ok: tuple[frozenset[IPv4Address], bool] | None = None
         self._reported_tunnels: dict[str, str] | None = None
@@ -163,7 +168,12 @@ class Agent:
             plumbing.ensure_host_gateway(self.network, underlay_dev=self.cfg.underlay_dev, peers=peers, compute=compute)
             self._bridge_ok, self._firewall_ok = spec, self._firewall
         if full or self._tunnels_ok != specs:
-            self._converge_tunnels(specs)
+            try:
+                self._converge_tunnels(specs)
+            except Exception:
+                # The mesh must not hold back this host's containers: logged, retried on the next full pass.
+                log.exception("tunnels of %s could not be converged; retrying", self.cfg.host)
+                self._tunnels_ok = dict(specs)
 
         wanted = {c.name: c for c in state.containers_on(self.cfg.host)}
         ok = self._remove_unwanted(wanted)
@@ -189,7 +199,9 @@ class Agent:
         """The VXLAN mesh as planned (tunnels.py), each device a plain br0 port; report it when it changed.
 
         A failing tunnel does not fail the pass (the host's containers are fine); it is
-        reported down with the reason and retried on the next full pass.
+        reported down with the reason and retried on the next full pass (or when the plan
+        changes), not on every pass: a host bringing up many containers while a peer's
+        tunnel is down must not re-read its links on each of them.
         """
         done = tunnels.realise(specs)
         for name in done.removed:
@@ -208,7 +220,7 @@ class Agent:
         down = {peer: why for peer, why in status.items() if why != "up"}
         if down:
             log.warning("tunnels down on %s: %s", self.cfg.host, "; ".join(f"{p}: {w}" for p, w in sorted(down.items())))
-        self._tunnels_ok = None if down else dict(specs)
+        self._tunnels_ok = dict(specs)
         if report and status != self._reported_tunnels:
             self.store.report_tunnels(self.cfg.host, status)
             self._reported_tunnels = status

@@ -162,3 +162,24 @@ def test_without_underlay_dev_no_tunnels(kernel: Kernel) -> None:
     agent.converge(store.snapshot())
     assert bridge.port_set == set() and kernel.firewalls[-1] == (frozenset(), False)
     assert store.host_status("h1").tunnels == ()
+
+
+def test_a_failing_mesh_does_not_hold_back_the_host_and_is_retried(kernel: Kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, bridge = FakeStore(), FakeBridge()
+    for h in (H1, H2):
+        store.add_host(h)
+    agent = agent_for("h1", store, bridge)
+    calls: list[int] = []
+
+    def broken(specs: dict[str, tunnels.TunnelSpec]) -> tunnels.Realised:
+        calls.append(len(specs))
+        raise OSError("netlink went away")
+
+    monkeypatch.setattr(tunnels, "realise", broken)
+    assert agent.converge(store.snapshot())  # the host's own work is done; its generation is reported
+    assert store.host_status("h1").agent_generation == store.snapshot().generation
+    agent.converge(store.snapshot())
+    assert calls == [1]  # not on every pass...
+    agent._next_full = 0.0
+    agent.converge(store.snapshot())
+    assert calls == [1, 1]  # ...on the next full one
