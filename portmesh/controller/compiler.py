@@ -129,6 +129,8 @@ class CommonFlows:
 
     def dirty(self, prev: MappingABC[MappingKey, Mapping], new: MappingABC[MappingKey, Mapping]) -> set[MappingKey]:
         """Keys whose mapping differs (added, changed or gone) between two snapshots; one pass per pair."""
+        if prev is new:  # the same snapshot (a port changed): no mapping did
+            return set()
         if self._dirty[0] is prev and self._dirty[1] is new:
             return set(self._dirty[2])
         dirty = changed_keys(prev, new)

@@ -156,7 +156,10 @@ class Controller:
             switch.compiler, switch.in_step = compiler, False
         started = time.perf_counter()
         ports_version, ports = switch.ports_version, dict(switch.ports)
-        full = not (switch.in_step and switch.realized_ports_version == ports_version)
+        # A delta covers port changes too (a container's or tunnel's port is an input of its owner's
+        # flows, rebuilt when it changes): a container starting among 100,000 mappings costs its own
+        # flows, not a walk over all of them. Full only when the switch may hold anything else.
+        full = not switch.in_step
         try:
             if not full:
                 result = await switch.apply(*compiler.delta(state, ports))
