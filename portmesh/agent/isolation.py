@@ -22,7 +22,8 @@ Two tables, both named ``portmesh`` and owned by the agent alone:
   reach a socket of the host (``input``), and nothing may be forwarded to the
   link-local, management or underlay networks (``forward``); on a compute host
   nothing from it is forwarded at all. VXLAN (UDP ``vxlan_port``) is accepted only
-  from the peer hosts' underlay addresses (set ``tunnel_peers``). Stateless on purpose:
+  from the peer hosts' underlay addresses, each with the VNI of its own tunnel only
+  (set ``tunnel_peers`` of address . VNI). Stateless on purpose:
   a ``ct`` expression would turn on conntrack for every forwarded connection of the
   host's namespace, the containers' data path included.
 
@@ -188,7 +189,8 @@ def _check_name(port: str) -> None:
 
 # -- the gateway port: containers reach the outside, nothing of the host's ------------------
 
-PEER_SET = "tunnel_peers"  # set of peers' underlay IPs in ``inet portmesh``: the only sources of VXLAN
+PEER_SET = "tunnel_peers"  # (peer underlay IP . VNI) in ``inet portmesh``: the only VXLAN accepted
+VNI_FIELD = "@th,96,24"  # the VNI: bytes 4-6 of the VXLAN header, after the 8-byte UDP header
 
 
 def firewall_rules(
@@ -202,7 +204,8 @@ def firewall_rules(
     """(chain, rule, why) for the host firewall; ``why`` becomes the rule's comment.
 
     With ``vxlan_port``, UDP to that port is accepted only on ``underlay_dev`` and from
-    the addresses in set :data:`PEER_SET` (the peer hosts' underlay IPs, kept apart from
+    the (address, VNI) pairs in set :data:`PEER_SET` (each peer host's underlay IP with the
+    VNI of its own tunnel, so a peer cannot pose as another on that one's device; kept apart from
     the rules by :func:`ensure_host_firewall` so a host joining changes no rule): anyone
     else could inject frames into br0 through a tunnel device. The interface matters: a
     packet from the internet claiming a peer's source address reaches the kernel's VXLAN
@@ -228,7 +231,7 @@ def firewall_rules(
             _check_name(underlay_dev)
             rules.append((
                 "input",
-                f'iifname "{underlay_dev}" udp dport {vxlan_port} ip saddr @{PEER_SET} accept',
+                f'iifname "{underlay_dev}" udp dport {vxlan_port} ip saddr . {VNI_FIELD} @{PEER_SET} accept',
                 "VXLAN from peer hosts' underlay addresses, on the underlay",
             ))
         rules.append(("input", f"udp dport {vxlan_port} drop", "VXLAN from anyone else would inject frames into br0"))
@@ -243,7 +246,7 @@ def ensure_host_firewall(
     *,
     vxlan_port: int | None = None,
     underlay_dev: str | None = None,
-    peers: Iterable[IPv4Address] = (),
+    peers: Iterable[tuple[IPv4Address, int]] = (),
     compute: bool = False,
 ) -> bool:
     """Make table ``inet portmesh`` hold exactly :func:`firewall_rules` and set :data:`PEER_SET` exactly
@@ -256,13 +259,17 @@ def ensure_host_firewall(
     added and deleted, in one transaction.
     """
     rules = firewall_rules(bridge, protected, vxlan_port=vxlan_port, underlay_dev=underlay_dev, compute=compute)
-    wanted_peers = {str(IPv4Address(p)) for p in peers}
+    wanted_peers = {f"{IPv4Address(ip)} . {int(vni)}" for ip, vni in peers}
     digest = hashlib.blake2b(repr(rules).encode(), digest_size=6).hexdigest()
     # In the order nft lists them back: the input chain's rules, then the forward chain's.
     wanted = [(chain, f"{why} [{digest}]") for c in ("input", "forward") for chain, _rule, why in rules if chain == c]
     objects = nft().objects(f"list table inet {TABLE}")
     have = [(o["rule"]["chain"], o["rule"].get("comment", "")) for o in objects if "rule" in o]
-    have_peers = {str(e) for o in objects if o.get("set", {}).get("name") == PEER_SET for e in o["set"].get("elem", [])}
+    have_peers = {
+        " . ".join(str(part) for part in e["concat"])
+        for o in objects if o.get("set", {}).get("name") == PEER_SET
+        for e in o["set"].get("elem", []) if isinstance(e, dict) and "concat" in e
+    }
     if have == wanted and any(o.get("set", {}).get("name") == PEER_SET for o in objects):
         if have_peers == wanted_peers:
             return False
@@ -274,7 +281,7 @@ def ensure_host_firewall(
         nft().run(commands)
         return True
     elements = f" elements = {{ {', '.join(sorted(wanted_peers))} }};" if wanted_peers else ""
-    body = f"  set {PEER_SET} {{ type ipv4_addr;{elements} }}\n"
+    body = f"  set {PEER_SET} {{ typeof ip saddr . {VNI_FIELD};{elements} }}\n"
     for chain in ("input", "forward"):
         body += f"  chain {chain} {{\n    type filter hook {chain} priority filter; policy accept;\n"
         body += "".join(f'    {rule} comment "{why} [{digest}]"\n' for c, rule, why in rules if c == chain)

@@ -170,7 +170,7 @@ def ensure_host_gateway(
     bridge: str = BRIDGE,
     *,
     underlay_dev: str | None = None,
-    peers: Iterable[IPv4Address] = (),
+    peers: Iterable[tuple[IPv4Address, int]] = (),
     compute: bool = False,
 ) -> None:
     """The bridge's internal port is the containers' gateway: address, up, pool routes, forwarding, firewall.
@@ -181,7 +181,7 @@ def ensure_host_gateway(
     /16 would make the host claim all of 169.254.0.0/16 and shadow a cloud's
     metadata service (169.254.169.254). The gateway address with any other prefix
     (an older agent's /16) is replaced. The host firewall goes on before
-    forwarding is turned on; ``peers`` (underlay IPs) are the only sources of VXLAN it
+    forwarding is turned on; ``peers`` (underlay IP, VNI of its tunnel) are the only VXLAN it
     accepts, and a ``compute`` host forwards nothing from br0 (isolation.firewall_rules).
     """
     gw = str(config.gateway_ip)
@@ -218,7 +218,7 @@ def host_firewall(
     bridge: str = BRIDGE,
     *,
     underlay_dev: str | None = None,
-    peers: Iterable[IPv4Address] = (),
+    peers: Iterable[tuple[IPv4Address, int]] = (),
     compute: bool = False,
 ) -> bool:
     """Table ``inet portmesh`` as the config, the underlay, the peers and the host's role say; True if written."""
@@ -234,7 +234,7 @@ def recheck_isolation(
     *,
     tunnel_ports: Iterable[str] = (),
     underlay_dev: str | None = None,
-    peers: Iterable[IPv4Address] = (),
+    peers: Iterable[tuple[IPv4Address, int]] = (),
     compute: bool = False,
 ) -> None:
     """The agent's full re-check: every container port and tunnel device (``tunnel_ports``) on the host

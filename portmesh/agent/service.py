@@ -101,8 +101,8 @@ class Agent:
         # The tunnels last found exactly as planned (None: check on the next pass), the firewall's
         # (peers, compute) last written, and the tunnel report last sent to the store.
         self._tunnels_ok: dict[str, tunnels.TunnelSpec] | None = None  # the plan last converged
-        self._firewall: tuple[frozenset[IPv4Address], bool] = (frozenset(), False)
-        self._firewall_ok: tuple[frozenset[IPv4Address], bool] | None = None
+        self._firewall: tuple[frozenset[tuple[IPv4Address, int]], bool] = (frozenset(), False)
+        self._firewall_ok: tuple[frozenset[tuple[IPv4Address, int]], bool] | None = None
         self._reported_tunnels: dict[str, str] | None = None
 
     def notify(self) -> None:
@@ -158,7 +158,7 @@ class Agent:
         spec = BridgeSpec(host.datapath_id, self.network.gateway_mac, self.cfg.controller)
         full = time.monotonic() >= self._next_full
         specs = tunnels.plan(state, self.cfg.host, self.cfg.underlay_dev) if self.cfg.underlay_dev else {}
-        self._firewall = (frozenset(s.remote for s in specs.values()), host.role is HostRole.COMPUTE)
+        self._firewall = (frozenset((s.remote, s.vni) for s in specs.values()), host.role is HostRole.COMPUTE)
         # Both read first (the bridge from the IDL's memory, the gateway with two netlink dumps), so a
         # full pass re-checks them too: a deleted gateway address or pool route is put back.
         if self._bridge_ok != spec or full or self._firewall_ok != self._firewall:

@@ -136,6 +136,11 @@ class Mesh:
                 return False
         return True
 
+    def peer_set(self, host: str) -> set[tuple[str, int]]:
+        """The (address, VNI) pairs ``host``'s firewall accepts VXLAN from."""
+        objects = json.loads(sh(self.ns(host), "nft", "-j", "list", "set", "inet", "portmesh", "tunnel_peers"))["nftables"]
+        return {(e["concat"][0], e["concat"][1]) for o in objects if "set" in o for e in o["set"].get("elem", [])}
+
     def rx(self, host: str, dev: str) -> int:
         stats = json.loads(sh(self.ns(host), "ip", "-s", "-j", "link", "show", dev))[0]["stats64"]["rx"]
         return int(stats["packets"])
@@ -175,9 +180,11 @@ def test_mesh_comes_up_with_the_right_devices_on_br0_reported_up(mesh: Mesh) -> 
             mtu = json.loads(sh(mesh.ns(h), "ip", "-j", "link", "show", name))[0]["mtu"]
             assert mtu == 1450  # underlay 1500 - 50
         assert mesh.reported(h) == {p: "up" for p in ["h1", "h2", "h3"] if p != h}
-    # The firewall takes VXLAN from exactly the peers; compute hosts forward nothing from br0.
+    # The firewall takes VXLAN from exactly the peers, each with its own tunnel's VNI; compute hosts
+    # forward nothing from br0.
+    for h in ("h1", "h2", "h3"):
+        assert mesh.peer_set(h) == {(uip(p), pair_vni(CFG.vxlan_vni, h, p)) for p in ("h1", "h2", "h3") if p != h}
     fw1, fw2 = (sh(mesh.ns(h), "nft", "list", "table", "inet", "portmesh") for h in ("h1", "h2"))
-    assert "198.19.0.12, 198.19.0.13" in fw1 and "198.19.0.11, 198.19.0.13" in fw2
     compute_rule = "iifname \"br0\" drop comment \"a compute host"
     assert compute_rule in fw2 and compute_rule not in fw1
 
@@ -276,6 +283,20 @@ def test_vxlan_from_a_non_peer_address_is_dropped_and_from_a_peer_it_arrives(mes
     mesh.send_vxlan(mesh.ns("h2"), "h1", vni, count=5)
     wait_until(lambda: mesh.rx("h1", dev) >= start + 5, 5, "VXLAN from the peer h2 (positive control)")
     assert mesh.rx("h1", dev) == start + 5, "VXLAN from a non-peer address reached the tunnel device"
+
+
+def test_a_peer_cannot_pose_as_another_peer_on_its_tunnel(mesh: Mesh) -> None:
+    """h3 is a peer of h1, but frames with the h1-h2 VNI must come from h2: else h3 speaks on h2's port of br0."""
+    dev, vni = tunnel_port_for("h2"), pair_vni(CFG.vxlan_vni, "h1", "h2")
+    start = mesh.rx("h1", dev)
+    mesh.send_vxlan(mesh.ns("h3"), "h1", vni, count=5)
+    mesh.send_vxlan(mesh.ns("h2"), "h1", vni, count=5)  # positive control, sent after
+    wait_until(lambda: mesh.rx("h1", dev) >= start + 5, 5, "VXLAN from h2 on its own VNI (positive control)")
+    assert mesh.rx("h1", dev) == start + 5, "h3's VXLAN with the h1-h2 VNI reached h1's tunnel device to h2"
+    # h3 on its own VNI does arrive, on h1's device to h3.
+    dev3, start3 = tunnel_port_for("h3"), mesh.rx("h1", tunnel_port_for("h3"))
+    mesh.send_vxlan(mesh.ns("h3"), "h1", pair_vni(CFG.vxlan_vni, "h1", "h3"), count=5)
+    wait_until(lambda: mesh.rx("h1", dev3) >= start3 + 5, 5, "VXLAN from h3 on its own VNI")
 
 
 def test_vxlan_claiming_a_peer_address_from_the_internet_is_dropped(mesh: Mesh) -> None:

@@ -64,8 +64,9 @@ class Kernel:
     """What the agent asked of the host: realise() plans, firewall calls, devices it holds."""
 
     realised: list[set[str]] = field(default_factory=list)
-    firewalls: list[tuple[frozenset[IPv4Address], bool]] = field(default_factory=list)
+    firewalls: list[tuple[frozenset[IPv4Address], bool]] = field(default_factory=list)  # peer IPs, compute
     devices: dict[str, tunnels.TunnelSpec] = field(default_factory=dict)
+    me: str = ""  # the host the agent under test runs for
 
 
 @pytest.fixture
@@ -86,7 +87,11 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Kernel:
 
     def gateway(config: object, bridge: str = "br0", *, underlay_dev: str | None = None, peers: Any = (),
                 compute: bool = False) -> None:
-        k.firewalls.append((frozenset(peers), compute))
+        pairs = set(peers)
+        # Each peer's address goes with the VNI of its own tunnel with this host, and only that one.
+        by_ip = {h.underlay_ip: h.name for h in (H1, H2, H3)}
+        assert all(vni == tunnels.pair_vni(4242, k.me, by_ip[ip]) for ip, vni in pairs)
+        k.firewalls.append((frozenset(ip for ip, _ in pairs), compute))
 
     monkeypatch.setattr(tunnels, "realise", realise)
     monkeypatch.setattr(tunnels, "observe", observe)
@@ -97,7 +102,8 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Kernel:
     return k
 
 
-def agent_for(host: str, store: FakeStore, bridge: FakeBridge) -> Agent:
+def agent_for(host: str, store: FakeStore, bridge: FakeBridge, kernel: Kernel) -> Agent:
+    kernel.me = host
     cfg = AgentConfig(host, "tcp:198.18.0.1:6653", "pm-t-", "ul0")
     return Agent(cfg, cast(Store, store), cast(Bridge, bridge), cast(Runtime, NoRuntime()))
 
@@ -106,7 +112,7 @@ def test_the_agent_builds_reports_and_follows_the_mesh(kernel: Kernel) -> None:
     store, bridge = FakeStore(), FakeBridge()
     for h in (H1, H2):
         store.add_host(h)
-    agent = agent_for("h2", store, bridge)
+    agent = agent_for("h2", store, bridge, kernel)
     reports: list[dict[str, str]] = []
     real_report = store.report_tunnels
 
@@ -147,7 +153,7 @@ def test_a_tunnel_port_left_on_br0_without_its_host_is_removed_and_a_gateway_hos
     for h in (H1, H2):
         store.add_host(h)
     bridge.port_set = {H3.tunnel_port, "extra0"}  # h3 left while this agent was down
-    agent = agent_for("h1", store, bridge)
+    agent = agent_for("h1", store, bridge, kernel)
     agent.converge(store.snapshot())
     assert bridge.port_set == {H2.tunnel_port, "extra0"}
     assert kernel.firewalls[-1] == (frozenset({H2.underlay_ip}), False)
@@ -168,7 +174,7 @@ def test_a_failing_mesh_does_not_hold_back_the_host_and_is_retried(kernel: Kerne
     store, bridge = FakeStore(), FakeBridge()
     for h in (H1, H2):
         store.add_host(h)
-    agent = agent_for("h1", store, bridge)
+    agent = agent_for("h1", store, bridge, kernel)
     calls: list[int] = []
 
     def broken(specs: dict[str, tunnels.TunnelSpec]) -> tunnels.Realised:

@@ -97,7 +97,7 @@ def test_firewall_rules_accept_vxlan_from_peers_only_and_a_compute_host_forwards
     rules = isolation.firewall_rules("br0", [IPv4Network("198.18.0.0/15")], vxlan_port=4789, underlay_dev="ul0",
                                      compute=True)
     assert [(c, r) for c, r, _ in rules[2:]] == [
-        ("input", 'iifname "ul0" udp dport 4789 ip saddr @tunnel_peers accept'),
+        ("input", 'iifname "ul0" udp dport 4789 ip saddr . @th,96,24 @tunnel_peers accept'),
         ("input", "udp dport 4789 drop"),
         ("forward", 'iifname "br0" drop'),
     ]
@@ -114,8 +114,13 @@ def test_firewall_rules_accept_vxlan_from_peers_only_and_a_compute_host_forwards
 def test_peer_set_follows_the_peers_without_rewriting_the_rules() -> None:
     def work() -> dict[str, object]:
         def fw(*peers: str, compute: bool = False) -> bool:
-            return isolation.ensure_host_firewall("br0", [], vxlan_port=4789, underlay_dev="ul0", peers=[A(p) for p in peers],
+            pairs = [(A(p), 1000 + int(p.rsplit(".", 1)[1])) for p in peers]  # each peer with its tunnel's VNI
+            return isolation.ensure_host_firewall("br0", [], vxlan_port=4789, underlay_dev="ul0", peers=pairs,
                                                   compute=compute)
+
+        def elements() -> list[list[object]]:
+            sets = [o["set"] for o in isolation.nft().objects(f"list table inet {isolation.TABLE}") if "set" in o]
+            return [e["concat"] for e in sets[0].get("elem", [])]
 
         def handles() -> list[int]:
             return [o["rule"]["handle"] for o in isolation.nft().objects(f"list table inet {isolation.TABLE}") if "rule" in o]
@@ -125,14 +130,18 @@ def test_peer_set_follows_the_peers_without_rewriting_the_rules() -> None:
         out["joined"] = fw("198.19.0.12", "198.19.0.13")
         out["left"] = fw("198.19.0.13")
         out["same_rules"] = handles() == before
-        out["text"] = isolation.nft().run(f"list set inet {isolation.TABLE} {isolation.PEER_SET}")
+        out["text"] = elements()
+        out["vni_changed"] = isolation.ensure_host_firewall("br0", [], vxlan_port=4789, underlay_dev="ul0",
+                                                            peers=[(A("198.19.0.13"), 7)])
+        out["vni_text"] = elements()
         out["compute"] = fw("198.19.0.13", compute=True)
         out["compute_again"] = fw("198.19.0.13", compute=True)
-        out["text_after"] = isolation.nft().run(f"list set inet {isolation.TABLE} {isolation.PEER_SET}")
+        out["text_after"] = elements()
         return out
 
     got = in_scratch_netns(work)
     assert got["first"] is True and got["again"] is False
     assert got["joined"] is True and got["left"] is True and got["same_rules"] is True
-    assert "198.19.0.13" in str(got["text"]) and "198.19.0.12" not in str(got["text"])
-    assert got["compute"] is True and got["compute_again"] is False and "198.19.0.13" in str(got["text_after"])
+    assert got["text"] == [["198.19.0.13", 1013]]
+    assert got["vni_changed"] is True and got["vni_text"] == [["198.19.0.13", 7]]
+    assert got["compute"] is True and got["compute_again"] is False and got["text_after"] == [["198.19.0.13", 1013]]
