@@ -95,6 +95,7 @@ class Target:
     extra: Callable[[], dict[str, Any]] = field(default=lambda: {})
     cps: bool = True  # measure new connections/s (a container client's few source ports cannot)
     tunnel_bytes: Callable[[], int] | None = None  # bytes through the hosts' tunnels so far (multihost)
+    cpu_seconds: Callable[[], dict[str, float]] | None = None  # CPU used so far by each host's switch (multihost)
 
 
 class BenchError(RuntimeError):
@@ -229,7 +230,17 @@ class Bench:
         if cps is not None:
             out["conn_per_s"] = cps["conn_per_s"]
             out["conn_failed"] = cps["failed"]
+        cpu0 = t.cpu_seconds() if t.cpu_seconds else {}
         out["gbps"], out["tcp_retransmits"] = self._iperf(ns, host, iperf_port)
+        if t.cpu_seconds:
+            # CPU per GB moved: on one 2-core machine every "host" shares the CPUs, so a path that needs
+            # more switch work per byte is slower here for that reason alone. -O 1: the omitted first
+            # second carries traffic too, hence seconds + 1 (approximate, the same for every path).
+            cpu1 = t.cpu_seconds()
+            gbytes = out["gbps"] / 8 * (self.args.iperf_seconds + 1)
+            for name, secs in sorted(cpu1.items()):
+                out[f"switch_cpu_ms_per_gb_{name}"] = round((secs - cpu0.get(name, secs)) * 1000 / gbytes, 1) if gbytes else 0.0
+            out["switch_cpu_ms_per_gb"] = round(sum(v for k, v in out.items() if k.startswith("switch_cpu_ms_per_gb_")), 1)
         if t.tunnel_bytes:
             out["tunnel_mbytes"] = round((t.tunnel_bytes() - tunnel0) / 1e6, 1)
         log(
@@ -237,6 +248,7 @@ class Bench:
             + (f"{out['conn_per_s']:.0f} conn/s ({out['conn_failed']} failed), " if cps is not None else "")
             + f"{out['tcp_retransmits']} retransmits"
             + (f", {out['tunnel_mbytes']} MB sent into tunnels" if t.tunnel_bytes else "")
+            + (f", switches {out['switch_cpu_ms_per_gb']} ms CPU/GB" if t.cpu_seconds else "")
         )
         return out
 

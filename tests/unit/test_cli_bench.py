@@ -70,3 +70,17 @@ def test_dataplane_cross_host_ratios() -> None:
     assert out["c2c"]["rtt_ratio_same_over_cross"] == 0.5
     results["mh_c2c_cross"]["gbps"] = 8.5
     assert multihost.cross_host(results)["c2c"]["throughput_meets_target"] is True
+
+
+def test_dataplane_cross_host_projection_uses_the_busiest_switch() -> None:
+    _bench, multihost = _dataplane_modules()
+    same = {"gbps": 6.0, "rtt_ms_p50": 0.15, "switch_cpu_ms_per_gb_h2": 600.0, "switch_cpu_ms_per_gb_h3": 0.0}
+    cross = {"gbps": 4.0, "rtt_ms_p50": 0.3, "switch_cpu_ms_per_gb_h2": 750.0, "switch_cpu_ms_per_gb_h3": 500.0}
+    out = multihost.cross_host({"mh_c2c_same": same, "mh_c2c_cross": cross})["c2c"]
+    assert out["busiest_switch_ms_per_gb_cross"] == 750.0 and out["busiest_switch_ms_per_gb_same"] == 600.0
+    assert out["projected_ratio_own_cpus_per_host"] == 0.8
+    assert out["gbps_ratio"] == 0.667 and out["throughput_meets_target"] is False  # the measured figure stays the verdict
+    # Without CPU figures there is no projection, not a made-up one.
+    bare = {"mh_c2c_same": {"gbps": 6.0, "rtt_ms_p50": 0.15}, "mh_c2c_cross": {"gbps": 4.0, "rtt_ms_p50": 0.3}}
+    plain = multihost.cross_host(bare)
+    assert "projected_ratio_own_cpus_per_host" not in plain["c2c"]
