@@ -41,7 +41,7 @@ import ctypes.util
 import hashlib
 import json
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -162,17 +162,18 @@ def release_port(port: str) -> bool:
     return True
 
 
-def sync_ports(ports: Iterable[str]) -> tuple[set[str], set[str]]:
+def sync_ports(ports: Iterable[str], spare: Callable[[str], bool] | None = None) -> tuple[set[str], set[str]]:
     """Exactly ``ports`` have chains: missing ones added, others deleted, in one transaction.
 
     Returns (added, deleted). The agent's full re-check calls it with the
-    container ports present on the host.
+    container ports present on the host; chains for which ``spare(name)`` is true
+    are never deleted here (the tunnel devices' chains: tunnels.py keeps those).
     """
     wanted = set(ports)
     for port in wanted:
         _check_name(port)
     have = isolated_ports()
-    added, deleted = wanted - have, have - wanted
+    added, deleted = wanted - have, {p for p in have - wanted if spare is None or not spare(p)}
     if added or deleted:
         commands = f"add table netdev {TABLE}\n"
         commands += "".join(_port_chain(p) for p in sorted(added))

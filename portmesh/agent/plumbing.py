@@ -25,7 +25,7 @@ from pyroute2 import netns as pr_netns
 
 from portmesh.agent import isolation
 from portmesh.model.config import NetworkConfig
-from portmesh.model.entities import Container
+from portmesh.model.entities import Container, is_tunnel_port
 
 BRIDGE = "br0"
 CONTAINER_IF = "eth0"
@@ -240,7 +240,9 @@ def recheck_isolation(
     """The agent's full re-check: every container port and tunnel device (``tunnel_ports``) on the host
     isolated (and no chain for a gone one), the host firewall as it must be. See :mod:`portmesh.agent.isolation`."""
     if isolation.needed():
-        isolation.sync_ports(host_ports() | set(tunnel_ports))
+        # Tunnel chains are tunnels.py's to delete (with their device): one of a device made by a
+        # pass that then failed must not go here while the device is up.
+        isolation.sync_ports(host_ports() | set(tunnel_ports), spare=is_tunnel_port)
     host_firewall(config, bridge, underlay_dev=underlay_dev, peers=peers, compute=compute)
 
 

@@ -104,6 +104,7 @@ class Agent:
         self._firewall: tuple[frozenset[tuple[IPv4Address, int]], bool] = (frozenset(), False)
         self._firewall_ok: tuple[frozenset[tuple[IPv4Address, int]], bool] | None = None
         self._reported_tunnels: dict[str, str] | None = None
+        self._tunnel_devices: set[str] = set()  # the tunnel devices found or made by the last tunnel pass
 
     def notify(self) -> None:
         """Store callback (called from the store's IDL thread): converge soon."""
@@ -142,7 +143,7 @@ class Agent:
         host = state.hosts.get(self.cfg.host)
         if host is None:
             log.info("host %s is not registered in the store (yet, or any more)", self.cfg.host)
-            if self._tunnels_ok != {} and (tunnels.present() or self._tunnels_ok is not None):
+            if self._tunnels_ok != {}:
                 # Removed from the cloud: its tunnels go too (the others remove theirs to it).
                 self._converge_tunnels({}, report=False)
                 self._reported_tunnels = None
@@ -203,11 +204,13 @@ class Agent:
         changes), not on every pass: a host bringing up many containers while a peer's
         tunnel is down must not re-read its links on each of them.
         """
-        done = tunnels.realise(specs)
+        on_br0 = {p for p in self.bridge.ports() if is_tunnel_port(p)}
+        done = tunnels.realise(specs, known=on_br0 | self._tunnel_devices)
+        self._tunnel_devices = done.present
         for name in done.removed:
             self.bridge.remove_port(name)
         # br0 ports of tunnels no longer planned whose device went some other way.
-        for port in sorted(p for p in self.bridge.ports() if is_tunnel_port(p) and p not in specs):
+        for port in sorted(p for p in on_br0 if p not in specs):
             log.info("removing tunnel port %s from br0: its host left the mesh", port)
             self.bridge.remove_port(port)
         if not done.underlay_problem:
@@ -283,7 +286,7 @@ class Agent:
             self.bridge.remove_port(port)
             plumbing.unplumb_container(port)
         peers, compute = self._firewall
-        plumbing.recheck_isolation(self.network, tunnel_ports=tunnels.present(), underlay_dev=self.cfg.underlay_dev,
+        plumbing.recheck_isolation(self.network, tunnel_ports=self._tunnel_devices, underlay_dev=self.cfg.underlay_dev,
                                    peers=peers, compute=compute)
 
     def _converge_containers(self, wanted: dict[str, Container], full: bool) -> list[str]:

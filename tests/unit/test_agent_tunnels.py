@@ -73,12 +73,12 @@ class Kernel:
 def kernel(monkeypatch: pytest.MonkeyPatch) -> Kernel:
     k = Kernel()
 
-    def realise(specs: dict[str, tunnels.TunnelSpec]) -> tunnels.Realised:
+    def realise(specs: dict[str, tunnels.TunnelSpec], known: Any = ()) -> tunnels.Realised:
         k.realised.append(set(specs))
         made = [n for n in specs if k.devices.get(n) != specs[n]]
         removed = [n for n in k.devices if n not in specs]
         k.devices = dict(specs)
-        return tunnels.Realised(made=made, removed=removed)
+        return tunnels.Realised(made=made, removed=removed, present=set(specs))
 
     def observe(specs: dict[str, tunnels.TunnelSpec]) -> tuple[dict[str, tunnels.Device], tuple[int, int, str]]:
         devices = {n: tunnels.Device(n, 9, "vxlan", s.vni, s.local, s.remote, s.port, 3, 0, 1450, True)
@@ -95,7 +95,6 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Kernel:
 
     monkeypatch.setattr(tunnels, "realise", realise)
     monkeypatch.setattr(tunnels, "observe", observe)
-    monkeypatch.setattr(tunnels, "present", lambda: set(k.devices))
     monkeypatch.setattr(plumbing, "ensure_host_gateway", gateway)
     monkeypatch.setattr(plumbing, "recheck_isolation", lambda *a, **kw: None)
     monkeypatch.setattr(plumbing, "host_ports", lambda: set())
@@ -177,7 +176,7 @@ def test_a_failing_mesh_does_not_hold_back_the_host_and_is_retried(kernel: Kerne
     agent = agent_for("h1", store, bridge, kernel)
     calls: list[int] = []
 
-    def broken(specs: dict[str, tunnels.TunnelSpec]) -> tunnels.Realised:
+    def broken(specs: dict[str, tunnels.TunnelSpec], known: Any = ()) -> tunnels.Realised:
         calls.append(len(specs))
         raise OSError("netlink went away")
 

@@ -145,3 +145,15 @@ def test_peer_set_follows_the_peers_without_rewriting_the_rules() -> None:
     assert got["text"] == [["198.19.0.13", 1013]]
     assert got["vni_changed"] is True and got["vni_text"] == [["198.19.0.13", 7]]
     assert got["compute"] is True and got["compute_again"] is False and got["text_after"] == [["198.19.0.13", 1013]]
+
+
+@needs_nft
+def test_sync_ports_spares_the_chains_it_is_told_to() -> None:
+    def work() -> tuple[set[str], set[str], set[str]]:
+        isolation.sync_ports({"pm00000000000a", "vx00000000000a"})
+        added, deleted = isolation.sync_ports({"pm00000000000b"}, spare=lambda p: p.startswith("vx"))
+        return added, deleted, isolation.isolated_ports()
+
+    added, deleted, left = in_scratch_netns(work)
+    assert added == {"pm00000000000b"} and deleted == {"pm00000000000a"}
+    assert left == {"pm00000000000b", "vx00000000000a"}  # a tunnel's chain is tunnels.py's to delete
