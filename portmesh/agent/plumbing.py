@@ -232,17 +232,20 @@ def recheck_isolation(
     config: NetworkConfig,
     bridge: str = BRIDGE,
     *,
+    container_ports: Iterable[str] | None = None,
     tunnel_ports: Iterable[str] = (),
     underlay_dev: str | None = None,
     peers: Iterable[tuple[IPv4Address, int]] = (),
     compute: bool = False,
 ) -> None:
-    """The agent's full re-check: every container port and tunnel device (``tunnel_ports``) on the host
-    isolated (and no chain for a gone one), the host firewall as it must be. See :mod:`portmesh.agent.isolation`."""
+    """The agent's full re-check: every container port (``container_ports``, read here if None) and tunnel
+    device (``tunnel_ports``) on the host isolated (and no chain for a gone one), the host firewall as it
+    must be. See :mod:`portmesh.agent.isolation`."""
     if isolation.needed():
+        ports = host_ports() if container_ports is None else set(container_ports)
         # Tunnel chains are tunnels.py's to delete (with their device): one of a device made by a
         # pass that then failed must not go here while the device is up.
-        isolation.sync_ports(host_ports() | set(tunnel_ports), spare=is_tunnel_port)
+        isolation.sync_ports(ports | set(tunnel_ports), spare=is_tunnel_port)
     host_firewall(config, bridge, underlay_dev=underlay_dev, peers=peers, compute=compute)
 
 

@@ -178,10 +178,13 @@ class Agent:
 
         wanted = {c.name: c for c in state.containers_on(self.cfg.host)}
         ok = self._remove_unwanted(wanted)
-        if full:
-            self._sweep_orphans(wanted)
+        # The host's links, read once per full pass for the sweep, the isolation re-check and the drift
+        # check: pyroute2 parses a dump link by link (~1 ms each), so three dumps cost seconds at 1,000.
+        view = plumbing.host_view() if full else None
+        if view is not None:
+            self._sweep_orphans(wanted, view)
         self._fresh = []
-        failed = self._converge_containers(wanted, full)
+        failed = self._converge_containers(wanted, view)
         self._recheck_fresh()
         if full:
             self._next_full = time.monotonic() + self.cfg.recheck_interval
@@ -277,24 +280,26 @@ class Agent:
                     ok = False
         return ok
 
-    def _sweep_orphans(self, wanted: dict[str, Container]) -> None:
+    def _sweep_orphans(self, wanted: dict[str, Container], view: plumbing.NsView) -> None:
         """Ports left behind by a crash between plumbing and recording (named like ours, owned by nobody)."""
         wanted_ports = {c.port_name for c in wanted.values()}
-        orphans = {p for p in self.bridge.ports() | plumbing.host_ports() if plumbing.is_container_port(p)}
-        for port in sorted(orphans - wanted_ports):
+        present = {p for p in view.links if plumbing.is_container_port(p)}
+        orphans = {p for p in self.bridge.ports() | present if plumbing.is_container_port(p)} - wanted_ports
+        for port in sorted(orphans):
             log.info("removing orphan port %s", port)
             self.bridge.remove_port(port)
             plumbing.unplumb_container(port)
         peers, compute = self._firewall
-        plumbing.recheck_isolation(self.network, tunnel_ports=self._tunnel_devices, underlay_dev=self.cfg.underlay_dev,
-                                   peers=peers, compute=compute)
+        plumbing.recheck_isolation(self.network, container_ports=present - orphans, tunnel_ports=self._tunnel_devices,
+                                   underlay_dev=self.cfg.underlay_dev, peers=peers, compute=compute)
 
-    def _converge_containers(self, wanted: dict[str, Container], full: bool) -> list[str]:
-        """Converge the containers not settled in their current desired state (all on a full pass);
-        return the names of those in error (retried, never settled)."""
+    def _converge_containers(self, wanted: dict[str, Container], view: plumbing.NsView | None) -> list[str]:
+        """Converge the containers not settled in their current desired state (all on a full pass, which
+        passes the host's ``view``); return the names of those in error (retried, never settled)."""
+        full = view is not None
         running = self.store.running_containers()  # one lock for all, not one lookup each
-        if full:
-            self._find_drift(wanted)
+        if view is not None:
+            self._find_drift(wanted, view)
         todo = [c for c in wanted.values() if full or c.image or self._settled.get(c.name) != (c, c.name in running)]
         self._plumb_light(todo)
         failed: list[str] = []
@@ -308,7 +313,7 @@ class Agent:
             del self._settled[name]
         return failed
 
-    def _find_drift(self, wanted: dict[str, Container]) -> None:
+    def _find_drift(self, wanted: dict[str, Container], host: plumbing.NsView) -> None:
         """Forget the plumbing of containers whose namespace, veth or bridge port drifted, so this pass redoes it.
 
         Read only: the host's links once, each namespace once (plumbing.read_namespaces), the bridge's
@@ -322,7 +327,6 @@ class Agent:
         start = self._drift_cursor % len(names)
         order = names[start:] + names[:start]
         t0 = time.monotonic()
-        host = plumbing.host_view()
         chains = plumbing.isolated_chains()
         by_ns: dict[str, list[str]] = {}
         for name in order:

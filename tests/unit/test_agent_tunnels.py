@@ -98,6 +98,7 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Kernel:
     monkeypatch.setattr(plumbing, "ensure_host_gateway", gateway)
     monkeypatch.setattr(plumbing, "recheck_isolation", lambda *a, **kw: None)
     monkeypatch.setattr(plumbing, "host_ports", lambda: set())
+    monkeypatch.setattr(plumbing, "host_view", lambda: plumbing.NsView({}, set(), set(), set()))
     return k
 
 
