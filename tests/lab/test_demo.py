@@ -25,7 +25,7 @@ def test_demo_shows_every_mapping_answering_with_the_real_client_address() -> No
     finally:
         assert Lab(name, say=lambda _m: None).down() == []
     text = "\n".join(lines)
-    for cname, ip, _args, ports in SAMPLES:
+    for cname, _host, ip, _args, ports in SAMPLES:
         for p in ports:
             assert f"name={cname} client=198.51.100.2:" in text, text
             assert f"local={ip}:{p['port']}" in text, text
