@@ -35,6 +35,7 @@ class BridgeSpec:
     controller: str
     datapath_type: str = ""
     name: str = BRIDGE
+    local_mtu: int | None = None  # the bridge's own port (NetworkConfig.egress_mtu); None: OVS's choice
 
     @property
     def dpid_hex(self) -> str:
@@ -102,7 +103,19 @@ class Bridge:
             if targets != [spec.controller]:
                 txn.add(self.api.set_controller(spec.name, [spec.controller]))
                 changed = True
+        changed = self._ensure_local_mtu(spec) or changed
         return self._ensure_controller_limits(spec) or changed
+
+    def _ensure_local_mtu(self, spec: BridgeSpec) -> bool:
+        """``mtu_request`` on the bridge's internal interface: without it OVS gives that port the smallest
+        MTU of the bridge's other ports, and OVS cuts TSO frames leaving by it to that size."""
+        if spec.local_mtu is None:
+            return False
+        row = idlutils.row_by_value(self.api.idl, "Interface", "name", spec.name, None)
+        if row is None or list(row.mtu_request) == [spec.local_mtu]:
+            return False
+        self.api.db_set("Interface", spec.name, ("mtu_request", spec.local_mtu)).execute(check_error=True)
+        return True
 
     def _ensure_controller_limits(self, spec: BridgeSpec) -> bool:
         row = self._bridge_row(spec.name)

@@ -91,7 +91,13 @@ def _routes(ipr: IPRoute, table: int) -> list[Any]:
 
 
 def _has_route(
-    routes: Iterable[Any], dst: str, dst_len: int, oif: int, rtype: int = RTN_UNICAST, gateway: str | None = None
+    routes: Iterable[Any],
+    dst: str,
+    dst_len: int,
+    oif: int,
+    rtype: int = RTN_UNICAST,
+    gateway: str | None = None,
+    mtu: int | None = None,
 ) -> bool:
     for r in routes:
         if (
@@ -100,6 +106,7 @@ def _has_route(
             and r["type"] == rtype
             and r.get("oif") == oif
             and r.get("gateway") == gateway
+            and (mtu is None or r.get_nested("RTA_METRICS", "RTAX_MTU") == mtu)
         ):
             return True
     return False
@@ -116,8 +123,9 @@ def _ensure_route(
     scope: int = SCOPE_LINK,
     gateway: str | None = None,
     flags: int = 0,
+    mtu: int | None = None,
 ) -> None:
-    if _has_route(_routes(ipr, table), dst, dst_len, oif, rtype, gateway):
+    if _has_route(_routes(ipr, table), dst, dst_len, oif, rtype, gateway, mtu):
         return
     spec: dict[str, Any] = {
         "dst": f"{dst}/{dst_len}",
@@ -131,6 +139,8 @@ def _ensure_route(
         spec["gateway"] = gateway
     if flags:
         spec["flags"] = flags
+    if mtu is not None:
+        spec["metrics"] = {"mtu": mtu}
     ipr.route("replace", **spec)
 
 
@@ -196,8 +206,10 @@ def ensure_host_gateway(
             ipr.addr("del", index=index, address=address, prefixlen=prefixlen)
         if (gw, config.gateway_prefix) not in have:
             ipr.addr("add", index=index, address=gw, prefixlen=config.gateway_prefix)
+        # The route's MTU, not br0's (config.egress_mtu, lower), bounds what the host forwards to
+        # containers: inbound packets of full container size go in unclamped.
         for pool in config.public_pools:
-            _ensure_route(ipr, TABLE_MAIN, str(pool.network_address), pool.prefixlen, index)
+            _ensure_route(ipr, TABLE_MAIN, str(pool.network_address), pool.prefixlen, index, mtu=config.container_mtu)
         # A pool removed from the config (pools live in the store) loses its on-link route here.
         pools = {(str(p.network_address), p.prefixlen) for p in config.public_pools}
         for r in _routes(ipr, TABLE_MAIN):

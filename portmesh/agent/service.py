@@ -156,7 +156,8 @@ class Agent:
             self._plumbed.clear()
             self._settled.clear()
             self._bridge_ok = None
-        spec = BridgeSpec(host.datapath_id, self.network.gateway_mac, self.cfg.controller)
+        spec = BridgeSpec(host.datapath_id, self.network.gateway_mac, self.cfg.controller,
+                          local_mtu=self.network.bridge_port_mtu)
         full = time.monotonic() >= self._next_full
         specs = tunnels.plan(state, self.cfg.host, self.cfg.underlay_dev) if self.cfg.underlay_dev else {}
         self._firewall = (frozenset((s.remote, s.vni) for s in specs.values()), host.role is HostRole.COMPUTE)

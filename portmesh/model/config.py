@@ -23,6 +23,13 @@ class NetworkConfig:
       the mapping table rewrites it to the owning container's MAC.
     - ``ephemeral_*``: the range carved into per-container source-port blocks.
     - ``container_mtu``: leaves 50 bytes of VXLAN header on a 1500 underlay.
+    - ``egress_mtu``: the MTU of the bridge's own port (br0), through which containers' traffic
+      reaches the host kernel and the outside. OVS 3.1's userspace TSO cuts a large frame into
+      segments sized by the port it leaves by, not by the sender's segment size, so a
+      container that lowered its path MTU (a client behind a narrower link) would still
+      send 1450-byte packets into the host and stall. Frames leave by br0 in segments of at most
+      ``min(egress_mtu, container_mtu)``; 1280 (IPv6's minimum link MTU) fits any path in
+      practice. Inbound is not clamped: the pool routes carry ``mtu container_mtu``.
     - ``vxlan_vni``/``vxlan_port``: the VXLAN network id and UDP port of the tunnels between hosts.
     - ``protected_networks``: the management and underlay networks (controller,
       store, agents, API, tunnels); containers never reach them, nor anything
@@ -38,9 +45,15 @@ class NetworkConfig:
     ephemeral_end: int = 65535
     block_size: int = 1024
     container_mtu: int = 1450
+    egress_mtu: int = 1280
     protected_networks: tuple[IPv4Network, ...] = (IPv4Network("198.18.0.0/15"),)
     vxlan_vni: int = 4242
     vxlan_port: int = 4789
+
+    @property
+    def bridge_port_mtu(self) -> int:
+        """The MTU the host's bridge port (br0) gets: see ``egress_mtu``."""
+        return min(self.egress_mtu, self.container_mtu)
 
     def in_pools(self, ip: IPv4Address) -> bool:
         """True if ``ip`` belongs to one of the configured public pools."""

@@ -211,23 +211,27 @@ def test_port_unreachable_and_time_exceeded_reach_the_container(cloud: Cloud) ->
     assert err["origin"] == 2 and err["type"] == 11 and err["code"] == 0, result
 
 
-def test_fragmentation_needed_teaches_the_container_the_path_mtu(cloud: Cloud) -> None:
-    """The host's uplink (a router hop) drops to MTU 1280; its frag-needed reaches pb, which sends smaller.
+NARROW_MTU = 1200  # below the 1280 of br0 (config.egress_mtu)
 
-    pb sends without TSO/GSO here: with segmentation offload, OVS 3.1's userspace datapath
-    re-segments a TSO frame for LOCAL at LOCAL's own MTU (gso_size = MTU - headers), whatever MSS
-    the sender chose, so the hop past the host keeps refusing. pb's kernel still learns the MTU
-    then (this test's first phase shows it), but the transfer stalls: a datapath limit, not ICMP's.
+
+def test_fragmentation_needed_teaches_the_container_the_path_mtu(cloud: Cloud) -> None:
+    """The host's uplink (a router hop) drops to MTU 1200; its frag-needed reaches pb, which sends smaller.
+
+    1200 is below br0's MTU (config.egress_mtu, 1280), which is what bounds the segments OVS 3.1's
+    userspace datapath cuts a TSO frame into for LOCAL (gso_size = LOCAL's MTU - headers, whatever
+    MSS the sender chose): paths down to 1280 need no ICMP at all (test_multihost), narrower ones
+    need the frag-needed this test follows. pb sends without TSO/GSO in the second phase: with
+    offload, pb's kernel learns the MTU (the first phase) but the transfer would stall below 1280.
     """
     h1, pb = cloud.netns("h1"), cloud.netns("pb")
     node.run(["ip", "route", "flush", "cache"], netns=pb, check=True)
     before = node.run(["ip", "route", "get", INET_IP], netns=pb, check=True).stdout
     assert "mtu" not in before, before  # nothing learnt yet: the control for the assertions below
-    node.run(["ip", "link", "set", UPLINK, "mtu", "1280"], netns=h1, check=True)
+    node.run(["ip", "link", "set", UPLINK, "mtu", str(NARROW_MTU)], netns=h1, check=True)
     try:
         # With offloads on: the frag-needed arrives and the kernel learns, though OVS re-segments (see above).
         learnt = str(py(cloud, "pb", BULK, INET_IP, str(SINK_PORT), "200000", "3")["route"])
-        assert re.search(r"\bmtu 1280\b", learnt), learnt
+        assert re.search(rf"\bmtu {NARROW_MTU}\b", learnt), learnt
         node.run(["ip", "route", "flush", "cache"], netns=pb, check=True)
         node.run(["ethtool", "-K", "eth0", "tso", "off", "gso", "off"], netns=pb, check=True)
         try:
@@ -236,9 +240,9 @@ def test_fragmentation_needed_teaches_the_container_the_path_mtu(cloud: Cloud) -
             node.run(["ethtool", "-K", "eth0", "tso", "on", "gso", "on"], netns=pb, check=True)
     finally:
         node.run(["ip", "link", "set", UPLINK, "mtu", "1500"], netns=h1, check=True)
-    assert result["reply"] == "2000000", result  # no black hole: every byte got through the 1280 hop
+    assert result["reply"] == "2000000", result  # no black hole: every byte got through the narrow hop
     route = str(result["route"])
-    assert re.search(r"\bmtu 1280\b", route), route  # learnt again, from this transfer's frag-needed
+    assert re.search(rf"\bmtu {NARROW_MTU}\b", route), route  # learnt again, from this transfer's frag-needed
 
 
 def test_container_errors_pass_only_about_its_own_ports(cloud: Cloud) -> None:
