@@ -377,6 +377,7 @@ class ConfigOut(BaseModel):
     ephemeral_end: int
     block_size: int
     container_mtu: int
+    egress_mtu: int = Field(description="MTU of each host's bridge port (br0), fixed: see docs/components.md")
     protected_networks: list[str]
     vxlan_vni: int
     vxlan_port: int
@@ -393,6 +394,7 @@ class ConfigOut(BaseModel):
             ephemeral_end=config.ephemeral_end,
             block_size=config.block_size,
             container_mtu=config.container_mtu,
+            egress_mtu=config.bridge_port_mtu,
             protected_networks=[str(n) for n in config.protected_networks],
             vxlan_vni=config.vxlan_vni,
             vxlan_port=config.vxlan_port,
