@@ -144,8 +144,8 @@ def test_delta_equals_difference_of_full_compiles(steps: list[tuple[str, int]]) 
 
 def test_mapping_fast_path_builds_what_flow_builds() -> None:
     """mapping_flows uses pre-built shapes; the flows (and so the cookies) equal the generic constructor's."""
-    from portmesh.controller.compiler import DST_FIELD, IPPROTO, PRIO_ALLOW, PRIO_SERVICE, SRC_FIELD, mapping_flows
     from portmesh.controller.flows import SetField
+    from portmesh.controller.rules import DST_FIELD, IPPROTO, PRIO_ALLOW, PRIO_SERVICE, SRC_FIELD, mapping_flows
 
     state = state_with(2)
     for proto in Proto:

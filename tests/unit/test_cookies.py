@@ -14,7 +14,6 @@ import hashlib
 from dataclasses import replace
 from ipaddress import IPv4Address
 
-from portmesh.controller.compiler import PRIO_ALLOW, PRIO_DEFAULT, PRIO_FENCE, arp_responder, mapping_flows
 from portmesh.controller.flows import (
     OFPP_IN_PORT,
     Ct,
@@ -27,6 +26,7 @@ from portmesh.controller.flows import (
     values_text,
 )
 from portmesh.controller.pipeline import Meter, Table
+from portmesh.controller.rules import PRIO_ALLOW, PRIO_DEFAULT, PRIO_FENCE, arp_responder, mapping_flows
 from portmesh.model.config import DEFAULT_CONFIG
 from portmesh.model.entities import Container, DesiredState, Host, Mapping, MappingKey, Proto
 from portmesh.model.validation import new_container

@@ -11,16 +11,12 @@ import pytest
 from os_ken.lib.packet import ethernet, icmp, ipv4, packet, tcp, udp
 
 from portmesh.controller import icmp as ctl_icmp
-from portmesh.controller.compiler import (
-    ICMP_ZONE,
-    WHOLE_PACKET,
-    SwitchCompiler,
-    compile_switch,
-)
+from portmesh.controller.compiler import SwitchCompiler, compile_switch
 from portmesh.controller.encoding import flow_mod_add, ofp, parser
 from portmesh.controller.flows import Ct, Flow, Move, OwnerKind, ToController, flow
 from portmesh.controller.icmp import Verdict
 from portmesh.controller.pipeline import Meter, Table
+from portmesh.controller.rules import ICMP_ZONE, WHOLE_PACKET
 from portmesh.model.config import DEFAULT_CONFIG as CFG
 from portmesh.model.entities import DesiredState, Host, MappingKey, Proto
 from portmesh.model.validation import new_container, new_mapping
