@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -87,8 +88,16 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     log.info("agent for host %s started (state in %s)", args.host, state_dir)
+    died: BaseException | None = None
     try:
         await agent.run(stop)
+        if not stop.is_set():
+            died = RuntimeError("the converge loop returned without being asked to stop")
+    except Exception as exc:
+        # Supervision (issue 13): an agent whose loop died must not linger holding its store and
+        # OVSDB connections while plumbing nothing; it exits non-zero so its supervisor restarts it.
+        died = exc
+        log.error("agent for host %s: main task died: %s: %s", args.host, type(exc).__name__, exc, exc_info=exc)
     finally:
         stop_events.set()
         if engine is not None:
@@ -96,6 +105,9 @@ async def serve(args: argparse.Namespace) -> None:
             engine.close()
         await asyncio.to_thread(bridge.close)
         await asyncio.to_thread(store.close)
+    if died is not None:
+        log.error("agent for host %s exits with status 1 so its supervisor restarts it; containers left running", args.host)
+        sys.exit(1)
     log.info("agent for host %s stopped; containers left running", args.host)
 
 

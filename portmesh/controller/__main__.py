@@ -7,6 +7,8 @@ import asyncio
 import gc
 import logging
 import signal
+import sys
+from collections.abc import Awaitable, Callable
 
 import prometheus_client
 
@@ -27,6 +29,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="drop a switch's connection when an echo request gets no answer within this long")
     ap.add_argument("--log-level", default="INFO")
     return ap.parse_args(argv)
+
+
+async def supervise(main: Awaitable[None], stop: asyncio.Event, is_serving: Callable[[], bool] = lambda: True) -> str | None:
+    """Wait for ``stop`` while watching the main task; return why it died, or None on a requested stop.
+
+    Why: a controller whose converge loop died would keep every switch connection open while
+    programming nothing, so no supervisor (systemd Restart=on-failure, the lab) would ever restart
+    it. Its death (an exception, or a return, which a forever-loop never does) is a reason to exit
+    non-zero; so is the switch listener closing under us (checked every second).
+    """
+    task = asyncio.ensure_future(main)
+    stopper = asyncio.ensure_future(stop.wait())
+    why: str | None = None
+    try:
+        while why is None and not stop.is_set():
+            done, _ = await asyncio.wait({task, stopper}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                exc = task.exception() if not task.cancelled() else None
+                why = f"main task died: {type(exc).__name__}: {exc}" if exc is not None else "main task ended"
+                if exc is not None:
+                    log.error("%s", why, exc_info=exc)
+            elif not stop.is_set() and not is_serving():
+                why = "the switch listener stopped serving"
+    finally:
+        for t in (task, stopper):
+            t.cancel()
+    return why
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -53,12 +82,14 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    converge = asyncio.create_task(controller.run())
     async with server:
-        await stop.wait()
-    converge.cancel()
+        why = await supervise(controller.run(), stop, server.is_serving)
+    # Either way the switches are let go (they keep their flows, fail-secure) and the store is closed.
     await controller.close()
     store.close()
+    if why is not None:
+        log.error("controller exits with status 1 so its supervisor restarts it: %s", why)
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
