@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from portmesh.lab import node, services
+from portmesh.lab import faults, node, services
 from portmesh.lab.network import Lab
 from portmesh.lab.state import LAB_NAME_RE, LabState
 from portmesh.model.validation import NAME_RE
@@ -193,6 +194,75 @@ def exec_(
     except OSError as exc:
         typer.echo(f"error: command: cannot run {command[0]!r} in {target}: {exc.strerror or exc}", err=True)
         raise typer.Exit(126) from None
+
+
+fault_app = typer.Typer(
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Inject a fault into a running lab and restart what was killed (by recorded PID), saying how long recovery took.",
+)
+app.add_typer(fault_app, name="fault")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the report as JSON")]
+
+
+def _fault(run: Callable[[], faults.FaultReport], as_json: bool) -> None:
+    """Run a fault and print its report; a fault that cannot be done is one line on stderr and exit 1."""
+    _need_root()
+    try:
+        report = run()
+    except (faults.FaultError, LookupError, ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for line in report.lines():
+            typer.echo(line)
+
+
+@fault_app.command("kill-controller")
+def fault_kill_controller(
+    name: NameOpt = "lab",
+    sig: Annotated[str, typer.Option("--signal", help="KILL (a crash) or TERM (a graceful stop)")] = "KILL",
+    as_json: JsonOpt = False,
+) -> None:
+    """Kill the controller, start it again, and wait until every switch has reconnected (flow-mods counted)."""
+    if sig.upper().removeprefix("SIG") not in ("KILL", "TERM"):
+        typer.echo(f"error: --signal: {sig!r} is neither KILL nor TERM", err=True)
+        raise typer.Exit(2)
+    chosen = signal.Signals["SIG" + sig.upper().removeprefix("SIG")]
+    _fault(lambda: faults.kill_controller(Lab(name), chosen), as_json)
+
+
+@fault_app.command("restart-switch")
+def fault_restart_switch(
+    host: Annotated[str, typer.Argument(metavar="HOST", help="a lab host (h1, h2...)")],
+    name: NameOpt = "lab",
+    as_json: JsonOpt = False,
+) -> None:
+    """Kill a host's ovs-vswitchd (as a crash), start it again, and wait until the controller re-installed its flows."""
+    _fault(lambda: faults.restart_switch(Lab(name), host), as_json)
+
+
+@fault_app.command("kill-agent")
+def fault_kill_agent(
+    host: Annotated[str, typer.Argument(metavar="HOST", help="a lab host (h1, h2...)")],
+    name: NameOpt = "lab",
+    as_json: JsonOpt = False,
+) -> None:
+    """Kill a host's agent (SIGKILL), start it again, and wait until it has started."""
+    _fault(lambda: faults.kill_agent(Lab(name), host), as_json)
+
+
+@fault_app.command("kill-store-member")
+def fault_kill_store_member(
+    member: Annotated[int, typer.Argument(metavar="N", help="a Raft store member (reserved: the lab store is standalone)")],
+    name: NameOpt = "lab",
+    as_json: JsonOpt = False,
+) -> None:
+    """Kill member N of a clustered store (reserved: this lab has a standalone store, so it says so and exits 1)."""
+    _fault(lambda: faults.kill_store_member(Lab(name), member), as_json)
 
 
 def main() -> None:
