@@ -14,8 +14,18 @@ The controller's one kind of write (the generation its switch realised) goes
 over the same session as a one-operation transaction, so the controller needs
 no IDL at all. Like the IDL with ``leader_only``, the reader talks to a Raft
 cluster's leader only: it watches ``_Server.Database`` and moves on to the next
-remote when the server it is on is not (or stops being) the connected leader;
-after every reconnection the whole desired state is loaded again.
+remote when the server it is on is not (or stops being) the connected leader.
+
+After a reconnection (a server restart, a Raft leader change) the reader resumes
+with ``monitor_cond_since`` from the last transaction id it saw: the server
+answers ``found=true`` and sends only what changed since, or ``found=false`` (it
+does not know the id: a standalone server keeps no transaction history, a Raft
+member only its recent log) and sends everything, which replaces the replica.
+Either answer is applied under the lock in one piece, so a snapshot is the state
+before the resume or after it, never a mix; until the answer comes, snapshots are
+the last state seen. Updates then come as ``update3`` diffs, applied through
+:class:`portmesh.store.update2.RowCache`. A server without ``monitor_cond_since``
+(before 2.12) gets plain ``monitor`` and a full load on every reconnection.
 """
 
 from __future__ import annotations
@@ -44,10 +54,13 @@ from portmesh.store import rows as R
 from portmesh.store.engine import RECONNECT_BACKOFF_MS, StoreError
 from portmesh.store.jsonstream import install as install_stream_parser
 from portmesh.store.mirror import Mirror
+from portmesh.store.update2 import ZERO_UUID, RowCache, default_value
 
 log = logging.getLogger(__name__)
 
 ATOM, SET, MAP = "atom", "set", "map"
+# What the server says when a JSON-RPC method is unknown to it.
+UNKNOWN_METHOD = "unknown method"
 SERVER_MONITOR = "server"
 DESIRED_MONITOR = "desired"
 # How often the thread looks at request deadlines when nothing else happens.
@@ -130,6 +143,24 @@ class StateReader:
         self._remotes = [r.strip() for r in remote.split(",") if r.strip()]
         schema = json.loads(R.schema_path().read_text())
         self._kinds = column_kinds(schema, R.DESIRED_COLUMNS)
+        defaults = {
+            table: {c: default_value(schema["tables"][table]["columns"][c]["type"], k) for c, k in kinds.items()}
+            for table, kinds in self._kinds.items()
+        }
+        # Whole rows, for applying update2 diffs; the last transaction id seen (resume point);
+        # whether the server has monitor_cond_since (False after it said "unknown method").
+        single = {
+            table: {
+                c for c, k in kinds.items()
+                if k != ATOM and schema["tables"][table]["columns"][c]["type"].get("max", 1) == 1
+            }
+            for table, kinds in self._kinds.items()
+        }
+        self._rows = RowCache(self._kinds, defaults, single)
+        self._last_txn_id = ZERO_UUID
+        self._since = True
+        # How the desired state was (re)loaded on each connection, and how many rows the loads brought.
+        self._stats = {"full_loads": 0, "resumes": 0, "rows_loaded": 0}
         self._mirror = Mirror()
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[], None]] = []
@@ -184,6 +215,12 @@ class StateReader:
             raise StoreError(f"store reader stopped on an error: {self._failure!r}")
         with self._lock:
             return self._mirror.state()
+
+    def stats(self) -> dict[str, int]:
+        """``full_loads``/``resumes``: connections that reloaded everything / resumed from the last
+        transaction id; ``rows_loaded``: rows the server sent in those answers (for tests and bench)."""
+        with self._lock:
+            return dict(self._stats)
 
     def report_switch(self, host: str, generation: int, connected: bool, waiting: Collection[str] = ()) -> None:
         """Controller: the generation the host's switch has realised, whether it is connected, and the
@@ -295,6 +332,14 @@ class StateReader:
                     self._apply(updates)
                 return True
             return False
+        if msg.type == Message.T_NOTIFY and msg.method == "update3" and len(msg.params) == 3:
+            monitor, last_txn_id, updates = msg.params
+            if monitor != DESIRED_MONITOR:
+                return False
+            with self._lock:
+                self._apply2(updates)
+                self._last_txn_id = last_txn_id
+            return True
         if msg.type not in (Message.T_REPLY, Message.T_ERROR):
             return False
         if msg.id == self._server_id:
@@ -304,20 +349,37 @@ class StateReader:
                 log.info("store %s is not the connected leader, trying the next remote", session.reconnect.get_name())
                 session.force_reconnect()
                 return False
-            columns = {table: {"columns": list(names)} for table, names in R.DESIRED_COLUMNS.items()}
-            request = Message.create_request("monitor", [R.SCHEMA_NAME, DESIRED_MONITOR, columns])
-            self._monitor_id = request.id
-            session.send(request)
+            self._send_monitor(session)
             return False
         if msg.id == self._monitor_id:
             self._monitor_id = None
             if msg.type == Message.T_ERROR:
+                if self._since and UNKNOWN_METHOD in str(msg.error):
+                    log.info("store %s has no monitor_cond_since: full loads", session.reconnect.get_name())
+                    self._since = False
+                    self._send_monitor(session)
+                    return False
                 log.error("store %s refused the monitor: %s", session.reconnect.get_name(), msg.error)
                 session.force_reconnect()
                 return False
             with self._lock:
-                self._mirror.reset()
-                self._apply(msg.result)
+                if self._since:
+                    found, last_txn_id, updates = msg.result
+                    if not found:
+                        self._mirror.reset()
+                        self._rows.clear()
+                    self._apply2(updates)
+                    self._last_txn_id = last_txn_id
+                else:
+                    found, updates = False, msg.result
+                    self._mirror.reset()
+                    self._apply(updates)
+                self._stats["resumes" if found else "full_loads"] += 1
+                self._stats["rows_loaded"] += sum(len(rows) for rows in updates.values())
+            log.info(
+                "store %s: %s", session.reconnect.get_name(),
+                f"resumed from {self._last_txn_id}" if found else "loaded the whole desired state",
+            )
             self._ready = True
             self._loaded.set()
             return True
@@ -341,6 +403,27 @@ class StateReader:
                 return True
             return bool(row.get("connected")) and bool(row.get("leader"))
         return None
+
+    def _send_monitor(self, session: Any) -> None:
+        """Monitor the desired columns: resume from the last transaction id, if the server can."""
+        if self._since:
+            since = {table: [{"columns": list(names)}] for table, names in R.DESIRED_COLUMNS.items()}
+            params = [R.SCHEMA_NAME, DESIRED_MONITOR, since, self._last_txn_id]
+            request = ovs.jsonrpc.Message.create_request("monitor_cond_since", params)
+        else:
+            columns = {table: {"columns": list(names)} for table, names in R.DESIRED_COLUMNS.items()}
+            request = ovs.jsonrpc.Message.create_request("monitor", [R.SCHEMA_NAME, DESIRED_MONITOR, columns])
+        self._monitor_id = request.id
+        session.send(request)
+
+    def _apply2(self, updates: dict[str, Any]) -> None:
+        """Apply ``table-updates2`` (initial/insert/modify/delete) through the row cache."""
+        mirror, cache = self._mirror, self._rows
+        for table, rows in updates.items():
+            kinds = self._kinds[table]
+            for row_uuid, change in rows.items():
+                new = cache.change(table, row_uuid, change)
+                mirror.apply_columns(table, row_uuid, None if new is None else JsonColumns(new, kinds))
 
     def _apply(self, updates: dict[str, Any]) -> None:
         """Apply monitor table-updates (RFC 7047 §4.1.6: "new" holds every monitored column)."""

@@ -96,7 +96,7 @@ def test_a_failed_reader_thread_makes_snapshot_raise(server: tuple[Path, Path, l
         def broken(updates: object) -> None:
             raise RuntimeError("bug in update handling (test)")
 
-        reader._apply = broken  # type: ignore[method-assign]
+        reader._apply2 = broken  # type: ignore[method-assign]
         failed = threading.Event()
         reader.subscribe(lambda: failed.set() if reader._failure is not None else None)
         store.add_host(Host("h1", 1))
