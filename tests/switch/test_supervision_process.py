@@ -1,4 +1,4 @@
-"""Supervision (issue 13 item 7) with the real process: ``python -m portmesh.controller`` against a real store.
+"""Supervision (issue 13 item 7) with the real processes: ``python -m portmesh.controller`` and ``.agent``, real stores.
 
 The converge loop is made to die through one seam (``Controller.run`` replaced before ``main``
 runs, in the child only); the process must exit 1 and say why, so systemd's Restart=on-failure
@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from portmesh.lab.dummy_ovs import DummyOVS
 from tests.switch.test_store import server
 
 __all__ = ["server"]  # the fixture, re-used
@@ -76,3 +77,34 @@ def test_a_controller_asked_to_stop_exits_0(server: str, tmp_path: Path) -> None
             proc.wait()
     assert proc.returncode == 0, out
     assert "main task died" not in out
+
+
+AGENT_CHILD = """
+import asyncio, sys
+import portmesh.agent.__main__ as m
+async def dies(self, stop):
+    await asyncio.sleep(0.5)
+    raise RuntimeError("injected: the agent loop died")
+m.Agent.run = dies
+m.main(sys.argv[1:])
+"""
+
+
+def test_an_agent_whose_loop_dies_exits_1(server: str, dummy_ovs: DummyOVS, tmp_path: Path) -> None:
+    """The agent's real start (store and OVSDB connections), then its loop dies: exit 1, the reason logged.
+
+    Its loop is replaced, so it touches no interface: only its store and OVSDB clients run.
+    """
+    argv = [sys.executable, "-c", AGENT_CHILD, "--host", "h1", "--store", server, "--ovsdb", f"unix:{dummy_ovs.db_sock}",
+            "--controller", "tcp:127.0.0.1:6653", "--state-dir", str(tmp_path / "agent"), "--docker-url", "none"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "agent for host h1 started" in out  # positive control: it got as far as running its loop
+    assert proc.returncode == 1, out
+    assert "main task died: RuntimeError: injected: the agent loop died" in out
+    assert "exits with status 1 so its supervisor restarts it" in out
