@@ -160,7 +160,8 @@ class StateReader:
         self._last_txn_id = ZERO_UUID
         self._since = True
         # How the desired state was (re)loaded on each connection, and how many rows the loads brought.
-        self._stats = {"full_loads": 0, "resumes": 0, "rows_loaded": 0}
+        self._stats = {"full_loads": 0, "resumes": 0, "rows_loaded": 0, "last_load_ms": 0}
+        self._monitor_sent = 0.0
         self._mirror = Mirror()
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[], None]] = []
@@ -218,7 +219,8 @@ class StateReader:
 
     def stats(self) -> dict[str, int]:
         """``full_loads``/``resumes``: connections that reloaded everything / resumed from the last
-        transaction id; ``rows_loaded``: rows the server sent in those answers (for tests and bench)."""
+        transaction id; ``rows_loaded``: rows the server sent in those answers; ``last_load_ms``: the
+        last one's time from request to applied (for tests and bench)."""
         with self._lock:
             return dict(self._stats)
 
@@ -376,6 +378,7 @@ class StateReader:
                     self._apply(updates)
                 self._stats["resumes" if found else "full_loads"] += 1
                 self._stats["rows_loaded"] += sum(len(rows) for rows in updates.values())
+                self._stats["last_load_ms"] = round((time.monotonic() - self._monitor_sent) * 1000)
             log.info(
                 "store %s: %s", session.reconnect.get_name(),
                 f"resumed from {self._last_txn_id}" if found else "loaded the whole desired state",
@@ -414,6 +417,7 @@ class StateReader:
             columns = {table: {"columns": list(names)} for table, names in R.DESIRED_COLUMNS.items()}
             request = ovs.jsonrpc.Message.create_request("monitor", [R.SCHEMA_NAME, DESIRED_MONITOR, columns])
         self._monitor_id = request.id
+        self._monitor_sent = time.monotonic()
         session.send(request)
 
     def _apply2(self, updates: dict[str, Any]) -> None:
