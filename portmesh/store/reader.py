@@ -118,6 +118,23 @@ class JsonColumns:
             raise AttributeError(column) from None
 
 
+class TupleColumns:
+    """A row of :class:`portmesh.store.update2.RowCache` (a tuple in column order), read as attributes."""
+
+    __slots__ = ("_index", "_kinds", "_row")
+
+    def __init__(self, row: tuple[Any, ...], kinds: dict[str, str], index: dict[str, int]) -> None:
+        self._row = row
+        self._kinds = kinds
+        self._index = index
+
+    def __getattr__(self, column: str) -> Any:
+        try:
+            return decode(self._row[self._index[column]], self._kinds[column])
+        except KeyError:
+            raise AttributeError(column) from None
+
+
 @dataclass
 class _Request:
     """A transaction handed to the reader thread; the caller waits on ``done``."""
@@ -424,10 +441,10 @@ class StateReader:
         """Apply ``table-updates2`` (initial/insert/modify/delete) through the row cache."""
         mirror, cache = self._mirror, self._rows
         for table, rows in updates.items():
-            kinds = self._kinds[table]
+            kinds, index = self._kinds[table], cache.index(table)
             for row_uuid, change in rows.items():
                 new = cache.change(table, row_uuid, change)
-                mirror.apply_columns(table, row_uuid, None if new is None else JsonColumns(new, kinds))
+                mirror.apply_columns(table, row_uuid, None if new is None else TupleColumns(new, kinds, index))
 
     def _apply(self, updates: dict[str, Any]) -> None:
         """Apply monitor table-updates (RFC 7047 §4.1.6: "new" holds every monitored column)."""

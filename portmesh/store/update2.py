@@ -114,8 +114,13 @@ class RowCache:
         """How many rows are cached, all tables together."""
         return sum(len(rows) for rows in self.rows.values())
 
-    def change(self, table: str, row_uuid: str, update: dict[str, Any]) -> dict[str, Any] | None:
-        """Apply one ``row-update2``; return the whole row now (column -> JSON), or None if it was deleted."""
+    def index(self, table: str) -> dict[str, int]:
+        """Where each column is in this table's row tuples."""
+        return {c: i for i, c in enumerate(self._columns[table])}
+
+    def change(self, table: str, row_uuid: str, update: dict[str, Any]) -> tuple[Any, ...] | None:
+        """Apply one ``row-update2``; return the whole row now (JSON values in column order, see
+        :meth:`index`), or None if it was deleted."""
         rows = self.rows[table]
         if "delete" in update:
             rows.pop(row_uuid, None)
@@ -127,12 +132,14 @@ class RowCache:
             for column, diff in update["modify"].items():
                 if column in kinds:
                     row[column] = apply_diff(row[column], diff, kinds[column], column in single)
+            whole = tuple(_intern(row[c]) for c in columns)
         else:
             new = update.get("initial", update.get("insert")) or {}
-            row = dict(zip(columns, self._defaults[table], strict=True))
-            row.update((c, v) for c, v in new.items() if c in row)
-        rows[row_uuid] = tuple(_intern(row[c]) for c in columns)
-        return row
+            whole = tuple(
+                _intern(new[c]) if c in new else d for c, d in zip(columns, self._defaults[table], strict=True)
+            )
+        rows[row_uuid] = whole
+        return whole
 
 
 def _intern(value: Any) -> Any:

@@ -37,8 +37,9 @@ def test_row_cache_fills_defaults_and_applies_modify_and_delete() -> None:
     defaults = {"Host": {"name": "", "datapath_id": 0, "underlay_ip": ["set", []]}}
     cache = RowCache(kinds, defaults, {"Host": {"underlay_ip"}})
     row = cache.change("Host", "u1", {"insert": {"name": "h1"}})
-    assert row == {"name": "h1", "datapath_id": 0, "underlay_ip": ["set", []]}
+    assert row == ("h1", 0, ["set", []])
     row = cache.change("Host", "u1", {"modify": {"datapath_id": 7, "underlay_ip": "198.18.0.1"}})
-    assert row == {"name": "h1", "datapath_id": 7, "underlay_ip": ["set", ["198.18.0.1"]]}
+    assert row == ("h1", 7, ["set", ["198.18.0.1"]])
+    assert cache.index("Host") == {"name": 0, "datapath_id": 1, "underlay_ip": 2}
     assert cache.change("Host", "u1", {"delete": None}) is None
     assert cache.count() == 0
