@@ -20,7 +20,8 @@ After a reconnection (a server restart, a Raft leader change) the reader resumes
 with ``monitor_cond_since`` from the last transaction id it saw: the server
 answers ``found=true`` and sends only what changed since, or ``found=false`` (it
 does not know the id: a standalone server keeps no transaction history, a Raft
-member only its recent log) and sends everything, which replaces the replica.
+member at most its last 100 transactions and no more atoms than the database
+holds) and sends everything, which replaces the replica.
 Either answer is applied under the lock in one piece, so a snapshot is the state
 before the resume or after it, never a mix; until the answer comes, snapshots are
 the last state seen. Updates then come as ``update3`` diffs, applied through

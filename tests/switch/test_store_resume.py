@@ -237,3 +237,54 @@ def test_the_idl_client_resumes_too_without_a_rebuild(tmp_path: Path) -> None:
         # Positive control: a new client does a full load and gets the same state.
         with Store(remote, timeout=15) as fresh:
             assert fresh.snapshot() == agent.snapshot()
+
+
+def test_no_torn_snapshot_across_a_resume(tmp_path: Path) -> None:
+    """Each write adds or removes a container together with its 10 mappings; snapshots taken all the
+    time, across a leader kill and the resume, must show each container whole or not at all.
+
+    Whether the server still knows the reader's id depends on timing (its history keeps at most 100
+    transactions and no more atoms than the database holds), so either answer is accepted here;
+    both must be applied in one piece."""
+    torn: list[str] = []
+    seen = [0]
+    stop = threading.Event()
+
+    def watch(reader: StateReader) -> None:
+        while not stop.is_set():
+            state = reader.snapshot()
+            seen[0] += 1
+            per: dict[str, int] = {}
+            for m in state.mappings.values():
+                if m.container == "bulk":
+                    continue
+                per[m.container] = per.get(m.container, 0) + 1
+            bad = {c: k for c, k in per.items() if k != 10 or c not in state.containers}
+            bad.update({c: 0 for c in state.containers if c not in per and c != "bulk"})
+            if bad:
+                torn.append(f"generation {state.generation}: {bad}")
+
+    with raft_cluster(tmp_path) as (remote, pids), Store(remote, timeout=20) as store, \
+            StateReader(remote, timeout=20) as reader:
+        store.add_host(Host("h1", 1))
+        _bulk(store, 300)
+        watcher = threading.Thread(target=watch, args=(reader,), daemon=True)
+        watcher.start()
+        try:
+            for i in range(60):
+                ip = IPv4Address(f"198.51.100.{1 + i % 200}")
+                c = Container(f"t{i}", "h1", mac_for(f"t{i}"), (ip,), PortBlock(1024 * (1 + i % 60), 1024))
+                store.add_container(c, [Mapping(MappingKey(ip, Proto.UDP, 100 + j), c.name) for j in range(10)])
+                if i % 3 == 2:
+                    store.remove_container(f"t{i - 1}")
+                if i == 30:
+                    os.kill(pids.pop(_leader(tmp_path)), signal.SIGKILL)
+            wait_until(lambda: _caught_up(reader, store), timeout=20)
+        finally:
+            stop.set()
+            watcher.join(5)
+        stats = reader.stats()
+        assert stats["resumes"] + stats["full_loads"] >= 2, stats
+        assert seen[0] > 100, "positive control: the watcher took snapshots all along"
+        assert len(reader.snapshot().containers) == 41 and not torn, torn[:3]
+        assert reader.snapshot() == store.snapshot()
