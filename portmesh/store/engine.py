@@ -37,7 +37,7 @@ LOG = logging.getLogger(__name__)
 
 # A constraint violation fails on every attempt, a lost leader or a concurrent
 # writer only for a moment: retry TRY_AGAIN, but not forever.
-MAX_ATTEMPTS = 20
+MAX_ATTEMPTS = 20  # commits the server answered; see _commit
 # The IDL's reconnect backoff doubles up to 8 s by default; after a Raft leader
 # dies that delayed recovery by 7-20 s. Capped at 1 s it takes 2-3 s.
 RECONNECT_BACKOFF_MS = 1000
@@ -329,7 +329,13 @@ class Engine:
         deadline = time.monotonic() + self.timeout
         self._in_txn = True
         try:
-            for _attempt in range(MAX_ATTEMPTS):
+            attempts = 0
+            while attempts < MAX_ATTEMPTS:
+                # Only an attempt the server saw counts: while the IDL is not monitoring (a Raft leader
+                # lost, a reconnect under way) every commit is TRY_AGAIN at once, and under load an
+                # election outlasted 20 such non-attempts (the deadline still bounds the wait).
+                if self._idl.state == ovs_idl.Idl.IDL_S_MONITORING:
+                    attempts += 1
                 seqno = self._idl.change_seqno
                 txn = ovs_idl.Transaction(self._idl)
                 try:
