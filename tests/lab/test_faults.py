@@ -37,6 +37,7 @@ import pytest
 from portmesh.lab import faults, node, services
 from portmesh.lab.network import Lab, ovs_of
 from portmesh.lab.state import LabState
+from portmesh.runtime import procs
 
 pytestmark = [
     pytest.mark.lab,
@@ -115,6 +116,14 @@ async def main():
     print(json.dumps(out), flush=True)
 asyncio.run(main())
 """
+
+
+# One UDP datagram to IP:PORT from inet; prints "ok" if it is echoed within 1 s, else "timeout".
+UDP_ONCE = (
+    "import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(1.0)\n"
+    "try:\n s.sendto(b'1',(sys.argv[1],int(sys.argv[2]))); s.recv(64); print('ok')\n"
+    "except OSError: print('timeout')"
+)
 
 
 class Probe:
@@ -247,3 +256,44 @@ def test_agent_kill_keeps_traffic_and_the_agent_comes_back(lab: Lab, probe: Prob
     assert proc is not None and proc.pid == report.new_pid != report.old_pid
     for ip, t in result["targets"].items():
         assert t["sent"] >= PPS and t["lost"] == [] and t["tcp_error"] == "", (ip, t)
+
+
+def test_a_change_made_while_the_controller_is_down_lands_as_one_bundle_per_switch(lab: Lab) -> None:
+    """Issue 13 item 2: with the controller stopped, a container is created (its agent plumbs it, no switch
+    learns of it); once the controller is back, each switch gets the change as one bundle and it answers."""
+    state = lab.state()
+    assert state is not None
+    proc = state.process("controller")
+    assert proc is not None
+    path, offset = ctl_log(state)
+    procs.stop(proc.ref)  # down, not restarted
+    token = services.token_file(state.dir).read_text().strip()
+    ip, name = "203.0.113.43", "u4"
+    udp = [sys.executable, "-c", UDP_ONCE, ip, str(UDP_PORT)]
+    inet = state.ns("inet")
+    with httpx.Client(base_url=state.api_url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as api:
+        body = {"name": name, "host": "h2", "ips": [ip], "command": [sys.executable, "-c", ECHO],
+                "ports": [{"port": UDP_PORT, "proto": "udp"}]}
+        assert api.post("/v1/containers", params={"wait": "false"}, json=body).status_code == 201
+        try:
+            deadline = time.monotonic() + 20
+            while (api.get(f"/v1/containers/{name}").json().get("status") or {}).get("state") != "running":
+                assert time.monotonic() < deadline, "u4 not running within 20 s"
+                time.sleep(0.1)
+            # The probe sees answers (positive control: u1, programmed before) but none from u4: no switch knows it.
+            assert node.run([*udp[:3], TARGETS["u1"][1], str(UDP_PORT)], netns=inet, check=False).stdout.strip() == "ok"
+            assert node.run(udp, netns=inet, check=False).stdout.strip() == "timeout"
+            lab.restart("controller")
+            deadline = time.monotonic() + 15
+            while node.run(udp, netns=inet, check=False).stdout.strip() != "ok":
+                assert time.monotonic() < deadline, "u4 did not answer within 15 s of the controller's restart"
+            since = path.read_bytes()[offset:].decode(errors="replace")
+            # The controller logs this line for every sync that sent flow-mods, full or delta (each is one bundle).
+            changed = re.findall(r"switch ([0-9a-f]{16}) \(h\d+\): generation \d+, \d+ flows; compile\+send\+commit", since)
+            full = [m[1] for m in faults.FLOWS_RE.finditer(since) if int(m[2]) + int(m[3])]
+            # Every switch holds a part of the change (u4's rewrites and reply blocks everywhere, its port on h2,
+            # the tunnel to h2 elsewhere) and got all of it in exactly one bundle, the reconnect's.
+            every = sorted(f"{i:016x}" for i in range(1, len(state.hosts) + 1))
+            assert sorted(changed) == every and sorted(full) == every, since
+        finally:
+            api.delete(f"/v1/containers/{name}", params={"wait": "true"})
