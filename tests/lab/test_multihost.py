@@ -35,6 +35,7 @@ from portmesh.lab.state import LabState
 from portmesh.model.config import DEFAULT_CONFIG as CFG
 from portmesh.model.entities import tunnel_port_for
 from portmesh.runtime import procs
+from tests.lab.test_mapping_e2e import keep_logs
 
 pytestmark = [
     pytest.mark.lab,
@@ -194,15 +195,6 @@ def cloud() -> Iterator[Cloud]:
             outside.wait(10)
         keep_logs(lab)
         lab.down()
-
-
-def keep_logs(lab: Lab) -> None:
-    """Copy the lab's component logs out before `down` removes them: a failed run stays explainable."""
-    state = lab.state()
-    if state is not None and (state.dir / "logs").exists():
-        dest = Path("/tmp/portmesh-test-logs") / state.name
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(state.dir / "logs", dest)
 
 
 # 1 -----------------------------------------------------------------------------------------
