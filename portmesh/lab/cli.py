@@ -255,6 +255,21 @@ def fault_kill_agent(
     _fault(lambda: faults.kill_agent(Lab(name), host), as_json)
 
 
+@fault_app.command("freeze-switch")
+def fault_freeze_switch(
+    host: Annotated[str, typer.Argument(metavar="HOST", help="a lab host (h1, h2...)")],
+    name: NameOpt = "lab",
+    seconds: Annotated[float, typer.Option("--seconds", min=0.1, help="thaw it after this long at the latest")] = 30.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Freeze a host's ovs-vswitchd (SIGSTOP) until the controller drops it by echo (or --seconds), then thaw it.
+
+    Reports how long the controller took to notice (no TCP error comes from a frozen switch: only
+    its echo requests find it) and how long until the switch was reconnected and programmed again.
+    """
+    _fault(lambda: faults.freeze_switch(Lab(name), host, seconds), as_json)
+
+
 @fault_app.command("kill-store-member")
 def fault_kill_store_member(
     member: Annotated[int, typer.Argument(metavar="N", help="a Raft store member (reserved: the lab store is standalone)")],

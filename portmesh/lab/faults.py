@@ -31,6 +31,7 @@ from portmesh.runtime import procs
 POLL_S = 0.02
 # The controller's log lines (controller/service.py, controller/switch.py) these waits read.
 CONNECTED_RE = re.compile(r"switch ([0-9a-f]{16}) connected from .* with (\d+) flows")
+ECHO_DROP_RE = re.compile(r"switch ([0-9a-f]{16}) \(.*\): no reply to an echo request")
 FLOWS_RE = re.compile(r"switch ([0-9a-f]{16}): (\d+) flows added, (\d+) deleted")
 
 
@@ -57,6 +58,8 @@ class FaultReport:
         return asdict(self)
 
     def lines(self) -> list[str]:
+        if self.fault == "freeze-switch":
+            return self._freeze_lines()
         out = [
             f"{self.target}: pid {self.old_pid} got SIG{self.signal}, gone after {self.down_s:.2f} s; "
             f"restarted as pid {self.new_pid} in {self.restart_s:.2f} s",
@@ -65,6 +68,19 @@ class FaultReport:
         out += [f"  {what}: {secs:.2f} s after the restart" for what, secs in self.details.items()]
         if self.fault in ("kill-controller", "restart-switch"):
             out.append(f"  flow-mods sent by the controller meanwhile: {self.flow_mods}")
+        return out
+
+    def _freeze_lines(self) -> list[str]:
+        dropped = self.details.get("dropped by echo")
+        how = (f"the controller dropped it by echo {dropped:.2f} s after the freeze" if dropped is not None
+               else f"the controller did not drop it by echo within {self.restart_s:.2f} s")
+        out = [
+            f"{self.target}: pid {self.old_pid} got SIGSTOP; {how}",
+            f"{self.target}: SIGCONT after {self.restart_s:.2f} s; back (reconnected and programmed) "
+            f"{self.back_s:.2f} s later",
+        ]
+        out += [f"  {what}: {secs:.2f} s" for what, secs in self.details.items() if what != "dropped by echo"]
+        out.append(f"  flow-mods sent to the switch meanwhile: {self.flow_mods}")
         return out
 
 
@@ -219,3 +235,81 @@ def kill_store_member(lab: Lab, member: int) -> FaultReport:
         f"N: lab {lab.name} has a standalone store (one ovsdb-server, no Raft cluster): there is no member {member} to kill "
         "without stopping the store itself"
     )
+
+
+def controllers(state: LabState) -> list[Process]:
+    """The lab's controller processes: ``controller``, or ``controller-1`` and ``controller-2`` with --ha."""
+    return [p for p in state.processes if p.label == "controller" or p.label.startswith("controller-")]
+
+
+def _switch_status(lab: Lab, state: LabState, host: str) -> dict[str, object]:
+    """The host's switch status in the store, read through the API (what ``portmesh host show`` prints)."""
+    if not state.api_url:
+        return {}
+    try:
+        status = lab.api(state).http.get(f"/v1/hosts/{host}").json().get("status") or {}
+    except (OSError, ValueError):  # the API is briefly unreachable: ask again on the next poll
+        return {}
+    return dict(status)
+
+
+def freeze_switch(lab: Lab, host: str, seconds: float = 30.0, timeout: float = 30.0) -> FaultReport:
+    """Freeze ``host``'s ovs-vswitchd (SIGSTOP: alive, its TCP connection open, answering nothing).
+
+    A frozen switch sends no TCP error, so only the controller's echo requests can find it
+    dead (controller/connection.py: "no reply to an echo request"). Waits for that line in a
+    controller's log, or ``seconds`` at most, then SIGCONT and waits until the switch has
+    reconnected (if it was dropped) and the store says its switch is connected and current.
+    ``down_s`` is the time to detection (``seconds`` when not detected), ``restart_s`` how long
+    it stayed frozen, ``back_s`` the time from SIGCONT until the switch was programmed again.
+    """
+    state = _state(lab)
+    if host not in state.hosts:
+        raise FaultError(f"HOST: lab {lab.name} has no host {host!r} (hosts: {', '.join(state.hosts)})")
+    if seconds <= 0:
+        raise FaultError(f"--seconds: {seconds} is not a positive number of seconds")
+    label = f"ovs-vswitchd:{host}"
+    proc = _process(state, label)
+    if not procs.alive(proc.ref):
+        raise FaultError(f"{label}: pid {proc.pid} is not running")
+    ctls = controllers(state)
+    offsets = {p.log: _log_size(p.log) for p in ctls}
+    dpid = _dpid(host)
+    details: dict[str, float] = {}
+
+    def logs() -> str:
+        return "".join(_log_since(path, off) for path, off in offsets.items())
+
+    t0 = time.monotonic()
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        deadline = t0 + seconds
+        while time.monotonic() < deadline:
+            if any(m[1] == dpid for m in ECHO_DROP_RE.finditer(logs())):
+                details["dropped by echo"] = time.monotonic() - t0
+                break
+            time.sleep(POLL_S)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    frozen = time.monotonic() - t0
+    detected = details.get("dropped by echo", frozen)
+    t1 = time.monotonic()
+    dropped = "dropped by echo" in details
+
+    def programmed() -> bool:
+        text = logs()
+        if dropped and "reconnected" not in details:
+            drop_at = max(m.end() for m in ECHO_DROP_RE.finditer(text) if m[1] == dpid)
+            if not any(m[1] == dpid for m in CONNECTED_RE.finditer(text, drop_at)):
+                return False
+            details["reconnected"] = time.monotonic() - t1
+        status = _switch_status(lab, state, host)
+        if state.api_url and not (status.get("switch_connected") and status.get("switch_generation")):
+            return False
+        details["programmed"] = time.monotonic() - t1
+        return True
+
+    _wait(f"{label}: reconnecting to the controller after the freeze", programmed, timeout, proc.ref)
+    back = time.monotonic() - t1
+    mods = sum(int(m[2]) + int(m[3]) for m in FLOWS_RE.finditer(logs()) if m[1] == dpid)
+    return FaultReport("freeze-switch", label, proc.pid, proc.pid, "STOP", detected, frozen, back, mods, details)

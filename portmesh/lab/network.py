@@ -142,9 +142,10 @@ class Lab:
     def _register(self, state: LabState, host: str) -> None:
         """Register ``host`` through the API as an operator would (``portmesh host add``)."""
         i = host_index(host)
-        self._api(state).register_host(host, i, underlay_ip(i), role=host_role(host))
+        self.api(state).register_host(host, i, underlay_ip(i), role=host_role(host))
 
-    def _api(self, state: LabState) -> services.ApiClient:
+    def api(self, state: LabState) -> services.ApiClient:
+        """The lab's API as the lab itself uses it (with its token)."""
         return services.ApiClient(state.api_url, services.token_file(state.dir).read_text().strip())
 
     def _start_agent(self, state: LabState, host: str) -> None:
@@ -313,7 +314,7 @@ class Lab:
         unregistered: list[str] = []
         if state.api_url:
             try:
-                self._api(state).remove_host(host)
+                self.api(state).remove_host(host)
             except Exception as exc:
                 unregistered.append(f"host rm {host}: {exc}")
         ns = state.ns(host)

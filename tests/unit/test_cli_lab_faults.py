@@ -24,7 +24,7 @@ NOLAB = f"nolab{os.getpid() % 10000}"
 @pytest.mark.parametrize(
     "argv",
     [["kill-controller"], ["kill-controller", "--signal", "TERM"], ["restart-switch", "h2"], ["kill-agent", "h2"],
-     ["kill-store-member", "1"]],
+     ["kill-store-member", "1"], ["freeze-switch", "h1"], ["freeze-switch", "h1", "--seconds", "2"]],
 )
 def test_a_fault_on_a_lab_that_is_not_up_is_one_line_and_exit_1(argv: list[str]) -> None:
     result = runner.invoke(app, ["fault", *argv, "--name", NOLAB])
@@ -41,7 +41,7 @@ def test_a_signal_other_than_kill_or_term_is_a_usage_error() -> None:
 def test_the_fault_names_stay() -> None:
     result = runner.invoke(app, ["fault", "--help"])
     assert result.exit_code == 0
-    for name in ("kill-controller", "restart-switch", "kill-agent", "kill-store-member"):
+    for name in ("kill-controller", "restart-switch", "kill-agent", "kill-store-member", "freeze-switch"):
         assert name in result.output
 
 
@@ -61,3 +61,28 @@ def test_log_lines_are_read_as_the_controller_writes_them() -> None:
     assert m is not None and m[1] == "0000000000000002" and m[2] == "19"
     log = "switch 0000000000000002: 19 flows added, 2 deleted\nswitch 0000000000000001: 1 flows added, 0 deleted"
     assert faults.flow_mods_in(log) == 22
+
+
+def test_the_echo_drop_is_read_as_the_controller_logs_it() -> None:
+    """freeze-switch waits for controller/connection.py's warning: pin its shape."""
+    line = ("WARNING switch 0000000000000002 (('198.18.0.12', 40122)): no reply to an echo request within 5 s "
+            "after 5 s of silence; dropping the connection")
+    m = faults.ECHO_DROP_RE.search(line)
+    assert m is not None and m[1] == "0000000000000002"
+    assert faults.ECHO_DROP_RE.search("switch 0000000000000002 connected from x with 3 flows") is None
+
+
+def test_a_freeze_report_says_when_it_was_noticed_and_when_it_was_back() -> None:
+    report = faults.FaultReport("freeze-switch", "ovs-vswitchd:h2", 7, 7, "STOP", 9.8, 9.8, 1.4, 0,
+                                {"dropped by echo": 9.8, "reconnected": 1.36, "programmed": 1.4})
+    text = "\n".join(report.lines())
+    assert "pid 7 got SIGSTOP; the controller dropped it by echo 9.80 s after the freeze" in text
+    assert "back (reconnected and programmed) 1.40 s later" in text and "reconnected: 1.36 s" in text
+    assert "flow-mods sent to the switch meanwhile: 0" in text
+    missed = faults.FaultReport("freeze-switch", "ovs-vswitchd:h2", 7, 7, "STOP", 2.0, 2.0, 0.05, 0, {"programmed": 0.05})
+    assert "did not drop it by echo within 2.00 s" in "\n".join(missed.lines())
+
+
+def test_freeze_seconds_must_be_positive() -> None:
+    result = runner.invoke(app, ["fault", "freeze-switch", "h1", "--seconds", "0", "--name", NOLAB])
+    assert result.exit_code == 2 and "--seconds" in result.output
