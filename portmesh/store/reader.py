@@ -27,6 +27,21 @@ before the resume or after it, never a mix; until the answer comes, snapshots ar
 the last state seen. Updates then come as ``update3`` diffs, applied through
 :class:`portmesh.store.update2.RowCache`. A server without ``monitor_cond_since``
 (before 2.12) gets plain ``monitor`` and a full load on every reconnection.
+
+Leader election (controller high availability): given a ``lock`` name, the reader
+also asks the server for that OVSDB lock (RFC 7047 §4.1.8) on every connection,
+right after it knows the server is the one to talk to, and watches
+``Global.controller_epoch``/``controller_master``. The lock lives on the same
+session as the status writes on purpose: each write then asserts the lock in its
+own transaction, so a controller that lost it (its connection dropped, or a
+``stolen`` notification) cannot write status or claim an epoch any more, even if
+it has not noticed yet. In a Raft cluster a lock is held on the member the
+client is connected to and is not replicated (checked with ovsdb-server 3.1:
+two clients on two members both get the same lock), which is one more reason the
+reader talks to the leader only; the epoch is unique regardless, because its
+increment is a Raft transaction (two increments from the same value conflict).
+ovsdb-server releases a lock when its holder's connection dies, so a ``kill -9``
+of the holder hands the lock to the next waiter at once.
 """
 
 from __future__ import annotations
@@ -64,6 +79,9 @@ ATOM, SET, MAP = "atom", "set", "map"
 UNKNOWN_METHOD = "unknown method"
 SERVER_MONITOR = "server"
 DESIRED_MONITOR = "desired"
+LEADER_MONITOR = "leader"
+# The Global columns naming the current controller master (schema 1.5.0).
+LEADER_COLUMNS = ("controller_epoch", "controller_master")
 # How often the thread looks at request deadlines when nothing else happens.
 TICK_MS = 200
 
@@ -154,7 +172,7 @@ class StateReader:
     those (a Raft cluster).
     """
 
-    def __init__(self, remote: str, timeout: float = 10.0) -> None:
+    def __init__(self, remote: str, timeout: float = 10.0, lock: str | None = None) -> None:
         install_stream_parser()
         self.remote = remote
         self.timeout = timeout
@@ -197,6 +215,16 @@ class StateReader:
         self._monitor_id: Any = None
         self._sent: dict[Any, _Request] = {}
         self._outbox: list[_Request] = []
+        # Leader election (see the module docstring): the lock's name, whether we hold it, the ids of
+        # the lock request and of the leader monitor in flight, the (epoch, master) last seen in
+        # Global, and who to tell when either changes. ``_relock``: give the lock up and queue again.
+        self.lock = lock
+        self._lock_held = False
+        self._lock_id: Any = None
+        self._leader_id: Any = None
+        self._leader: tuple[int, str] = (0, "")
+        self._relock = False
+        self._election_callbacks: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name="portmesh-store-reader", daemon=True)
 
     # -- caller side ------------------------------------------------------------------------------
@@ -242,6 +270,43 @@ class StateReader:
         with self._lock:
             return dict(self._stats)
 
+    # -- leader election (only with a ``lock``) ---------------------------------------------------
+
+    def on_election(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` from the reader thread when the lock is won or lost, or Global's
+        controller epoch/master changes; it then reads :meth:`lock_held` and :meth:`leader`."""
+        self._election_callbacks.append(callback)
+
+    def lock_held(self) -> bool:
+        """Whether the server has granted us the lock on the current connection."""
+        return self._lock_held
+
+    def leader(self) -> tuple[int, str]:
+        """``(controller_epoch, controller_master)`` as the store last said."""
+        return self._leader
+
+    def claim_epoch(self, name: str) -> int:
+        """Increment ``Global.controller_epoch`` and name ``name`` master, asserting the lock, in one
+        transaction; return the new epoch. Raises StoreError when the lock is not ours (any more)."""
+        if self.lock is None:
+            raise StoreError("claim_epoch needs a reader made with a lock")
+        ops: list[dict[str, Any]] = [
+            {"op": "assert", "lock": self.lock},
+            {"op": "mutate", "table": "Global", "where": [], "mutations": [["controller_epoch", "+=", 1]]},
+            {"op": "update", "table": "Global", "where": [], "row": {"controller_master": name}},
+            {"op": "select", "table": "Global", "where": [], "columns": ["controller_epoch"]},
+        ]
+        results = self._transact(ops)
+        rows = results[-1].get("rows", [])
+        if results[1].get("count", 0) != 1 or len(rows) != 1:
+            raise StoreError("the store has no Global row to hold the controller epoch")
+        return int(rows[0]["controller_epoch"])
+
+    def relinquish(self) -> None:
+        """Give the lock up (if held) and queue for it again: a master that found a newer one."""
+        self._relock = True
+        self._wake()
+
     def report_switch(self, host: str, generation: int, connected: bool, waiting: Collection[str] = ()) -> None:
         """Controller: the generation the host's switch has realised, whether it is connected, and the
         containers whose flows still wait for their port (see :class:`HostStatus`)."""
@@ -255,7 +320,9 @@ class StateReader:
                 "switch_waiting": ["set", sorted(waiting)],
             },
         }
-        (result,) = self._transact([op])
+        # With a lock, only its holder writes status: a master that lost it fails here ("not owner").
+        asserted = [{"op": "assert", "lock": self.lock}] if self.lock is not None else []
+        result = self._transact([*asserted, op])[-1]
         if result.get("count", 0) == 0:
             raise NotFound("host", f"host {host!r} does not exist")
 
@@ -305,6 +372,9 @@ class StateReader:
                 if changed:
                     self._notify()
                 self._take_requests()
+                if self._relock:
+                    self._relock = False
+                    self._requeue_lock(session)
                 self._send_outbox(session)
                 self._expire()
                 poller = ovs.poller.Poller()
@@ -320,6 +390,7 @@ class StateReader:
             self._failure = exc
             self._notify()
         finally:
+            self._set_lock_held(False)
             session.close()
             for request in [*self._sent.values(), *self._outbox, *self._drain_requests()]:
                 request.error = "store reader stopped"
@@ -330,6 +401,8 @@ class StateReader:
         self._ready = False
         self._outbox[:0] = self._sent.values()  # unanswered on the old connection: send again
         self._sent.clear()
+        self._lock_id = self._leader_id = None
+        self._set_lock_held(False)  # a lock belongs to a connection: a new one starts without it
         if session.is_connected():
             request = ovs.jsonrpc.Message.create_request(
                 "monitor", ["_Server", SERVER_MONITOR, {"Database": {"columns": ["name", "model", "connected", "leader"]}}]
@@ -340,8 +413,14 @@ class StateReader:
     def _handle(self, session: Any, msg: Any) -> bool:
         """One message; True if the desired state changed."""
         Message = ovs.jsonrpc.Message
+        if msg.type == Message.T_NOTIFY and msg.method in ("locked", "stolen") and msg.params == [self.lock]:
+            self._set_lock_held(msg.method == "locked")
+            return False
         if msg.type == Message.T_NOTIFY and msg.method == "update" and len(msg.params) == 2:
             monitor, updates = msg.params
+            if monitor == LEADER_MONITOR:
+                self._leader_update(updates)
+                return False
             if monitor == SERVER_MONITOR:
                 if self._usable(updates) is False:  # None: this update is about another database
                     log.info("store %s: no longer the connected leader, moving on", session.reconnect.get_name())
@@ -370,6 +449,21 @@ class StateReader:
                 session.force_reconnect()
                 return False
             self._send_monitor(session)
+            return False
+        if self._lock_id is not None and msg.id == self._lock_id:
+            self._lock_id = None
+            if msg.type == Message.T_ERROR:
+                log.error("store %s refused the lock %r: %s", session.reconnect.get_name(), self.lock, msg.error)
+            else:
+                self._set_lock_held(bool(msg.result.get("locked")))
+            return False
+        if self._leader_id is not None and msg.id == self._leader_id:
+            self._leader_id = None
+            if msg.type == Message.T_ERROR:
+                log.error("store %s refused the leader monitor (schema older than 1.5.0? run `python -m "
+                          "portmesh.store upgrade`): %s", session.reconnect.get_name(), msg.error)
+            else:
+                self._leader_update(msg.result)
             return False
         if msg.id == self._monitor_id:
             self._monitor_id = None
@@ -437,6 +531,53 @@ class StateReader:
         self._monitor_id = request.id
         self._monitor_sent = time.monotonic()
         session.send(request)
+        if self.lock is not None:
+            # Only once the server is known to be the one to talk to (the Raft leader): a lock
+            # taken on a follower would be a second, independent lock (see the module docstring).
+            leader = ovs.jsonrpc.Message.create_request(
+                "monitor", [R.SCHEMA_NAME, LEADER_MONITOR, {"Global": {"columns": list(LEADER_COLUMNS)}}]
+            )
+            self._leader_id = leader.id
+            session.send(leader)
+            lock = ovs.jsonrpc.Message.create_request("lock", [self.lock])
+            self._lock_id = lock.id
+            session.send(lock)
+
+    def _requeue_lock(self, session: Any) -> None:
+        """Unlock and lock again: the server hands the lock to the next waiter and queues us behind."""
+        if self.lock is None or not session.is_connected() or not self._ready:
+            return
+        session.send(ovs.jsonrpc.Message.create_request("unlock", [self.lock]))
+        self._set_lock_held(False)
+        lock = ovs.jsonrpc.Message.create_request("lock", [self.lock])
+        self._lock_id = lock.id
+        session.send(lock)
+
+    def _set_lock_held(self, held: bool) -> None:
+        if held != self._lock_held:
+            self._lock_held = held
+            log.info("store lock %r %s", self.lock, "acquired" if held else "not held")
+            self._notify_election()
+
+    def _leader_update(self, updates: dict[str, Any]) -> None:
+        """Global's controller epoch and master, from the leader monitor's (initial) update."""
+        for change in updates.get("Global", {}).values():
+            row = change.get("new")
+            if row is None:
+                continue
+            epoch = int(row.get("controller_epoch", self._leader[0]))
+            master = decode(row.get("controller_master", ["set", []]), SET)
+            leader = (epoch, str(master[0]) if master else "")
+            if leader != self._leader:
+                self._leader = leader
+                self._notify_election()
+
+    def _notify_election(self) -> None:
+        for callback in list(self._election_callbacks):
+            try:
+                callback()
+            except Exception:
+                log.exception("election subscriber %r failed", callback)
 
     def _apply2(self, updates: dict[str, Any]) -> None:
         """Apply ``table-updates2`` (initial/insert/modify/delete) through the row cache."""
