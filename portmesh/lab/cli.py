@@ -53,12 +53,18 @@ def up(
     hosts: Annotated[int, typer.Option(min=1, max=50, help="number of hosts")] = 1,
     name: NameOpt = "lab",
     tune_rmem: Annotated[bool, typer.Option(help="raise net.core.rmem_default to 4 MiB while up")] = True,
+    ha: Annotated[bool, typer.Option("--ha", help="a 3-member Raft store (store-1..3) and two controllers")] = False,
 ) -> None:
-    """Build the lab: namespaces, links, one OVS per host, store, controller, agents, API."""
+    """Build the lab: namespaces, links, one OVS per host, store, controller, agents, API.
+
+    With --ha the store is a 3-member Raft cluster made with the store's own create-cluster and
+    join-cluster commands (clients on 198.18.0.1:6641-6643, Raft on 6644-6646) and two
+    controllers run (controller-1 on 198.18.0.1:6653, controller-2 on 6654).
+    """
     _need_root()
     try:
         with progress(f"lab {name}: starting") as say:
-            state = Lab(name, say=say).up(hosts, tune_rmem=tune_rmem)
+            state = Lab(name, say=say).up(hosts, tune_rmem=tune_rmem, ha=ha)
     except Exception as exc:
         typer.echo(f"lab up failed: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -225,14 +231,22 @@ def _fault(run: Callable[[], faults.FaultReport], as_json: bool) -> None:
 def fault_kill_controller(
     name: NameOpt = "lab",
     sig: Annotated[str, typer.Option("--signal", help="KILL (a crash) or TERM (a graceful stop)")] = "KILL",
+    which: Annotated[str, typer.Option("--which", help="with --ha: master, standby, 1 or 2")] = "master",
     as_json: JsonOpt = False,
 ) -> None:
-    """Kill the controller, start it again, and wait until every switch has reconnected (flow-mods counted)."""
+    """Kill the controller, start it again, and wait until every switch has reconnected (flow-mods counted).
+
+    On a lab up --ha, kill the --which one (default the master, read from the controllers'
+    logs): for a master, how long until the other one became master; then restart it.
+    """
     if sig.upper().removeprefix("SIG") not in ("KILL", "TERM"):
         typer.echo(f"error: --signal: {sig!r} is neither KILL nor TERM", err=True)
         raise typer.Exit(2)
+    if which not in ("master", "standby") and not which.isdigit():
+        typer.echo(f"error: --which: {which!r} is not master, standby or a controller number", err=True)
+        raise typer.Exit(2)
     chosen = signal.Signals["SIG" + sig.upper().removeprefix("SIG")]
-    _fault(lambda: faults.kill_controller(Lab(name), chosen), as_json)
+    _fault(lambda: faults.kill_controller(Lab(name), chosen, which=which), as_json)
 
 
 @fault_app.command("restart-switch")
@@ -272,11 +286,15 @@ def fault_freeze_switch(
 
 @fault_app.command("kill-store-member")
 def fault_kill_store_member(
-    member: Annotated[int, typer.Argument(metavar="N", help="a Raft store member (reserved: the lab store is standalone)")],
+    member: Annotated[str, typer.Argument(metavar="N", help="a store member: 1, 2, 3, or leader (lab up --ha)")],
     name: NameOpt = "lab",
     as_json: JsonOpt = False,
 ) -> None:
-    """Kill member N of a clustered store (reserved: this lab has a standalone store, so it says so and exits 1)."""
+    """Kill -9 store member N (or the current leader) of a lab up --ha, time until the API accepts a write
+    again, restart it and wait until it has rejoined the cluster. A standalone store says so and exits 1."""
+    if member != "leader" and not member.isdigit():
+        typer.echo(f"error: N: {member!r} is not a member number (1..3) nor 'leader'", err=True)
+        raise typer.Exit(2)
     _fault(lambda: faults.kill_store_member(Lab(name), member), as_json)
 
 

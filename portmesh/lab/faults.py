@@ -19,11 +19,15 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import httpx
+
+from portmesh.lab import ha, services
 from portmesh.lab.network import Lab, host_index
 from portmesh.lab.state import LabState, Process
 from portmesh.runtime import procs
@@ -53,6 +57,7 @@ class FaultReport:
     back_s: float  # from the restart until the component was back (see the module docstring)
     flow_mods: int = 0  # flow-mods the controller logged between the restart and "back"
     details: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the numbers do not say (who led, who took over)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -65,10 +70,11 @@ class FaultReport:
             f"restarted as pid {self.new_pid} in {self.restart_s:.2f} s",
             f"{self.target}: back {self.back_s:.2f} s after its restart",
         ]
-        out += [f"  {what}: {secs:.2f} s after the restart" for what, secs in self.details.items()]
+        since = "the kill" if self.fault == "kill-store-member" or self.target.startswith("controller-") else "the restart"
+        out += [f"  {what}: {secs:.2f} s after {since}" for what, secs in self.details.items()]
         if self.fault in ("kill-controller", "restart-switch"):
             out.append(f"  flow-mods sent by the controller meanwhile: {self.flow_mods}")
-        return out
+        return out + [f"  {note}" for note in self.notes]
 
     def _freeze_lines(self) -> list[str]:
         dropped = self.details.get("dropped by echo")
@@ -147,9 +153,19 @@ def _dpid(host: str) -> str:
     return f"{host_index(host):016x}"  # the lab registers host hN with datapath id N
 
 
-def kill_controller(lab: Lab, sig: signal.Signals = signal.SIGKILL, timeout: float = 30.0) -> FaultReport:
-    """Kill the controller with ``sig``, start it again, wait until every switch has reconnected."""
+def kill_controller(
+    lab: Lab, sig: signal.Signals = signal.SIGKILL, timeout: float = 30.0, which: str = "master"
+) -> FaultReport:
+    """Kill the controller with ``sig``, start it again, wait until every switch has reconnected.
+
+    On an ``--ha`` lab ``which`` (``master``, ``standby``, ``1`` or ``2``) picks one of the two:
+    see :func:`kill_ha_controller`.
+    """
     state = _state(lab)
+    if state.ha:
+        return kill_ha_controller(lab, state, which, sig, timeout)
+    if which != "master":
+        raise FaultError(f"--which: lab {lab.name} has one controller (no --ha): there is no {which!r} to choose")
     old = _process(state, "controller")
     down = _kill(old, sig, timeout=10.0)
     ctl_log = old.log
@@ -228,15 +244,6 @@ def kill_agent(lab: Lab, host: str, timeout: float = 30.0) -> FaultReport:
     return FaultReport("kill-agent", label, old.pid, new.pid, "KILL", down, restart, back)
 
 
-def kill_store_member(lab: Lab, member: int) -> FaultReport:
-    """Reserved for a Raft store (issue 13 item 5); this lab's store is one standalone ovsdb-server."""
-    _state(lab)
-    raise FaultError(
-        f"N: lab {lab.name} has a standalone store (one ovsdb-server, no Raft cluster): there is no member {member} to kill "
-        "without stopping the store itself"
-    )
-
-
 def controllers(state: LabState) -> list[Process]:
     """The lab's controller processes: ``controller``, or ``controller-1`` and ``controller-2`` with --ha."""
     return [p for p in state.processes if p.label == "controller" or p.label.startswith("controller-")]
@@ -313,3 +320,177 @@ def freeze_switch(lab: Lab, host: str, seconds: float = 30.0, timeout: float = 3
     back = time.monotonic() - t1
     mods = sum(int(m[2]) + int(m[3]) for m in FLOWS_RE.finditer(logs()) if m[1] == dpid)
     return FaultReport("freeze-switch", label, proc.pid, proc.pid, "STOP", detected, frozen, back, mods, details)
+
+
+# -- the --ha lab (issue 13 items 5, 6): store members and the two controllers ----------------------
+PROBE_HOST = "fault-probe"  # the host record kill-store-member writes (and removes) to see writes accepted
+PROBE_DPID = 0xFA017  # far from the lab's hosts (datapath id = host number)
+MASTER_RE = re.compile(r"became master")
+ROLE_RE = re.compile(r"became master|became standby|standby: ")
+
+
+def _api_write(lab: Lab, state: LabState) -> bool:
+    """One API write (``host add`` of a compute host no switch will ever claim); True if the store took it.
+
+    409 counts: the record exists, so an earlier attempt whose answer was lost was written.
+    """
+    try:
+        reply = lab.api(state).http.post(
+            "/v1/hosts", json={"name": PROBE_HOST, "datapath_id": PROBE_DPID, "role": "compute"}, timeout=5.0
+        )
+    except httpx.HTTPError:
+        return False
+    return reply.status_code in (200, 201, 409)
+
+
+def _remove_probe_host(lab: Lab, state: LabState, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if lab.api(state).http.delete(f"/v1/hosts/{PROBE_HOST}", timeout=5.0).status_code in (200, 204, 404):
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise FaultError(f"could not remove the probe host {PROBE_HOST} within {timeout:.0f} s")
+        time.sleep(POLL_S)
+
+
+def _member_number(state: LabState, member: str) -> tuple[int, int | None]:
+    """(the member to kill, the current leader) for N = 1..3 or ``leader``."""
+    lead = ha.leader(state)
+    if member == "leader":
+        if lead is None:
+            raise FaultError("N: no store member leads right now (an election is running); try again")
+        return lead, lead
+    if not member.isdigit() or not 1 <= int(member) <= services.STORE_MEMBERS:
+        raise FaultError(f"N: {member!r} is not a store member (1..{services.STORE_MEMBERS} or 'leader')")
+    return int(member), lead
+
+
+def kill_store_member(lab: Lab, member: str, timeout: float = 60.0) -> FaultReport:
+    """Kill -9 store member N (or the leader), time the API's write outage, restart it, wait until it rejoined.
+
+    ``back_s`` is from the restart until the member is again a cluster member following a
+    leader (its own ``cluster/status``); ``details`` has the write outage and, for a leader, the
+    time until a survivor led.
+    """
+    state = _state(lab)
+    if not state.ha:
+        raise FaultError(
+            f"N: lab {lab.name} has a standalone store (one ovsdb-server, no Raft cluster): there is no member {member} "
+            "to kill without stopping the store itself (lab up --ha makes a 3-member cluster)"
+        )
+    if not state.api_url:
+        raise FaultError(f"lab {lab.name} has no API to write through")
+    n, lead = _member_number(state, member)
+    label = services.member_label(n)
+    old = _process(state, label)
+    if not procs.alive(old.ref):
+        raise FaultError(f"{label}: pid {old.pid} is not running")
+    details: dict[str, float] = {}
+    done = threading.Event()
+
+    def watch_election() -> None:  # a write may block for seconds: the election is timed beside it
+        while not done.is_set():
+            if ha.leader(state) not in (None, n):
+                details["new leader elected"] = time.monotonic() - t0
+                return
+            time.sleep(POLL_S)
+
+    watcher = threading.Thread(target=watch_election, daemon=True)
+    t0 = time.monotonic()
+    down = _kill(old, signal.SIGKILL, timeout=10.0)
+    if lead == n:
+        watcher.start()
+    try:
+        deadline = t0 + timeout
+        while "API write accepted again" not in details:
+            if _api_write(lab, state):
+                details["API write accepted again"] = time.monotonic() - t0
+            elif time.monotonic() > deadline:
+                raise FaultError(f"{label}: the API accepted no write within {timeout:.0f} s of the kill")
+            else:
+                time.sleep(POLL_S)
+        if watcher.is_alive():
+            watcher.join(timeout)
+    finally:
+        done.set()
+        t1 = time.monotonic()
+        new = lab.restart(label)
+        restart = time.monotonic() - t1
+    t2 = time.monotonic()
+    state = _state(lab)
+    try:
+        ha.wait_member_rejoined(state, n, timeout)
+    except ha.ClusterError as exc:
+        raise FaultError(str(exc)) from None
+    back = time.monotonic() - t2
+    details[f"{label} rejoined"] = time.monotonic() - t0
+    _remove_probe_host(lab, state, timeout)
+    now = ha.leader(state)
+    notes = [f"{label} was {'the leader' if lead == n else f'a follower (store-{lead} led)'}; "
+             f"store-{now} leads now" if now else "no leader known now"]
+    return FaultReport("kill-store-member", label, old.pid, new.pid, "KILL", down, restart, back, 0, details, notes)
+
+
+def _choose_controller(state: LabState, which: str) -> tuple[Process, Process, str]:
+    """(the controller to kill, the other one, the chosen one's role) for master, standby or 1/2."""
+    ctls = {p.label: p for p in controllers(state)}
+    labels = [services.controller_label(n) for n in range(1, services.HA_CONTROLLERS + 1)]
+    if any(label not in ctls for label in labels):
+        raise FaultError(f"lab {state.name} has no {' and '.join(labels)} (its controllers: {', '.join(ctls) or 'none'})")
+    roles = {label: ha.controller_state(ctls[label]) for label in labels}
+    if which in ("master", "standby"):
+        chosen = [label for label in labels if roles[label] == which]
+        if len(chosen) != 1:
+            raise FaultError(f"--which: no single {which} controller right now (roles from their logs: {roles})")
+        label = chosen[0]
+    elif which.isdigit() and 1 <= int(which) <= services.HA_CONTROLLERS:
+        label = services.controller_label(int(which))
+    else:
+        raise FaultError(f"--which: {which!r} is not master, standby or 1..{services.HA_CONTROLLERS}")
+    (other,) = (ctls[o] for o in labels if o != label)
+    return ctls[label], other, roles[label]
+
+
+def kill_ha_controller(lab: Lab, state: LabState, which: str, sig: signal.Signals, timeout: float) -> FaultReport:
+    """Kill one of the two controllers; if it was master, time until the other says ``became master``;
+    restart it and wait until it names its role again (standby, or master if the other died meanwhile).
+
+    ``details``: takeover (from the signal), and the restarted one's role line (from its restart).
+    ``flow_mods``: flow-mods both logged from the signal until back (a takeover must send none).
+    """
+    deadline = time.monotonic() + timeout
+    while True:  # right after a store election the lock may be between holders for a few seconds
+        try:
+            chosen, other, role = _choose_controller(state, which)
+            break
+        except FaultError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(POLL_S)
+    offsets = {chosen.log: _log_size(chosen.log), other.log: _log_size(other.log)}
+    details: dict[str, float] = {}
+    t0 = time.monotonic()
+    down = _kill(chosen, sig, timeout=10.0)
+    try:
+        if role == "master":
+            _wait(f"{other.label}: taking over as master",
+                  lambda: MASTER_RE.search(_log_since(other.log, offsets[other.log])) is not None, timeout, other.ref)
+            details[f"{other.label} became master"] = time.monotonic() - t0
+    finally:
+        log_at = _log_size(chosen.log)
+        t1 = time.monotonic()
+        new = lab.restart(chosen.label)
+        restart = time.monotonic() - t1
+    t2 = time.monotonic()
+    _wait(f"{chosen.label}: naming its role after the restart",
+          lambda: ROLE_RE.search(_log_since(chosen.log, log_at)) is not None, timeout, new.ref)
+    back = time.monotonic() - t2
+    new_role = ha.controller_state(new)
+    details[f"{chosen.label} back as {new_role or '?'}"] = time.monotonic() - t0
+    mods = sum(flow_mods_in(_log_since(path, off)) for path, off in offsets.items())
+    notes = [f"{chosen.label} was {role or 'of unknown role'}; {other.label} is {ha.controller_state(other) or '?'} now"]
+    return FaultReport("kill-controller", chosen.label, chosen.pid, new.pid, sig.name.removeprefix("SIG"), down, restart,
+                       back, mods, details, notes)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
-from portmesh.lab import link, node, services, sysctl
+from portmesh.lab import ha, link, node, services, sysctl
 from portmesh.lab.ovs import OvsInstance, wait_unix_socket
 from portmesh.lab.state import LAB_NAME_RE, LabState, Process, lab_dir
 from portmesh.model.config import DEFAULT_CONFIG, NetworkConfig
@@ -84,11 +84,14 @@ class Lab:
 
     # -- up -----------------------------------------------------------------------
 
-    def up(self, hosts: int = 1, tune_rmem: bool = True) -> LabState:
-        """Build the lab; on any failure tear down what was built, then re-raise."""
+    def up(self, hosts: int = 1, tune_rmem: bool = True, ha: bool = False) -> LabState:
+        """Build the lab; on any failure tear down what was built, then re-raise.
+
+        ``ha``: the store is a 3-member Raft cluster and two controllers run (see ha.py).
+        """
         if self.state() is not None:
             raise FileExistsError(f"lab {self.name} is already up (state in {lab_dir(self.name)}); run down first")
-        state = LabState(self.name, hosts=[f"h{i}" for i in range(1, hosts + 1)])
+        state = LabState(self.name, hosts=[f"h{i}" for i in range(1, hosts + 1)], ha=ha)
         state.dir.mkdir(parents=True, exist_ok=True)
         state.save()
         try:
@@ -151,7 +154,8 @@ class Lab:
     def _start_agent(self, state: LabState, host: str) -> None:
         state.agent_state_dirs.append(str(services.agent_state_dir(state.dir, host)))
         state.save()
-        argv = services.agent_argv(state.dir, host, ovs_of(state, host).remote, state.prefix, state.docker_url)
+        argv = services.agent_argv(state.dir, host, ovs_of(state, host).remote, state.prefix, state.docker_url,
+                                   store=state.agent_store, controller=state.agent_controller)
         self._spawn(state, f"agent:{host}", argv, state.ns(host))
 
     def _start_components(self, state: LabState) -> None:
@@ -159,12 +163,16 @@ class Lab:
         if not services.available("portmesh.store.__main__"):
             self.say("portmesh.store is not there yet: no store, controller, agents or API started")
             return
-        store = self._spawn(state, "store", services.store_argv(labdir), state.ns("mgmt"))
-        wait_unix_socket(services.store_socket(labdir), store.ref)
-        if services.available("portmesh.controller.__main__"):
-            self._spawn(state, "controller", services.controller_argv(labdir), state.ns("mgmt"))
+        api_store = ""
+        if state.ha:
+            api_store = self._start_ha(state)
         else:
-            self.say("portmesh.controller is not there yet: no controller started (switches stay fail-secure)")
+            store = self._spawn(state, "store", services.store_argv(labdir), state.ns("mgmt"))
+            wait_unix_socket(services.store_socket(labdir), store.ref)
+            if services.available("portmesh.controller.__main__"):
+                self._spawn(state, "controller", services.controller_argv(labdir), state.ns("mgmt"))
+            else:
+                self.say("portmesh.controller is not there yet: no controller started (switches stay fail-secure)")
         if not services.available("portmesh.api.__main__"):
             self.say("portmesh.api is not there yet: no API started and no host registered")
         else:
@@ -173,7 +181,7 @@ class Lab:
             # /run/portmesh/lab/api.token), so `portmesh lab up; portmesh run ...` needs no settings.
             port = services.free_port(services.DEFAULT_API_PORT if self.name == services.DEFAULT_LAB else 0)
             state.api_url = f"http://127.0.0.1:{port}"
-            self._spawn(state, "api", services.api_argv(labdir, port))
+            self._spawn(state, "api", services.api_argv(labdir, port, store=api_store))
             services.wait_http(f"{state.api_url}/v1/hosts")
             for host in state.hosts:
                 self._register(state, host)
@@ -184,6 +192,37 @@ class Lab:
                 self._start_agent(state, host)
         else:
             self.say("portmesh.agent is not there yet: no agents started")
+
+    def _start_ha(self, state: LabState) -> str:
+        """The 3-member Raft store and the two controllers (ha.py); returns the API's store remote.
+
+        The controllers get ``--name controller-N`` and the agents every controller, each only
+        once the component takes it (the flags are being added alongside): until then a
+        controller runs unnamed and the agents are given controller-1 alone.
+        """
+        labdir, mgmt = state.dir, state.ns("mgmt")
+        ha.make_cluster(state)
+        for n in range(1, services.STORE_MEMBERS + 1):
+            member = self._spawn(state, services.member_label(n), services.member_argv(labdir, n), mgmt)
+            wait_unix_socket(services.member_socket(labdir, n), member.ref)
+        lead = ha.wait_formed(state)
+        self.say(f"lab {self.name}: store cluster of {services.STORE_MEMBERS} members formed, store-{lead} leads")
+        state.agent_store = services.cluster_tcp_remote()
+        multi = services.takes_flag("portmesh.agent", "--controller", "tcp:IP:PORT[,")
+        state.agent_controller = services.ha_controller_targets() if multi else services.ha_controller_target(1)
+        state.save()
+        if not services.available("portmesh.controller.__main__"):
+            self.say("portmesh.controller is not there yet: no controller started (switches stay fail-secure)")
+            return services.cluster_unix_remote(labdir)
+        named = services.takes_flag("portmesh.controller", "--name")
+        for n in range(1, services.HA_CONTROLLERS + 1):
+            label = services.controller_label(n)
+            argv = services.controller_argv(labdir, services.cluster_tcp_remote(), services.ha_controller_target(n),
+                                            label if named else "")
+            self._spawn(state, label, argv, mgmt)
+        if not multi:
+            self.say(f"lab {self.name}: the agent takes one --controller: switches connect to controller-1 only")
+        return services.cluster_unix_remote(labdir)
 
     def _container_engine(self, state: LabState) -> None:
         """A Docker daemon if the machine has one, else a Podman service of the lab's own; the busybox image in it.
@@ -431,7 +470,24 @@ class Lab:
                 p.label: {"pid": p.pid, "alive": procs.alive(p.ref), "netns": p.netns, "log": p.log} for p in state.processes
             },
             "sysctls_changed": state.sysctls,
+            **(self._ha_status(state) if state.ha else {}),
         }
+
+    @staticmethod
+    def _ha_status(state: LabState) -> dict[str, object]:
+        """The store members as each describes itself, and each controller's role from its log."""
+        store = {
+            services.member_label(m.member): {"role": m.role or None, "status": m.status or m.error, "term": m.term}
+            for m in ha.members(state)
+        }
+        lead = ha.leader(state)
+        ctls = {
+            p.label: {"pid": p.pid, "alive": procs.alive(p.ref), "role": ha.controller_state(p) or None,
+                      "listen": p.argv[p.argv.index("--listen") + 1] if "--listen" in p.argv else None}
+            for p in state.processes if p.label.startswith("controller-")
+        }
+        return {"ha": True, "store_members": store, "store_leader": services.member_label(lead) if lead else None,
+                "controllers": ctls}
 
     def netns_of(self, target: str) -> str:
         """Namespace of a lab node (``inet``, ``mgmt``, ``h1``...) or of a container (asked from the API)."""

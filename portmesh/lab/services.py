@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import secrets
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,12 +63,102 @@ def store_argv(labdir: Path) -> list[str]:
     ]
 
 
-def controller_target() -> str:
-    return f"tcp:{CONTROLLER_IP}:{CONTROLLER_PORT}"
+def controller_target(port: int = CONTROLLER_PORT) -> str:
+    return f"tcp:{CONTROLLER_IP}:{port}"
 
 
-def controller_argv(labdir: Path) -> list[str]:
-    return [PY, "-m", "portmesh.controller", "--store", store_remote(labdir), "--listen", controller_target()]
+def controller_argv(labdir: Path, store: str = "", listen: str = "", name: str = "") -> list[str]:
+    """The controller; with --ha each of the two gets the cluster's remotes, its own port and ``--name``."""
+    argv = [PY, "-m", "portmesh.controller", "--store", store or store_remote(labdir), "--listen", listen or controller_target()]
+    return argv + (["--name", name] if name else [])
+
+
+# -- the --ha lab: a 3-member Raft store and two controllers, all in the mgmt namespace --------------
+# Member N (1..3) serves clients on 198.18.0.1:664N and talks Raft on 198.18.0.1:664(N+3);
+# controller-N listens on 198.18.0.1:665(2+N). One address, so every port is the lab's own
+# (each lab has its own mgmt namespace).
+STORE_MEMBERS = 3
+HA_CONTROLLERS = 2
+STORE_DB_NAME = "Portmesh"  # the schema's name: ovs-appctl cluster/status takes it
+
+
+def member_label(n: int) -> str:
+    return f"store-{n}"
+
+
+def member_client_port(n: int) -> int:
+    return STORE_PORT + n
+
+
+def member_raft_address(n: int) -> str:
+    return f"tcp:{CONTROLLER_IP}:{STORE_PORT + STORE_MEMBERS + n}"
+
+
+def member_db(labdir: Path, n: int) -> Path:
+    return labdir / f"store-{n}.db"
+
+
+def member_socket(labdir: Path, n: int) -> Path:
+    return labdir / f"store-{n}.sock"
+
+
+def member_ctl(labdir: Path, n: int) -> Path:
+    """Member N's unixctl socket (``serve`` puts it next to the unix socket): for ``cluster/status``."""
+    return member_socket(labdir, n).with_suffix(".ctl")
+
+
+def cluster_tcp_remote() -> str:
+    """Every member over TCP (controllers, agents): the clients follow the leader among them."""
+    return ",".join(f"tcp:{CONTROLLER_IP}:{member_client_port(n)}" for n in range(1, STORE_MEMBERS + 1))
+
+
+def cluster_unix_remote(labdir: Path) -> str:
+    """Every member by its unix socket: for the API, which runs outside the mgmt namespace."""
+    return ",".join(f"unix:{member_socket(labdir, n)}" for n in range(1, STORE_MEMBERS + 1))
+
+
+def create_cluster_argv(labdir: Path) -> list[str]:
+    return [PY, "-m", "portmesh.store", "create-cluster", "--db", str(member_db(labdir, 1)), "--local", member_raft_address(1)]
+
+
+def join_cluster_argv(labdir: Path, n: int) -> list[str]:
+    return [PY, "-m", "portmesh.store", "join-cluster", "--db", str(member_db(labdir, n)), "--local", member_raft_address(n),
+            "--remote", member_raft_address(1)]
+
+
+def member_argv(labdir: Path, n: int) -> list[str]:
+    return [
+        PY, "-m", "portmesh.store", "serve",
+        "--db", str(member_db(labdir, n)),
+        "--socket", str(member_socket(labdir, n)),
+        "--tcp", f"{CONTROLLER_IP}:{member_client_port(n)}",
+        "--log-file", str(labdir / f"store-{n}.log"),
+    ]  # fmt: skip
+
+
+def controller_label(n: int) -> str:
+    return f"controller-{n}"
+
+
+def ha_controller_target(n: int) -> str:
+    return controller_target(CONTROLLER_PORT + n - 1)
+
+
+def ha_controller_targets() -> str:
+    return ",".join(ha_controller_target(n) for n in range(1, HA_CONTROLLERS + 1))
+
+
+def takes_flag(module: str, flag: str, text: str = "") -> bool:
+    """True if ``python -m module --help`` mentions ``flag`` (and ``text``, when given).
+
+    The components grow flags in parallel with the lab (the controller's --name, the agent's
+    list of controllers): the lab passes a flag only to a component that knows it.
+    """
+    try:
+        out = subprocess.run([PY, "-m", module, "--help"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return flag in out and text in out
 
 
 def podman_socket(labdir: Path) -> Path:
@@ -83,7 +174,9 @@ def podman_argv(labdir: Path) -> list[str]:
     return ["podman", "--runtime", "runc", "system", "service", "--time=0", f"unix://{podman_socket(labdir)}"]
 
 
-def agent_argv(labdir: Path, host: str, ovsdb_remote: str, prefix: str, docker_url: str = "") -> list[str]:
+def agent_argv(
+    labdir: Path, host: str, ovsdb_remote: str, prefix: str, docker_url: str = "", store: str = "", controller: str = ""
+) -> list[str]:
     """The agent as its systemd unit runs it on a real host: store and controller over TCP, its underlay device."""
     return [
         PY,
@@ -92,11 +185,11 @@ def agent_argv(labdir: Path, host: str, ovsdb_remote: str, prefix: str, docker_u
         "--host",
         host,
         "--store",
-        store_tcp_remote(),
+        store or store_tcp_remote(),
         "--ovsdb",
         ovsdb_remote,
         "--controller",
-        controller_target(),
+        controller or controller_target(),
         "--netns-prefix",
         prefix,
         "--state-dir",
@@ -112,13 +205,13 @@ def agent_state_dir(labdir: Path, host: str) -> Path:
     return labdir / host / "agent"
 
 
-def api_argv(labdir: Path, port: int) -> list[str]:
+def api_argv(labdir: Path, port: int, store: str = "") -> list[str]:
     return [
         PY,
         "-m",
         "portmesh.api",
         "--store",
-        store_remote(labdir),
+        store or store_remote(labdir),
         "--listen",
         f"127.0.0.1:{port}",
         "--token-file",

@@ -59,6 +59,9 @@ class LabState:
     agent_state_dirs: list[str] = field(default_factory=list)
     api_url: str = ""
     docker_url: str = ""  # the engine image containers go to (a Docker daemon, or the lab's Podman service)
+    ha: bool = False  # lab up --ha: store-1..3 (a Raft cluster) and controller-1, controller-2
+    agent_store: str = ""  # the store remote(s) and controller target(s) the agents were given ("" = the defaults)
+    agent_controller: str = ""
 
     @property
     def dir(self) -> Path:

@@ -12,7 +12,7 @@ import signal
 import pytest
 from typer.testing import CliRunner
 
-from portmesh.lab import faults
+from portmesh.lab import faults, ha
 from portmesh.lab.cli import app
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="lab commands need root")
@@ -24,7 +24,8 @@ NOLAB = f"nolab{os.getpid() % 10000}"
 @pytest.mark.parametrize(
     "argv",
     [["kill-controller"], ["kill-controller", "--signal", "TERM"], ["restart-switch", "h2"], ["kill-agent", "h2"],
-     ["kill-store-member", "1"], ["freeze-switch", "h1"], ["freeze-switch", "h1", "--seconds", "2"]],
+     ["kill-store-member", "1"], ["kill-store-member", "leader"], ["kill-controller", "--which", "standby"],
+     ["freeze-switch", "h1"], ["freeze-switch", "h1", "--seconds", "2"]],
 )
 def test_a_fault_on_a_lab_that_is_not_up_is_one_line_and_exit_1(argv: list[str]) -> None:
     result = runner.invoke(app, ["fault", *argv, "--name", NOLAB])
@@ -86,3 +87,43 @@ def test_a_freeze_report_says_when_it_was_noticed_and_when_it_was_back() -> None
 def test_freeze_seconds_must_be_positive() -> None:
     result = runner.invoke(app, ["fault", "freeze-switch", "h1", "--seconds", "0", "--name", NOLAB])
     assert result.exit_code == 2 and "--seconds" in result.output
+
+
+@pytest.mark.parametrize("argv", [["kill-store-member", "first"], ["kill-controller", "--which", "primary"]])
+def test_a_member_or_controller_that_is_no_name_nor_number_is_a_usage_error(argv: list[str]) -> None:
+    result = runner.invoke(app, ["fault", *argv, "--name", NOLAB])
+    assert result.exit_code == 2
+    assert argv[-1] in result.output
+
+
+CLUSTER_STATUS = """a5c1
+Name: Portmesh
+Cluster ID: 0b4e (0b4e6c1c-5a4d-4b7e-9f4b-2e0f6f0c3a11)
+Server ID: a5c1 (a5c1f9e2-7d3b-4c1a-8e1f-0d9c2b7a6e55)
+Address: tcp:198.18.0.1:6645
+Status: cluster member
+Role: follower
+Term: 3
+Leader: 77d0
+Vote: 77d0
+
+Last Election started 1234 ms ago, reason: leadership_transfer
+Election timer: 1000
+Log: [2, 14]
+Entries not yet committed: 0
+Entries not yet applied: 0
+Connections: ->77d0 ->3f21 <-77d0 <-3f21
+Disconnections: 1
+Servers:
+    77d0 (77d0 at tcp:198.18.0.1:6644) next_index=14 match_index=13
+    a5c1 (a5c1 at tcp:198.18.0.1:6645) (self)
+    3f21 (3f21 at tcp:198.18.0.1:6646) next_index=14 match_index=13
+"""
+
+
+def test_a_members_cluster_status_is_read_as_ovsdb_server_writes_it() -> None:
+    st = ha.parse_cluster_status(2, CLUSTER_STATUS)
+    assert (st.member, st.role, st.status, st.term, st.servers) == (2, "follower", "cluster member", 3, 3)
+    assert st.member_of_cluster
+    joining = ha.parse_cluster_status(3, "Name: Portmesh\nStatus: joining cluster\nRole: follower\nTerm: 0\n")
+    assert not joining.member_of_cluster and joining.servers == 0
