@@ -3,7 +3,8 @@
 A 2-host lab with a 3-member Raft store and two controllers: ``lab status`` shows three members
 (one leader) and two controllers (one master), a container with a mapping answers from inet
 (and a port it does not map does not: the negative check, with the mapped port as its control),
-and ``lab down`` leaves nothing: no namespace, no process, no interface or address in the
+``lab fault kill-store-member leader`` and ``kill-controller [--which standby]`` work on it
+from the CLI, and ``lab down`` leaves nothing: no namespace, no process, no interface or address in the
 machine's namespace, no state directory. The lab is taken down whatever happens.
 
 Reproduce by hand: ``portmesh lab up --ha --hosts 2; portmesh lab status; portmesh lab down``.
@@ -79,6 +80,14 @@ def wait_roles(name: str, timeout: float = 30.0) -> dict[str, Any]:
         time.sleep(0.2)
 
 
+def fault(name: str, *argv: str) -> dict[str, Any]:
+    r = pm("lab", "fault", *argv, "--name", name, "--json", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result: dict[str, Any] = json.loads(r.stdout)
+    print(" ".join(argv), "->", result)
+    return result
+
+
 def udp_once(state: LabState, port: int) -> str:
     argv = [sys.executable, "-c", UDP_ONCE, IP, str(port)]
     return node.run(argv, netns=state.ns("inet")).stdout.strip()
@@ -122,6 +131,21 @@ def test_lab_up_ha_runs_three_store_members_two_controllers_and_down_leaves_noth
         assert f"local={IP}:{PORT}" in answer, answer
         assert udp_once(state, UNMAPPED) == "timeout"  # it listens there too, but the port is not mapped
         assert udp_once(state, PORT).startswith("name=hac1")  # and the mapped one still answers (control)
+
+        # The drills a user runs on it (portmesh lab fault ... --json): each restarts what it killed.
+        killed = fault(name, "kill-store-member", "leader")
+        assert killed["target"] == st["store_leader"] and "was the leader" in killed["notes"][0], killed
+        assert killed["details"]["API write accepted again"] <= 10, killed
+        master = next(c for c, v in wait_roles(name)["controllers"].items() if v["role"] == "master")
+        taken = fault(name, "kill-controller")  # --which master is the default
+        standby = ({"controller-1", "controller-2"} - {master}).pop()
+        assert taken["target"] == master and f"{standby} became master" in taken["details"], taken
+        assert taken["flow_mods"] == 0, taken
+        again = fault(name, "kill-controller", "--which", "standby", "--signal", "TERM")
+        assert again["target"] == master and list(again["details"]) == [f"{master} back as standby"], again
+        st = wait_roles(name)
+        assert st["controllers"][standby]["role"] == "master" and all(p["alive"] for p in st["processes"].values())
+        assert udp_once(state, PORT).startswith("name=hac1")  # the mapping answers after all of it
     finally:
         down = pm("lab", "down", "--name", name, timeout=180)
     assert down.returncode == 0 and "nothing left" in down.stdout + down.stderr, down.stdout + down.stderr
