@@ -303,11 +303,14 @@ def freeze_switch(lab: Lab, host: str, seconds: float = 30.0, timeout: float = 3
     t1 = time.monotonic()
     dropped = "dropped by echo" in details
 
+    def reconnected(text: str) -> bool:
+        """Every controller that dropped the switch has it again (with --ha the switch talks to both)."""
+        drops = [m.end() for m in ECHO_DROP_RE.finditer(text) if m[1] == dpid]
+        return not drops or any(m[1] == dpid for m in CONNECTED_RE.finditer(text, drops[-1]))
+
     def programmed() -> bool:
-        text = logs()
         if dropped and "reconnected" not in details:
-            drop_at = max(m.end() for m in ECHO_DROP_RE.finditer(text) if m[1] == dpid)
-            if not any(m[1] == dpid for m in CONNECTED_RE.finditer(text, drop_at)):
+            if not all(reconnected(_log_since(path, off)) for path, off in offsets.items()):
                 return False
             details["reconnected"] = time.monotonic() - t1
         status = _switch_status(lab, state, host)
