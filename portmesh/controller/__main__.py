@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -16,6 +17,9 @@ from portmesh.controller.service import Controller
 from portmesh.store.reader import StateReader
 
 log = logging.getLogger("portmesh.controller")
+
+# The OVSDB lock every controller instance asks for; its holder is master (see portmesh/controller/roles.py).
+LOCK = "portmesh_controller"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="send a switch an echo request after this long without a message from it (0: never)")
     ap.add_argument("--echo-timeout", type=float, default=5.0, metavar="SECONDS",
                     help="drop a switch's connection when an echo request gets no answer within this long")
+    ap.add_argument("--name", default=socket.gethostname(),
+                    help="this instance's name in logs, metrics and the store's controller_master (default: hostname)")
     ap.add_argument("--log-level", default="INFO")
     return ap.parse_args(argv)
 
@@ -61,10 +67,12 @@ async def supervise(main: Awaitable[None], stop: asyncio.Event, is_serving: Call
 async def serve(args: argparse.Namespace) -> None:
     # The desired state through a lean monitor, not the IDL client: at 100,000 mappings the IDL's
     # replica alone was ~200 MB and ~6 s of loading on top of the state itself (store/reader.py).
-    store = StateReader(args.store)
+    # It also holds the election's lock: every status write asserts it (store/reader.py).
+    store = StateReader(args.store, lock=LOCK)
     await asyncio.to_thread(store.start)
     # The network config comes with every snapshot (the store's Global row), never from here.
-    controller = Controller(store, echo_idle=args.echo_idle, echo_timeout=args.echo_timeout)
+    controller = Controller(store, echo_idle=args.echo_idle, echo_timeout=args.echo_timeout,
+                            election=store, name=args.name)
     controller.attach()
     if args.metrics:
         addr, _, port = args.metrics.rpartition(":")
@@ -77,7 +85,7 @@ async def serve(args: argparse.Namespace) -> None:
         server = await asyncio.start_unix_server(controller.handle_switch, where)
     else:
         raise SystemExit(f"--listen: {args.listen!r} is neither tcp:IP:PORT nor unix:PATH")
-    log.info("listening for switches on %s", args.listen)
+    log.info("%s listening for switches on %s", args.name, args.listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

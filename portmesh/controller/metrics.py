@@ -27,6 +27,12 @@ class ControllerMetrics:
                            registry=self.registry)
         self.generation = Gauge("portmesh_controller_generation", "Store generation the switch realises", ["host"],
                                 registry=self.registry)
+        self.is_master = Gauge("portmesh_controller_is_master",
+                               "1 if this instance holds the store lock and programs the switches, 0 if standby",
+                               registry=self.registry)
+        self.epoch = Gauge("portmesh_controller_epoch",
+                           "Controller epoch (OpenFlow role generation id) of the current master as this instance knows it",
+                           registry=self.registry)
         self.switches = Gauge("portmesh_controller_switches", "Connected switches", registry=self.registry)
         self.icmp_errors = Counter(
             "portmesh_controller_icmp_errors",

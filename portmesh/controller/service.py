@@ -13,6 +13,14 @@ that host (what ``--wait`` waits for), together with the host's containers
 that have no port on the switch yet, hence no flows: a
 container that cannot start never gets a port, and waiting for it would hold
 back every later write on its host (the API waits per object instead).
+
+With an :class:`Election` (the process always has one: the store's lock), only
+the master syncs flows, reports switch status and answers packet-ins; a standby
+keeps its switch connections (role SLAVE) and its port maps, and writes nothing.
+On winning the lock it claims a new epoch, and each switch is then asked for
+MASTER with that generation id, its cookies re-read and fully synced (zero
+flow-mods when nothing changed) before its status is reported. See
+:mod:`portmesh.controller.roles` for how a stale master is stopped.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from portmesh.controller.encoding import DP, EncodingCache, ofp, parser, seriali
 from portmesh.controller.metrics import ControllerMetrics
 from portmesh.controller.pipeline import Table
 from portmesh.controller.reject import refusal
+from portmesh.controller.roles import Role, Step, error_says_newer_master, next_step, request_role, says_newer_master
 from portmesh.controller.switch import Switch
 from portmesh.model.entities import DesiredState
 
@@ -56,11 +65,39 @@ class StateSource(Protocol):
     def report_switch(self, host: str, generation: int, connected: bool, waiting: Collection[str] = ()) -> None: ...
 
 
+class Election(Protocol):
+    """Leader election through the store (portmesh.store.reader.StateReader made with a lock)."""
+
+    def on_election(self, callback: Any) -> None: ...
+
+    def lock_held(self) -> bool: ...
+
+    def leader(self) -> tuple[int, str]: ...
+
+    def claim_epoch(self, name: str) -> int: ...
+
+    def relinquish(self) -> None: ...
+
+
 class Controller:
     """Accepts switch connections and keeps every switch equal to the compiled desired state."""
 
-    def __init__(self, store: StateSource, echo_idle: float = 5.0, echo_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        store: StateSource,
+        echo_idle: float = 5.0,
+        echo_timeout: float = 5.0,
+        election: Election | None = None,
+        name: str = "controller",
+    ) -> None:
         self.store = store
+        # Without an election (tests with an in-memory store) this instance is the only one: always
+        # master, and no role is asked (the switch's default, EQUAL, lets it write).
+        self.election = election
+        self.name = name
+        self.master = election is None
+        self.epoch = 0
+        self._election_changed = asyncio.Event()
         # The newest snapshot and the flows shared by every switch's compiler, built for its config.
         self.state: DesiredState | None = None
         self.common: CommonFlows | None = None
@@ -86,9 +123,117 @@ class Controller:
         loop = asyncio.get_running_loop()
         self.store.subscribe(lambda: loop.call_soon_threadsafe(self._dirty.set))
         self._dirty.set()
+        if self.election is not None:
+            self.election.on_election(lambda: loop.call_soon_threadsafe(self._election_changed.set))
+            self._election_changed.set()
+        self.metrics.is_master.set(int(self.master))
 
     async def run(self) -> None:
-        """Converge forever: wait for a change, wake every switch that lags the newest snapshot."""
+        """Converge forever (and follow the election, if there is one); either dying ends this."""
+        if self.election is None:
+            await self._converge()
+            return
+        await asyncio.gather(self._converge(), self._follow_election())
+
+    async def _follow_election(self) -> None:
+        """Become master when the store's lock is ours, standby the moment it is not."""
+        assert self.election is not None
+        election = self.election
+        shown: tuple[int, str] | None = None
+        while True:
+            await self._election_changed.wait()
+            self._election_changed.clear()
+            step = next_step(self.master, election.lock_held())
+            if step is Step.RESIGN:
+                self.demote("lost the store lock")
+            elif step is Step.CLAIM:
+                try:
+                    epoch = await asyncio.to_thread(election.claim_epoch, self.name)
+                except Exception as exc:
+                    # The lock went between the notification and the claim, or the store is away.
+                    log.warning("could not claim the controller epoch: %s; retrying", exc)
+                    await asyncio.sleep(STORE_RETRY_S / 2)
+                    self._election_changed.set()
+                    continue
+                if election.lock_held():
+                    self._promote(epoch)
+            epoch, master = election.leader()
+            # (our own name there is the store's memory of our last term, not news)
+            if not self.master and (epoch, master) != shown and master and master != self.name:
+                shown = (epoch, master)
+                log.info("standby: %s is master (epoch %d)", master, epoch)
+                self.metrics.epoch.set(epoch)
+                for switch in list(self.switches.values()):
+                    self._ask_slave(switch)
+
+    def _promote(self, epoch: int) -> None:
+        """Master from now on: every switch gets MASTER(epoch), a cookie re-read and a full sync."""
+        self.master, self.epoch = True, epoch
+        log.info("became master (epoch %d)", epoch)
+        self.metrics.is_master.set(1)
+        self.metrics.epoch.set(epoch)
+        self._reported.clear()
+        for dpid, switch in self.switches.items():
+            switch.in_step = False
+            switch.realized(-1, -1)
+            self._wake[dpid].set()
+
+    def demote(self, why: str) -> None:
+        """Stop writing at once and go standby (a lost lock, or a switch that knows a newer master)."""
+        if self.election is None or not self.master:
+            return
+        self.master = False
+        log.warning("became standby: %s", why)
+        self.metrics.is_master.set(0)
+        for switch in list(self.switches.values()):
+            switch.role_epoch = -1
+            self._ask_slave(switch)
+        if self.election.lock_held():
+            self.election.relinquish()  # a switch saw a newer master: let whoever waits have the lock
+        self._election_changed.set()
+
+    def _ask_slave(self, switch: Switch) -> None:
+        """Tell the switch we are a slave (best effort, in the background: a refusal changes nothing)."""
+        assert self.election is not None
+        epoch = max(self.election.leader()[0], self.epoch)
+
+        async def ask() -> None:
+            try:
+                await request_role(switch.conn, Role.SLAVE, epoch)
+            except Exception as exc:
+                log.debug("switch %016x: role SLAVE(%d) not taken: %s", switch.datapath_id, epoch, exc)
+
+        task = asyncio.ensure_future(ask())
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _ensure_master_role(self, switch: Switch) -> bool:
+        """True if this switch takes our writes: we are master and it has said MASTER at our epoch."""
+        if self.election is None:
+            return True
+        epoch = self.epoch
+        if not self.master:
+            return False
+        if switch.role_epoch == epoch:
+            return True
+        try:
+            await request_role(switch.conn, Role.MASTER, epoch)
+        except Exception as exc:
+            if says_newer_master(exc):
+                self.demote(f"switch {switch.datapath_id:016x} refused MASTER({epoch}): a newer master exists")
+                return False
+            raise
+        if not self.master or self.epoch != epoch:
+            return False
+        # Another master may have changed the flows meanwhile: diff from what the switch holds now.
+        await switch.read_installed()
+        switch.in_step = False
+        switch.role_epoch = epoch
+        log.info("switch %016x: role MASTER (epoch %d), %d flows", switch.datapath_id, epoch, len(switch.installed))
+        return True
+
+    async def _converge(self) -> None:
+        """Wait for a change, wake every switch that lags the newest snapshot."""
         while True:
             await self._dirty.wait()
             self._dirty.clear()
@@ -123,6 +268,8 @@ class Controller:
             if state is None or not switch.needs_sync(state.generation):
                 continue
             try:
+                if not await self._ensure_master_role(switch):
+                    continue  # standby: promotion wakes every switch again
                 full = await self._sync(switch, state)
             except Exception:
                 # This task is the switch's only way to its flows: it must outlive any bug in one pass.
@@ -167,10 +314,13 @@ class Controller:
                 switch.in_step = False
                 result = await switch.sync(compiler.owners(state, ports))
             switch.in_step = True
-        except Exception:
+        except Exception as exc:
+            switch.in_step = False
+            if says_newer_master(exc):
+                self.demote(f"switch {switch.datapath_id:016x} refused a write: a newer master exists")
+                return full
             # Logged with its traceback and retried (bounded by the sleep): one bad sync must not end
             # the loop that serves every switch.
-            switch.in_step = False
             log.exception("switch %016x (%s): sync failed; retrying", switch.datapath_id, host)
             await asyncio.sleep(0.5)  # a persistent failure must not spin the loop
             self._dirty.set()
@@ -198,6 +348,8 @@ class Controller:
                      switch.datapath_id, host, state.generation, result.flows, done - started)
         self.metrics.generation.labels(host).set(state.generation)
         previous = self._reported.get(switch.datapath_id)
+        if not self.master:
+            return full  # demoted during this sync: only the master reports
         if previous == (state.generation, waiting):
             return full  # e.g. a port of another bridge came and went: nothing new to say
         loop = asyncio.get_running_loop()
@@ -245,7 +397,11 @@ class Controller:
             if self.echo_idle > 0:
                 alive = asyncio.create_task(conn.keepalive(self.echo_idle, self.echo_timeout))
             await switch.read_ports()
-            await switch.read_installed()
+            if self.election is None:
+                await switch.read_installed()
+            elif not self.master:
+                self._ask_slave(switch)
+            # (a master with an election reads the cookies right after the switch says MASTER)
             old = self.switches.get(dpid)
             if old is not None:
                 old.conn.close()
@@ -264,6 +420,8 @@ class Controller:
                 serving.cancel()
             if alive is not None:
                 alive.cancel()
+                if alive.done() and not alive.cancelled():
+                    alive.exception()  # it ends with the connection's error: seen, so not "never retrieved"
             conn.close()
             if switch is not None and self.switches.get(switch.datapath_id) is switch:
                 del self.switches[switch.datapath_id]
@@ -293,6 +451,8 @@ class Controller:
 
     async def _report_disconnected(self, dpid: int) -> None:
         """Tell the store the switch is gone, so ``--wait`` does not trust a stale generation."""
+        if not self.master:
+            return  # only the master reports (a standby's connection says nothing about the master's)
         state = await asyncio.to_thread(self.store.snapshot)
         host = self.host_of(state, dpid)
         if host is None:
@@ -313,11 +473,16 @@ class Controller:
             if switch.port_status(msg):
                 self._dirty.set()
         elif msg.msg_type == ofp.OFPT_PACKET_IN:
+            if not self.master:
+                return  # a slave gets no packet-ins by default; a connection not yet SLAVE (EQUAL) might
             if icmp.is_icmp(bytes(msg.data)):
                 self._icmp_error(switch, msg)
             else:
                 self._reject(switch, msg)
         elif msg.msg_type == ofp.OFPT_ERROR:
+            if error_says_newer_master(msg):
+                self.demote(f"switch {switch.datapath_id:016x} refused a write: a newer master exists")
+                return
             log.error("switch %016x: unsolicited OpenFlow error type=%s code=%s", switch.datapath_id, msg.type, msg.code)
 
     def _icmp_error(self, switch: Switch, msg: Any) -> None:

@@ -57,6 +57,8 @@ class Switch:
         self.compiler: SwitchCompiler | None = None
         self.in_step = False
         self.meters_set = False
+        # The epoch at which this switch answered our role request MASTER (-1: not master here).
+        self.role_epoch = -1
 
     def needs_sync(self, generation: int) -> bool:
         return self.realized_generation != generation or self.realized_ports_version != self.ports_version
