@@ -1,4 +1,4 @@
-"""``python -m portmesh.agent --host H --store REMOTE --ovsdb REMOTE --controller tcp:IP:PORT --underlay-dev IFACE``.
+"""``python -m portmesh.agent --host H --store REMOTE --ovsdb REMOTE --controller tcp:IP:PORT[,...] --underlay-dev IFACE``.
 
 Runs inside the host's network namespace (the lab puts it there). Stopping the
 agent leaves containers and plumbing as they are: traffic keeps flowing and a
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyroute2.config
 
-from portmesh.agent.bridge import Bridge
+from portmesh.agent.bridge import Bridge, parse_controller_targets
 from portmesh.agent.service import Agent, AgentConfig
 from portmesh.runtime import docker as docker_runtime
 from portmesh.runtime.light import LightRuntime
@@ -28,12 +28,26 @@ AGENT_TABLES = ("Global", "Host", "Container")
 log = logging.getLogger("portmesh.agent")
 
 
+def _controllers(text: str) -> str:
+    """argparse type for --controller: validated, normalised (spaces dropped), kept comma-separated."""
+    try:
+        return ",".join(parse_controller_targets(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m portmesh.agent", description=__doc__)
     ap.add_argument("--host", required=True, help="this host's name in the store")
     ap.add_argument("--store", required=True, help="state store remote: unix:PATH or tcp:IP:PORT[,...]")
     ap.add_argument("--ovsdb", required=True, help="this host's Open_vSwitch db: unix:PATH or tcp:IP:PORT")
-    ap.add_argument("--controller", required=True, help="OpenFlow controller target for br0, e.g. tcp:IP:6653")
+    ap.add_argument(
+        "--controller",
+        required=True,
+        type=_controllers,
+        help="OpenFlow controller target(s) for br0, comma-separated: tcp:IP:PORT[,tcp:IP:PORT...] "
+        "(one Controller row each; every controller instance, e.g. tcp:IP:6653,tcp:IP:6654)",
+    )
     ap.add_argument(
         "--underlay-dev",
         default=None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,39 @@ BRIDGE = "br0"
 PROTOCOLS = ["OpenFlow13"]
 CONTROLLER_RATE_LIMIT = 100  # packet-ins per second: they only carry rejects
 CONTROLLER_BURST_LIMIT = 25
+# How long (ms) a switch waits at most between attempts to reach a controller it lost. OVS's default
+# is 8,000: its backoff doubles 1, 2, 4, 8 s while the controller is down, so a controller that took
+# a few seconds to come back (its store read at 100k mappings) found its switches only up to 8 s
+# later. 1,000 is the least rconn accepts (it counts whole seconds): a switch tries every second, so
+# a restarted controller has every switch within a second of listening, at the cost of one refused
+# TCP connect per second per switch while no controller is up (nothing while one is connected).
+# Written only while the row is connected: see _ensure_controller_limits.
+CONTROLLER_MAX_BACKOFF_MS = 1000
+
+
+def parse_controller_targets(text: str) -> tuple[str, ...]:
+    """``tcp:IP:PORT[,tcp:IP:PORT...]`` as a tuple of targets; ValueError saying which one is wrong and why.
+
+    One Controller row per target on br0 (several controller instances, issue 13). Duplicates are
+    an error rather than silently merged: a repeated target is a typo in a deployment file.
+    """
+    targets = tuple(t.strip() for t in text.split(","))
+    if not text.strip():
+        raise ValueError("empty: expected tcp:IP:PORT[,tcp:IP:PORT...]")
+    for target in targets:
+        kind, _, rest = target.partition(":")
+        host, _, port = rest.rpartition(":")
+        if kind != "tcp" or not host or not port:
+            raise ValueError(f"{target!r} is not tcp:IP:PORT")
+        try:
+            ip_address(host.strip("[]"))
+        except ValueError:
+            raise ValueError(f"{target!r}: {host!r} is not an IP address") from None
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{target!r}: port {port!r} is not 1-65535")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"{text!r} names a target twice")
+    return targets
 
 
 def default_datapath_type() -> str:
@@ -32,7 +66,7 @@ class BridgeSpec:
 
     datapath_id: int
     hwaddr: str
-    controller: str
+    controllers: tuple[str, ...]  # one Controller row each, in this order
     datapath_type: str = ""
     name: str = BRIDGE
     local_mtu: int | None = None  # the bridge's own port (NetworkConfig.egress_mtu); None: OVS's choice
@@ -58,7 +92,11 @@ class Bridge:
             try:
                 idl = connection.OvsdbIdl.from_server(self.remote, "Open_vSwitch")
                 conn = connection.Connection(idl=idl, timeout=self.timeout)
-                self.api = impl_idl.OvsdbIdl(conn)
+                # ovsdbapp keeps ONE connection per API class for the whole process (the first ever
+                # made, even once stopped): a class of its own per Bridge, so a second Bridge in one
+                # process (tests, the bench: an agent restart, a fresh switch) gets its own IDL.
+                api_class = type("BridgeIdl", (impl_idl.OvsdbIdl,), {"_ovsdb_connection": None})
+                self.api = api_class(conn)
                 return
             except Exception:
                 if time.monotonic() > deadline:
@@ -99,9 +137,19 @@ class Bridge:
             if columns:
                 txn.add(self.api.db_set("Bridge", spec.name, *columns))
                 changed = True
-            targets = [c.target for c in row.controller] if row is not None else []
-            if targets != [spec.controller]:
-                txn.add(self.api.set_controller(spec.name, [spec.controller]))
+            # Compared as sets: OVSDB keeps a set of Controller rows, with no order to preserve. Only a
+            # different set is written, and then only the difference: rows of targets that stay are
+            # kept as they are (their max_backoff, see _ensure_controller_limits), new ones added.
+            if row is None:
+                txn.add(self.api.set_controller(spec.name, list(spec.controllers)))
+                changed = True
+            elif {c.target for c in row.controller} != set(spec.controllers):
+                keep = [c.uuid for c in row.controller if c.target in spec.controllers]
+                have = {c.target for c in row.controller}
+                new = [self.api.db_create("Controller", target=t) for t in spec.controllers if t not in have]
+                for command in new:
+                    txn.add(command)
+                txn.add(self.api.db_set("Bridge", spec.name, ("controller", [*keep, *new])))
                 changed = True
         changed = self._ensure_local_mtu(spec) or changed
         return self._ensure_controller_limits(spec) or changed
@@ -118,25 +166,37 @@ class Bridge:
         return True
 
     def _ensure_controller_limits(self, spec: BridgeSpec) -> bool:
+        """Rate limits, out-of-band mode and ``max_backoff`` on each of br0's Controller rows.
+
+        ``max_backoff`` is written only to a row whose connection is up (``is_connected``). OVS
+        before 3.3 (Debian 12 ships 3.1.0) creates a controller's connection with the 8 s default
+        whatever the row says, and applies the row's ``max_backoff`` to it only when it reconfigures
+        while that connection is up (fixed by OVS commit 155f632e7, "connmgr: Fix ofconn
+        configuration on vswitchd startup"); the connection keeps it across later reconnects. So
+        the value set with the row, or before the switch first connected, was silently ignored
+        (the bench did that and still waited up to 8 s). Written while connected, the write itself
+        is that reconfiguration. An agent restart finds the value there and writes nothing.
+        """
         row = self._bridge_row(spec.name)
         if row is None:
             return False
         commands = []
         for ctl in row.controller:
+            columns: list[tuple[str, Any]] = []
             if (
                 list(ctl.controller_rate_limit) != [CONTROLLER_RATE_LIMIT]
                 or list(ctl.controller_burst_limit) != [CONTROLLER_BURST_LIMIT]
                 or list(ctl.connection_mode) != ["out-of-band"]
             ):
-                commands.append(
-                    self.api.db_set(
-                        "Controller",
-                        ctl.uuid,
-                        ("controller_rate_limit", CONTROLLER_RATE_LIMIT),
-                        ("controller_burst_limit", CONTROLLER_BURST_LIMIT),
-                        ("connection_mode", "out-of-band"),
-                    )
-                )
+                columns += [
+                    ("controller_rate_limit", CONTROLLER_RATE_LIMIT),
+                    ("controller_burst_limit", CONTROLLER_BURST_LIMIT),
+                    ("connection_mode", "out-of-band"),
+                ]
+            if ctl.is_connected and list(ctl.max_backoff) != [CONTROLLER_MAX_BACKOFF_MS]:
+                columns.append(("max_backoff", CONTROLLER_MAX_BACKOFF_MS))
+            if columns:
+                commands.append(self.api.db_set("Controller", ctl.uuid, *columns))
         if commands:
             with self.api.transaction(check_error=True) as txn:
                 for command in commands:

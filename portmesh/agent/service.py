@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from portmesh.agent import plumbing, tunnels
-from portmesh.agent.bridge import Bridge, BridgeSpec
+from portmesh.agent.bridge import Bridge, BridgeSpec, parse_controller_targets
 from portmesh.model.config import DEFAULT_CONFIG, NetworkConfig
 from portmesh.model.entities import (
     Container,
@@ -63,7 +63,7 @@ class AgentConfig:
     """Who this agent is and where things are."""
 
     host: str
-    controller: str
+    controller: str  # br0's controller targets, comma-separated (bridge.parse_controller_targets)
     netns_prefix: str
     underlay_dev: str | None = None  # the interface the VXLAN tunnels run over; None: no tunnels (one machine)
     recheck_interval: float = 5.0  # seconds between full passes (processes, plumbing drift, host gateway)
@@ -156,7 +156,7 @@ class Agent:
             self._plumbed.clear()
             self._settled.clear()
             self._bridge_ok = None
-        spec = BridgeSpec(host.datapath_id, self.network.gateway_mac, self.cfg.controller,
+        spec = BridgeSpec(host.datapath_id, self.network.gateway_mac, parse_controller_targets(self.cfg.controller),
                           local_mtu=self.network.bridge_port_mtu)
         full = time.monotonic() >= self._next_full
         specs = tunnels.plan(state, self.cfg.host, self.cfg.underlay_dev) if self.cfg.underlay_dev else {}
@@ -165,7 +165,7 @@ class Agent:
         # full pass re-checks them too: a deleted gateway address or pool route is put back.
         if self._bridge_ok != spec or full or self._firewall_ok != self._firewall:
             if self.bridge.ensure(spec):
-                log.info("bridge br0 set for datapath %s, controller %s", spec.dpid_hex, spec.controller)
+                log.info("bridge br0 set for datapath %s, controller %s", spec.dpid_hex, ",".join(spec.controllers))
             peers, compute = self._firewall
             plumbing.ensure_host_gateway(self.network, underlay_dev=self.cfg.underlay_dev, peers=peers, compute=compute)
             self._bridge_ok, self._firewall_ok = spec, self._firewall
