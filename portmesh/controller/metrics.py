@@ -33,6 +33,9 @@ class ControllerMetrics:
         self.epoch = Gauge("portmesh_controller_epoch",
                            "Controller epoch (OpenFlow role generation id) of the current master as this instance knows it",
                            registry=self.registry)
+        self.packet_ins = Counter("portmesh_controller_packet_ins",
+                                  "Packet-ins received, by this instance's role then (OVS sends none to a slave)",
+                                  ["role"], registry=self.registry)
         self.switches = Gauge("portmesh_controller_switches", "Connected switches", registry=self.registry)
         self.icmp_errors = Counter(
             "portmesh_controller_icmp_errors",

@@ -473,6 +473,7 @@ class Controller:
             if switch.port_status(msg):
                 self._dirty.set()
         elif msg.msg_type == ofp.OFPT_PACKET_IN:
+            self.metrics.packet_ins.labels("master" if self.master else "standby").inc()
             if not self.master:
                 return  # a slave gets no packet-ins by default; a connection not yet SLAVE (EQUAL) might
             if icmp.is_icmp(bytes(msg.data)):

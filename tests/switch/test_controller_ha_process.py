@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 
+import os_ken.base.app_manager  # noqa: F401  (os-ken import order)
 import pytest
+from os_ken.lib.packet import tcp
 
 from portmesh.lab.dummy_ovs import DummyOVS
 from portmesh.model.config import DEFAULT_CONFIG as CFG
@@ -34,6 +36,7 @@ from portmesh.model.entities import DesiredState, Host, MappingKey, Proto
 from portmesh.model.validation import new_container, new_mapping
 from portmesh.store.client import Store
 from portmesh.store.server import start_server, stop_server
+from tests.switch.test_icmp_trace import ip_frame
 from tests.switch.test_store import _free_port
 
 pytestmark = pytest.mark.switch
@@ -189,6 +192,13 @@ def test_two_controllers_one_master_failover_without_churn(
         assert c1.metric("portmesh_controller_is_master") == 1 and c2.metric("portmesh_controller_is_master") == 0
         before = flows(ovs)
         assert all(any("cookie=" in line for line in fl) for fl in before.values()), before
+        # Packet-ins go to the master only (OVS's default async config for a slave has none): a SYN
+        # to an unmapped port is punted for its refusal; the master sees it, the standby never.
+        syn = ip_frame(CFG.gateway_mac, CFG.virtual_mac, "198.51.100.2", str(IP),
+                       [tcp.tcp(src_port=40000, dst_port=9999, bits=tcp.TCP_SYN)], 6)
+        ovs.appctl("netdev-dummy/receive", "br0", syn.hex())
+        wait_for(lambda: c1.metric("portmesh_controller_packet_ins_total") >= 1, 10, "the master's packet-in")
+        assert c2.metric("portmesh_controller_packet_ins_total") == 0
 
         # kill -9 the master: c2 takes over (lock freed with c1's connection), MASTER(2) on every switch.
         assert c1.proc is not None
