@@ -397,11 +397,12 @@ class Controller:
             if self.echo_idle > 0:
                 alive = asyncio.create_task(conn.keepalive(self.echo_idle, self.echo_timeout))
             await switch.read_ports()
-            if self.election is None:
+            # A master with an election reads the cookies right after the switch says MASTER (not
+            # before: a stale master may still write until then); anybody else reads them here.
+            if self.election is None or not await self._ensure_master_role(switch):
                 await switch.read_installed()
-            elif not self.master:
-                self._ask_slave(switch)
-            # (a master with an election reads the cookies right after the switch says MASTER)
+                if self.election is not None:
+                    self._ask_slave(switch)
             old = self.switches.get(dpid)
             if old is not None:
                 old.conn.close()
