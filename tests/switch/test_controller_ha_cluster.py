@@ -123,6 +123,6 @@ def test_controller_and_store_leader_kills_on_a_raft_store(
             wait_for(lambda: realised(store, generation) and flows(ovs) != before, 15, "the new mapping on the switches")
             assert master.flow_mods() > 0 and standby.flow_mods() == 0
     finally:
-        for c in (c1, c2):
-            c.stop()
+        for instance in (c1, c2):
+            instance.stop()
         ovs.stop()
