@@ -67,14 +67,17 @@ with warnings.catch_warnings():
 from portmesh.model.entities import DesiredState
 from portmesh.model.errors import NotFound
 from portmesh.store import rows as R
+from portmesh.store.columns import ATOM, MAP, SET, JsonColumns, TupleColumns, column_kinds, decode
 from portmesh.store.engine import RECONNECT_BACKOFF_MS, StoreError
 from portmesh.store.jsonstream import install as install_stream_parser
 from portmesh.store.mirror import Mirror
 from portmesh.store.update2 import ZERO_UUID, RowCache, default_value
 
+# The column helpers moved to columns.py; their names stay importable from here.
+__all__ = ["ATOM", "MAP", "SET", "JsonColumns", "StateReader", "TupleColumns", "column_kinds", "decode"]
+
 log = logging.getLogger(__name__)
 
-ATOM, SET, MAP = "atom", "set", "map"
 # What the server says when a JSON-RPC method is unknown to it.
 UNKNOWN_METHOD = "unknown method"
 SERVER_MONITOR = "server"
@@ -84,74 +87,6 @@ LEADER_MONITOR = "leader"
 LEADER_COLUMNS = ("controller_epoch", "controller_master")
 # How often the thread looks at request deadlines when nothing else happens.
 TICK_MS = 200
-
-
-def column_kinds(schema: dict[str, Any], columns: dict[str, tuple[str, ...]]) -> dict[str, dict[str, str]]:
-    """For each monitored column, how its JSON reads: a bare atom, a set (a list here) or a map."""
-    kinds: dict[str, dict[str, str]] = {}
-    for table, names in columns.items():
-        declared = schema["tables"][table]["columns"]
-        kinds[table] = {}
-        for name in names:
-            type_ = declared[name]["type"]
-            if isinstance(type_, str):
-                kinds[table][name] = ATOM
-            elif "value" in type_:
-                kinds[table][name] = MAP
-            else:
-                single = type_.get("min", 1) == 1 and type_.get("max", 1) == 1
-                kinds[table][name] = ATOM if single else SET
-    return kinds
-
-
-def _atom(value: Any) -> Any:
-    if isinstance(value, list) and len(value) == 2 and value[0] in ("uuid", "named-uuid"):
-        return value[1]
-    return value
-
-
-def decode(value: Any, kind: str) -> Any:
-    """An OVSDB JSON value (RFC 7047 §5.1) as the IDL's ``to_python`` gives it: atom, list or dict."""
-    if kind == ATOM:
-        return _atom(value)
-    if kind == SET:
-        if isinstance(value, list) and len(value) == 2 and value[0] == "set":
-            return [_atom(v) for v in value[1]]
-        return [_atom(value)]  # a one-element set is sent as its element
-    return {_atom(k): _atom(v) for k, v in value[1]}
-
-
-class JsonColumns:
-    """A row of a monitor update, read as attributes the way :mod:`portmesh.store.rows` expects."""
-
-    __slots__ = ("_kinds", "_row")
-
-    def __init__(self, row: dict[str, Any], kinds: dict[str, str]) -> None:
-        self._row = row
-        self._kinds = kinds
-
-    def __getattr__(self, column: str) -> Any:
-        try:
-            return decode(self._row[column], self._kinds[column])
-        except KeyError:
-            raise AttributeError(column) from None
-
-
-class TupleColumns:
-    """A row of :class:`portmesh.store.update2.RowCache` (a tuple in column order), read as attributes."""
-
-    __slots__ = ("_index", "_kinds", "_row")
-
-    def __init__(self, row: tuple[Any, ...], kinds: dict[str, str], index: dict[str, int]) -> None:
-        self._row = row
-        self._kinds = kinds
-        self._index = index
-
-    def __getattr__(self, column: str) -> Any:
-        try:
-            return decode(self._row[self._index[column]], self._kinds[column])
-        except KeyError:
-            raise AttributeError(column) from None
 
 
 @dataclass
