@@ -129,8 +129,8 @@ UDP_ONCE = (
 class Probe:
     """The probe process in inet (started in its namespace, stopped by a line on its stdin)."""
 
-    def __init__(self, state: LabState) -> None:
-        ips = ",".join(ip for _, ip in TARGETS.values())
+    def __init__(self, state: LabState, targets: list[str] | None = None) -> None:
+        ips = ",".join(targets if targets is not None else [ip for _, ip in TARGETS.values()])
         argv = ["ip", "netns", "exec", state.ns("inet"), sys.executable, "-c", PROBE, ips, str(UDP_PORT), str(TCP_PORT), str(PPS)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
