@@ -32,7 +32,7 @@ from os_ken.lib.packet import tcp
 
 from portmesh.lab.dummy_ovs import DummyOVS
 from portmesh.model.config import DEFAULT_CONFIG as CFG
-from portmesh.model.entities import DesiredState, Host, MappingKey, Proto
+from portmesh.model.entities import DesiredState, Host, Mapping, MappingKey, Proto
 from portmesh.model.validation import new_container, new_mapping
 from portmesh.store.client import Store
 from portmesh.store.server import start_server, stop_server
@@ -260,3 +260,52 @@ def test_two_controllers_one_master_failover_without_churn(
         for c in (c1, c2):
             if c is not None:
                 c.stop()
+
+
+@pytest.mark.skipif(not os.environ.get("PORTMESH_HA_BENCH"), reason="opt-in measurement: PORTMESH_HA_BENCH=N mappings")
+def test_measure_failover_at_scale(tmp_path: Path) -> None:
+    """kill -9 of the master with N mappings (PORTMESH_HA_BENCH=N): time until the standby has every
+    switch MASTER and fully synced (cookies re-read, every flow compiled and compared), flow-mods."""
+    n = int(os.environ["PORTMESH_HA_BENCH"])
+    tcp = f"127.0.0.1:{_free_port()}"
+    pid = start_server(tmp_path / "store.db", tmp_path / "store.sock", tcp=tcp)
+    ovs = DummyOVS(tmp_path / "ovs")
+    (tmp_path / "ovs").mkdir()
+    c1 = Instance("c1", f"tcp:{tcp}", tmp_path)
+    c2 = Instance("c2", f"tcp:{tcp}", tmp_path)
+    try:
+        ovs.start()
+        with Store(f"tcp:{tcp}", timeout=60) as store:
+            state = build_state()
+            for host in state.hosts.values():
+                store.add_host(host)
+            for i, c in enumerate(sorted(state.containers.values(), key=lambda c: c.name)):
+                ms = [Mapping(MappingKey(IP, Proto.TCP, 1000 + j), c.name) for j in range(i, n, 2)]
+                store.add_container(c, ms)
+            c1.start()
+            wait_for(lambda: "became master (epoch 1)" in c1.text(), 60, "c1 master")
+            c2.start()
+            wait_for(lambda: "standby: c1 is master (epoch 1)" in c2.text(), 60, "c2 standby")
+            for i, (bridge, dpid) in enumerate(BRIDGES.values()):
+                ovs.add_bridge(bridge, dpid, c1.target)
+                ovs.vsctl("set-controller", bridge, c1.target, c2.target)
+                ovs.add_port(bridge, state.containers[f"web{i}"].port_name, 1)
+            generation = store.snapshot().generation
+            wait_for(lambda: realised(store, generation), 300, "both switches programmed")
+            wait_for(lambda: is_slave(ovs, c2), 30, "OVS: c2 slave")
+            before = flows(ovs)
+            assert c1.proc is not None
+            os.kill(c1.proc.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            wait_for(lambda: c2.metric("portmesh_controller_syncs_total") >= len(BRIDGES), 120, "c2 synced")
+            took = time.monotonic() - killed
+            count = sum(len(f) for f in before.values())
+            print(f"\n{n} mappings, {count} flows on {len(BRIDGES)} switches: kill -9 master -> standby master, every "
+                  f"switch MASTER and synced {took:.2f} s, flow-mods {c2.flow_mods():.0f}")
+            assert c2.flow_mods() == 0
+            assert flows(ovs) == before
+    finally:
+        for instance in (c1, c2):
+            instance.stop()
+        ovs.stop()
+        stop_server(pid)
