@@ -12,7 +12,7 @@ import enum
 import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 from portmesh.model.config import DEFAULT_CONFIG, NetworkConfig
 
@@ -154,12 +154,96 @@ class MappingKey:
         return f"{self.public_ip!s}:{self.port}/{self.proto.value}"  # !s: IPv4Address.__format__ is slow
 
 
+class HealthKind(enum.StrEnum):
+    """How a backend's health is checked: a TCP connect, or an HTTP GET with an expected status."""
+
+    TCP = "tcp"
+    HTTP = "http"
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """A mapping's health check, run by the agent on each backend's host inside the backend's namespace.
+
+    A backend is marked down after ``threshold`` failed checks in a row and up again after
+    ``threshold`` good ones, so one lost SYN does not move connections; a down backend gets
+    no new connections within ``interval * threshold`` (plus the check's ``timeout``).
+    ``port`` 0 means the mapping's own port.
+    """
+
+    kind: HealthKind = HealthKind.TCP
+    port: int = 0
+    path: str = "/"  # http only
+    expect: int = 200  # http only: the status that counts as healthy
+    interval: float = 2.0  # seconds between two checks of one backend
+    timeout: float = 1.0  # seconds one check may take
+    threshold: int = 2
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One container behind a mapping, with its share of new connections (relative ``weight``)."""
+
+    container: str
+    weight: int = 1
+
+
 @dataclass(frozen=True)
 class Mapping:
-    """``(public_ip, proto, port) → container``: the heart of the design."""
+    """``(public_ip, proto, port) → container``: the heart of the design.
+
+    A mapping may name several ``backends`` (load balancing, issue 15): every one carries the
+    public IP itself, the switch only picks the destination MAC per connection, and replies go
+    straight from the backend to the client (direct server return). ``container`` is always the
+    first backend, so a plain mapping is ``Mapping(key, container)`` as before.
+
+    ``allow``/``deny``: source networks allowed or denied (the firewall, enforced before the
+    mapping); see :meth:`permits`. ``health``: the backends' health check, if any. ``down``: the
+    backends whose check fails right now (reported by their agents, not chosen by a user).
+    """
 
     key: MappingKey
     container: str
+    backends: tuple[Backend, ...] = ()
+    allow: tuple[IPv4Network, ...] = ()
+    deny: tuple[IPv4Network, ...] = ()
+    health: HealthCheck | None = None
+    down: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not self.backends:
+            object.__setattr__(self, "backends", (Backend(self.container),))
+        elif self.backends[0].container != self.container:
+            raise ValueError(f"mapping {self.key}: container {self.container!r} is not its first backend")
+
+    @property
+    def balanced(self) -> bool:
+        """True if the mapping spreads connections over several backends."""
+        return len(self.backends) > 1
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The backends' container names, in order."""
+        return tuple(b.container for b in self.backends)
+
+    def serving(self) -> tuple[Backend, ...]:
+        """The backends that take new connections: those not down. Empty if every one is down: the
+        mapping then refuses new connections as an unmapped port does (strict, never fail-open)."""
+        if not self.down:
+            return self.backends
+        return tuple(b for b in self.backends if b.container not in self.down)
+
+    @property
+    def filtered(self) -> bool:
+        """True if the mapping carries a firewall policy (an allow or a deny list)."""
+        return bool(self.allow or self.deny)
+
+    def permits(self, source: IPv4Address) -> bool:
+        """The policy's meaning: a denied source never passes; with an allow list only its sources
+        pass; without one everybody does (a mapped port is open by default)."""
+        if any(source in net for net in self.deny):
+            return False
+        return not self.allow or any(source in net for net in self.allow)
 
     @property
     def public_ip(self) -> IPv4Address:
@@ -213,8 +297,8 @@ class DesiredState:
         return sorted((c for c in self.containers.values() if c.host == host), key=lambda c: c.name)
 
     def mappings_of(self, container: str) -> list[Mapping]:
-        """Mappings that point at ``container``, in key order."""
-        return sorted((m for m in self.mappings.values() if m.container == container), key=lambda m: m.key)
+        """Mappings that have ``container`` among their backends, in key order."""
+        return sorted((m for m in self.mappings.values() if container in m.names), key=lambda m: m.key)
 
     def public_ips(self) -> set[IPv4Address]:
         """Every public IP held by some container."""
@@ -278,6 +362,17 @@ class ContainerStatus:
     exit_code: int | None = None
     restarts: int = 0
     runtime: str = ""
+
+
+@dataclass(frozen=True)
+class MappingCounters:
+    """What a mapping let through and what its policy dropped, summed over every switch (the master
+    controller reads them from the flows and writes them to the store)."""
+
+    allowed_packets: int = 0
+    allowed_bytes: int = 0
+    denied_packets: int = 0
+    denied_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,20 @@ functions are pure: they read a :class:`DesiredState` and never change it.
 from __future__ import annotations
 
 import re
-from ipaddress import AddressValueError, IPv4Address
+from collections.abc import Mapping as Weights
+from collections.abc import Sequence
+from dataclasses import replace
+from ipaddress import AddressValueError, IPv4Address, IPv4Network
 
 from portmesh.model.blocks import allocate_block
 from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import (
     DEFAULT_STOP_TIMEOUT,
+    Backend,
     Container,
     DesiredState,
+    HealthCheck,
+    HealthKind,
     Mapping,
     MappingKey,
     Proto,
@@ -157,29 +163,147 @@ def new_container(
     )
 
 
-def new_mapping(state: DesiredState, key: MappingKey, container: str) -> Mapping:
-    """Check that ``key`` may be mapped to ``container`` and build the mapping.
+MAX_BACKENDS = 64
+MAX_WEIGHT = 100
+MAX_POLICY_NETWORKS = 256
 
-    Refused: an unknown container (404); an IP the container does not hold
-    (409: the packet would reach a container that drops it); a key already
-    mapped (409, even to the same container: mappings are never taken over);
-    a port inside another container's ephemeral block on that IP (409: the
-    block flow would be shadowed, and replies would go astray).
-    """
+
+def _check_backend(state: DesiredState, key: MappingKey, container: str, field: str) -> None:
+    """May ``container`` take connections for ``key``? It must exist and hold the public IP, and the
+    port must lie in no ephemeral block on that IP, its own included (the block flow would shadow it)."""
     owner = state.containers.get(container)
     if owner is None:
-        raise NotFound("container", f"container {container!r} does not exist")
+        raise NotFound(field, f"container {container!r} does not exist")
     if key.public_ip not in owner.ips:
-        raise Conflict("public_ip", f"container {container!r} does not hold {key.public_ip}")
+        # One container: the public IP is what does not fit it (the field users fix); several: name the backend.
+        raise Conflict("public_ip" if field == "container" else field, f"container {container!r} does not hold {key.public_ip}")
+    for other in state.containers.values():
+        if key.public_ip in other.ips and key.port in other.block:
+            whose = "the container's own" if other.name == container else f"{other.name!r}'s"
+            raise Conflict("port", f"{key.port} lies in {whose} ephemeral block {other.block} on {key.public_ip}")
+
+
+def parse_weight(value: int, field: str = "weight") -> int:
+    """A backend's relative share of new connections: a whole number in 1-MAX_WEIGHT."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WEIGHT:
+        raise InvalidInput(field, f"{value!r} is not a whole number in 1-{MAX_WEIGHT}")
+    return value
+
+
+def parse_networks(values: Sequence[str], field: str) -> tuple[IPv4Network, ...]:
+    """Source networks of a policy: ``A.B.C.D/LEN`` (or an address alone, a /32), without host bits
+    (``198.51.100.1/25`` is refused rather than read as a /25 someone did not mean). Sorted, unique."""
+    if isinstance(values, str):
+        raise InvalidInput(field, "a list of networks is expected, not one string")
+    if len(values) > MAX_POLICY_NETWORKS:
+        raise InvalidInput(field, f"{len(values)} networks; at most {MAX_POLICY_NETWORKS}")
+    out: set[IPv4Network] = set()
+    for i, value in enumerate(values):
+        if not isinstance(value, str) or not re.fullmatch(r"[0-9./]{7,18}", value):
+            raise InvalidInput(f"{field}[{i}]", f"{value!r} is not an IPv4 network (A.B.C.D/LEN)")
+        try:
+            out.add(IPv4Network(value, strict=True))
+        except ValueError as exc:  # AddressValueError, NetmaskValueError, host bits set
+            raise InvalidInput(f"{field}[{i}]", f"{value!r} is not an IPv4 network: {exc}") from None
+    return tuple(sorted(out))
+
+
+PATH_RE = re.compile(r"/[!-~]{0,255}")
+
+
+def parse_health(
+    kind: str,
+    port: int = 0,
+    path: str = "/",
+    expect: int = 200,
+    interval: float = 2.0,
+    timeout: float = 1.0,
+    threshold: int = 2,
+    field: str = "health",
+) -> HealthCheck:
+    """A health check from user input; each bad part names ``health.<part>``."""
+    try:
+        how = HealthKind(kind)
+    except ValueError:
+        raise InvalidInput(f"{field}.kind", f"{kind!r} is not a health check kind (tcp, http)") from None
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InvalidInput(f"{field}.port", f"{port!r} is not a port (1-65535, or 0 for the mapping's own)")
+    if not isinstance(path, str) or not PATH_RE.fullmatch(path):
+        raise InvalidInput(f"{field}.path", f"{path!r} is not an HTTP path (starts with '/', printable ASCII, no spaces)")
+    if isinstance(expect, bool) or not isinstance(expect, int) or not 100 <= expect <= 599:
+        raise InvalidInput(f"{field}.expect", f"{expect!r} is not an HTTP status (100-599)")
+    for name, value, low, high in (("interval", interval, 0.2, 3600.0), ("timeout", timeout, 0.05, 60.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise InvalidInput(f"{field}.{name}", f"{value!r} is not a number of seconds in {low:g}-{high:g}")
+    if timeout > interval:
+        raise InvalidInput(f"{field}.timeout", f"{timeout:g} s is longer than the interval ({interval:g} s)")
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or not 1 <= threshold <= 10:
+        raise InvalidInput(f"{field}.threshold", f"{threshold!r} is not a whole number in 1-10")
+    return HealthCheck(how, port, path, expect, float(interval), float(timeout), threshold)
+
+
+def new_mapping(
+    state: DesiredState,
+    key: MappingKey,
+    container: str | Sequence[str],
+    weights: Weights[str, int] | None = None,
+    allow: tuple[IPv4Network, ...] = (),
+    deny: tuple[IPv4Network, ...] = (),
+    health: HealthCheck | None = None,
+) -> Mapping:
+    """Check that ``key`` may be mapped to ``container`` (one name, or several: a load-balanced
+    mapping) and build the mapping.
+
+    Refused: an unknown container (404); an IP a backend does not hold (409: the packet would
+    reach a container that drops it); a key already mapped (409, even to the same container:
+    mappings are never taken over; backends are added with :func:`with_backend`); a port inside
+    any container's ephemeral block on that IP (409: the block flow would be shadowed, and replies
+    would go astray); a backend named twice, or a weight for a container that is not a backend (422).
+    """
+    names = [container] if isinstance(container, str) else list(container)
+    field = "container" if isinstance(container, str) else "backends"
+    if not names:
+        raise InvalidInput(field, "a mapping needs at least one backend container")
+    if len(names) > MAX_BACKENDS:
+        raise InvalidInput(field, f"{len(names)} backends; at most {MAX_BACKENDS}")
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        where = field if isinstance(container, str) else f"{field}[{i}]"
+        if name in seen:
+            raise InvalidInput(where, f"{name!r} is named twice")
+        seen.add(name)
+        _check_backend(state, key, name, where)
+    weights = dict(weights or {})
+    for name, weight in weights.items():
+        if name not in seen:
+            raise InvalidInput(f"weights.{name}", f"{name!r} is not one of the mapping's backends")
+        parse_weight(weight, f"weights.{name}")
     existing = state.mappings.get(key)
     if existing is not None:
         raise Conflict("port", f"{key} is already mapped to {existing.container!r}")
-    for other in state.containers.values():
-        if other.name != container and key.public_ip in other.ips and key.port in other.block:
-            raise Conflict("port", f"{key.port} lies in {other.name!r}'s ephemeral block {other.block} on {key.public_ip}")
-    if key.port in owner.block:
-        raise Conflict("port", f"{key.port} lies in the container's own ephemeral block {owner.block}")
-    return Mapping(key=key, container=container)
+    backends = tuple(Backend(n, weights.get(n, 1)) for n in names)
+    return Mapping(key=key, container=names[0], backends=backends, allow=allow, deny=deny, health=health)
+
+
+def with_backend(state: DesiredState, mapping: Mapping, container: str, weight: int = 1) -> Mapping:
+    """``mapping`` with one more backend (409 if it is one already; the checks of :func:`new_mapping`)."""
+    if container in mapping.names:
+        raise Conflict("container", f"{container!r} is already a backend of {mapping.key}")
+    if len(mapping.backends) >= MAX_BACKENDS:
+        raise Conflict("container", f"{mapping.key} has {MAX_BACKENDS} backends already")
+    _check_backend(state, mapping.key, container, "container")
+    parse_weight(weight)
+    return replace(mapping, backends=(*mapping.backends, Backend(container, weight)))
+
+
+def without_backend(mapping: Mapping, container: str) -> Mapping:
+    """``mapping`` without one backend (404 if it is not one; 409 for the last: remove the mapping)."""
+    if container not in mapping.names:
+        raise NotFound("container", f"{container!r} is not a backend of {mapping.key}")
+    if len(mapping.backends) == 1:
+        raise Conflict("container", f"{container!r} is the last backend of {mapping.key}: remove the mapping instead")
+    backends = tuple(b for b in mapping.backends if b.container != container)
+    return replace(mapping, container=backends[0].container, backends=backends, down=mapping.down - {container})
 
 
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
