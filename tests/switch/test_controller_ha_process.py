@@ -280,7 +280,10 @@ def test_measure_failover_at_scale(tmp_path: Path) -> None:
             for host in state.hosts.values():
                 store.add_host(host)
             for i, c in enumerate(sorted(state.containers.values(), key=lambda c: c.name)):
-                ms = [Mapping(MappingKey(IP, Proto.TCP, 1000 + j), c.name) for j in range(i, n, 2)]
+                # TCP then UDP, ports from 1000: below the containers' port blocks up to 2 x 30,000 mappings
+                half = (n + 1) // 2
+                ms = [Mapping(MappingKey(IP, Proto.TCP if j < half else Proto.UDP, 1000 + j % half), c.name)
+                      for j in range(i, n, 2)]
                 store.add_container(c, ms)
             c1.start()
             wait_for(lambda: "became master (epoch 1)" in c1.text(), 60, "c1 master")
