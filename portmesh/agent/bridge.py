@@ -28,6 +28,8 @@ CONTROLLER_BURST_LIMIT = 25
 # TCP connect per second per switch while no controller is up (nothing while one is connected).
 # Written only while the row is connected: see _ensure_controller_limits.
 CONTROLLER_MAX_BACKOFF_MS = 1000
+POKE_KEY = "portmesh-reconfigure"  # Controller external_ids key written to make OVS apply max_backoff again
+STATUS_LAG_S = 15.0  # OVS refreshes Controller is_connected/status every ~5 s: after this, they are current
 
 
 def parse_controller_targets(text: str) -> tuple[str, ...]:
@@ -84,6 +86,9 @@ class Bridge:
         self.remote = remote
         self.timeout = timeout
         self.api: Any = None
+        # Controller row UUID -> when this process wrote its max_backoff (or poked it): not yet seen
+        # applied to a connection (see _backoff_unconfirmed). An agent restart starts empty: no writes.
+        self._backoff_written: dict[str, float] = {}
 
     def start(self, wait: float = 30.0) -> None:
         """Connect, retrying while the server is not up yet (the lab starts everything at once)."""
@@ -195,13 +200,37 @@ class Bridge:
                 ]
             if ctl.is_connected and list(ctl.max_backoff) != [CONTROLLER_MAX_BACKOFF_MS]:
                 columns.append(("max_backoff", CONTROLLER_MAX_BACKOFF_MS))
+            elif ctl.is_connected and self._backoff_unconfirmed(ctl):
+                # Perhaps written while the connection was in fact down: make OVS reconfigure now
+                # that it is up, with a change it does not act on.
+                columns.append(("external_ids", {**dict(ctl.external_ids), POKE_KEY: str(int(time.time()))}))
             if columns:
+                if any(name == "max_backoff" for name, _ in columns):
+                    self._backoff_written[str(ctl.uuid)] = time.monotonic()
                 commands.append(self.api.db_set("Controller", ctl.uuid, *columns))
         if commands:
             with self.api.transaction(check_error=True) as txn:
                 for command in commands:
                     txn.add(command)
         return bool(commands)
+
+    def _backoff_unconfirmed(self, ctl: Any) -> bool:
+        """True once: STATUS_LAG_S after this process wrote ``ctl``'s max_backoff, if the row is up now.
+
+        ``is_connected`` is refreshed by OVS only every ~5 s, so the write may have landed while the
+        connection was in fact down (a controller restart, a frozen switch): OVS < 3.3 then applied
+        it to no connection, and the one that came later still has OVS's 8 s. One more change to
+        the row once the status is current makes OVS reconfigure with that connection up. Status
+        columns cannot say whether it is needed (their own staleness blurs a connection's start by
+        as much), so it is done once per write; an agent restart writes neither.
+        """
+        written = self._backoff_written.get(str(ctl.uuid))
+        if written is None or time.monotonic() - written < STATUS_LAG_S:
+            return False
+        if dict(ctl.status).get("state") not in ("ACTIVE", "IDLE"):
+            return False
+        del self._backoff_written[str(ctl.uuid)]
+        return True
 
     def ports(self, bridge: str = BRIDGE) -> set[str]:
         """Names of the bridge's ports, the bridge's own internal port excluded."""
