@@ -24,6 +24,10 @@ Paths:
                a container on the gateway host and on a compute host, throughput and RTT,
                always built and measured together; ``cross_host`` in the JSON holds the
                cross/same ratios (target >= 0.8). Not in the default set.
+  lb_*         load balancing (``--paths balancing``; bench/dataplane_balancing.py): one
+               one-host lab, new connections/s and RTT through a mapping of 3 backends
+               (lb_three) next to a plain one-backend mapping (lb_single), rounds
+               alternating; ``balancing`` in the JSON holds the ratio (target >= 0.9).
 
 Everything lives in namespaces named ``pmb-<pid>-*`` (so runs never collide with the
 lab, the tests or each other); addresses come only from 198.51.100.0/24 (outside),
@@ -66,9 +70,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TOOLS = HERE / "dataplane_tools.py"
 MH_PATHS = ("mh_c2c_same", "mh_c2c_cross", "mh_inet_gw", "mh_inet_compute")  # bench/dataplane_multihost.py
-PATHS = ("direct", "bridge_dnat", "ovs_ctnat", "portmesh", "portmesh_open", *MH_PATHS)
+LB_PATHS = ("lb_single", "lb_three")  # bench/dataplane_balancing.py
+PATHS = ("direct", "bridge_dnat", "ovs_ctnat", "portmesh", "portmesh_open", *MH_PATHS, *LB_PATHS)
 DEFAULT_PATHS = PATHS[:4]
-ALIASES = {"multihost": MH_PATHS}
+ALIASES = {"multihost": MH_PATHS, "balancing": LB_PATHS}
+GROUPED = (MH_PATHS, LB_PATHS)  # paths that share one lab and are compared with each other: always one group
 RMEM_SYSCTL = Path("/proc/sys/net/core/rmem_default")
 
 CLIENT_IP = "198.51.100.2"
@@ -96,6 +102,7 @@ class Target:
     cps: bool = True  # measure new connections/s (a container client's few source ports cannot)
     tunnel_bytes: Callable[[], int] | None = None  # bytes through the hosts' tunnels so far (multihost)
     cpu_seconds: Callable[[], dict[str, float]] | None = None  # CPU used so far by each host's switch (multihost)
+    iperf: bool = True  # measure throughput (a load-balanced mapping cannot: iperf3's two connections may split)
 
 
 class BenchError(RuntimeError):
@@ -231,6 +238,10 @@ class Bench:
             out["conn_per_s"] = cps["conn_per_s"]
             out["conn_failed"] = cps["failed"]
         cpu0 = t.cpu_seconds() if t.cpu_seconds else {}
+        if not t.iperf:
+            log(f"  {path}: rtt p50 {out['rtt_ms_p50']:.3f} ms p99 {out['rtt_ms_p99']:.3f} ms"
+                + (f", {out['conn_per_s']:.0f} conn/s ({out['conn_failed']} failed)" if cps is not None else ""))
+            return out
         out["gbps"], out["tcp_retransmits"] = self._iperf(ns, host, iperf_port)
         if t.cpu_seconds:
             # CPU per GB moved: on one 2-core machine every "host" shares the CPUs, so a path that needs
@@ -575,6 +586,17 @@ class Bench:
     def path_mh_inet_compute(self) -> Target:
         return self._multihost("mh_inet_compute")
 
+    def _balancing(self, path: str) -> Target:
+        from dataplane_balancing import shared
+
+        return shared(self).target(path)
+
+    def path_lb_single(self) -> Target:
+        return self._balancing("lb_single")
+
+    def path_lb_three(self) -> Target:
+        return self._balancing("lb_three")
+
     # -- lifecycle --------------------------------------------------------------
 
     def set_rmem(self) -> None:
@@ -703,7 +725,8 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """``"x/y"`` → metric ratio for every measured pair (x after y in PATHS), direct as the base first."""
     # The multihost paths have their own comparison (cross_host): other clients, other MTU.
-    ok = [p for p in PATHS if p in results and "status" not in results[p] and p not in MH_PATHS]
+    # So have the load-balanced ones (balancing): another lab, no throughput.
+    ok = [p for p in PATHS if p in results and "status" not in results[p] and p not in (*MH_PATHS, *LB_PATHS)]
     out: dict[str, dict[str, float]] = {}
     for base, other in itertools.combinations(ok, 2):
         r: dict[str, float] = {}
@@ -741,7 +764,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--paths",
         default=",".join(DEFAULT_PATHS),
-        help=f"comma-separated subset of {','.join(PATHS)}; 'multihost' = every mh_* path",
+        help=f"comma-separated subset of {','.join(PATHS)}; 'multihost' = every mh_* path, 'balancing' = lb_*",
     )
     p.add_argument("--prefix", default="pmb-", help="namespace prefix; the PID is appended (default pmb-)")
     p.add_argument("--rounds", type=int, default=3, help="measure every path this many times; medians")
@@ -818,10 +841,11 @@ def main(argv: list[str] | None = None) -> int:
             # path). --interleave builds all first and alternates, so load bursts from elsewhere
             # hit every path alike.
             # The multihost paths share one 3-host lab and are compared with each other: always one group.
-            mh = [p for p in args.paths if p in MH_PATHS]
-            rest = [p for p in args.paths if p not in MH_PATHS]
+            # So do the load-balanced ones (one lab, rounds alternating between one and three backends).
+            shared = [[p for p in args.paths if p in grouped] for grouped in GROUPED]
+            rest = [p for p in args.paths if not any(p in grouped for grouped in GROUPED)]
             groups = [rest] if args.interleave and rest else [[p] for p in rest]
-            groups += [mh] if mh else []
+            groups += [group for group in shared if group]
             for group in groups:
                 mark = bench.mark()
                 try:
@@ -846,12 +870,19 @@ def main(argv: list[str] | None = None) -> int:
 
         cross = cross_host(results)
         print_cross_host(cross)
+    lb: dict[str, Any] = {}
+    if any(p in results for p in LB_PATHS):
+        from dataplane_balancing import balancing, print_balancing
+
+        lb = balancing(results)
+        print_balancing(lb)
     for note in bench.notes:
         print(f"note: {note}")
     summary: dict[str, Any] = {
         **results,
         "ratios": rat,
         **({"cross_host": cross} if cross else {}),
+        **({"balancing": lb} if lb else {}),
         "rmem_default": bench.rmem_used,
         "seconds": round(time.monotonic() - t0, 1),
         "loadavg_1m": {"before": load_before, "after": round(os.getloadavg()[0], 2)},

@@ -1,0 +1,118 @@
+"""Load-balanced paths of bench/dataplane (issue 15): new connections/s through a mapping of 3
+backends next to the single-backend figure, same lab, same run, rounds interleaved.
+
+``python -m portmesh.lab up`` (one host), then through the CLI only: three containers
+``pmb-lb-1..3`` holding 203.0.113.30, each running the benchmark's HTTP server on :80, behind
+one mapping ``portmesh map add 203.0.113.30 80/tcp pmb-lb-1 pmb-lb-2 pmb-lb-3``; and one
+container ``pmb-lb-0`` holding 203.0.113.31 with a plain mapping of :80 (``run -p 80/tcp``),
+compiled exactly as before issue 15. Two paths, measured from inet:
+
+  lb_single  inet -> 203.0.113.31:80, one backend (the baseline);
+  lb_three   inet -> 203.0.113.30:80, three backends: per new connection the switch picks a
+             backend by weight and remembers the choice, so the figure prices exactly that.
+
+Every backend on the one host: the only difference between the paths is the balancing, not a
+tunnel. Connection rate and RTT only: iperf3's control and data connections are two
+connections and may land on two backends (each backend would need its own iperf3 session).
+``balancing`` in the JSON holds the ratio lb_three / lb_single (target >= 0.9: within 10 %).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from dataplane_bench import HTTP_PORT, TOOLS, BenchError, Target, python_exe
+from dataplane_portmesh import PortmeshPath
+
+if TYPE_CHECKING:
+    from dataplane_bench import Bench
+
+LB_PATHS = ("lb_single", "lb_three")
+VIP, SINGLE_IP = "203.0.113.30", "203.0.113.31"
+BACKENDS = ("pmb-lb-1", "pmb-lb-2", "pmb-lb-3")
+SINGLE = "pmb-lb-0"
+TARGET_RATIO = 0.9
+
+
+class BalancingLab(PortmeshPath):
+    """The one-host lab with the three backends and the single one, built once for both paths."""
+
+    def __init__(self, bench: Bench) -> None:
+        super().__init__(bench)
+        self.lab = f"{bench.args.lab_name}b"
+        self.built = False
+
+    def start(self, name: str, ip: str, ports: list[str]) -> None:
+        server = [python_exe(), str(TOOLS), "server", "--port", str(HTTP_PORT)]
+        argv = ["run", name, "--host", "h1", "--ip", ip, *(a for p in ports for a in ("--port", p)), "--wait"]
+        self._cli([*argv, "--", *server], timeout=self.bench.args.lab_timeout)
+
+    def build(self) -> None:
+        self.preflight()
+        helps = self._cli(["map", "add", "--help"], timeout=30, check=False)
+        if helps.returncode != 0 or "--weight" not in helps.stdout:
+            raise BenchError("`portmesh map add` takes no several backends yet (no --weight in its help)")
+        self.lab_up()
+        for name in BACKENDS:
+            self.start(name, VIP, [])
+        self.start(SINGLE, SINGLE_IP, [f"{HTTP_PORT}/tcp"])
+        self._cli(["map", "add", VIP, f"{HTTP_PORT}/tcp", *BACKENDS, "--wait"], timeout=self.bench.args.lab_timeout)
+        for name in (*BACKENDS, SINGLE):
+            self.wait_listening(name, HTTP_PORT)
+        inet = self.prefix + "inet"
+        for key, value in (("net.ipv4.ip_local_port_range", "1024 65000"), ("net.ipv4.tcp_tw_reuse", "1")):
+            with contextlib.suppress(BenchError):
+                self.bench.sysctl(inet, key, value)
+        self.built = True
+
+    def target(self, path: str) -> Target:
+        if not self.built:
+            self.build()
+        inet = self.prefix + "inet"
+        cpu0, t0 = self.control_cpu_seconds(), time.monotonic()
+
+        def extra() -> dict[str, Any]:
+            cores = (self.control_cpu_seconds() - cpu0) / max(time.monotonic() - t0, 1e-6)
+            return {"backends": 3 if path == "lb_three" else 1, "control_plane_cpu_cores": round(cores, 2)}
+
+        host = VIP if path == "lb_three" else SINGLE_IP
+        return Target(inet, host, HTTP_PORT, 0, extra=extra, iperf=False)
+
+
+def shared(bench: Bench) -> BalancingLab:
+    lab: BalancingLab | None = getattr(bench, "balancing", None)
+    if lab is None:
+        lab = BalancingLab(bench)
+        bench.balancing = lab  # type: ignore[attr-defined]
+        bench.cleanup_hooks.append(lambda: setattr(bench, "balancing", None))
+    return lab
+
+
+def balancing(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    one, three = results.get("lb_single", {}), results.get("lb_three", {})
+    if not one.get("conn_per_s") or "conn_per_s" not in three:
+        return {}
+    ratio = three["conn_per_s"] / one["conn_per_s"]
+    return {
+        "conn_per_s_single": one["conn_per_s"],
+        "conn_per_s_three": three["conn_per_s"],
+        "conn_ratio": round(ratio, 3),
+        "per_round_single": one.get("per_round", {}).get("conn_per_s"),
+        "per_round_three": three.get("per_round", {}).get("conn_per_s"),
+        "rtt_ms_p50_single": one.get("rtt_ms_p50"),
+        "rtt_ms_p50_three": three.get("rtt_ms_p50"),
+        "target": TARGET_RATIO,
+        "meets_target": ratio >= TARGET_RATIO,
+    }
+
+
+def print_balancing(summary: dict[str, Any]) -> None:
+    if summary:
+        print(
+            f"balancing: {summary['conn_per_s_three']:.0f} conn/s through 3 backends vs {summary['conn_per_s_single']:.0f} "
+            f"through one = x{summary['conn_ratio']:.3f} (target >= {summary['target']}: "
+            f"{'met' if summary['meets_target'] else 'NOT met'}); rtt p50 {summary['rtt_ms_p50_three']} vs "
+            f"{summary['rtt_ms_p50_single']} ms"
+        )
