@@ -168,7 +168,7 @@ def reach(host: str, port: int, bind: str | None, want: bool, timeout: float, li
         outcome = probe(host, port, bind, timeout)["outcome"]
         last = str(outcome)
         if (outcome == "connected") == want and (want or outcome == "timeout"):
-            return {"at": at, "tries": tries, "outcome": outcome}
+            return {"at": at, "done": time.monotonic(), "tries": tries, "outcome": outcome}
         time.sleep(0.02)
     return {"at": None, "tries": tries, "outcome": last}
 
@@ -194,8 +194,9 @@ def probe(host: str, port: int, bind: str | None, timeout: float) -> dict[str, A
         s.close()
 
 
-def udp_stream(host: str, port: int, bind: str | None, count: int, every: float, wait: float) -> dict[str, Any]:
-    """Send ``count`` numbered datagrams, one every ``every`` s, and count the answers (by number)."""
+def udp_stream(host: str, port: int, bind: str | None, count: int, every: float, wait: float, size: int) -> dict[str, Any]:
+    """Send ``count`` numbered datagrams of ``size`` payload bytes (at least 13), one every ``every`` s,
+    and count the answers (by number)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((bind or "0.0.0.0", 0))
     s.setblocking(False)
@@ -215,7 +216,7 @@ def udp_stream(host: str, port: int, bind: str | None, count: int, every: float,
 
     start = time.monotonic()
     for i in range(count):
-        s.sendto(f"seq {i}".encode(), (host, port))
+        s.sendto(("p" * max(0, size - 13) + f" seq {i:08d}").encode(), (host, port))
         drain()
         pause = start + (i + 1) * every - time.monotonic()
         if pause > 0:
@@ -290,6 +291,7 @@ def main() -> None:
     ap.add_argument("--limit", type=float, default=30.0)
     ap.add_argument("--every", type=float, default=0.2)
     ap.add_argument("--wait", type=float, default=1.0)
+    ap.add_argument("--size", type=int, default=13)
     ap.add_argument("--absent", action="store_true")
     ap.add_argument("--closed", action="store_true")
     ap.add_argument("command", nargs="*")
@@ -312,7 +314,7 @@ def main() -> None:
     elif a.mode == "probe":
         out = probe(a.host, a.port, a.bind, a.timeout)
     else:
-        out = udp_stream(a.host, a.port, a.bind, a.count, a.every, a.wait)
+        out = udp_stream(a.host, a.port, a.bind, a.count, a.every, a.wait, a.size)
     json.dump(out, sys.stdout)
 
 
