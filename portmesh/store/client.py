@@ -15,7 +15,7 @@ the controller recompute.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from collections.abc import Mapping as MappingABC
 
 from portmesh.model.blocks import BlockTaken
@@ -27,10 +27,12 @@ from portmesh.model.entities import (
     Host,
     HostStatus,
     Mapping,
+    MappingCounters,
     MappingKey,
     RunState,
 )
 from portmesh.model.errors import Conflict, InvalidInput, NotFound
+from portmesh.model.validation import without_backend
 from portmesh.store import rows as R
 from portmesh.store.engine import Engine, StoreError, Txn
 from portmesh.store.mirror import Committed
@@ -88,6 +90,20 @@ class Store(Engine):
         """Names of containers whose desired run state is running."""
         with self._lock():
             return {r.name for r in self._rows("Container") if r.running}
+
+    def mapping_health(self, key: MappingKey) -> dict[str, str]:
+        """What the agents last reported of the mapping's backends: name -> ``up`` or ``down: reason``
+        (a backend absent is unchecked); empty for a key that is not mapped."""
+        with self._lock():
+            row = self._mapping(key)
+            return {str(k): str(v) for k, v in Committed(row).backend_health.items()} if row is not None else {}
+
+    def mapping_counters(self, key: MappingKey) -> MappingCounters:
+        """What the master controller last wrote of the mapping's counters (zero if nothing yet, or
+        the key is not mapped, or this view does not replicate them: an agent's)."""
+        with self._lock():
+            row = self._mapping(key)
+            return R.counters_from_column(getattr(Committed(row), "counters", {}) if row is not None else {})
 
     # -- desired-state writes (bump the generation) ----------------------------------------------
 
@@ -168,6 +184,8 @@ class Store(Engine):
                 if m.key in keys:
                     raise Conflict("port", f"{m.key} is listed twice")
                 keys.add(m.key)
+                for other in m.names[1:]:
+                    self._verify(self._container(other, field="backends"), "name")
                 self._insert_mapping(txn, m)
             for claim in R.block_claims(c):  # the index refuses a taken one anyway; this saves the round trip
                 holder = self._mirror.claims.get(claim)
@@ -179,12 +197,13 @@ class Store(Engine):
         return self._write(build)
 
     def remove_container(self, name: str, if_exists: bool = False) -> int:
-        """Remove a container, its port-block claims and every mapping that points at it, in one transaction.
+        """Remove a container, its port-block claims and its part in every mapping, in one transaction:
+        a mapping it is the sole backend of goes; one with other backends stays without it.
 
-        A mapping another client added just before, which this cache had not seen when the
-        transaction was built, is removed right after (:meth:`_sweep_mappings`). A wait on "no
-        mapping names it" would close even that moment, but ovsdb-server answers it by scanning
-        the Mapping table: 67 ms a remove at 100,000 mappings, measured, with the server blocked.
+        A mapping another client added (or gave it as a backend) just before, which this cache had
+        not seen when the transaction was built, is dealt with right after (:meth:`_sweep_mappings`).
+        A wait on "no mapping names it" would close even that moment, but ovsdb-server answers it by
+        scanning the Mapping table: 67 ms a remove at 100,000 mappings, measured, with the server blocked.
         """
 
         def build(txn: Txn) -> bool:
@@ -193,8 +212,7 @@ class Store(Engine):
                 if if_exists:
                     return False
                 raise NotFound("name", f"container {name!r} does not exist")
-            for key in self._mirror.mappings_of.get(name, ()):
-                self._row("Mapping", self._mirror.mapping_rows[key]).delete()
+            self._take_out(txn, name)
             for claim_uuid in self._mirror.claim_rows_of.get(name, ()):
                 claim_row = self._row("Block", claim_uuid)
                 if claim_row is not None:
@@ -205,22 +223,36 @@ class Store(Engine):
         generation = self._write(build)
         return max(generation, self._sweep_mappings(name))
 
+    def _take_out(self, txn: Txn, name: str) -> None:
+        """Delete the mappings ``name`` is the sole backend of; take it out of the others (the next
+        backend becomes the mapping's ``container`` if it was the first), its health report too."""
+        for key in list(self._mirror.mappings_of.get(name, ())):
+            m, row = self._mirror.mappings[key], self._mapping(key)
+            if row is None:
+                continue
+            if m.names == (name,):
+                row.delete()
+                continue
+            for column in R.MAPPING_WRITTEN:
+                self._verify(row, column)  # a backend added meanwhile is not lost: rebuilt on fresh data
+            R.fill_mapping_change(row, without_backend(m, name), m)
+            self._forget_health(txn, row, [name])
+
     def _sweep_mappings(self, container: str) -> int:
-        """Delete the mappings still naming ``container`` once it is gone; the generation written, or 0.
+        """Take ``container`` out of the mappings still naming it once it is gone; the generation
+        written, or 0.
 
         After a commit the cache holds every commit before it (read-your-writes), so a mapping
         that won the race against the removal is in it now; one that comes later is refused
-        (add_mapping verifies its container's row). A container created again under the same
-        name meanwhile keeps its mappings."""
+        (add_mapping and update_mapping verify their backends' rows). A container created again
+        under the same name meanwhile keeps its mappings."""
         swept = False
 
         def build(txn: Txn) -> bool:
             nonlocal swept
-            keys = self._mirror.mappings_of.get(container)
-            if not keys or self._container_row(container) is not None:
+            if not self._mirror.mappings_of.get(container) or self._container_row(container) is not None:
                 return False
-            for key in keys:
-                self._row("Mapping", self._mirror.mapping_rows[key]).delete()
+            self._take_out(txn, container)
             swept = True
             return True
 
@@ -230,11 +262,51 @@ class Store(Engine):
         return generation if swept else 0
 
     def add_mapping(self, m: Mapping) -> int:
-        """Add one mapping; its container must exist (NotFound) and its key be free (Conflict)."""
+        """Add one mapping with every field; each backend container must exist (NotFound, naming
+        ``container`` for the first and ``backends`` for the others) and the key be free (Conflict)."""
 
         def build(txn: Txn) -> bool:
             self._verify(self._container(m.container, field="container"), "name")
+            for other in m.names[1:]:
+                self._verify(self._container(other, field="backends"), "name")
             self._insert_mapping(txn, m)
+            return True
+
+        return self._write(build)
+
+    def update_mapping(self, key: MappingKey, change: Callable[[Mapping], Mapping]) -> int:
+        """Change a mapping in one transaction: ``change`` gets the mapping as the store holds it and
+        returns the new one (backends added or removed, weights, policy, health check); NotFound if
+        ``key`` is not mapped, and whatever ``change`` raises. A new backend must exist.
+
+        The columns written are verified, so a concurrent change of the same mapping (another
+        client adding another backend) makes the commit fail and ``change`` run again on the fresh
+        mapping: nothing is lost. A removed backend's health report goes too, and every report when
+        the check is removed. An unchanged mapping writes nothing (the current generation)."""
+
+        def build(txn: Txn) -> bool:
+            row = self._mapping(key)
+            old = self._mirror.mappings.get(key)
+            if row is None or old is None:
+                raise NotFound("mapping", f"{key} is not mapped")
+            new = change(old)
+            if new.key != key:
+                raise InvalidInput("key", f"a mapping's key cannot change ({key} -> {new.key})")
+            if (new.container, new.backends, new.allow, new.deny, new.health) == (
+                old.container, old.backends, old.allow, old.deny, old.health
+            ):
+                return False
+            for name in new.names:
+                if name not in old.names:
+                    self._verify(self._container(name, field="container"), "name")
+            for column in R.MAPPING_WRITTEN:
+                self._verify(row, column)
+            R.fill_mapping_change(row, new, old)
+            if new.health is None and old.health is not None:
+                gone = list(Committed(row).backend_health)
+            else:
+                gone = [n for n in old.names if n not in new.names]
+            self._forget_health(txn, row, gone)
             return True
 
         return self._write(build)
@@ -334,6 +406,52 @@ class Store(Engine):
         for row_uuid in written[-1:]:
             self._reported_tunnels[row_uuid] = want
 
+    def report_health(self, host: str, results: MappingABC[MappingKey, MappingABC[str, str]]) -> None:
+        """Agent: its health checks' results, mapping -> backend -> ``up`` or ``down: reason``.
+
+        Only entries of the mapping's backends placed on ``host`` are written (others, and mappings
+        gone meanwhile, are skipped): one server-side ``mutate`` per changed mapping, replacing just
+        those keys, so two agents reporting on one mapping at once both keep their entries. One
+        transaction per call, no generation bump (the controller's reader still hears of it: it
+        monitors ``backend_health``). Nothing is written when nothing changed.
+        """
+        want = {key: {str(n): str(state) for n, state in states.items()} for key, states in results.items()}
+
+        def build(txn: Txn) -> bool:
+            wrote = False
+            for key, states in want.items():
+                m, row = self._mirror.mappings.get(key), self._mapping(key)
+                if m is None or row is None:
+                    continue
+                mine = {n: state for n, state in states.items() if n in m.names and self._placed(n, host)}
+                last = Committed(row).backend_health  # replicated in every view, the agent's too
+                changed = {n: state for n, state in mine.items() if last.get(n) != state}
+                if not changed:
+                    continue
+                txn.add_op({
+                    "op": "mutate", "table": "Mapping", "where": [["_uuid", "==", ["uuid", str(row.uuid)]]],
+                    "mutations": [
+                        ["backend_health", "delete", ["set", sorted(changed)]],
+                        ["backend_health", "insert", ["map", [[n, changed[n]] for n in sorted(changed)]]],
+                    ],
+                })
+                wrote = True
+            return wrote
+
+        self._write(build, bump=False)
+
+    def _placed(self, container: str, host: str) -> bool:
+        c = self._mirror.containers.get(container)
+        return c is not None and c.host == host
+
+    def _forget_health(self, txn: Txn, row: R.Row, names: Collection[str]) -> None:
+        """Delete these backends' health reports from ``row`` (server-side, so other entries stay)."""
+        if names:
+            txn.add_op({
+                "op": "mutate", "table": "Mapping", "where": [["_uuid", "==", ["uuid", str(row.uuid)]]],
+                "mutations": [["backend_health", "delete", ["set", sorted(names)]]],
+            })
+
     def _host_row(self, name: str) -> R.Row | None:
         return self._row("Host", self._mirror.host_rows.get(name))
 
@@ -359,4 +477,6 @@ class Store(Engine):
         existing = self._mapping(m.key)
         if existing is not None:
             raise Conflict("port", f"{m.key} is already mapped to {existing.container!r}")
+        if len(set(m.names)) != len(m.names):
+            raise InvalidInput("backends", f"a backend of {m.key} is named twice")
         R.fill_mapping_row(txn.insert(self._idl.tables["Mapping"]), m)

@@ -49,8 +49,11 @@ Build = Callable[[Txn], bool]
 
 # What a host agent's view replicates (Store(remote, host=NAME)), and the Host columns it writes
 # without replicating them (its reports; see Engine.__init__).
-AGENT_VIEW_TABLES = ("Global", "Host", "Container")
+AGENT_VIEW_TABLES = ("Global", "Host", "Container", "Mapping")
 AGENT_WRITES: dict[str, tuple[str, ...]] = {"Host": ("agent_generation", "tunnels")}
+# Which rows an agent's view holds: its own host's containers, and the mappings with a health check
+# (schema 1.6.0), so it knows which of its containers to check; a plain mapping never reaches it.
+AGENT_MAPPINGS: list[Any] = [["health", "!=", ["map", []]]]
 
 
 class StoreError(RuntimeError):
@@ -164,7 +167,8 @@ class Engine:
         not with the cloud). Container rows are monitored only where ``host`` is that host
         (conditional monitoring: the server sends no other host's containers, nor their
         changes), all their columns (the agent reads the desired ones, ``running`` and its own
-        status reports); Host and Global rows all, but only their desired columns. The Host
+        status reports); Mapping rows only those with a health check, their desired columns and
+        ``backend_health``; Host and Global rows all, but only their desired columns. The Host
         columns the agent writes (:data:`AGENT_WRITES`) are registered but not monitored, so
         other agents' and the controller's reports never wake it, and it can still write them.
         """
@@ -176,12 +180,12 @@ class Engine:
         if tables is None and host is None:
             helper.register_all()
         for table in tables or (() if host is None else AGENT_VIEW_TABLES):
-            if host is not None and table in ("Global", "Host"):
+            if host is not None and table in ("Global", "Host", "Mapping"):
                 helper.register_columns(table, [*R.DESIRED_COLUMNS[table], *AGENT_WRITES.get(table, ())])
             else:
                 helper.register_table(table)
         unmonitored = {} if host is None else AGENT_WRITES
-        where = {} if host is None else {"Container": [["host", "==", host]]}
+        where = {} if host is None else {"Container": [["host", "==", host]], "Mapping": AGENT_MAPPINGS}
         self._mirror = Mirror()
         # Host row -> the tunnel report last written through this client (report_tunnels), for an
         # agent's view that does not replicate the column it writes.

@@ -79,7 +79,7 @@ class Mirror:
         self.host_rows: dict[str, UUID] = {}
         self.container_rows: dict[str, UUID] = {}
         self.mapping_rows: dict[MappingKey, UUID] = {}
-        # container name -> keys of the mappings that point at it (remove_container)
+        # container name -> keys of the mappings it is a backend of (remove_container)
         self.mappings_of: dict[str, set[MappingKey]] = {}
         # Block table: (public IP, block start) -> container claiming it, and each container's claim rows
         self.claims: dict[tuple[str, int], str] = {}
@@ -188,7 +188,8 @@ class Mirror:
         self.mappings[m.key] = m
         self.mapping_rows[m.key] = row_uuid
         self._mapping_of[row_uuid] = m
-        self.mappings_of.setdefault(m.container, set()).add(m.key)
+        for name in m.names if m.balanced else (m.container,):
+            self.mappings_of.setdefault(name, set()).add(m.key)
 
     def _drop_mapping(self, row_uuid: UUID) -> None:
         m = self._mapping_of.pop(row_uuid, None)
@@ -202,9 +203,11 @@ class Mirror:
             current = None
         else:
             current = self.mappings.get(m.key)
-        if current is None or current.container != m.container:
-            keys = self.mappings_of.get(m.container)
+        for name in m.names if m.balanced else (m.container,):
+            if current is not None and name in current.names:
+                continue
+            keys = self.mappings_of.get(name)
             if keys is not None:
                 keys.discard(m.key)
                 if not keys:
-                    del self.mappings_of[m.container]
+                    del self.mappings_of[name]

@@ -55,7 +55,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -64,7 +64,7 @@ with warnings.catch_warnings():
     import ovs.jsonrpc
     import ovs.poller
 
-from portmesh.model.entities import DesiredState
+from portmesh.model.entities import DesiredState, MappingCounters, MappingKey
 from portmesh.model.errors import NotFound
 from portmesh.store import rows as R
 from portmesh.store.columns import ATOM, MAP, SET, JsonColumns, TupleColumns, column_kinds, decode
@@ -159,6 +159,8 @@ class StateReader:
         self._leader_id: Any = None
         self._leader: tuple[int, str] = (0, "")
         self._relock = False
+        # report_counters: what this reader last wrote, by mapping (written only when it changes).
+        self._counters_written: dict[MappingKey, MappingCounters] = {}
         self._election_callbacks: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name="portmesh-store-reader", daemon=True)
 
@@ -260,6 +262,31 @@ class StateReader:
         result = self._transact([*asserted, op])[-1]
         if result.get("count", 0) == 0:
             raise NotFound("host", f"host {host!r} does not exist")
+
+    def report_counters(self, counters: Mapping[MappingKey, MappingCounters]) -> int:
+        """Master controller: the mappings' counters summed over every switch; returns how many rows
+        were written. Only the rows whose counters differ from what this reader last wrote go, in one
+        transaction asserting the lock (like :meth:`report_switch`: a master that lost it writes
+        nothing). A key no longer mapped is skipped. What was written is forgotten whenever the lock
+        changes hands, so a new master writes everything once."""
+        if self.lock is None:
+            raise StoreError("report_counters needs a reader made with a lock")
+        with self._lock:
+            rows = self._mirror.mapping_rows
+            changed = {
+                key: value for key, value in counters.items()
+                if key in rows and self._counters_written.get(key) != value
+            }
+            ops: list[dict[str, Any]] = [
+                {"op": "update", "table": "Mapping", "where": [["_uuid", "==", ["uuid", str(rows[key])]]],
+                 "row": {"counters": ["map", sorted(R.counters_column(value).items())]}}
+                for key, value in changed.items()
+            ]
+        if not ops:
+            return 0
+        self._transact([{"op": "assert", "lock": self.lock}, *ops])
+        self._counters_written.update(changed)
+        return len(ops)
 
     def _transact(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if threading.current_thread() is self._thread:
@@ -491,6 +518,7 @@ class StateReader:
     def _set_lock_held(self, held: bool) -> None:
         if held != self._lock_held:
             self._lock_held = held
+            self._counters_written = {}  # another master may have written counters meanwhile
             log.info("store lock %r %s", self.lock, "acquired" if held else "not held")
             self._notify_election()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from collections.abc import Mapping as MappingABC
 from dataclasses import replace
 from importlib import resources
@@ -20,12 +21,16 @@ from portmesh.model.blocks import BlockTaken
 from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import (
     DEFAULT_STOP_TIMEOUT,
+    Backend,
     Container,
     ContainerStatus,
+    HealthCheck,
+    HealthKind,
     Host,
     HostRole,
     HostStatus,
     Mapping,
+    MappingCounters,
     MappingKey,
     PortBlock,
     Proto,
@@ -73,8 +78,19 @@ DESIRED_COLUMNS: dict[str, tuple[str, ...]] = {
         "stop_timeout",
         "starts",
     ),
-    "Mapping": ("public_ip", "proto", "port", "container"),
+    # Schema 1.6.0 (issue 15): the backends with their weights, the firewall policy, the health check,
+    # and ``backend_health``: written by agents, but what :attr:`Mapping.down` is made of, which the
+    # switches act on, so the controller's reader monitors it with the desired columns.
+    "Mapping": ("public_ip", "proto", "port", "container", "backends", "allow", "deny", "health", "backend_health"),
 }
+
+# The fields of a HealthCheck as keys of the ``health`` column, and of MappingCounters in ``counters``.
+HEALTH_FIELDS = ("kind", "port", "path", "expect", "interval", "timeout", "threshold")
+COUNTER_FIELDS = ("allowed_packets", "allowed_bytes", "denied_packets", "denied_bytes")
+# The Mapping columns a change of a mapping writes (Store.update_mapping verifies them).
+MAPPING_WRITTEN = ("container", "backends", "allow", "deny", "health")
+# A backend_health value: "up", or "down: <reason>" (anything starting with "down" counts as down).
+UP, DOWN = "up", "down"
 
 
 def schema_path() -> Path:
@@ -208,9 +224,96 @@ def container_status_from_row(row: Row) -> ContainerStatus | None:
 
 
 def mapping_from_row(row: Row) -> Mapping:
-    """A Mapping row as a model mapping."""
+    """A Mapping row as a model mapping.
+
+    Most mappings are plain (one backend of weight 1, no policy, no check): their policy columns
+    are empty and the mapping is built as before schema 1.6.0, which keeps a 100,000-mapping
+    load as cheap as it was. ``backends`` holds every backend, ``container`` first; an empty map
+    (a plain mapping, or a row from before 1.6.0) is ``container`` alone with weight 1. The map has
+    no order: the backends after the first come back sorted by name. ``backend_health`` counts
+    only while the mapping has a health check (a late report after the check was removed is moot).
+    """
     key = MappingKey(public_ip=IPv4Address(row.public_ip), proto=Proto(row.proto), port=row.port)
-    return Mapping(key=key, container=row.container)
+    container = row.container
+    weights = getattr(row, "backends", None)  # these columns: absent before schema 1.6.0
+    allow = getattr(row, "allow", None)
+    deny = getattr(row, "deny", None)
+    health = getattr(row, "health", None)
+    if not (weights or allow or deny or health):
+        return Mapping(key=key, container=container)
+    check = health_from_column(health) if health else None
+    backends = backends_from_column(container, weights or {})
+    down: frozenset[str] = frozenset()
+    if check is not None:
+        names = {b.container for b in backends}
+        reports: MappingABC[str, str] = getattr(row, "backend_health", None) or {}
+        down = frozenset(n for n, state in reports.items() if n in names and str(state).startswith(DOWN))
+    return Mapping(
+        key=key,
+        container=container,
+        backends=backends,
+        allow=networks_from_column(allow or ()),
+        deny=networks_from_column(deny or ()),
+        health=check,
+        down=down,
+    )
+
+
+def backends_from_column(container: str, weights: MappingABC[str, int]) -> tuple[Backend, ...]:
+    """``container`` first (weight 1 if the map lacks it), then the others by name."""
+    first = Backend(container, int(weights.get(container, 1)))
+    return (first, *(Backend(str(n), int(w)) for n, w in sorted(weights.items()) if n != container))
+
+
+def backends_column(m: Mapping) -> dict[str, int]:
+    """The ``backends`` map: empty for a plain mapping (one backend of weight 1), every backend otherwise."""
+    if len(m.backends) == 1 and m.backends[0].weight == 1:
+        return {}
+    return {b.container: b.weight for b in m.backends}
+
+
+def networks_from_column(values: Collection[str]) -> tuple[IPv4Network, ...]:
+    """A policy list, sorted as :func:`portmesh.model.validation.parse_networks` gives it."""
+    return tuple(sorted(IPv4Network(v) for v in values))
+
+
+def health_from_column(values: MappingABC[str, str]) -> HealthCheck:
+    """The ``health`` map as a HealthCheck; a missing key keeps the model's default."""
+    d = HealthCheck()
+    return HealthCheck(
+        kind=HealthKind(values.get("kind", d.kind.value)),
+        port=int(values.get("port", d.port)),
+        path=str(values.get("path", d.path)),
+        expect=int(values.get("expect", d.expect)),
+        interval=float(values.get("interval", d.interval)),
+        timeout=float(values.get("timeout", d.timeout)),
+        threshold=int(values.get("threshold", d.threshold)),
+    )
+
+
+def health_column(check: HealthCheck | None) -> dict[str, str]:
+    """The ``health`` map (string values, floats in repr so they read back equal); empty without a check."""
+    if check is None:
+        return {}
+    return {
+        "kind": check.kind.value,
+        "port": str(check.port),
+        "path": check.path,
+        "expect": str(check.expect),
+        "interval": repr(float(check.interval)),
+        "timeout": repr(float(check.timeout)),
+        "threshold": str(check.threshold),
+    }
+
+
+def counters_from_column(values: MappingABC[str, int]) -> MappingCounters:
+    """The ``counters`` map as MappingCounters (zero for what is missing)."""
+    return MappingCounters(**{name: int(values.get(name, 0)) for name in COUNTER_FIELDS})
+
+
+def counters_column(counters: MappingCounters) -> dict[str, int]:
+    """The ``counters`` map."""
+    return {name: int(getattr(counters, name)) for name in COUNTER_FIELDS}
 
 
 def check_host(host: Host) -> None:
@@ -273,11 +376,28 @@ def fill_block_row(row: Row, claim: tuple[str, int], container: str) -> None:
 
 
 def fill_mapping_row(row: Row, m: Mapping) -> None:
-    """Write a mapping."""
+    """Write a new mapping: every desired column (``backend_health`` and ``counters`` are reports)."""
     row.public_ip = str(m.public_ip)
     row.proto = m.proto.value
     row.port = m.port
-    row.container = m.container
+    fill_mapping_change(row, m, None)
+
+
+def fill_mapping_change(row: Row, m: Mapping, old: Mapping | None) -> None:
+    """Write the columns of ``m`` that differ from ``old`` (all of them for a new row, ``old`` None).
+
+    Writing only what changed keeps a policy change from touching the backends' columns, and
+    the columns written are the ones the caller verifies (see Store.update_mapping)."""
+    if old is None or m.container != old.container:
+        row.container = m.container
+    if old is None or m.backends != old.backends:
+        row.backends = backends_column(m)
+    if old is None or m.allow != old.allow:
+        row.allow = [str(n) for n in m.allow]
+    if old is None or m.deny != old.deny:
+        row.deny = [str(n) for n in m.deny]
+    if old is None or m.health != old.health:
+        row.health = health_column(m.health)
 
 
 # Which caller-facing field a violated index stands for, and how to say it.

@@ -10,7 +10,10 @@ from portmesh.store.reader import ATOM, MAP, SET, JsonColumns, StateReader, colu
 
 def test_column_kinds_follow_the_schema() -> None:
     kinds = column_kinds(json.loads(R.schema_path().read_text()), R.DESIRED_COLUMNS)
-    assert kinds["Mapping"] == {"public_ip": ATOM, "proto": ATOM, "port": ATOM, "container": ATOM}
+    assert kinds["Mapping"] == {
+        "public_ip": ATOM, "proto": ATOM, "port": ATOM, "container": ATOM,
+        "backends": MAP, "allow": SET, "deny": SET, "health": MAP, "backend_health": MAP,  # schema 1.6.0
+    }
     assert kinds["Container"]["ips"] == SET and kinds["Container"]["image"] == SET  # a set, and an optional
     assert kinds["Host"]["underlay_ip"] == SET and kinds["Global"]["generation"] == ATOM
     assert set(kinds) == set(R.DESIRED_COLUMNS)
