@@ -18,6 +18,16 @@ enters it with ``setns(2)`` (a per-thread operation on Linux) and comes straight
 stays in the namespace it was created in, so the connect and the HTTP exchange then run on the
 agent's event loop like any other socket. Concurrency is bounded by a semaphore.
 
+The local path: a container's public IPs' ``local`` routes live in table 100, consulted only for
+packets arriving on eth0 (plumbing.py), so that what a container sends to its own public IP goes
+out to the switch (another container may hold the same IP on another port). A check connecting
+from the public IP would therefore leave through the switch too: refused on a port that is not
+mapped, and on a balanced port answered by whichever backend the switch picks. So the check's
+socket is bound to 127.0.0.1, and each checked namespace gets one more rule, ``pref 2 from
+127.0.0.0/8 lookup 100``: traffic from a loopback address (which could never leave by eth0
+anyway: the kernel refuses it, EINVAL) finds the public IPs local. The service sees the check
+come from 127.0.0.1 and answers it over lo; nothing else in the container changes.
+
 Detection bound: a service that stops just after a good check fails its next check at most
 ``interval`` later, and its ``threshold``-th at most ``interval * threshold`` after the stop,
 plus up to ``timeout`` if the checks time out rather than being refused.
@@ -40,7 +50,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from portmesh.agent.plumbing import netns_path
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from portmesh.agent.plumbing import LOCAL_COPY_TABLE, netns_path
 from portmesh.model.entities import ContainerStatus, DesiredState, HealthCheck, HealthKind, MappingKey, RunState
 
 log = logging.getLogger("portmesh.agent.health")
@@ -48,6 +61,8 @@ log = logging.getLogger("portmesh.agent.health")
 UP = "up"
 NOT_RUNNING = "not running"
 CLONE_NEWNET = 0x40000000
+LOOPBACK_RULE_PREF = 2  # after plumbing's pref 1 (iif eth0 lookup 100)
+LOOPBACK_SRC, LOOPBACK_SRC_LEN = "127.0.0.0", 8
 MAX_RESPONSE_LINE = 4096  # bytes of an HTTP status line read at most
 DEFAULT_CONCURRENCY = 64  # checks in flight at once on one host
 
@@ -149,6 +164,8 @@ class NetnsProbe:
         self._setns = _libc_setns()
         self._workers = workers
         self._executor = self._new_executor()
+        # Namespaces (path, device, inode) whose loopback rule is known to be there.
+        self._routed: set[tuple[str, int, int]] = set()
 
     def _new_executor(self) -> concurrent.futures.ThreadPoolExecutor:
         # Threads of our own: a thread that ever failed to come back from a namespace must not be
@@ -159,7 +176,8 @@ class NetnsProbe:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def socket_in(self, backend: str) -> socket.socket:
-        """A non-blocking TCP socket created inside ``backend``'s network namespace (runs in a worker thread)."""
+        """A non-blocking TCP socket bound to 127.0.0.1, created inside ``backend``'s network namespace,
+        whose loopback rule is ensured first (runs in a worker thread; see the module docstring)."""
         status = self.store.container_status(backend)
         if status is None or status.state != RunState.RUNNING or not status.netns:
             raise _NotRunning()
@@ -168,12 +186,17 @@ class NetnsProbe:
         except FileNotFoundError:
             raise _NotRunning() from None
         try:
+            st = os.fstat(target)
+            ident = (status.netns, st.st_dev, st.st_ino)
             home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             try:
                 if self._setns(target, CLONE_NEWNET) != 0:
                     err = ctypes.get_errno()
                     raise OSError(err, f"setns into {status.netns}: {os.strerror(err)}")
                 try:
+                    if ident not in self._routed:
+                        ensure_loopback_rule()
+                        self._routed.add(ident)
                     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 finally:
                     if self._setns(home, CLONE_NEWNET) != 0:
@@ -185,11 +208,25 @@ class NetnsProbe:
                 os.close(home)
         finally:
             os.close(target)
-        sock.setblocking(False)
+        try:
+            sock.setblocking(False)
+            sock.bind(("127.0.0.1", 0))
+        except OSError:
+            sock.close()
+            raise
         return sock
 
     async def __call__(self, t: Target) -> str | None:
         """Check ``t`` once: None if healthy, else the reason (``connection refused``, ``timeout``, ``HTTP 503``...)."""
+        failure = await self._once(t)
+        if failure == "invalid argument":
+            # The loopback rule went (deleted, or a new namespace that reuses a freed one's inode):
+            # the kernel refuses 127.0.0.1 towards eth0. Ensure it again and check once more.
+            self._routed.clear()
+            failure = await self._once(t)
+        return failure
+
+    async def _once(self, t: Target) -> str | None:
         loop = asyncio.get_running_loop()
         try:
             sock = await loop.run_in_executor(self._executor, self.socket_in, t.backend)
@@ -211,6 +248,23 @@ class NetnsProbe:
             return (exc.strerror or type(exc).__name__).lower()
         finally:
             sock.close()
+
+
+def ensure_loopback_rule() -> None:
+    """In the calling thread's namespace: ``pref 2 from 127.0.0.0/8 lookup 100``, unless it is there."""
+    with IPRoute() as ipr:
+        for rule in ipr.rule("dump", family=socket.AF_INET):
+            if (rule.get("priority") == LOOPBACK_RULE_PREF and rule.get("table") == LOCAL_COPY_TABLE
+                    and rule.get("src") == LOOPBACK_SRC and rule["src_len"] == LOOPBACK_SRC_LEN):
+                return
+        try:
+            ipr.rule("add", family=socket.AF_INET, priority=LOOPBACK_RULE_PREF, src=LOOPBACK_SRC,
+                     src_len=LOOPBACK_SRC_LEN, table=LOCAL_COPY_TABLE)
+        except NetlinkError as exc:
+            if exc.code != 17:  # EEXIST: another worker added it just now
+                raise
+        log.info("health: loopback rule added (pref %d from %s/%d lookup %d)", LOOPBACK_RULE_PREF, LOOPBACK_SRC,
+                 LOOPBACK_SRC_LEN, LOCAL_COPY_TABLE)
 
 
 async def _http_get(loop: asyncio.AbstractEventLoop, sock: socket.socket, t: Target) -> str | None:

@@ -1,20 +1,25 @@
 """The agent's health checks (portmesh/agent/health.py) without a lab: the threshold logic, the
 checker's scheduling and reporting on a fake clock with scripted probes, and the real probe
-(TCP connect, HTTP GET) against listeners in this process's own namespace."""
+(TCP connect, HTTP GET) in a scratch namespace plumbed like a container's."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import heapq
 import http.server
+import os
+import queue
 import socket
+import socketserver
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from ipaddress import IPv4Address
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+from pyroute2 import IPRoute
 
 from portmesh.agent.health import NOT_RUNNING, UP, HealthChecker, NetnsProbe, Target, Tracker, targets
 from portmesh.model.entities import (
@@ -32,6 +37,7 @@ from portmesh.model.entities import (
     RunState,
 )
 
+T = TypeVar("T")
 KEY = MappingKey(IPv4Address("203.0.113.10"), Proto.TCP, 80)
 KEY2 = MappingKey(IPv4Address("203.0.113.11"), Proto.TCP, 80)
 CHECK = HealthCheck(HealthKind.TCP, interval=2.0, timeout=1.0, threshold=3)
@@ -355,7 +361,73 @@ def test_a_failed_report_is_retried() -> None:
     run(main())
 
 
-# -- the real probe, in this process's own namespace ------------------------------------------------
+# -- the real probe, in a scratch namespace plumbed like a container's ----------------------------
+
+PUBLIC = "203.0.113.99"
+
+
+class Scratch:
+    """A thread that entered a fresh unnamed network namespace plumbed as plumbing.py plumbs a container
+    (public IP /32 on eth0, its local route moved to table 100, ``pref 1 iif eth0 lookup 100``,
+    nonlocal bind, default route out of eth0), running what it is given in there; nothing to clean up."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[Callable[[], Any], queue.Queue[Any]] | None] = queue.Queue()
+        ready: queue.Queue[Any] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        got = ready.get(timeout=10)
+        if isinstance(got, BaseException):
+            raise got
+        self.path: str = got
+
+    def _run(self, ready: queue.Queue[Any]) -> None:
+        try:
+            if ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0:  # CLONE_NEWNET, this thread only
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+            with IPRoute() as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                ipr.link("add", ifname="eth0", kind="veth", peer="p0")
+                eth0 = ipr.link_lookup(ifname="eth0")[0]
+                for name in ("eth0", "p0"):
+                    ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+                ipr.addr("add", index=eth0, address=PUBLIC, prefixlen=32)
+                ipr.route("add", dst="169.254.1.1/32", oif=eth0, scope=253)
+                ipr.route("add", dst="0.0.0.0/0", gateway="169.254.1.1", oif=eth0, flags=4)
+                ipr.route("add", dst=f"{PUBLIC}/32", table=100, type=2, oif=eth0, scope=254)
+                ipr.route("del", dst=f"{PUBLIC}/32", table=255, type=2, oif=eth0, scope=254, proto=2)
+                ipr.rule("add", family=socket.AF_INET, priority=1, iifname="eth0", table=100)
+            with open("/proc/sys/net/ipv4/ip_nonlocal_bind", "w") as f:
+                f.write("1")
+            ready.put(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/ns/net")
+        except BaseException as exc:
+            ready.put(exc)
+            return
+        while (job := self._jobs.get()) is not None:
+            fn, out = job
+            try:
+                out.put(fn())
+            except BaseException as exc:
+                out.put(exc)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        out: queue.Queue[Any] = queue.Queue()
+        self._jobs.put((fn, out))
+        got = out.get(timeout=10)
+        if isinstance(got, BaseException):
+            raise got
+        result: T = got
+        return result
+
+    def rules(self) -> list[tuple[Any, Any, Any]]:
+        def dump() -> list[tuple[Any, Any, Any]]:
+            with IPRoute() as ipr:
+                return [(r.get("priority"), r.get("src"), r.get("table")) for r in ipr.rule("dump", family=socket.AF_INET)]
+        return self.call(dump)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self.thread.join(10)
 
 
 class StatusStore:
@@ -366,11 +438,13 @@ class StatusStore:
         return self.status
 
 
-HERE = ContainerStatus(RunState.RUNNING, "/proc/self/ns/net", 1)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a scratch network namespace)")
 
 
 @pytest.fixture
-def http_server() -> Iterator[tuple[int, list[int]]]:
+def scratch() -> Iterator[tuple[Scratch, list[int]]]:
+    """The namespace, serving HTTP on the public IP only (port 8000: /health answers codes[0]), and
+    a listener that never answers on 8001."""
     codes = [200]
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -381,54 +455,81 @@ def http_server() -> Iterator[tuple[int, list[int]]]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(http.server.ThreadingHTTPServer):
+        def server_bind(self) -> None:  # no getfqdn(): there is no resolver in the scratch namespace
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = PUBLIC, 8000
+
+    ns = Scratch()
+    server = ns.call(lambda: Server((PUBLIC, 8000), Handler))
+    mute = ns.call(lambda: socket.create_server((PUBLIC, 8001)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield server.server_address[1], codes
+        yield ns, codes
     finally:
         server.shutdown()
         server.server_close()
+        mute.close()
+        ns.close()
 
 
 def probe_once(status: ContainerStatus | None, port: int, check: HealthCheck) -> str | None:
     probe = NetnsProbe(StatusStore(status))  # type: ignore[arg-type]
     try:
-        key = MappingKey(IPv4Address("127.0.0.1"), Proto.TCP, port)
+        key = MappingKey(IPv4Address(PUBLIC), Proto.TCP, port)
         result: str | None = asyncio.run(probe(Target(key, "a", check)))
         return result
     finally:
         probe.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def running(ns: Scratch) -> ContainerStatus:
+    return ContainerStatus(RunState.RUNNING, ns.path, 1)
 
 
-def test_probe_tcp_connect_and_refused(http_server: tuple[int, list[int]]) -> None:
-    port, _ = http_server
-    assert probe_once(HERE, port, CHECK) is None
-    assert probe_once(HERE, free_port(), CHECK) == "connection refused"
+LOOPBACK_RULE = (2, "127.0.0.0", 100)
 
 
-def test_probe_http_status(http_server: tuple[int, list[int]]) -> None:
-    port, codes = http_server
-    check = HealthCheck(HealthKind.HTTP, path="/health", expect=200, timeout=2.0)
-    assert probe_once(HERE, port, check) is None
+@needs_root
+def test_probe_reaches_a_service_on_the_public_ip_only_through_the_loopback_rule(
+        scratch: tuple[Scratch, list[int]]) -> None:
+    ns, _ = scratch
+    assert LOOPBACK_RULE not in ns.rules()
+    # Without the rule the public IP is not local from inside: a connect leaves by eth0 (nobody answers).
+    def plain() -> str:
+        with socket.socket() as s:
+            s.settimeout(0.3)
+            try:
+                s.connect((PUBLIC, 8000))
+                return "connected"
+            except OSError as exc:
+                return type(exc).__name__
+    assert ns.call(plain) == "TimeoutError"
+    assert probe_once(running(ns), 8000, CHECK) is None
+    assert ns.rules().count(LOOPBACK_RULE) == 1
+    assert ns.call(plain) == "TimeoutError"  # the container's own traffic to its IP still goes to the switch
+    assert probe_once(running(ns), 8000, CHECK) is None
+    assert ns.rules().count(LOOPBACK_RULE) == 1  # ensured once
+    # Refused at once (locally), not a timeout through eth0.
+    assert probe_once(running(ns), 8002, CHECK) == "connection refused"
+
+
+@needs_root
+def test_probe_http_status(scratch: tuple[Scratch, list[int]]) -> None:
+    ns, codes = scratch
+    check = HealthCheck(HealthKind.HTTP, port=8000, path="/health", expect=200, timeout=2.0)
+    assert probe_once(running(ns), 80, check) is None
     codes[0] = 503
-    assert probe_once(HERE, port, check) == "HTTP 503"
-    assert probe_once(HERE, port, replace(check, expect=503)) is None
-    assert probe_once(HERE, port, replace(check, path="/other")) == "HTTP 404"
+    assert probe_once(running(ns), 80, check) == "HTTP 503"
+    assert probe_once(running(ns), 80, replace(check, expect=503)) is None
+    assert probe_once(running(ns), 80, replace(check, path="/other")) == "HTTP 404"
 
 
-def test_probe_timeout_when_nothing_answers() -> None:
-    with socket.socket() as listener:  # accepts (the kernel does), never answers
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        check = HealthCheck(HealthKind.HTTP, timeout=0.2)
-        assert probe_once(HERE, listener.getsockname()[1], check) == "timeout"
+@needs_root
+def test_probe_timeout_when_nothing_answers(scratch: tuple[Scratch, list[int]]) -> None:
+    ns, _ = scratch
+    assert probe_once(running(ns), 8001, HealthCheck(HealthKind.HTTP, timeout=0.2)) == "timeout"
 
 
 def test_probe_not_running() -> None:
