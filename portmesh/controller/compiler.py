@@ -15,6 +15,8 @@ from ipaddress import IPv4Address
 from itertools import compress, count, islice
 from operator import is_not, or_
 
+from portmesh.controller.balancing import Present, is_plain
+from portmesh.controller.balancing import mapping_flows as special_mapping_flows
 from portmesh.controller.flows import (
     OFPP_CONTROLLER,
     OFPP_LOCAL,
@@ -52,7 +54,9 @@ def compile_switch(
     return check_unique(SwitchCompiler(config, host).compile(state, ports).values())
 
 
-MappingEntry = tuple[Mapping, str, int | None, tuple[Flow, ...]]
+# (mapping, owner MAC, owner's port here, flows); for a non-plain mapping the MAC and port parts are
+# the tuples of every present backend's (name, MAC) and ports, which is what its flows depend on.
+MappingEntry = tuple[Mapping, object, object, tuple[Flow, ...]]
 ContainerInputs = tuple[Container, int | None, int | None]  # the container, its local port, the tunnel to its host
 
 
@@ -198,7 +202,8 @@ class SwitchCompiler:
         used: dict[MappingKey, MappingEntry] = {}
         by_container: dict[str, set[MappingKey]] = {}
         for key, mapping in state.mappings.items():
-            by_container.setdefault(mapping.container, set()).add(key)
+            for name in mapping.names:
+                by_container.setdefault(name, set()).add(key)
             entry = self._entry(state, ports, key, mapping, cache.get(key))
             if entry is not None:
                 used[key] = entry
@@ -233,11 +238,13 @@ class SwitchCompiler:
             old = cache.pop(key, None)
             if old is not None:
                 removed.update(f.cookie for f in old[3])
-                by_container.get(old[0].container, set()).discard(key)
+                for name in old[0].names:
+                    by_container.get(name, set()).discard(key)
             mapping = new.get(key)
             if mapping is None:
                 continue
-            by_container.setdefault(mapping.container, set()).add(key)
+            for name in mapping.names:
+                by_container.setdefault(name, set()).add(key)
             entry = self._entry(state, ports, key, mapping, old)
             if entry is not None:
                 cache[key] = entry
@@ -250,6 +257,8 @@ class SwitchCompiler:
         self, state: DesiredState, ports: MappingABC[str, int], key: MappingKey, mapping: Mapping, old: MappingEntry | None
     ) -> MappingEntry | None:
         """A mapping's cache entry: the old one if its inputs are unchanged, else rebuilt."""
+        if not is_plain(mapping):
+            return self._special_entry(state, ports, mapping, old)
         owner = state.containers.get(mapping.container)
         if owner is None:
             return None
@@ -262,6 +271,22 @@ class SwitchCompiler:
             return shared
         rewrite = shared[3][0]
         return (mapping, owner.mac, port, (rewrite, allowance_flow(mapping, owner, port, rewrite)))
+
+    def _special_entry(
+        self, state: DesiredState, ports: MappingABC[str, int], mapping: Mapping, old: MappingEntry | None
+    ) -> MappingEntry | None:
+        """The entry of a balanced or filtered mapping (see :mod:`portmesh.controller.balancing`)."""
+        containers, host = state.containers, self.host
+        present = [(b, containers[b.container]) for b in mapping.backends if b.container in containers]
+        if not present:
+            return None
+        macs = tuple((c.name, c.mac) for _b, c in present)
+        here = tuple(ports.get(c.port_name) if c.host == host else None for _b, c in present)
+        if old is not None and (old[0] is mapping or old[0] == mapping) and old[1] == macs and old[2] == here:
+            return old
+        down = mapping.down
+        backends = [Present(c, b.weight, b.container not in down, port) for (b, c), port in zip(present, here, strict=True)]
+        return (mapping, macs, here, tuple(special_mapping_flows(mapping, backends)))
 
     def _walk_small(
         self, state: DesiredState, ports: MappingABC[str, int]

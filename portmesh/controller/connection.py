@@ -25,6 +25,7 @@ from typing import Any
 from os_ken.ofproto import ofproto_parser
 
 from portmesh.controller.encoding import DP, bundle_ctrl, ofp, parser, serialize
+from portmesh.controller.pipeline import Table
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +53,24 @@ class FlowCookies:
     cookies: list[int]
 
 
+# Learned flows (the switch's own, see pipeline.AFFINITY) are never the controller's to diff: they carry
+# the cookie of their mapping's pinned BALANCE flow, so deleting that deletes them, but they are left
+# out of reads so a restart or failover compares only what the controller programs.
+UNREAD_TABLES = frozenset({Table.AFFINITY.number})
+
+
 def flow_cookies(data: bytes, xid: int) -> FlowCookies:
-    """The cookies of every flow-stats entry in a raw multipart reply."""
+    """The cookies of every flow-stats entry in a raw multipart reply, but for UNREAD_TABLES."""
     _type, flags = MULTIPART_REPLY.unpack_from(data, HEADER.size)
     cookies = []
     offset = HEADER.size + MULTIPART_REPLY.size
     while offset < len(data):
         entry = FLOW_STATS_0.unpack_from(data, offset)
-        length, cookie = entry[0], entry[8]
+        length, table_id, cookie = entry[0], entry[1], entry[8]
         if length < FLOW_STATS_0.size:
             raise ValueError(f"flow-stats entry of length {length} at offset {offset}")
-        cookies.append(cookie)
+        if table_id not in UNREAD_TABLES:
+            cookies.append(cookie)
         offset += length
     return FlowCookies(ofp.OFPT_MULTIPART_REPLY, xid, flags, cookies)
 

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 import os_ken.base.app_manager  # noqa: F401  (import order: avoids os-ken's circular import)
+from os_ken.ofproto import nicira_ext
 from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
-from portmesh.controller.flows import Action, Ct, Flow, Move, Output, SetField, ToController
+from portmesh.controller.flows import Action, Ct, Flow, Learn, Move, Multipath, Output, Resubmit, SetField, ToController
 from portmesh.controller.templates import TemplateEncoder
 
 __all__ = ["BUNDLE_ID", "DP", "EncodingCache", "bundle_add", "flow_mod_add", "flow_mod_delete", "ofp", "parser", "serialize"]
@@ -56,7 +57,35 @@ def _action(action: Action) -> Any:
             alg=0,
             actions=label if action.label_from else [],
         )
+    if isinstance(action, Resubmit):
+        return parser.NXActionResubmitTable(table_id=action.table.number)  # in_port: OF1.0 IN_PORT, unchanged
+    if isinstance(action, Multipath):
+        return parser.NXActionMultipath(
+            fields=nicira_ext.NX_HASH_FIELDS_SYMMETRIC_L4, basis=0, algorithm=nicira_ext.NX_MP_ALG_HRW,
+            max_link=action.n_links - 1, arg=0, ofs_nbits=nicira_ext.ofs_nbits(0, 15), dst=action.dst,
+        )
+    if isinstance(action, Learn):
+        return _learn(action)
     raise TypeError(f"unknown action {action!r}")
+
+
+def _learn(action: Learn) -> Any:
+    """learn(table, timeouts, cookie, eth_type=IPv4, ip_proto, the 5-tuple, load eth_dst, reg0[0]=1)."""
+    l4 = "tcp" if action.proto == 6 else "udp"
+    specs = [
+        parser.NXFlowSpecMatch(src=0x0800, dst=("eth_type_nxm", 0), n_bits=16),
+        parser.NXFlowSpecMatch(src=action.proto, dst=("ip_proto_nxm", 0), n_bits=8),
+        parser.NXFlowSpecMatch(src=("ipv4_src_nxm", 0), dst=("ipv4_src_nxm", 0), n_bits=32),
+        parser.NXFlowSpecMatch(src=("ipv4_dst_nxm", 0), dst=("ipv4_dst_nxm", 0), n_bits=32),
+        parser.NXFlowSpecMatch(src=(f"{l4}_src_nxm", 0), dst=(f"{l4}_src_nxm", 0), n_bits=16),
+        parser.NXFlowSpecMatch(src=(f"{l4}_dst_nxm", 0), dst=(f"{l4}_dst_nxm", 0), n_bits=16),
+        parser.NXFlowSpecLoad(src=("eth_dst_nxm", 0), dst=("eth_dst_nxm", 0), n_bits=48),
+        parser.NXFlowSpecLoad(src=1, dst=("reg0", 0), n_bits=1),
+    ]
+    return parser.NXActionLearn(
+        table_id=action.table.number, specs=specs, idle_timeout=action.idle_timeout, priority=action.priority,
+        cookie=action.cookie, fin_idle_timeout=action.fin_idle_timeout,
+    )
 
 
 def flow_mod_add(flow: Flow) -> Any:

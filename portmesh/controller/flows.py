@@ -94,7 +94,36 @@ class Ct:
     label_from: str | None = None
 
 
-Action = SetField | Move | Output | ToController | Ct
+@dataclass(frozen=True, slots=True)
+class Resubmit:
+    """Nicira resubmit(,table): run ``table``'s matching flow's actions here and come back (a miss just
+    returns). Used to look a connection up in AFFINITY before choosing a backend."""
+
+    table: Table
+
+
+@dataclass(frozen=True, slots=True)
+class Multipath:
+    """Nicira multipath: ``dst`` (bits 0-15) := one of ``n_links`` slots, by HRW over a symmetric_l4 hash."""
+
+    n_links: int
+    dst: str = "reg1"
+
+
+@dataclass(frozen=True, slots=True)
+class Learn:
+    """Nicira learn into ``table``: a flow matching this packet's 5-tuple (``proto``: 6 or 17) that loads
+    its current eth_dst into eth_dst and sets reg0 bit 0, with ``cookie`` and the given timeouts."""
+
+    table: Table
+    proto: int
+    cookie: int
+    idle_timeout: int
+    fin_idle_timeout: int
+    priority: int
+
+
+Action = SetField | Move | Output | ToController | Ct | Resubmit | Multipath | Learn
 
 
 def owner_id(kind: OwnerKind, name: str) -> int:
@@ -105,7 +134,7 @@ def owner_id(kind: OwnerKind, name: str) -> int:
 
 # An action as the shape sees it: constant actions (Move, ToController) as themselves, variable ones
 # (SetField, Output) as their class and, for SetField, the field; their values live in Flow.values.
-ActionShape = tuple[type, str | None] | Move | ToController | Ct
+ActionShape = tuple[type, str | None] | Move | ToController | Ct | Resubmit | Multipath | Learn
 
 
 class Shape:
@@ -162,6 +191,13 @@ def _action_text(action: ActionShape) -> str:
     if isinstance(action, Ct):
         table = "-" if action.table is None else str(action.table.number)
         return f"ct:{action.zone}:{table}:{int(action.commit)}:{action.label_from or '-'}"
+    if isinstance(action, Resubmit):
+        return f"resubmit:{action.table.number}"
+    if isinstance(action, Multipath):
+        return f"multipath:symmetric_l4:0:hrw:{action.n_links}:{action.dst}"
+    if isinstance(action, Learn):
+        return (f"learn:{action.table.number}:{action.proto}:{action.cookie}:{action.idle_timeout}:"
+                f"{action.fin_idle_timeout}:{action.priority}")
     raise TypeError(f"no canonical text for action {action!r}")
 
 
@@ -216,6 +252,8 @@ def shape_of(
         table.check(dict.fromkeys(fields, 0), goto)
         for action in actions:
             if isinstance(action, Ct) and action.table is not None:
+                table.check({}, action.table)
+            if isinstance(action, Resubmit | Learn):
                 table.check({}, action.table)
         known = _SHAPES[key] = Shape(table, priority, fields, masked, actions, goto)
     return known

@@ -75,10 +75,13 @@ class Table(enum.Enum):
             "echo id share one entry: the later sender gets both replies). A destination unreachable or time exceeded to a "
             "public IP goes to the controller (meter ICMP_IN), which finds the owner of the address and port the "
             "error quotes (mappings, then port blocks) and sends it on to L2 with eth_dst set to the owner's MAC. "
-            "Other destinations pass to L2."
+            "Other destinations pass to L2. A mapping with a firewall policy goes to POLICY instead of being "
+            "rewritten here; a balanced one (several backends) looks its connection up in AFFINITY (resubmit), "
+            "picks a slot with multipath and goes to BALANCE. Plain mappings (one backend, no policy) are "
+            "rewritten here as before and never pass POLICY, BALANCE or AFFINITY."
         ),
         match_fields=frozenset({"eth_type", "ipv4_dst", "ip_proto", "tcp_dst", "udp_dst", "icmpv4_type", "ct_state"}),
-        next_tables=("L2",),
+        next_tables=("L2", "POLICY", "BALANCE", "AFFINITY"),
         miss="goto L2",
     )
     L2 = TableSpec(
@@ -113,6 +116,51 @@ class Table(enum.Enum):
         match_fields=frozenset({"eth_dst", "eth_type", "ip_proto", "icmpv4_type"}),
         next_tables=(),
         miss="drop",
+    )
+    POLICY = TableSpec(
+        number=5,
+        purpose=(
+            "A filtered mapping's firewall, keyed by (ipv4_dst, ip_proto, tp_dst) and the source network: deny "
+            "networks drop (highest priority, so a deny inside an allow wins), allow networks continue, and the "
+            "mapping's default continues if it has no allow list, else drops. Continuing is what the mapping "
+            "would do in MAPPING (rewrite eth_dst and go to L2, or AFFINITY + multipath + BALANCE). A denied "
+            "TCP SYN gets no answer: a reset would confirm to a scanner that the port is served and would let "
+            "spoofed sources aim resets at third parties; an unmapped port still answers with a reset. The "
+            "flows' packet and byte counters are the mapping's allowed/denied counters."
+        ),
+        match_fields=frozenset({"eth_type", "ipv4_dst", "ipv4_src", "ip_proto", "tcp_dst", "udp_dst"}),
+        next_tables=("L2", "BALANCE", "AFFINITY"),
+        miss="drop",
+    )
+    BALANCE = TableSpec(
+        number=6,
+        purpose=(
+            "Backend choice for a balanced mapping (direct server return: only eth_dst changes). A packet whose "
+            "connection AFFINITY knew (reg0 bit 0 set) goes to L2 with the MAC AFFINITY loaded. Otherwise reg1 "
+            "holds the slot multipath chose (symmetric_l4 hash, HRW rendezvous hashing over the serving "
+            "backends' weight-expanded slots, so a connection whose learned flow expired finds the same backend "
+            "while the set is unchanged): the slot's flow sets eth_dst to that backend's MAC, learns the "
+            "connection into AFFINITY (5-tuple -> that MAC; idle and FIN idle timeouts; the learned flows carry "
+            "the cookie of the mapping's pinned flow here, so deleting the mapping deletes them) and goes to L2."
+        ),
+        match_fields=frozenset({"eth_type", "ipv4_dst", "ip_proto", "tcp_dst", "udp_dst", "reg0", "reg1"}),
+        next_tables=("L2", "AFFINITY"),
+        miss="drop",
+    )
+    AFFINITY = TableSpec(
+        number=7,
+        purpose=(
+            "The connection table of balanced mappings, filled by the switch alone (learn actions in "
+            "BALANCE): one flow per live connection matching its 5-tuple, loading the chosen backend's MAC "
+            "into eth_dst and setting reg0 bit 0. Entered only by resubmit, so a miss just returns. The "
+            "controller never programs this table and leaves it out of its reads: learned flows survive "
+            "controller restarts and failovers and never count as differences. They pin a connection to its "
+            "backend when backends are added, removed or go down."
+        ),
+        match_fields=frozenset({"eth_type", "ipv4_src", "ipv4_dst", "ip_proto", "tcp_src", "tcp_dst", "udp_src",
+                                "udp_dst"}),
+        next_tables=(),
+        miss="return (entered by resubmit only)",
     )
 
     def __repr__(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
@@ -16,8 +16,8 @@ from portmesh.controller.encoding import EncodingCache, bundle_add, encode_add, 
 from portmesh.controller.flows import OwnerKind, flow
 from portmesh.controller.pipeline import Table, render_markdown
 from portmesh.model.config import DEFAULT_CONFIG as CFG
-from portmesh.model.entities import DesiredState, Host, MappingKey, Proto
-from portmesh.model.validation import new_container, new_mapping
+from portmesh.model.entities import Backend, DesiredState, Host, MappingKey, Proto
+from portmesh.model.validation import new_container, new_mapping, with_backend, without_backend
 
 IP10 = IPv4Address("203.0.113.10")
 
@@ -101,7 +101,8 @@ def test_templated_encoding_equals_os_ken_for_every_shape() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["add", "remove", "move", "port", "drop", "new"]), st.integers(0, 9)),
+@given(st.lists(st.tuples(st.sampled_from(["add", "remove", "move", "port", "drop", "new", "backend", "unbackend",
+                                           "policy", "down", "weight"]), st.integers(0, 9)),
                 max_size=12))
 def test_delta_equals_difference_of_full_compiles(steps: list[tuple[str, int]]) -> None:
     """Applying each delta to the previous flow set gives exactly the next full compile."""
@@ -123,14 +124,38 @@ def test_delta_equals_difference_of_full_compiles(steps: list[tuple[str, int]]) 
         elif op == "move" and key in state.mappings:
             others = [c for c in names if c != state.mappings[key].container]
             if others:
-                m = replace(state.mappings[key], container=others[n % len(others)])
+                m = replace(state.mappings[key], container=others[n % len(others)], backends=())
                 state = replace(state, mappings={**state.mappings, key: m})
+        elif op == "backend" and key in state.mappings:
+            m = state.mappings[key]
+            extra = [c for c in names if c not in m.names]
+            if extra:
+                m = with_backend(state, m, extra[n % len(extra)], 1 + n % 3)
+                state = replace(state, mappings={**state.mappings, key: m})
+        elif op == "unbackend" and key in state.mappings and state.mappings[key].balanced:
+            m = state.mappings[key]
+            m = without_backend(m, m.names[1 + n % (len(m.names) - 1)])
+            state = replace(state, mappings={**state.mappings, key: m})
+        elif op == "weight" and key in state.mappings:
+            m = state.mappings[key]
+            b = m.backends[-1]
+            m = replace(m, backends=(*m.backends[:-1], Backend(b.container, 1 + (b.weight + n) % 4)))
+            state = replace(state, mappings={**state.mappings, key: m})
+        elif op == "policy" and key in state.mappings:
+            nets = (IPv4Network("198.51.100.0/25"), IPv4Network("198.51.100.128/25"))
+            m = replace(state.mappings[key], allow=nets[: n % 2], deny=(IPv4Network(f"198.51.100.{n}/32"),) if n > 4 else ())
+            state = replace(state, mappings={**state.mappings, key: m})
+        elif op == "down" and key in state.mappings:
+            m = state.mappings[key]
+            m = replace(m, down=m.down ^ {m.names[n % len(m.names)]})
+            state = replace(state, mappings={**state.mappings, key: m})
         elif op == "port":
             ports = {**ports, state.containers[names[n % len(names)]].port_name: 100 + step}  # fresh number
         elif op == "drop" and len(names) > 1:
             gone = names.pop(n % len(names))
             state = replace(state, containers={k: c for k, c in state.containers.items() if k != gone},
                             mappings={k: m for k, m in state.mappings.items() if m.container != gone})
+            # A dropped container that is another mapping's non-first backend stays named: the compiler skips it.
         elif op == "new" and f"n{n}" not in state.containers:
             c = new_container(state, CFG, name=f"n{n}", host="h1", ips=[IP10])
             state = replace(state, containers={**state.containers, c.name: c})

@@ -1,0 +1,155 @@
+"""Tier 2: balanced and filtered mappings compiled by the real controller into a dummy-datapath OVS.
+
+Packets are injected with ``netdev-dummy/receive`` (so the switch really runs its learn actions) and
+checked with ``ofproto/trace`` (which shows where the next packet of a 5-tuple would go)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from portmesh.controller.pipeline import Table
+from portmesh.lab.dummy_ovs import DummyOVS
+from portmesh.model.config import DEFAULT_CONFIG as CFG
+from portmesh.model.entities import DesiredState, Host, MappingKey, Proto
+from portmesh.model.validation import new_container, new_mapping, with_backend
+from tests.switch.conftest import ControllerThread, MemoryState
+from tests.switch.test_pipeline_trace import of_outputs, setup
+
+VIP = IPv4Address("203.0.113.20")
+KEY = MappingKey(VIP, Proto.TCP, 80)
+FW = MappingKey(VIP, Proto.TCP, 22)
+
+
+def build_state() -> DesiredState:
+    state = DesiredState(hosts={"h1": Host("h1", datapath_id=1)})
+    for name in ("web-a", "web-b", "web-c", "web-d", "ssh"):
+        c = new_container(state, CFG, name=name, host="h1", ips=[VIP])
+        state = replace(state, containers={**state.containers, name: c})
+    lb = new_mapping(state, KEY, ["web-a", "web-b", "web-c"], weights={"web-c": 2})
+    fw = new_mapping(state, FW, "ssh", allow=(IPv4Network("198.51.100.0/25"),),
+                     deny=(IPv4Network("198.51.100.7/32"),))
+    return replace(state, mappings={**state.mappings, lb.key: lb, fw.key: fw})
+
+
+def packet(src: str, sport: int, dport: int = 80, flags: str = "0x02") -> str:
+    return (f"in_port=LOCAL,dl_src={CFG.gateway_mac},dl_dst={CFG.virtual_mac},tcp,nw_src={src},"
+            f"nw_dst={VIP},tp_src={sport},tp_dst={dport},tcp_flags={flags}")
+
+
+def send(ovs: DummyOVS, src: str, sport: int) -> None:
+    """Run one SYN from the host's LOCAL port through the switch for real (``-generate``: with side
+    effects, so its learn action fills AFFINITY)."""
+    ovs.appctl("ofproto/trace", "br0", packet(src, sport), "-generate")
+
+
+def backend_of(ovs: DummyOVS, ports: dict[str, int], src: str, sport: int, dport: int = 80) -> str | None:
+    outs = of_outputs(ovs.trace("br0", packet(src, sport, dport)))
+    by_port = {str(p): n for n, p in ports.items()}
+    return by_port.get(outs[0]) if len(outs) == 1 else None
+
+
+def learned(ovs: DummyOVS) -> list[str]:
+    return [f for f in ovs.dump_flows("br0") if f", table={Table.AFFINITY.number}, " in f]
+
+
+def wait_learned(ovs: DummyOVS, n: int, timeout: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        flows = learned(ovs)
+        if len(flows) >= n or time.monotonic() > deadline:
+            return flows
+        time.sleep(0.05)
+
+
+def test_policy_deny_allow_and_default(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
+    state = build_state()
+    source, ctl, ports = setup(dummy_ovs, tmp_path, state)
+    try:
+        source.wait_realized("h1")
+        assert backend_of(dummy_ovs, ports, "198.51.100.9", 40000, 22) == "ssh"  # allowed: rewritten
+        denied = dummy_ovs.trace("br0", packet("198.51.100.7", 40000, 22))
+        assert of_outputs(denied) == [] and "drop" in denied.splitlines()[-1], denied  # inside the allow, denied
+        outside = dummy_ovs.trace("br0", packet("198.51.100.200", 40000, 22))
+        assert of_outputs(outside) == [], outside  # not in the allow list: dropped, no reset
+        assert "controller" not in outside.lower()
+        # An unmapped port on the same IP still gets its reset (positive control of "refused, not silent").
+        assert "CONTROLLER" in dummy_ovs.trace("br0", packet("198.51.100.200", 40000, 23)).upper()
+        # Policy change: open it (no allow, no deny) -> the outsider passes.
+        m = replace(state.mappings[FW], allow=(), deny=())
+        gen = source.publish(replace(state, mappings={**state.mappings, FW: m}))
+        source.wait_realized("h1", gen)
+        assert backend_of(dummy_ovs, ports, "198.51.100.200", 40000, 22) == "ssh"
+    finally:
+        ctl.stop()
+
+
+def test_balancing_learns_and_pins_connections(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
+    state = build_state()
+    source, ctl, ports = setup(dummy_ovs, tmp_path, state)
+    try:
+        source.wait_realized("h1")
+        chosen = {}
+        for sport in range(41000, 41060):
+            chosen[sport] = backend_of(dummy_ovs, ports, "198.51.100.50", sport)
+        assert set(chosen.values()) <= {"web-a", "web-b", "web-c"} and len(set(chosen.values())) == 3, chosen
+        for sport in range(41000, 41060):
+            send(dummy_ovs, "198.51.100.50", sport)
+        flows = wait_learned(dummy_ovs, 60)
+        assert len(flows) == 60, flows
+        mac_c = int(state.containers["web-c"].mac.replace(":", ""), 16)
+        assert any(f"load:{mac_c:#x}->NXM_OF_ETH_DST[]" in f for f in flows), flows
+        # Add web-d with a big weight: the learned connections stay where they are.
+        lb = with_backend(state, state.mappings[KEY], "web-d", 10)
+        state2 = replace(state, mappings={**state.mappings, KEY: lb})
+        gen = source.publish(state2)
+        source.wait_realized("h1", gen)
+        after = {sport: backend_of(dummy_ovs, ports, "198.51.100.50", sport) for sport in chosen}
+        assert after == chosen
+        fresh = {backend_of(dummy_ovs, ports, "198.51.100.51", s) for s in range(42000, 42040)}
+        assert "web-d" in fresh  # positive control: new connections do reach the new backend
+        # web-a goes down: no new 5-tuple reaches it, pinned ones stay.
+        lb3 = replace(lb, down=frozenset({"web-a"}))
+        state3 = replace(state2, mappings={**state2.mappings, KEY: lb3})
+        gen = source.publish(state3)
+        source.wait_realized("h1", gen)
+        fresh = {backend_of(dummy_ovs, ports, "198.51.100.52", s) for s in range(43000, 43100)}
+        assert "web-a" not in fresh and fresh <= {"web-b", "web-c", "web-d"}, fresh
+        assert {backend_of(dummy_ovs, ports, "198.51.100.50", s) for s in chosen} == set(chosen.values())
+        assert len(learned(dummy_ovs)) == 60
+    finally:
+        ctl.stop()
+    # A restarted controller: learned flows stay, nothing is sent.
+    (tmp_path / "ctl.sock").unlink()
+    source2 = MemoryState(state3)
+    ctl2 = ControllerThread(source2, tmp_path / "ctl.sock").start()
+    try:
+        source2.wait_realized("h1", 0, timeout=20)
+        assert ctl2.controller is not None
+        assert ctl2.controller.flow_mods == 0
+        assert len(learned(dummy_ovs)) == 60
+        # Removing the mapping removes its learned flows too (they carry its pinned flow's cookie).
+        gone = replace(state3, mappings={k: m for k, m in state3.mappings.items() if k != KEY})
+        gen = source2.publish(gone)
+        source2.wait_realized("h1", gen)
+        assert learned(dummy_ovs) == []
+        assert not any("tp_dst=80 " in f or "tp_dst=80," in f for f in dummy_ovs.dump_flows("br0"))
+    finally:
+        ctl2.stop()
+
+
+def test_no_serving_backend_refuses_like_unmapped(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
+    state = build_state()
+    source, ctl, ports = setup(dummy_ovs, tmp_path, state)
+    try:
+        source.wait_realized("h1")
+        assert backend_of(dummy_ovs, ports, "198.51.100.60", 44000) in {"web-a", "web-b", "web-c"}
+        lb = replace(state.mappings[KEY], down=frozenset({"web-a", "web-b", "web-c"}))
+        gen = source.publish(replace(state, mappings={**state.mappings, KEY: lb}))
+        source.wait_realized("h1", gen)
+        out = dummy_ovs.trace("br0", packet("198.51.100.60", 44001))
+        assert of_outputs(out) == [] and "CONTROLLER" in out.upper(), out  # the public IP's reject flow
+    finally:
+        ctl.stop()
