@@ -139,6 +139,19 @@ def test_parse_controller_targets() -> None:
             parse_controller_targets(bad)
 
 
+def test_agent_flag_takes_a_list_and_names_itself_in_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    from portmesh.agent.__main__ import parse_args
+
+    base = ["--host", "h1", "--store", "unix:/x", "--ovsdb", "unix:/y", "--controller"]
+    assert parse_args([*base, "tcp:198.18.0.1:6653,tcp:198.18.0.1:6654"]).controller == (
+        "tcp:198.18.0.1:6653,tcp:198.18.0.1:6654")
+    with pytest.raises(SystemExit) as exc:
+        parse_args([*base, "tcp:198.18.0.1:6653,tcp:ctl:6654"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--controller" in err and "'tcp:ctl:6654'" in err and "not an IP address" in err, err
+
+
 def test_one_row_per_target_idempotent_and_changed_list_applied(dummy_ovs: DummyOVS, bridge: Bridge) -> None:
     a, b, c = FakeController().listen(), FakeController().listen(), FakeController().listen()
     try:
