@@ -25,6 +25,7 @@ from portmesh.api.schemas import (
     IP_DOC,
     NAME_DOC,
     PROTO_DOC,
+    BackendIn,
     ConfigOut,
     ConfigPatch,
     ConfigWriteOut,
@@ -39,6 +40,7 @@ from portmesh.api.schemas import (
     LogsOut,
     MappingIn,
     MappingOut,
+    MappingPatch,
     MappingWriteOut,
     PoolIn,
     PoolOut,
@@ -284,29 +286,90 @@ async def start_container(name: Name, service: Svc, wait: Wait = False, timeout:
 # --- mappings ---
 
 
+MAPPING = "/mappings/{public_ip}/{proto}/{port}"
+
+
 @router.get("/mappings", tags=["mappings"])
 async def list_mappings(service: Svc) -> list[MappingOut]:
-    return [MappingOut.of(m) for m in await service.mappings()]
+    """Every mapping with its backends (weight, health), policy and health check; counters: read one mapping."""
+    return await service.mappings()
+
+
+@router.get(MAPPING, tags=["mappings"])
+async def get_mapping(public_ip: PublicIp, proto: ProtoPath, port: PortPath, service: Svc) -> MappingOut:
+    """One mapping, with its backends' health as their agents report it and its counters (allowed and
+    denied packets and bytes over every switch, as the master controller last read them)."""
+    return await service.mapping(public_ip, proto, port)
 
 
 @router.post("/mappings", status_code=201, tags=["mappings"])
 async def add_mapping(
     body: MappingIn, service: Svc, response: Response, wait: Wait = False, timeout: Timeout = None
 ) -> MappingWriteOut:
-    """201 with the new mapping; 200 with the existing one if this very mapping exists (idempotent)."""
+    """201 with the new mapping; 200 with the existing one if this very mapping exists (idempotent).
+    Several ``backends`` share its new connections by ``weights``; ``allow``/``deny`` filter sources."""
     generation, mapping, created = await service.add_mapping(body)
     if not created:
         response.status_code = 200
-    done, lagging = await _converged(service, generation, wait, timeout, [mapping.container])
+    done, lagging = await _converged(service, generation, wait, timeout, mapping.names)
     return MappingWriteOut(generation=generation, converged=done, lagging=lagging, mapping=MappingOut.of(mapping))
 
 
-@router.delete("/mappings/{public_ip}/{proto}/{port}", tags=["mappings"])
+@router.patch(MAPPING, tags=["mappings"])
+async def patch_mapping(
+    public_ip: PublicIp,
+    proto: ProtoPath,
+    port: PortPath,
+    body: MappingPatch,
+    service: Svc,
+    wait: Wait = False,
+    timeout: Timeout = None,
+) -> MappingWriteOut:
+    """Change the policy (allow, deny), health check or weights in one store transaction; with ``wait``
+    it answers once the change is live on every switch that is up (atomic per switch)."""
+    generation, mapping = await service.patch_mapping(public_ip, proto, port, body)
+    done, lagging = await _converged(service, generation, wait, timeout, mapping.names)
+    return MappingWriteOut(generation=generation, converged=done, lagging=lagging, mapping=MappingOut.of(mapping))
+
+
+@router.post(MAPPING + "/backends", status_code=201, tags=["mappings"])
+async def add_backend(
+    public_ip: PublicIp,
+    proto: ProtoPath,
+    port: PortPath,
+    body: BackendIn,
+    service: Svc,
+    wait: Wait = False,
+    timeout: Timeout = None,
+) -> MappingWriteOut:
+    """Add a backend: it takes a share of new connections; connections on the others stay where they are."""
+    generation, mapping = await service.add_backend(public_ip, proto, port, body)
+    done, lagging = await _converged(service, generation, wait, timeout, mapping.names)
+    return MappingWriteOut(generation=generation, converged=done, lagging=lagging, mapping=MappingOut.of(mapping))
+
+
+@router.delete(MAPPING + "/backends/{container}", tags=["mappings"])
+async def remove_backend(
+    public_ip: PublicIp,
+    proto: ProtoPath,
+    port: PortPath,
+    container: Name,
+    service: Svc,
+    wait: Wait = False,
+    timeout: Timeout = None,
+) -> MappingWriteOut:
+    """Remove a backend (409 for the last one: remove the mapping). It gets no new connections."""
+    generation, mapping, host = await service.remove_backend(public_ip, proto, port, container)
+    done, lagging = await _converged(service, generation, wait, timeout, mapping.names, hosts=[host])
+    return MappingWriteOut(generation=generation, converged=done, lagging=lagging, mapping=MappingOut.of(mapping))
+
+
+@router.delete(MAPPING, tags=["mappings"])
 async def remove_mapping(
     public_ip: PublicIp, proto: ProtoPath, port: PortPath, service: Svc, wait: Wait = False, timeout: Timeout = None
 ) -> WriteOut:
-    generation, host = await service.remove_mapping(public_ip, proto, port)
-    done, lagging = await _converged(service, generation, wait, timeout, hosts=[host])
+    generation, hosts = await service.remove_mapping(public_ip, proto, port)
+    done, lagging = await _converged(service, generation, wait, timeout, hosts=hosts)
     return WriteOut(generation=generation, converged=done, lagging=lagging)
 
 

@@ -8,6 +8,7 @@ Responses are built from model values only here, so routes never hand-build JSON
 
 from __future__ import annotations
 
+from collections.abc import Mapping as MappingABC
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field
@@ -17,14 +18,24 @@ from portmesh.model.entities import (
     DEFAULT_STOP_TIMEOUT,
     Container,
     ContainerStatus,
+    HealthCheck,
     Host,
     HostRole,
     HostStatus,
     Mapping,
+    MappingCounters,
     PortBlock,
     RestartPolicy,
 )
-from portmesh.model.validation import ENV_KEY_RE, IMAGE_RE, MAX_STOP_TIMEOUT, NAME_RE
+from portmesh.model.validation import (
+    ENV_KEY_RE,
+    IMAGE_RE,
+    MAX_BACKENDS,
+    MAX_POLICY_NETWORKS,
+    MAX_STOP_TIMEOUT,
+    MAX_WEIGHT,
+    NAME_RE,
+)
 
 # The OpenAPI document states the shape the model's parsers accept, so a client (and
 # schemathesis) can tell valid input from invalid without trying. The parsers stay the
@@ -200,30 +211,160 @@ class BlockOut(BaseModel):
         return cls(start=block.start, end=block.end, size=block.size)
 
 
+NETS_DOC: dict[str, Any] = {"items": {"type": "string", "pattern": r"^[0-9./]{7,18}$"}, "maxItems": MAX_POLICY_NETWORKS}
+Weight = Annotated[int, Field(ge=1, le=MAX_WEIGHT), BeforeValidator(json_integer)]
+WholeNumber = Annotated[int, BeforeValidator(json_integer)]
+
+
+class HealthIn(BaseModel, extra="forbid"):
+    """A mapping's health check: ``tcp`` (a connect) or ``http`` (a GET of ``path`` answered with
+    ``expect``), run by each backend's agent inside the backend's namespace. The model's
+    :func:`parse_health` judges every part and names it (``health.interval``)."""
+
+    kind: str = Field(description="tcp or http", json_schema_extra={"enum": ["tcp", "http"]})
+    port: WholeNumber = Field(default=0, ge=0, le=65535, description="port checked; 0: the mapping's own")
+    path: str = Field(default="/", description="http: the path asked for")
+    expect: WholeNumber = Field(default=200, ge=100, le=599, description="http: the status that counts as healthy")
+    interval: float = Field(default=2.0, ge=0.2, le=3600, description="seconds between two checks of a backend")
+    timeout: float = Field(default=1.0, ge=0.05, le=60, description="seconds one check may take (at most the interval)")
+    threshold: WholeNumber = Field(
+        default=2, ge=1, le=10, description="failed (good) checks in a row before a backend is down (up again)"
+    )
+
+
 class MappingIn(BaseModel):
-    """``(public_ip, proto, port) → container``."""
+    """``(public_ip, proto, port) → container``, or several ``backends`` (load balanced by weight),
+    with an optional firewall policy (``allow``/``deny`` source networks) and health check."""
 
     public_ip: str = Field(json_schema_extra=IP_DOC)
     port: Port
     proto: str = Field(default="tcp", json_schema_extra=PROTO_DOC)
-    container: str = name_field("container that answers")
+    container: str | None = Field(
+        default=None,
+        description="container that answers (or give backends; both only if it is backends[0])",
+        json_schema_extra=NAME_DOC,
+    )
+    backends: list[str] | None = Field(
+        default=None,
+        description="containers that share the mapping's new connections, the first being 'container'",
+        json_schema_extra={"minItems": 1, "maxItems": MAX_BACKENDS, "uniqueItems": True, "items": NAME_DOC},
+    )
+    weights: dict[str, Weight] = Field(
+        default_factory=dict, description="backend -> relative share of new connections (default 1)"
+    )
+    allow: list[str] = Field(
+        default_factory=list, description="only these source networks may connect (empty: all)", json_schema_extra=NETS_DOC
+    )
+    deny: list[str] = Field(
+        default_factory=list, description="these source networks may not (deny wins over allow)", json_schema_extra=NETS_DOC
+    )
+    health: HealthIn | None = None
+
+
+class MappingPatch(BaseModel, extra="forbid"):
+    """What to change of a mapping; absent fields keep their value. ``allow: []`` opens the mapping
+    to all, ``health: null`` removes the check, ``weights`` sets the named backends' weights."""
+
+    allow: list[str] | None = Field(default=None, json_schema_extra=NETS_DOC)
+    deny: list[str] | None = Field(default=None, json_schema_extra=NETS_DOC)
+    health: HealthIn | None = None
+    weights: dict[str, Weight] | None = None
+
+
+class BackendIn(BaseModel, extra="forbid"):
+    """One more backend for an existing mapping."""
+
+    container: str = name_field("container to add: it must hold the mapping's public IP")
+    weight: Weight = 1
+
+
+class BackendOut(BaseModel):
+    """A backend, its weight, and its health as its agent last reported it."""
+
+    container: str
+    weight: int
+    health: str = Field(description='"up", "down: <reason>", or "unchecked" (no check, or not reported yet)')
+
+
+class HealthOut(BaseModel):
+    kind: str
+    port: int
+    path: str
+    expect: int
+    interval: float
+    timeout: float
+    threshold: int
+
+    @classmethod
+    def of(cls, h: HealthCheck) -> HealthOut:
+        return cls(
+            kind=h.kind.value,
+            port=h.port,
+            path=h.path,
+            expect=h.expect,
+            interval=h.interval,
+            timeout=h.timeout,
+            threshold=h.threshold,
+        )
+
+
+class CountersOut(BaseModel):
+    """Packets and bytes the mapping let through and its policy dropped, over every switch."""
+
+    allowed_packets: int
+    allowed_bytes: int
+    denied_packets: int
+    denied_bytes: int
+
+    @classmethod
+    def of(cls, c: MappingCounters) -> CountersOut:
+        return cls(
+            allowed_packets=c.allowed_packets,
+            allowed_bytes=c.allowed_bytes,
+            denied_packets=c.denied_packets,
+            denied_bytes=c.denied_bytes,
+        )
+
+
+def backend_health(mapping: Mapping, reported: MappingABC[str, str], name: str) -> str:
+    """One backend's health word: what its agent reported, else "down" if the store says so, else "unchecked"."""
+    word = reported.get(name)
+    if word:
+        return word
+    return "down" if name in mapping.down else "unchecked"
 
 
 class MappingOut(BaseModel):
-    """An existing mapping."""
+    """An existing mapping: its backends with weight and health, its policy, health check and counters."""
 
     public_ip: str
     proto: str
     port: int
-    container: str
+    container: str = Field(description="the first backend")
+    backends: list[BackendOut] = Field(default_factory=list)
+    allow: list[str] = Field(default_factory=list)
+    deny: list[str] = Field(default_factory=list)
+    health: HealthOut | None = None
+    counters: CountersOut | None = Field(default=None, description="read one mapping to get them (null in lists)")
 
     @classmethod
-    def of(cls, mapping: Mapping) -> MappingOut:
+    def of(
+        cls, mapping: Mapping, health: MappingABC[str, str] | None = None, counters: MappingCounters | None = None
+    ) -> MappingOut:
+        reported = health or {}
         return cls(
             public_ip=str(mapping.public_ip),
             proto=mapping.proto.value,
             port=mapping.port,
             container=mapping.container,
+            backends=[
+                BackendOut(container=b.container, weight=b.weight, health=backend_health(mapping, reported, b.container))
+                for b in mapping.backends
+            ],
+            allow=[str(n) for n in mapping.allow],
+            deny=[str(n) for n in mapping.deny],
+            health=HealthOut.of(mapping.health) if mapping.health is not None else None,
+            counters=CountersOut.of(counters) if counters is not None else None,
         )
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import TypeVar
 
+from portmesh.api.balancing import Change, plan_backend_add, plan_backend_remove, plan_mapping, plan_patch
 from portmesh.api.progress import (
     AGENT_SILENCE,
     Liveness,
@@ -32,12 +33,15 @@ from portmesh.api.progress import (
     hosts_behind,
 )
 from portmesh.api.schemas import (
+    BackendIn,
     ConfigPatch,
     ContainerIn,
     ContainerOut,
     HostIn,
     HostOut,
     MappingIn,
+    MappingOut,
+    MappingPatch,
     StatusOut,
 )
 from portmesh.api.settings import plan_config, plan_pool_add, plan_pool_remove
@@ -430,20 +434,17 @@ class Service:
             return await self.call(self.store.set_container_running, name, running, parse_stop_timeout(stop_timeout, "time"))
 
     async def add_mapping(self, body: MappingIn) -> tuple[int, Mapping, bool]:
-        """Add a mapping; True as the third value if it was created, False if the very same mapping
-        existed already (idempotent, as ovsdbapp's ``may_exist``: nothing written). The same key
-        pointing at another container stays a :class:`Conflict`."""
+        """Add a mapping (one container, or several backends with weights, a policy, a health check);
+        True as the third value if it was created, False if the very same mapping existed already
+        (idempotent, as ovsdbapp's ``may_exist``: nothing written). The same key mapped otherwise
+        stays a :class:`Conflict`."""
         async with self.write_lock:
             key = parse_key(body.public_ip, body.proto, body.port)
             state = await self.snapshot()
-            existing = state.mappings.get(key)
-            if existing is not None and existing.container == body.container:
+            mapping, existing = plan_mapping(state, key, body)
+            if existing is not None:
                 return state.generation, existing, False
-            mapping = new_mapping(state, key, body.container)
-            # A create takes no lock: one in flight may be claiming the block this port lies in.
-            for block, ip in self._claiming:
-                if ip == str(key.public_ip) and key.port in block:
-                    raise Conflict("port", f"{key.port} lies in ephemeral block {block} being given to a new container")
+            self._check_claims(key)
             entry = (str(key.public_ip), key.port)
             self._mapping.add(entry)
             try:
@@ -451,16 +452,56 @@ class Service:
             finally:
                 self._mapping.discard(entry)
 
-    async def remove_mapping(self, public_ip: str, proto: str, port: int | str) -> tuple[int, str | None]:
-        """The generation and the host of the container it pointed at (the host the removal concerns)."""
+    def _check_claims(self, key: MappingKey) -> None:
+        """A create takes no lock: one in flight may be claiming the block ``key``'s port lies in."""
+        for block, ip in self._claiming:
+            if ip == str(key.public_ip) and key.port in block:
+                raise Conflict("port", f"{key.port} lies in ephemeral block {block} being given to a new container")
+
+    async def _existing_mapping(self, public_ip: str, proto: str, port: int | str) -> tuple[DesiredState, Mapping]:
+        key = parse_key(public_ip, proto, port)
+        state = await self.snapshot()
+        mapping = state.mappings.get(key)
+        if mapping is None:
+            raise NotFound("mapping", f"{key} is not mapped")
+        return state, mapping
+
+    async def _update(self, state: DesiredState, mapping: Mapping, change: Change) -> tuple[int, Mapping]:
+        """Write ``change`` in one store transaction; an update that changes nothing writes nothing."""
+        after = change(mapping)
+        if after == mapping:
+            return state.generation, mapping
+        return await self.call(self.store.update_mapping, mapping.key, change), after
+
+    async def patch_mapping(self, public_ip: str, proto: str, port: int | str, patch: MappingPatch) -> tuple[int, Mapping]:
+        """Change a mapping's policy, health check or weights (404 unknown mapping; the checks of plan_patch)."""
         async with self.write_lock:
-            key = parse_key(public_ip, proto, port)
-            state = await self.snapshot()
-            mapping = state.mappings.get(key)
-            if mapping is None:
-                raise NotFound("mapping", f"{key} is not mapped")
-            owner = state.containers.get(mapping.container)
-            return await self.call(self.store.remove_mapping, key), owner.host if owner else None
+            state, mapping = await self._existing_mapping(public_ip, proto, port)
+            return await self._update(state, mapping, plan_patch(mapping, patch))
+
+    async def add_backend(self, public_ip: str, proto: str, port: int | str, body: BackendIn) -> tuple[int, Mapping]:
+        """One more backend (404 unknown mapping or container; 409 already one, IP not held, port in a block)."""
+        async with self.write_lock:
+            state, mapping = await self._existing_mapping(public_ip, proto, port)
+            change = plan_backend_add(state, mapping, body.container, body.weight)
+            self._check_claims(mapping.key)
+            return await self._update(state, mapping, change)
+
+    async def remove_backend(self, public_ip: str, proto: str, port: int | str, name: str) -> tuple[int, Mapping, str | None]:
+        """One backend less (404 not a backend; 409 the last one); also the host it was on."""
+        async with self.write_lock:
+            state, mapping = await self._existing_mapping(public_ip, proto, port)
+            change = plan_backend_remove(mapping, name)
+            owner = state.containers.get(name)
+            generation, after = await self._update(state, mapping, change)
+            return generation, after, owner.host if owner else None
+
+    async def remove_mapping(self, public_ip: str, proto: str, port: int | str) -> tuple[int, list[str]]:
+        """The generation and the hosts of the containers it pointed at (the hosts the removal concerns)."""
+        async with self.write_lock:
+            state, mapping = await self._existing_mapping(public_ip, proto, port)
+            hosts = sorted({c.host for name in mapping.names if (c := state.containers.get(name)) is not None})
+            return await self.call(self.store.remove_mapping, mapping.key), hosts
 
     # --- reads ---
 
@@ -498,6 +539,28 @@ class Service:
 
         return await self.call(read)
 
-    async def mappings(self) -> list[Mapping]:
-        state = await self.snapshot()
-        return [state.mappings[k] for k in sorted(state.mappings)]
+    async def mappings(self) -> list[MappingOut]:
+        """Every mapping; backends' health read only for mappings with a check (others are unchecked),
+        counters only per mapping (:meth:`mapping`), so a list of 100,000 costs no per-row store reads."""
+
+        def read() -> list[MappingOut]:
+            state = self.store.snapshot()
+            out = []
+            for key in sorted(state.mappings):
+                m = state.mappings[key]
+                out.append(MappingOut.of(m, self.store.mapping_health(key) if m.health is not None or m.down else None))
+            return out
+
+        return await self.call(read)
+
+    async def mapping(self, public_ip: str, proto: str, port: int | str) -> MappingOut:
+        """One mapping with its backends' health and its counters (404 if the key is not mapped)."""
+        key = parse_key(public_ip, proto, port)
+
+        def read() -> MappingOut:
+            mapping = self.store.snapshot().mappings.get(key)
+            if mapping is None:
+                raise NotFound("mapping", f"{key} is not mapped")
+            return MappingOut.of(mapping, self.store.mapping_health(key), self.store.mapping_counters(key))
+
+        return await self.call(read)

@@ -20,6 +20,7 @@ from portmesh.model.entities import (
     Host,
     HostStatus,
     Mapping,
+    MappingCounters,
     MappingKey,
     RunState,
 )
@@ -37,6 +38,8 @@ class FakeStore:
         self._subscribers: list[Callable[[], None]] = []
         self.writes = 0
         self.down: set[str] = set()  # hosts auto_converge leaves alone (a dead machine)
+        self.health: dict[MappingKey, dict[str, str]] = {}  # as agents report it (backend_health)
+        self.counters: dict[MappingKey, MappingCounters] = {}  # as the master controller writes them
 
     # --- lifecycle ---
 
@@ -118,17 +121,25 @@ class FakeStore:
                 raise NotFound("name", f"container {name!r} does not exist")
             self._running.pop(name, None)
             self._status.pop(name, None)
+            mappings = {}
+            for k, m in self._state.mappings.items():
+                if name not in m.names:
+                    mappings[k] = m
+                elif len(m.backends) > 1:  # as the store: taken out of a mapping with others
+                    rest = tuple(b for b in m.backends if b.container != name)
+                    mappings[k] = dataclasses.replace(m, container=rest[0].container, backends=rest)
             return self._commit(
                 containers={k: v for k, v in self._state.containers.items() if k != name},
-                mappings={k: m for k, m in self._state.mappings.items() if m.container != name},
+                mappings=mappings,
             )
 
     def add_mapping(self, m: Mapping) -> int:
         with self._lock:
             if m.key in self._state.mappings:
                 raise Conflict("port", f"{m.key} is mapped")
-            if m.container not in self._state.containers:
-                raise NotFound("container", f"container {m.container!r} does not exist")
+            for name in m.names:
+                if name not in self._state.containers:
+                    raise NotFound("container", f"container {name!r} does not exist")
             return self._commit(mappings={**self._state.mappings, m.key: m})
 
     def remove_mapping(self, key: MappingKey, if_exists: bool = False) -> int:
@@ -138,6 +149,26 @@ class FakeStore:
                     return self._state.generation
                 raise NotFound("mapping", f"{key} is not mapped")
             return self._commit(mappings={k: m for k, m in self._state.mappings.items() if k != key})
+
+    def update_mapping(self, key: MappingKey, change: Callable[[Mapping], Mapping]) -> int:
+        """As the store: read the row, apply ``change``, check new backends exist, one write."""
+        with self._lock:
+            old = self._state.mappings.get(key)
+            if old is None:
+                raise NotFound("mapping", f"{key} is not mapped")
+            new = change(old)
+            for name in new.names:
+                if name not in self._state.containers:
+                    raise NotFound("container", f"container {name!r} does not exist")
+            return self._commit(mappings={**self._state.mappings, key: new})
+
+    def mapping_health(self, key: MappingKey) -> dict[str, str]:
+        with self._lock:
+            return dict(self.health.get(key, {}))
+
+    def mapping_counters(self, key: MappingKey) -> MappingCounters:
+        with self._lock:
+            return self.counters.get(key, MappingCounters())
 
     def set_container_running(self, name: str, running: bool, stop_timeout: int | None = None) -> int:
         with self._lock:

@@ -115,7 +115,9 @@ def test_mappings(client: TestClient) -> None:
     add_web(client, ports=())
     r = client.post("/v1/mappings", json={"public_ip": IP, "port": 22, "container": "web"}, headers=AUTH)
     assert r.status_code == 201, r.text
-    assert r.json()["mapping"] == {"public_ip": IP, "proto": "tcp", "port": 22, "container": "web"}
+    plain = {"public_ip": IP, "proto": "tcp", "port": 22, "container": "web"}
+    one = [{"container": "web", "weight": 1, "health": "unchecked"}]
+    assert r.json()["mapping"] == {**plain, "backends": one, "allow": [], "deny": [], "health": None, "counters": None}
     r = client.post("/v1/mappings", json={"public_ip": IP, "port": 53, "proto": "UDP", "container": "web"}, headers=AUTH)
     assert r.status_code == 201
     assert [(m["port"], m["proto"]) for m in client.get("/v1/mappings").json()] == [(22, "tcp"), (53, "udp")]

@@ -115,9 +115,9 @@ def test_map_commands(invoke: Any, server: Server) -> None:
     r = invoke("map", "add", IP, "8080/tcp", "web")
     assert r.exit_code == 0, r.output
     assert f"{IP}:8080/tcp -> web" in r.stdout
-    assert json.loads(invoke("map", "ls", "-o", "json").stdout) == [
-        {"public_ip": IP, "proto": "tcp", "port": 8080, "container": "web"}
-    ]
+    [m] = json.loads(invoke("map", "ls", "-o", "json").stdout)
+    assert (m["public_ip"], m["proto"], m["port"], m["container"]) == (IP, "tcp", 8080, "web")
+    assert m["backends"] == [{"container": "web", "weight": 1, "health": "unchecked"}]
     assert invoke("map", "rm", IP, "8080").exit_code == 0
     assert server.store.snapshot().mappings == {}
 
