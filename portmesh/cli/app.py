@@ -21,8 +21,8 @@ import typer
 import typer.core
 from typer._click.core import Context as ClickContext  # typer vendors click; its Command names this type
 
-from portmesh.cli import cloud, enter, render
-from portmesh.cli.args import check_name, check_names, mapping_target, published, valid_name
+from portmesh.cli import cloud, enter, mappings, render
+from portmesh.cli.args import check_name, check_names, published
 from portmesh.cli.client import (
     DEFAULT_API,
     DEFAULT_TOKEN_FILE,
@@ -57,8 +57,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-map_app = typer.Typer(help="Mappings: (public IP, port/proto) -> container.", no_args_is_help=True)
-app.add_typer(map_app, name="map")
+mappings.register(app)
 cloud.register(app)
 
 FOLLOW_PAUSE = 0.5  # logs -f: how often to ask for more once caught up
@@ -362,56 +361,6 @@ def logs(
             chunk = api.request("GET", path, params={"offset": str(chunk["offset"])})
     except KeyboardInterrupt:
         return
-
-
-# --- mappings ---
-
-
-@map_app.command("add")
-@handles_api_errors
-def map_add(
-    ctx: typer.Context,
-    args: Annotated[list[str], typer.Argument(metavar="IP:PORT/PROTO NAME | IP PORT/PROTO NAME", help="what to map where")],
-    wait: WaitOpt = True,
-    timeout: TimeoutOpt = DEFAULT_WAIT,
-    output: OutputOpt = Format.table,
-) -> None:
-    """Map IP:PORT/PROTO (or IP PORT/PROTO) to container NAME."""
-    if len(args) not in (2, 3):
-        reason = f"expected IP:PORT/PROTO NAME or IP PORT/PROTO NAME, got {len(args)} argument(s)"
-        raise typer.BadParameter(reason, param_hint="'ARGS'")
-    ip, spec = mapping_target(args[0], args[1] if len(args) == 3 else None)
-    body = {"public_ip": ip, **spec, "container": valid_name(args[-1], "'NAME'")}
-    result = api_of(ctx).write("POST", "/v1/mappings", body, wait=wait, wait_timeout=timeout)
-    m = result["mapping"]
-    what = f"{m['public_ip']}:{m['port']}/{m['proto']} -> {m['container']}"
-    emit_json(result) if output is Format.json else render.write(out(), what, result)
-
-
-@map_app.command("ls")
-@handles_api_errors
-def map_ls(ctx: typer.Context, output: OutputOpt = Format.table) -> None:
-    """List mappings."""
-    items = api_of(ctx).get("/v1/mappings")
-    emit_json(items) if output is Format.json else render.mappings(out(), items)
-
-
-@map_app.command("rm")
-@handles_api_errors
-def map_rm(
-    ctx: typer.Context,
-    ip: Annotated[str, typer.Argument(metavar="IP[:PORT/PROTO]", help="public IP, or IP:PORT/PROTO")],
-    port: Annotated[str | None, typer.Argument(metavar="[PORT/PROTO]", help="PORT/PROTO, e.g. 80/tcp")] = None,
-    wait: WaitOpt = True,
-    timeout: TimeoutOpt = DEFAULT_WAIT,
-    output: OutputOpt = Format.table,
-) -> None:
-    """Remove the mapping of IP:PORT/PROTO (or IP PORT/PROTO)."""
-    ip, spec = mapping_target(ip, port)
-    path = f"/v1/mappings/{quote_segment(ip)}/{quote_segment(spec['proto'])}/{spec['port']}"
-    result = api_of(ctx).write("DELETE", path, wait=wait, wait_timeout=timeout)
-    what = f"{ip}:{spec['port']}/{spec['proto']} unmapped"
-    emit_json(result) if output is Format.json else render.write(out(), what, result)
 
 
 # --- hosts and convergence ---

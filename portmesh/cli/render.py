@@ -108,11 +108,69 @@ def container(console: Console, c: Json) -> None:
         mappings(console, c["mappings"])
 
 
+def _mark(health: str) -> str:
+    """A backend's health in a table cell: ``up``, ``down``, or nothing when not checked."""
+    return "" if not health or health == "unchecked" else health.split(":", 1)[0]
+
+
+def backends(m: Json) -> str:
+    """``web-a(up) web-b*2(down) web-c``: each backend, its weight if not 1, its health if checked."""
+    cells = []
+    for b in m.get("backends") or [{"container": m["container"], "weight": 1, "health": "unchecked"}]:
+        weight = f"*{b['weight']}" if b.get("weight", 1) != 1 else ""
+        mark = _mark(str(b.get("health", "")))
+        cells.append(f"{b['container']}{weight}({mark})" if mark else f"{b['container']}{weight}")
+    return " ".join(cells)
+
+
+def policy(m: Json) -> str:
+    """``allow 198.51.100.0/25; deny 198.51.100.7/32``, or ``open`` (a mapped port is open by default)."""
+    parts = []
+    if m.get("allow"):
+        parts.append("allow " + ", ".join(m["allow"]))
+    if m.get("deny"):
+        parts.append("deny " + ", ".join(m["deny"]))
+    return "; ".join(parts) or "open"
+
+
+def health_check(h: Json | None) -> str:
+    """``http GET /healthz expect 200 on :8080, every 2s, timeout 1s, 2 in a row`` or ``-``."""
+    if not h:
+        return "-"
+    what = f"http GET {h['path']} expect {h['expect']}" if h["kind"] == "http" else "tcp connect"
+    port = f" on :{h['port']}" if h.get("port") else ""
+    return f"{what}{port}, every {h['interval']:g}s, timeout {h['timeout']:g}s, {h['threshold']} in a row"
+
+
 def mappings(console: Console, items: list[Json]) -> None:
-    table = _new_table("PUBLIC IP", "PORT", "PROTO", "CONTAINER")
+    table = _new_table("PUBLIC IP", "PORT", "PROTO", "BACKENDS", "POLICY")
     for m in items:
-        table.add_row(*_row(m["public_ip"], str(m["port"]), m["proto"], m["container"]))
+        table.add_row(*_row(m["public_ip"], str(m["port"]), m["proto"], backends(m), policy(m)))
     _print(console, table)
+
+
+def mapping(console: Console, m: Json) -> None:
+    """``map inspect``: the key, policy, health check, counters, then one line per backend."""
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    counters = m.get("counters") or {}
+    rows = [
+        ("mapping", f"{m['public_ip']}:{m['port']}/{m['proto']}"),
+        ("allow", ", ".join(m.get("allow") or []) or "all"),
+        ("deny", ", ".join(m.get("deny") or []) or "-"),
+        ("health check", health_check(m.get("health"))),
+        ("allowed", f"{counters.get('allowed_packets', 0)} packets, {counters.get('allowed_bytes', 0)} bytes"),
+        ("denied", f"{counters.get('denied_packets', 0)} packets, {counters.get('denied_bytes', 0)} bytes"),
+    ]
+    for key, value in rows:
+        table.add_row(*_row(key, value))
+    _print(console, table)
+    console.print()
+    listing = _new_table("BACKEND", "WEIGHT", "HEALTH")
+    for b in m.get("backends") or []:
+        listing.add_row(*_row(b["container"], str(b["weight"]), b["health"]))
+    _print(console, listing)
 
 
 def tunnels(items: list[Json]) -> str:

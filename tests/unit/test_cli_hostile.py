@@ -99,7 +99,52 @@ def cases() -> list[Case]:
         Case(("lab", "exec", "--name", "Bad_Name", "inet", "--", "true")),
         Case(("down", "--name", "..")),
     ]
-    return out + cloud_cases()
+    return out + cloud_cases() + balancing_cases()
+
+
+def balancing_cases() -> list[Case]:
+    """Issue 15's options: backends, weights, policy, health check; refused by the CLI (2) or the API (1)."""
+    add = ("map", "add", IP, "80/tcp", "web")
+    out = [Case((*add, "--weight", w)) for w in ("web=0", "web=-1", f"web={HUGE}", "web", "=2", "ghost=2", "web=2x", "web=٢")]
+    nets = ["", "x", "198.51.100.1/24", HUGE, "::/0", f"198.51.100.0/{HUGE}", "198.51.100.0/24/8", LONG]
+    out += [Case((*add, "--allow" if i % 2 else "--deny", n)) for i, n in enumerate(nets)]
+    healths = ["", "udp", "tcp:", "tcp:/x", "http:", "http:x", f"http:/={HUGE}", "http:/=99", "http:/ x", f"http:/{LONG}", "HTTP"]
+    out += [Case((*add, "--health", h)) for h in healths]
+    for option, values in (
+        ("--health-interval", ["0", "-1", "nan", "inf", HUGE]),
+        ("--health-timeout", ["0", "nan", "5"]),
+        ("--health-threshold", ["0", "11", HUGE]),
+        ("--health-port", ["-1", "65536", HUGE]),
+    ):
+        out += [Case((*add, "--health", "tcp", option, v)) for v in values]
+    out += [
+        Case((*add, "--health-interval", "2")),  # without --health
+        Case(("map", "add", IP, "80/tcp", "web", "web")),
+        Case(("map", "add", IP, "81/tcp", "web", "ghost")),  # the API's 404
+        Case(("map", "add", IP, "80/tcp", "web", ".")),
+        Case(("map", "backend", "add", IP, "80/tcp", "..")),
+        Case(("map", "backend", "add", IP, "80/tcp", "ghost")),
+        Case(("map", "backend", "add", IP, "80/tcp", "web")),  # already one: 409
+        Case(("map", "backend", "add", IP, "80/tcp", "web", "--weight", HUGE)),
+        Case(("map", "backend", "add", IP, "80/tcp")),
+        Case(("map", "backend", "add", IP, "81/tcp", "web")),  # no such mapping
+        Case(("map", "backend", "rm", IP, "80/tcp", "web")),  # the last one: 409
+        Case(("map", "backend", "rm", IP, "80/tcp", "%2F")),
+        Case(("map", "backend", "rm", f"{HUGE}:80/tcp", "web")),
+        Case(("map", "backend", "frob")),
+        Case(("map", "policy", IP, "80/tcp")),
+        Case(("map", "policy", IP, "80/tcp", "--allow", "::/0")),
+        Case(("map", "policy", IP, "81/tcp", "--clear")),
+        Case(("map", "policy", IP, f"{HUGE}/tcp", "--clear")),
+        Case(("map", "inspect", IP, "81/tcp")),
+        Case(("map", "inspect", IP, "x")),
+        Case(("map", "inspect", "x")),
+        Case(("map", "inspect", IP, "80/tcp", "-o", "yaml")),
+        Case(("map", "inspect", IP, "80/tcp"), bad=False),
+        Case(("map", "inspect", f"{IP}:80/tcp", "-o", "json"), bad=False),
+        Case(("map", "ls"), bad=False),
+    ]
+    return out
 
 
 def cloud_cases() -> list[Case]:
@@ -218,6 +263,8 @@ def test_no_traceback_for_any_hostile_input(server: Server, tmp_path: Path, wher
         corpus = [Case(c.args) for c in corpus if c.args[0] in ("ps", "inspect", "exec", "logs") and not c.bad]
         corpus += [Case(("run", "web2", "--host", "h1", "--ip", IP)), Case(("map", "add", IP, "80/tcp", "web"))]
         corpus += [Case(("status",)), Case(("hosts",)), Case(("map", "ls")), Case(("logs", "-f", "web"))]
+        corpus += [Case(("map", "inspect", IP, "80/tcp")), Case(("map", "policy", IP, "80/tcp", "--clear"))]
+        corpus += [Case(("map", "backend", "add", IP, "80/tcp", "web")), Case(("map", "backend", "rm", IP, "80/tcp", "web"))]
         corpus += [Case(("pool", "ls")), Case(("config", "show")), Case(("pool", "add", "198.51.100.0/24"))]
         corpus += [Case(("host", "add", "h9", "--underlay-ip", "198.19.0.20")), Case(("config", "set", "vxlan_port", "4790"))]
     writes = server.store.writes

@@ -139,7 +139,8 @@ def test_publish_ip_port_and_map_ip_port(invoke: Any, server: Server) -> None:
         (["run", "w", "--host", "h1", "-p", "1.2.3:80/tcp"], "'--port' / '-p'"),
         (["run", "w", "--host", "h1", "--ip", "nope"], "'--ip'"),
         (["map", "add", "80/tcp", "web"], "'IP:PORT/PROTO'"),
-        (["map", "add", IP, "80/tcp", "web", "extra"], "ARGS"),
+        (["map", "add", IP, "80/tcp", "web", "web"], "'NAME'"),  # a backend named twice
+        (["map", "add", IP, "80/tcp"], "'NAME'"),
         (["map", "add", IP, "80/xdp", "web"], "'PORT/PROTO'"),
         (["map", "rm", "nope", "80/tcp"], "'IP'"),
     ],
