@@ -139,11 +139,12 @@ def mapping_flows(mapping: Mapping, backends: Sequence[Present]) -> Iterator[Flo
 
 def counted_flows(flows: Sequence[Flow]) -> tuple[set[int], set[int]]:
     """Cookies of a mapping's flows whose counters are its allowed and its denied packets: with a
-    policy, POLICY's continuing and dropping flows; without one, the MAPPING flow (all allowed)."""
+    policy, POLICY's continuing and dropping flows; else (balanced) its BALANCE flows, all allowed.
+    Each packet of the mapping passes exactly one of them on the switch where it entered."""
     allowed: set[int] = set()
     denied: set[int] = set()
     policy = [f for f in flows if f.table is Table.POLICY]
-    for f in policy or [f for f in flows if f.table is Table.MAPPING]:
+    for f in policy or [f for f in flows if f.table is Table.BALANCE]:
         (allowed if f.actions or f.goto is not None else denied).add(f.cookie)
     return allowed, denied
 

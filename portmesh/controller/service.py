@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from portmesh.controller import icmp
 from portmesh.controller.compiler import CommonFlows, SwitchCompiler
 from portmesh.controller.connection import OpenFlowConnection
+from portmesh.controller.counters import CounterReporter
 from portmesh.controller.encoding import DP, EncodingCache, ofp, parser, serialize
 from portmesh.controller.metrics import ControllerMetrics
 from portmesh.controller.pipeline import Table
@@ -129,11 +130,13 @@ class Controller:
         self.metrics.is_master.set(int(self.master))
 
     async def run(self) -> None:
-        """Converge forever (and follow the election, if there is one); either dying ends this."""
+        """Converge forever (and follow the election, if there is one); either dying ends this.
+        The master also reports per-mapping counters (:mod:`portmesh.controller.counters`)."""
+        counters = CounterReporter(self).run()
         if self.election is None:
-            await self._converge()
+            await asyncio.gather(self._converge(), counters)
             return
-        await asyncio.gather(self._converge(), self._follow_election())
+        await asyncio.gather(self._converge(), self._follow_election(), counters)
 
     async def _follow_election(self) -> None:
         """Become master when the store's lock is ours, standby the moment it is not."""

@@ -39,10 +39,13 @@ def packet(src: str, sport: int, dport: int = 80, flags: str = "0x02") -> str:
             f"nw_dst={VIP},tp_src={sport},tp_dst={dport},tcp_flags={flags}")
 
 
-def send(ovs: DummyOVS, src: str, sport: int) -> None:
-    """Run one SYN from the host's LOCAL port through the switch for real (``-generate``: with side
-    effects, so its learn action fills AFFINITY)."""
-    ovs.appctl("ofproto/trace", "br0", packet(src, sport), "-generate")
+def send(ovs: DummyOVS, src: str, sport: int, dport: int = 80) -> None:
+    """One SYN received on the host's LOCAL port (br0's own dummy netdev): the switch really runs it,
+    learn actions and flow statistics included."""
+    spec = packet(src, sport, dport).replace("in_port=LOCAL,", "").replace("dl_", "eth_")
+    dump = ovs.ofctl("compose-packet", spec)
+    data = "".join("".join(line[10:59].replace("-", " ").split()) for line in dump.splitlines())
+    ovs.appctl("netdev-dummy/receive", "br0", data)
 
 
 def backend_of(ovs: DummyOVS, ports: dict[str, int], src: str, sport: int, dport: int = 80) -> str | None:
@@ -138,6 +141,49 @@ def test_balancing_learns_and_pins_connections(dummy_ovs: DummyOVS, tmp_path: Pa
         assert not any("tp_dst=80 " in f or "tp_dst=80," in f for f in dummy_ovs.dump_flows("br0"))
     finally:
         ctl2.stop()
+
+
+def test_counters_allowed_and_denied(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
+    """The master's counter round: POLICY and BALANCE flow stats summed per mapping, only changes written."""
+    from portmesh.controller.counters import CounterReporter
+    from portmesh.model.entities import MappingCounters
+
+    state = build_state()
+    source, ctl, _ports = setup(dummy_ovs, tmp_path, state)
+    written: list[dict[MappingKey, MappingCounters]] = []
+
+    class Sink:
+        def report_counters(self, counters: dict[MappingKey, MappingCounters]) -> None:
+            written.append(counters)
+
+    try:
+        source.wait_realized("h1")
+        for sport in range(45000, 45003):  # 3 allowed (inside the allow list)
+            send(dummy_ovs, "198.51.100.9", sport, 22)
+        for sport in range(45000, 45002):  # 2 denied: one by the deny list, one outside the allow list
+            send(dummy_ovs, "198.51.100.7" if sport % 2 else "198.51.100.200", sport, 22)
+        for sport in range(46000, 46004):  # 4 balanced
+            send(dummy_ovs, "198.51.100.50", sport)
+        send(dummy_ovs, "198.51.100.50", 46000)  # the same connection again: through its learned flow
+        reporter = CounterReporter(ctl.controller)
+        # The switch folds datapath statistics into its flows' counters every ~0.5 s: poll for them.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            ctl.call(reporter.once(Sink())).result(10)
+            fw, lb = reporter.reported.get(FW), reporter.reported.get(KEY)
+            if fw and lb and fw.allowed_packets + fw.denied_packets >= 5 and lb.allowed_packets >= 5:
+                break
+            time.sleep(0.2)
+        assert fw is not None and lb is not None
+        assert (fw.allowed_packets, fw.denied_packets) == (3, 2), fw
+        assert fw.allowed_bytes > 0 and fw.denied_bytes > 0
+        assert (lb.allowed_packets, lb.denied_packets) == (5, 0), lb
+        n = len(written)
+        assert written and all(set(w) <= {FW, KEY} for w in written)
+        assert ctl.call(reporter.once(Sink())).result(10) == {}  # nothing changed: nothing written
+        assert len(written) == n
+    finally:
+        ctl.stop()
 
 
 def test_no_serving_backend_refuses_like_unmapped(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
