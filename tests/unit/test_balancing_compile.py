@@ -1,0 +1,151 @@
+"""Tier 1: compiling filtered and balanced mappings (POLICY, BALANCE, AFFINITY), weights -> slots, counters."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Network
+
+from portmesh.controller.balancing import MAX_SLOTS, counted_flows, is_plain, slots
+from portmesh.controller.compiler import compile_switch
+from portmesh.controller.counters import CookieIndex, totals
+from portmesh.controller.encoding import encode_add
+from portmesh.controller.flows import Flow, Learn, Multipath, Resubmit, SetField
+from portmesh.controller.pipeline import Table
+from portmesh.controller.templates import TemplateEncoder
+from portmesh.model.config import DEFAULT_CONFIG as CFG
+from portmesh.model.entities import DesiredState, Host, MappingKey, Proto
+from portmesh.model.validation import new_container, new_mapping, with_backend
+
+VIP = IPv4Address("203.0.113.20")
+KEY = MappingKey(VIP, Proto.TCP, 80)
+PLAIN = MappingKey(VIP, Proto.TCP, 81)
+
+
+def base() -> DesiredState:
+    state = DesiredState(hosts={"h1": Host("h1", 1), "h2": Host("h2", 2)})
+    for i, name in enumerate(("a", "b", "c", "d")):
+        c = new_container(state, CFG, name=name, host="h1" if i % 2 == 0 else "h2", ips=[VIP])
+        state = replace(state, containers={**state.containers, name: c})
+    plain = new_mapping(state, PLAIN, "a")
+    return replace(state, mappings={**state.mappings, PLAIN: plain})
+
+
+def with_mapping(state: DesiredState, **kw: object) -> DesiredState:
+    m = new_mapping(state, KEY, **kw)  # type: ignore[arg-type]
+    return replace(state, mappings={**state.mappings, KEY: m})
+
+
+def ports(state: DesiredState, host: str) -> dict[str, int]:
+    return {c.port_name: i for i, c in enumerate(state.containers.values(), 1) if c.host == host}
+
+
+def mine(flows: dict[int, Flow], key: MappingKey = KEY) -> list[Flow]:
+    return [f for f in flows.values() if f.owner == str(key)]
+
+
+def test_slots_expand_weights_reduced_and_capped() -> None:
+    assert slots([("a", 1), ("b", 1), ("c", 2)]) == ["a", "b", "c", "c"]
+    assert slots([("a", 10), ("b", 20)]) == ["a", "b", "b"]  # gcd
+    assert slots([("a", 1), ("b", 1), ("c", 1), ("d", 1)])[:3] == slots([("a", 1), ("b", 1), ("c", 1)])  # appends
+    big = slots([("a", 100), ("b", 1), ("c", 37)])
+    assert len(big) <= MAX_SLOTS and set(big) == {"a", "b", "c"} and big.count("a") > big.count("c") > big.count("b")
+    assert slots([]) == []
+
+
+def test_plain_mapping_unchanged_by_a_balanced_neighbour() -> None:
+    state = base()
+    before = mine(compile_switch(state, CFG, "h1", ports(state, "h1")), PLAIN)
+    after = mine(compile_switch(with_mapping(state, container=["b", "c"]), CFG, "h1", ports(state, "h1")), PLAIN)
+    assert {f.cookie for f in before} == {f.cookie for f in after}
+    assert is_plain(state.mappings[PLAIN])
+
+
+def test_balanced_mapping_flows() -> None:
+    state = with_mapping(base(), container=["a", "b", "c"], weights={"c": 2})
+    flows = mine(compile_switch(state, CFG, "h1", ports(state, "h1")))
+    entry = [f for f in flows if f.table is Table.MAPPING]
+    assert len(entry) == 1 and entry[0].goto is Table.BALANCE
+    assert entry[0].actions == (Resubmit(Table.AFFINITY), Multipath(4))
+    balance = [f for f in flows if f.table is Table.BALANCE]
+    pinned = [f for f in balance if "reg0" in dict(f.match)]
+    assert len(pinned) == 1 and pinned[0].actions == (Resubmit(Table.L2),)
+    by_slot = {dict(f.match)["reg1"]: f for f in balance if "reg1" in dict(f.match)}
+    macs = {n: state.containers[n].mac for n in "abc"}
+    assert [next(a.value for a in f.actions if isinstance(a, SetField)) for _, f in sorted(by_slot.items())] == [
+        macs["a"], macs["b"], macs["c"], macs["c"]]
+    learns = {a for f in by_slot.values() for a in f.actions if isinstance(a, Learn)}
+    assert learns == {Learn(Table.AFFINITY, 6, pinned[0].cookie, 300, 5, 100)}
+    # Allowances: on h1 for its local backends a and c (b is on h2), none on h2 for them.
+    allow = [f for f in flows if f.table is Table.CLASSIFY]
+    assert {dict(f.match)["eth_src"] for f in allow} == {macs["a"], macs["c"]}
+    assert not any(f.table is Table.AFFINITY for f in flows), "AFFINITY is the switch's own"
+
+
+def test_serving_changes_move_only_slots() -> None:
+    state = with_mapping(base(), container=["a", "b", "c"])
+    one = mine(compile_switch(state, CFG, "h1", ports(state, "h1")))
+    m = replace(state.mappings[KEY], down=frozenset({"b"}))
+    two = mine(compile_switch(replace(state, mappings={**state.mappings, KEY: m}), CFG, "h1", ports(state, "h1")))
+    pinned = {f.cookie for f in one if "reg0" in dict(f.match)}
+    assert pinned == {f.cookie for f in two if "reg0" in dict(f.match)}, "the pinned flow (learned cookie) stays"
+    assert state.containers["b"].mac not in str([f.actions for f in two if f.table is Table.BALANCE])
+    # Every backend down: only allowances remain (refused like an unmapped port).
+    m = replace(m, down=frozenset({"a", "b", "c"}))
+    none = mine(compile_switch(replace(state, mappings={**state.mappings, KEY: m}), CFG, "h1", ports(state, "h1")))
+    assert none and all(f.table is Table.CLASSIFY for f in none)
+    # Adding a backend keeps the pinned flow too.
+    added = with_backend(state, state.mappings[KEY], "d", 3)
+    three = mine(compile_switch(replace(state, mappings={**state.mappings, KEY: added}), CFG, "h1", ports(state, "h1")))
+    assert pinned == {f.cookie for f in three if "reg0" in dict(f.match)}
+    assert len([f for f in three if "reg1" in dict(f.match)]) == 6
+
+
+def test_filtered_single_backend_policy() -> None:
+    allow, deny = IPv4Network("198.51.100.0/25"), IPv4Network("198.51.100.7/32")
+    state = with_mapping(base(), container="a", allow=(allow,), deny=(deny,))
+    flows = mine(compile_switch(state, CFG, "h1", ports(state, "h1")))
+    entry = [f for f in flows if f.table is Table.MAPPING]
+    assert len(entry) == 1 and entry[0].goto is Table.POLICY and entry[0].actions == ()
+    policy = sorted((f for f in flows if f.table is Table.POLICY), key=lambda f: -f.priority)
+    assert [dict(f.match).get("ipv4_src") for f in policy] == [
+        ("198.51.100.7", "255.255.255.255"), ("198.51.100.0", "255.255.255.128"), None]
+    deny_f, allow_f, default = policy
+    assert deny_f.actions == () and deny_f.goto is None  # drop, silently
+    assert allow_f.actions == (SetField("eth_dst", state.containers["a"].mac), Resubmit(Table.L2))
+    assert default.actions == () and default.goto is None  # an allow list closes the rest
+    allowed, denied = counted_flows(flows)
+    assert allowed == {allow_f.cookie} and denied == {deny_f.cookie, default.cookie}
+    # Deny only: the default continues.
+    open_state = with_mapping(base(), container="a", deny=(deny,))
+    default2 = [f for f in mine(compile_switch(open_state, CFG, "h1", {})) if f.table is Table.POLICY
+                and "ipv4_src" not in dict(f.match)]
+    assert default2[0].actions
+
+
+def test_filtered_and_balanced_continue_to_balance() -> None:
+    state = with_mapping(base(), container=["a", "b"], allow=(IPv4Network("198.51.100.0/24"),))
+    flows = mine(compile_switch(state, CFG, "h2", ports(state, "h2")))
+    permit = [f for f in flows if f.table is Table.POLICY and f.actions]
+    assert len(permit) == 1 and permit[0].goto is Table.BALANCE
+    assert permit[0].actions == (Resubmit(Table.AFFINITY), Multipath(2))
+
+
+def test_new_shapes_encode_through_os_ken_and_templates_agree() -> None:
+    state = with_mapping(base(), container=["a", "b", "c"], weights={"c": 2}, allow=(IPv4Network("198.51.100.0/24"),),
+                         deny=(IPv4Network("198.51.100.7/32"),))
+    udp = new_mapping(state, MappingKey(VIP, Proto.UDP, 53), ["b", "d"])
+    state = replace(state, mappings={**state.mappings, udp.key: udp})
+    encoder = TemplateEncoder(encode_add)
+    for f in compile_switch(state, CFG, "h1", ports(state, "h1")).values():
+        assert encoder(f) == encode_add(f), f
+
+
+def test_counter_index_and_totals() -> None:
+    state = with_mapping(base(), container=["a", "b"], deny=(IPv4Network("198.51.100.7/32"),))
+    index = CookieIndex().update(state)
+    flows = mine(compile_switch(state, CFG, "h1", ports(state, "h1")))
+    assert PLAIN not in {k for k, _ in index.values()}
+    deny = next(f for f in flows if f.table is Table.POLICY and not f.actions)
+    ok = next(f for f in flows if f.table is Table.POLICY and f.actions)
+    got = totals(index, [[(deny.cookie, 2, 120), (ok.cookie, 5, 300)], [(ok.cookie, 1, 60), (12345, 9, 9)]])
+    assert got[KEY] == type(got[KEY])(6, 360, 2, 120)
