@@ -183,8 +183,16 @@ class Mirror:
             if not rows:
                 del self.claim_rows_of[container]
 
+    def put_mapping(self, row_uuid: UUID, m: Mapping) -> None:
+        """A Mapping row changed (or appeared) and reads as ``m``: the reader's fast path for plain
+        mappings, which it builds without going through :func:`portmesh.store.rows.mapping_from_row`."""
+        self._drop_mapping(row_uuid)
+        self._put_decoded(row_uuid, m)
+
     def _put_mapping(self, row_uuid: UUID, columns: R.Row) -> None:
-        m = R.mapping_from_row(columns)
+        self._put_decoded(row_uuid, R.mapping_from_row(columns))
+
+    def _put_decoded(self, row_uuid: UUID, m: Mapping) -> None:
         self.mappings[m.key] = m
         self.mapping_rows[m.key] = row_uuid
         self._mapping_of[row_uuid] = m

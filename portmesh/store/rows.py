@@ -259,6 +259,11 @@ def mapping_from_row(row: Row) -> Mapping:
     )
 
 
+def plain_mapping(public_ip: str, proto: str, port: int, container: str) -> Mapping:
+    """A mapping without any schema 1.6.0 column set: one backend of weight 1, no policy, no check."""
+    return Mapping(key=MappingKey(public_ip=IPv4Address(public_ip), proto=Proto(proto), port=port), container=container)
+
+
 def backends_from_column(container: str, weights: MappingABC[str, int]) -> tuple[Backend, ...]:
     """``container`` first (weight 1 if the map lacks it), then the others by name."""
     first = Backend(container, int(weights.get(container, 1)))

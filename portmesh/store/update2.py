@@ -114,6 +114,10 @@ class RowCache:
         """How many rows are cached, all tables together."""
         return sum(len(rows) for rows in self.rows.values())
 
+    def default(self, table: str, column: str) -> Any:
+        """A column's default JSON value (what an inserted row without it holds)."""
+        return self._defaults[table][self._columns[table].index(column)]
+
     def index(self, table: str) -> dict[str, int]:
         """Where each column is in this table's row tuples."""
         return {c: i for i, c in enumerate(self._columns[table])}

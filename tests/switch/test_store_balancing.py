@@ -345,3 +345,24 @@ def test_a_new_database_is_made_at_1_6_0(tmp_path: Path) -> None:
     db = create_db(tmp_path / "store.db")
     version = subprocess.run(["ovsdb-tool", "db-version", str(db)], check=True, capture_output=True, text=True)
     assert version.stdout.strip() == "1.6.0"
+
+
+def test_a_running_reader_follows_a_mapping_from_plain_to_balanced_and_back(api: Store, server: str) -> None:
+    """The reader builds plain rows on a fast path and the others through the row converters: a row
+    that moves between the two (update2 diffs of its map and set columns) must read the same as the
+    IDL client's after every step."""
+    with StateReader(server, timeout=10) as reader:
+        api.add_mapping(mapping(80, "a1"))
+        steps: list[Callable[[Mapping], Mapping]] = [
+            lambda m: with_backend(api.snapshot(), m, "b1", 2),
+            lambda m: replace(m, deny=(IPv4Network("198.51.100.7/32"),), health=CHECK),
+            lambda m: replace(m, deny=(), health=None),
+            lambda m: without_backend(m, "b1"),
+            lambda m: replace(m, allow=(IPv4Network("198.51.100.0/24"),)),
+            lambda m: replace(m, allow=()),
+        ]
+        for step in steps:
+            generation = api.update_mapping(KEY, step)
+            wait_until(lambda g=generation: reader.snapshot().generation >= g)  # type: ignore[misc]
+            assert reader.snapshot().mappings == api.snapshot().mappings
+        assert reader.snapshot().mappings[KEY] == Mapping(KEY, "a1")  # plain again
