@@ -20,11 +20,14 @@ connections and may land on two backends (each backend would need its own iperf3
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dataplane_bench import HTTP_PORT, TOOLS, BenchError, Target, python_exe
-from dataplane_portmesh import PortmeshPath
+from dataplane_portmesh import LAB_ROOT, PortmeshPath
 
 if TYPE_CHECKING:
     from dataplane_bench import Bench
@@ -78,7 +81,24 @@ class BalancingLab(PortmeshPath):
             return {"backends": 3 if path == "lb_three" else 1, "control_plane_cpu_cores": round(cores, 2)}
 
         host = VIP if path == "lb_three" else SINGLE_IP
-        return Target(inet, host, HTTP_PORT, 0, extra=extra, iperf=False)
+        return Target(inet, host, HTTP_PORT, 0, extra=extra, iperf=False, switch_work=self.switch_work)
+
+    def switch_work(self) -> dict[str, float]:
+        """h1's ovs-vswitchd so far: datapath lookups that missed (each one an upcall to its
+        handler threads: a new megaflow, a ``learn`` executed) and its CPU seconds (all threads,
+        from /proc); ``*_per_conn`` in the figures (CPU in microseconds)."""
+        out: dict[str, float] = {}
+        ctl = LAB_ROOT / self.lab / "h1" / "ovs-vswitchd.ctl"
+        shown = self.bench.run(["ovs-appctl", "-t", str(ctl), "dpctl/show"], ns=self.prefix + "h1", check=False).stdout
+        if m := re.search(r"lookups: hit:(\d+) missed:(\d+)", shown):
+            out["upcalls"] = float(m.group(2))
+        tick = os.sysconf("SC_CLK_TCK")
+        for proc in self.lab_state.get("processes") or []:
+            if str(proc.get("label", "")) == "ovs-vswitchd:h1":
+                with contextlib.suppress(OSError, ValueError, IndexError, KeyError):
+                    fields = Path(f"/proc/{int(proc['pid'])}/stat").read_text().rsplit(")", 1)[1].split()
+                    out["switch_cpu_s"] = (int(fields[11]) + int(fields[12])) / tick
+        return out
 
 
 def shared(bench: Bench) -> BalancingLab:
@@ -103,6 +123,10 @@ def balancing(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "per_round_three": three.get("per_round", {}).get("conn_per_s"),
         "rtt_ms_p50_single": one.get("rtt_ms_p50"),
         "rtt_ms_p50_three": three.get("rtt_ms_p50"),
+        "upcalls_per_conn_single": one.get("upcalls_per_conn"),
+        "upcalls_per_conn_three": three.get("upcalls_per_conn"),
+        "switch_cpu_us_per_conn_single": one.get("switch_cpu_s_per_conn"),
+        "switch_cpu_us_per_conn_three": three.get("switch_cpu_s_per_conn"),
         "target": TARGET_RATIO,
         "meets_target": ratio >= TARGET_RATIO,
     }
@@ -114,5 +138,7 @@ def print_balancing(summary: dict[str, Any]) -> None:
             f"balancing: {summary['conn_per_s_three']:.0f} conn/s through 3 backends vs {summary['conn_per_s_single']:.0f} "
             f"through one = x{summary['conn_ratio']:.3f} (target >= {summary['target']}: "
             f"{'met' if summary['meets_target'] else 'NOT met'}); rtt p50 {summary['rtt_ms_p50_three']} vs "
-            f"{summary['rtt_ms_p50_single']} ms"
+            f"{summary['rtt_ms_p50_single']} ms; per connection h1's switch: "
+            f"{summary['upcalls_per_conn_three']} vs {summary['upcalls_per_conn_single']} upcalls, "
+            f"{summary['switch_cpu_us_per_conn_three']} vs {summary['switch_cpu_us_per_conn_single']} us CPU"
         )

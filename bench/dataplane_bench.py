@@ -103,6 +103,7 @@ class Target:
     tunnel_bytes: Callable[[], int] | None = None  # bytes through the hosts' tunnels so far (multihost)
     cpu_seconds: Callable[[], dict[str, float]] | None = None  # CPU used so far by each host's switch (multihost)
     iperf: bool = True  # measure throughput (a load-balanced mapping cannot: iperf3's two connections may split)
+    switch_work: Callable[[], dict[str, float]] | None = None  # the switch's datapath misses and CPU seconds so far
 
 
 class BenchError(RuntimeError):
@@ -233,10 +234,17 @@ class Bench:
         out["rtt_ms_p50"] = rr["rtt_ms_p50"]
         out["rtt_ms_p99"] = rr["rtt_ms_p99"]
         out["rtt_samples"] = rr["samples"]
+        work0 = t.switch_work() if t.switch_work and t.cps else {}
         cps = self._cps(ns, host, http_port) if t.cps else None
         if cps is not None:
             out["conn_per_s"] = cps["conn_per_s"]
             out["conn_failed"] = cps["failed"]
+        if cps is not None and t.switch_work and cps.get("connections"):
+            # What each new connection cost the switch: upcalls (datapath misses) and CPU.
+            work1, conns = t.switch_work(), int(cps["connections"])
+            for key, value in work1.items():
+                per = (value - work0.get(key, value)) / conns
+                out[f"{key}_per_conn"] = round(per * 1e6, 1) if key.endswith("cpu_s") else round(per, 2)
         cpu0 = t.cpu_seconds() if t.cpu_seconds else {}
         if not t.iperf:
             log(f"  {path}: rtt p50 {out['rtt_ms_p50']:.3f} ms p99 {out['rtt_ms_p99']:.3f} ms"
