@@ -53,6 +53,11 @@ class Committed:
     def __init__(self, row: R.Row) -> None:
         self._data = row._data
 
+    def empty(self, columns: tuple[str, ...]) -> bool:
+        """True if each of these columns is empty or not replicated (no Datum conversion)."""
+        data = self._data
+        return all(not data[c].values for c in columns if c in data)
+
     def __getattr__(self, column: str) -> Any:
         try:
             datum = self._data[column]
@@ -190,7 +195,11 @@ class Mirror:
         self._put_decoded(row_uuid, m)
 
     def _put_mapping(self, row_uuid: UUID, columns: R.Row) -> None:
-        self._put_decoded(row_uuid, R.mapping_from_row(columns))
+        if type(columns) is Committed and columns.empty(R.MAPPING_POLICY):  # the IDL's plain rows: fast path
+            m = R.plain_mapping(columns.public_ip, columns.proto, columns.port, columns.container)
+        else:
+            m = R.mapping_from_row(columns)
+        self._put_decoded(row_uuid, m)
 
     def _put_decoded(self, row_uuid: UUID, m: Mapping) -> None:
         self.mappings[m.key] = m

@@ -87,6 +87,8 @@ DESIRED_COLUMNS: dict[str, tuple[str, ...]] = {
 # The fields of a HealthCheck as keys of the ``health`` column, and of MappingCounters in ``counters``.
 HEALTH_FIELDS = ("kind", "port", "path", "expect", "interval", "timeout", "threshold")
 COUNTER_FIELDS = ("allowed_packets", "allowed_bytes", "denied_packets", "denied_bytes")
+# The Mapping columns that make a mapping more than plain (backend_health counts only with a health check).
+MAPPING_POLICY = ("backends", "allow", "deny", "health")
 # The Mapping columns a change of a mapping writes (Store.update_mapping verifies them).
 MAPPING_WRITTEN = ("container", "backends", "allow", "deny", "health")
 # A backend_health value: "up", or "down: <reason>" (anything starting with "down" counts as down).
