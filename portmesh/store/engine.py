@@ -179,6 +179,8 @@ class Engine:
         helper = ovs_idl.SchemaHelper(location=str(R.schema_path()))
         if tables is None and host is None:
             helper.register_all()
+        if host is not None and tables is not None and "Container" in tables and "Mapping" not in tables:
+            tables = (*tables, "Mapping")  # an agent's view always holds the checked mappings (its health checks)
         for table in tables or (() if host is None else AGENT_VIEW_TABLES):
             if host is not None and table in ("Global", "Host", "Mapping"):
                 helper.register_columns(table, [*R.DESIRED_COLUMNS[table], *AGENT_WRITES.get(table, ())])
