@@ -180,6 +180,30 @@ class Controller:
             switch.in_step = False
             switch.realized(-1, -1)
             self._wake[dpid].set()
+        task = asyncio.ensure_future(self._report_absent(epoch))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _report_absent(self, epoch: int) -> None:
+        """A new master reports "disconnected" for each host whose switch is not connected to it.
+
+        The store still shows what the previous master last said (it may have died before it could
+        report a switch it lost), and a standby reports nothing: without this a switch that talks to
+        neither instance would stay "connected" until it came back.
+        """
+        state = self.state
+        if state is None:
+            state = await asyncio.to_thread(self.store.snapshot)
+        connected = set(self.switches)
+        for host in sorted(state.hosts.values(), key=lambda h: h.name):
+            if host.datapath_id in connected:
+                continue
+            if not self.master or self.epoch != epoch or host.datapath_id in self.switches:
+                continue  # demoted meanwhile, or the switch has just connected (its sync reports)
+            try:
+                await asyncio.to_thread(self.store.report_switch, host.name, 0, False)
+            except Exception as exc:  # best effort, like every disconnect report
+                log.warning("could not report host %s's switch disconnected: %s", host.name, exc)
 
     def demote(self, why: str) -> None:
         """Stop writing at once and go standby (a lost lock, or a switch that knows a newer master)."""

@@ -200,6 +200,11 @@ def test_two_controllers_one_master_failover_without_churn(
         wait_for(lambda: c1.metric("portmesh_controller_packet_ins_total") >= 1, 10, "the master's packet-in")
         assert c2.metric("portmesh_controller_packet_ins_total") == 0
 
+        # A host whose switch talks to no controller, last reported "connected" (by a master that died
+        # before it could say otherwise): the next master must correct it.
+        store.add_host(Host("h3", 3))
+        store.report_switch("h3", 1, True)
+
         # kill -9 the master: c2 takes over (lock freed with c1's connection), MASTER(2) on every switch.
         assert c1.proc is not None
         os.kill(c1.proc.pid, signal.SIGKILL)
@@ -216,6 +221,8 @@ def test_two_controllers_one_master_failover_without_churn(
         assert programming < 2.0
         assert c2.flow_mods() == 0
         assert flows(ovs) == before
+        wait_for(lambda: not store.host_status("h3").switch_connected, 5, "h3 reported disconnected by c2")
+        assert realised(store, generation)  # positive control: the connected ones stay connected
         # OVS's own view (its Controller rows are refreshed every few seconds, so not timed).
         wait_for(lambda: is_master(ovs, c2), 20, "OVS: c2 master")
 
