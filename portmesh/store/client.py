@@ -412,13 +412,16 @@ class Store(Engine):
         Only entries of the mapping's backends placed on ``host`` are written (others, and mappings
         gone meanwhile, are skipped): one server-side ``mutate`` per changed mapping, replacing just
         those keys, so two agents reporting on one mapping at once both keep their entries. One
-        transaction per call, no generation bump (the controller's reader still hears of it: it
-        monitors ``backend_health``). Nothing is written when nothing changed.
+        transaction per call. A report that moves a backend into or out of "down" (on a mapping with
+        a check) changes :attr:`Mapping.down`, hence the flows every switch should hold: it bumps the
+        generation in the same transaction, as a desired change does, so the controller (which syncs
+        a switch when the generation moves) and ``--wait`` see it; any other report (the first "up",
+        another reason) does not. Nothing is written when nothing changed.
         """
         want = {key: {str(n): str(state) for n, state in states.items()} for key, states in results.items()}
 
         def build(txn: Txn) -> bool:
-            wrote = False
+            wrote = bumped = False
             for key, states in want.items():
                 m, row = self._mirror.mappings.get(key), self._mapping(key)
                 if m is None or row is None:
@@ -428,6 +431,11 @@ class Store(Engine):
                 changed = {n: state for n, state in mine.items() if last.get(n) != state}
                 if not changed:
                     continue
+                flips = m.health is not None and any(
+                    str(last.get(n, "")).startswith(R.DOWN) != state.startswith(R.DOWN) for n, state in changed.items()
+                )
+                if flips and not bumped:  # Mapping.down changes: the switches' flows do too
+                    bumped = self._bump(txn) or True
                 txn.add_op({
                     "op": "mutate", "table": "Mapping", "where": [["_uuid", "==", ["uuid", str(row.uuid)]]],
                     "mutations": [

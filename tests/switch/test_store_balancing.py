@@ -188,7 +188,8 @@ def test_two_agents_report_health_on_one_mapping_and_both_are_kept(api: Store, s
             t.join(30)
         want = {"a1": "up", "a2": "down: connect refused", "b1": "down: timeout"}  # h2's word on a1 ignored
         wait_until(lambda: api.mapping_health(KEY) == want)
-        assert api.snapshot().generation == generation  # a report, not a desired change
+        # Each report moved a backend to "down": Mapping.down changed, so each bumped the generation once.
+        wait_until(lambda: api.snapshot().generation == generation + 2)
         assert api.snapshot().mappings[KEY].down == {"a2", "b1"}
         assert [b.container for b in api.snapshot().mappings[KEY].serving()] == ["a1"]
         with StateReader(server, timeout=10) as reader:
@@ -206,12 +207,16 @@ def test_two_agents_report_health_on_one_mapping_and_both_are_kept(api: Store, s
         try:
             h1.report_health("h1", {KEY: {"a1": "up", "a2": "down: connect refused"}})
             assert mutations == []
-            h1.report_health("h1", {KEY: {"a1": "up", "a2": "up"}})
+            h1.report_health("h1", {KEY: {"a1": "up", "a2": "down: timeout"}})  # another reason: no bump
             assert len(mutations) == 1  # positive control: a change is written
+            wait_until(lambda: api.mapping_health(KEY)["a2"] == "down: timeout")
+            assert api.snapshot().generation == generation + 2
+            h1.report_health("h1", {KEY: {"a1": "up", "a2": "up"}})
+            assert len(mutations) == 2  # (the generation increment is the IDL's own, checked below)
         finally:
             ovs_idl.Transaction.add_op = add_op  # type: ignore[method-assign]
         wait_until(lambda: api.mapping_health(KEY) == {**want, "a2": "up"})
-        assert api.snapshot().mappings[KEY].down == {"b1"}
+        assert api.snapshot().mappings[KEY].down == {"b1"} and api.snapshot().generation == generation + 3
         # A removed backend's report goes with it; removing the check clears every report.
         api.update_mapping(KEY, lambda m: without_backend(m, "b1"))
         assert api.mapping_health(KEY) == {"a1": "up", "a2": "up"}
