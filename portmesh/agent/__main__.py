@@ -18,12 +18,11 @@ from pathlib import Path
 import pyroute2.config
 
 from portmesh.agent.bridge import Bridge, parse_controller_targets
+from portmesh.agent.health import HealthChecker
 from portmesh.agent.service import Agent, AgentConfig
 from portmesh.runtime import docker as docker_runtime
 from portmesh.runtime.light import LightRuntime
 from portmesh.store.client import Store
-
-AGENT_TABLES = ("Global", "Host", "Container")
 
 log = logging.getLogger("portmesh.agent")
 
@@ -74,11 +73,12 @@ async def serve(args: argparse.Namespace) -> None:
     # agent mid-convergence. Children with the default SIGTERM disposition write nothing.
     pyroute2.config.disable_mp_signal = True
     state_dir = args.state_dir or Path("/var/lib/portmesh/agent") / args.host
-    # Not the Mapping table: an agent never reads it, and at 100,000 mappings its replica would be
-    # most of the agent's memory. Global stays: its generation is what the agent reports, and it
-    # holds the cloud's config. host=: only this host's Container rows (issue 12: an agent's cost
-    # grows with its own host's work, not with the cloud), Host rows whole (peers' underlay IPs).
-    store = Store(args.store, tables=AGENT_TABLES, host=args.host)
+    # The store's agent view (host=): only this host's Container rows (issue 12: an agent's cost
+    # grows with its own host's work, not with the cloud), Host rows whole (peers' underlay IPs),
+    # Global (its generation is what the agent reports; the cloud's config), and of the Mapping
+    # table only the rows with a health check (issue 15: which of its containers to check), never
+    # all of it (at 100,000 mappings that replica would be most of the agent's memory).
+    store = Store(args.store, host=args.host)
     await asyncio.to_thread(store.start)
     bridge = Bridge(args.ovsdb)
     await asyncio.to_thread(bridge.start)
@@ -103,9 +103,25 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
     log.info("agent for host %s started (state in %s)", args.host, state_dir)
     died: BaseException | None = None
+    # The health checks (issue 15) run beside the converge loop and follow the store themselves, so
+    # a long convergence never delays a check. Checks that died are an agent not doing its job:
+    # like a dead converge loop, it exits non-zero and its supervisor restarts it.
+    health = HealthChecker(args.host, store)
+    checks_died: list[BaseException] = []
+
+    def checks_ended(task: asyncio.Future[None]) -> None:
+        if not stop.is_set() and not task.cancelled():
+            checks_died.append(task.exception() or RuntimeError("the health checks returned without being asked to stop"))
+            stop.set()
+
+    checks = asyncio.ensure_future(health.run(stop))
+    checks.add_done_callback(checks_ended)
     try:
         await agent.run(stop)
-        if not stop.is_set():
+        if checks_died:
+            died = checks_died[0]
+            log.error("agent for host %s: health checks died: %s: %s", args.host, type(died).__name__, died, exc_info=died)
+        elif not stop.is_set():
             died = RuntimeError("the converge loop returned without being asked to stop")
     except Exception as exc:
         # Supervision (issue 13): an agent whose loop died must not linger holding its store and
@@ -113,6 +129,8 @@ async def serve(args: argparse.Namespace) -> None:
         died = exc
         log.error("agent for host %s: main task died: %s: %s", args.host, type(exc).__name__, exc, exc_info=exc)
     finally:
+        checks.cancel()
+        await asyncio.gather(checks, return_exceptions=True)
         stop_events.set()
         if engine is not None:
             engine.unwatch()
