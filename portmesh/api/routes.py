@@ -312,7 +312,7 @@ async def add_mapping(
     if not created:
         response.status_code = 200
     done, lagging = await _converged(service, generation, wait, timeout, mapping.names)
-    return MappingWriteOut(generation=generation, converged=done, lagging=lagging, mapping=MappingOut.of(mapping))
+    return MappingWriteOut(generation=generation, converged=done, lagging=lagging, mapping=await service.view(mapping))
 
 
 @router.patch(MAPPING, tags=["mappings"])
@@ -329,7 +329,7 @@ async def patch_mapping(
     it answers once the change is live on every switch that is up (atomic per switch)."""
     generation, mapping = await service.patch_mapping(public_ip, proto, port, body)
     done, lagging = await _converged(service, generation, wait, timeout, mapping.names)
-    return MappingWriteOut(generation=generation, converged=done, lagging=lagging, mapping=MappingOut.of(mapping))
+    return MappingWriteOut(generation=generation, converged=done, lagging=lagging, mapping=await service.view(mapping))
 
 
 @router.post(MAPPING + "/backends", status_code=201, tags=["mappings"])
@@ -345,7 +345,7 @@ async def add_backend(
     """Add a backend: it takes a share of new connections; connections on the others stay where they are."""
     generation, mapping = await service.add_backend(public_ip, proto, port, body)
     done, lagging = await _converged(service, generation, wait, timeout, mapping.names)
-    return MappingWriteOut(generation=generation, converged=done, lagging=lagging, mapping=MappingOut.of(mapping))
+    return MappingWriteOut(generation=generation, converged=done, lagging=lagging, mapping=await service.view(mapping))
 
 
 @router.delete(MAPPING + "/backends/{container}", tags=["mappings"])
@@ -361,7 +361,7 @@ async def remove_backend(
     """Remove a backend (409 for the last one: remove the mapping). It gets no new connections."""
     generation, mapping, host = await service.remove_backend(public_ip, proto, port, container)
     done, lagging = await _converged(service, generation, wait, timeout, mapping.names, hosts=[host])
-    return MappingWriteOut(generation=generation, converged=done, lagging=lagging, mapping=MappingOut.of(mapping))
+    return MappingWriteOut(generation=generation, converged=done, lagging=lagging, mapping=await service.view(mapping))
 
 
 @router.delete(MAPPING, tags=["mappings"])

@@ -553,6 +553,12 @@ class Service:
 
         return await self.call(read)
 
+    async def view(self, mapping: Mapping) -> MappingOut:
+        """A write's answer: the mapping with its backends' reported health (no counters: read it for them)."""
+        if mapping.health is None and not mapping.down:
+            return MappingOut.of(mapping)
+        return MappingOut.of(mapping, await self.call(self.store.mapping_health, mapping.key))
+
     async def mapping(self, public_ip: str, proto: str, port: int | str) -> MappingOut:
         """One mapping with its backends' health and its counters (404 if the key is not mapped)."""
         key = parse_key(public_ip, proto, port)

@@ -74,19 +74,19 @@ def networks(values: list[str] | None, option: str) -> list[str] | None:
         raise typer.BadParameter(exc.reason, param_hint=f"'{option}'") from None
 
 
-def weights(values: list[str], names: list[str]) -> dict[str, int]:
+def weights(values: list[str], names: list[str], hint: str = "'--weight'") -> dict[str, int]:
     """``--weight NAME=N``: NAME one of the backends given, N a whole number in 1-100."""
     out: dict[str, int] = {}
     for value in values:
         name, sep, number = value.partition("=")
         if not sep or not re.fullmatch(r"[0-9]{1,3}", number):
-            raise typer.BadParameter(f"{value!r}: expected NAME=N (e.g. web-c=2)", param_hint="'--weight'")
+            raise typer.BadParameter(f"{value!r}: expected NAME=N (e.g. web-c=2)", param_hint=hint)
         if name not in names:
-            raise typer.BadParameter(f"{name!r} is not one of the backends named ({', '.join(names)})", param_hint="'--weight'")
+            raise typer.BadParameter(f"{name!r} is not one of the backends named ({', '.join(names)})", param_hint=hint)
         try:
             out[name] = parse_weight(int(number))
         except InvalidInput as exc:
-            raise typer.BadParameter(f"{value!r}: {exc.reason}", param_hint="'--weight'") from None
+            raise typer.BadParameter(f"{value!r}: {exc.reason}", param_hint=hint) from None
     return out
 
 
@@ -123,6 +123,18 @@ def health(spec: str | None, port: int | None, interval: float | None, timeout: 
     return body
 
 
+HealthOpt = Annotated[
+    str | None,
+    typer.Option("--health", metavar="tcp|http[:PATH[=STATUS]]", help="Check each backend: TCP connect or HTTP GET."),
+]
+HealthPortOpt = Annotated[int | None, typer.Option("--health-port", help="Port checked (default: the mapping's).")]
+HealthIntervalOpt = Annotated[float | None, typer.Option("--health-interval", help="Seconds between checks (2).")]
+HealthTimeoutOpt = Annotated[float | None, typer.Option("--health-timeout", help="Seconds a check may take (1).")]
+HealthThresholdOpt = Annotated[
+    int | None, typer.Option("--health-threshold", help="Checks in a row that mark a backend down, or up again (2).")
+]
+
+
 def _written(result: Any, what: str, output: Format) -> None:
     emit_json(result) if output is Format.json else render.write(out(), what, result)
 
@@ -137,19 +149,11 @@ def map_add(
     ] = None,
     allow: AllowOpt = None,
     deny: DenyOpt = None,
-    health_spec: Annotated[
-        str | None,
-        typer.Option("--health", metavar="tcp|http[:PATH[=STATUS]]", help="Check each backend: TCP connect or HTTP GET."),
-    ] = None,
-    health_port: Annotated[int | None, typer.Option("--health-port", help="Port checked (default: the mapping's).")] = None,
-    health_interval: Annotated[float | None, typer.Option("--health-interval", help="Seconds between checks (2).")] = None,
-    health_timeout: Annotated[float | None, typer.Option("--health-timeout", help="Seconds a check may take (1).")] = None,
-    health_threshold: Annotated[
-        int | None,
-        typer.Option(
-            "--health-threshold", help="Failed checks in a row before a backend is down, good ones before it is up (2)."
-        ),
-    ] = None,
+    health_spec: HealthOpt = None,
+    health_port: HealthPortOpt = None,
+    health_interval: HealthIntervalOpt = None,
+    health_timeout: HealthTimeoutOpt = None,
+    health_threshold: HealthThresholdOpt = None,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = DEFAULT_WAIT,
     output: OutputOpt = Format.table,
@@ -243,6 +247,33 @@ def map_policy(
     _written(result, f"{m['public_ip']}:{m['port']}/{m['proto']}: {render.policy(m)}", output)
 
 
+@map_app.command("health")
+@handles_api_errors
+def map_health(
+    ctx: typer.Context,
+    ip: Annotated[str, typer.Argument(metavar="IP[:PORT/PROTO]", help="public IP, or IP:PORT/PROTO")],
+    port: Annotated[str | None, typer.Argument(metavar="[PORT/PROTO]", help="PORT/PROTO, e.g. 80/tcp")] = None,
+    health_spec: HealthOpt = None,
+    health_port: HealthPortOpt = None,
+    health_interval: HealthIntervalOpt = None,
+    health_timeout: HealthTimeoutOpt = None,
+    health_threshold: HealthThresholdOpt = None,
+    none: Annotated[bool, typer.Option("--none", help="Remove the check: every backend takes connections.")] = False,
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = DEFAULT_WAIT,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Set (--health ...) or remove (--none) a mapping's health check; a backend whose check fails
+    gets no new connections within interval x threshold, and gets them again once healthy."""
+    ip, spec = mapping_target(ip, port)
+    check = health(health_spec, health_port, health_interval, health_timeout, health_threshold)
+    if (check is None) == (not none):
+        raise typer.BadParameter("give either --health tcp|http[:PATH[=STATUS]] or --none", param_hint="'--health' / '--none'")
+    result = api_of(ctx).write("PATCH", key_path(ip, spec), {"health": check}, wait=wait, wait_timeout=timeout)
+    m = result["mapping"]
+    _written(result, f"{m['public_ip']}:{m['port']}/{m['proto']}: health check {render.health_check(m.get('health'))}", output)
+
+
 @backend_app.command("add")
 @handles_api_errors
 def backend_add(
@@ -279,5 +310,28 @@ def backend_rm(
     name = valid_name(names[0], "'NAME'")
     path = f"{key_path(ip, spec)}/backends/{quote_segment(name)}"
     result = api_of(ctx).write("DELETE", path, wait=wait, wait_timeout=timeout)
+    m = result["mapping"]
+    _written(result, f"{m['public_ip']}:{m['port']}/{m['proto']} -> {render.backends(m)}", output)
+
+
+@backend_app.command("weight")
+@handles_api_errors
+def backend_weight(
+    ctx: typer.Context,
+    args: Annotated[list[str], typer.Argument(metavar=f"{TARGET} NAME N", help="the mapping, a backend and its new weight")],
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = DEFAULT_WAIT,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Set backend NAME's weight (1-100): its share of new connections; existing ones stay where they are."""
+    ip, spec, rest = split_target(args, "NAME N")
+    if len(rest) != 2:
+        raise typer.BadParameter(
+            f"expected {TARGET} NAME N, got {len(rest)} argument(s) after the mapping", param_hint="'NAME N'"
+        )
+    name = valid_name(rest[0], "'NAME'")
+    number = weights([f"{name}={rest[1]}"], [name], "'N'")[name]
+    body = {"weights": {name: number}}
+    result = api_of(ctx).write("PATCH", key_path(ip, spec), body, wait=wait, wait_timeout=timeout)
     m = result["mapping"]
     _written(result, f"{m['public_ip']}:{m['port']}/{m['proto']} -> {render.backends(m)}", output)

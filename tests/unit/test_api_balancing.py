@@ -237,3 +237,11 @@ def test_openapi_documents_the_new_calls(client: TestClient) -> None:
     assert {"get", "patch", "delete"} <= set(paths["/v1/mappings/{public_ip}/{proto}/{port}"])
     assert "post" in paths["/v1/mappings/{public_ip}/{proto}/{port}/backends"]
     assert "delete" in paths["/v1/mappings/{public_ip}/{proto}/{port}/backends/{container}"]
+
+
+def test_write_answers_show_reported_health(client: TestClient, store: FakeStore) -> None:
+    assert add(client, **LB, health={"kind": "tcp"}).status_code == 201
+    store.health[key()] = {"web-a": "up", "web-b": "down: timeout"}
+    r = client.post(f"{PATH}/backends", json={"container": "web-d"})
+    assert r.status_code == 201, r.text
+    assert [b["health"] for b in r.json()["mapping"]["backends"]] == ["up", "down: timeout", "unchecked", "unchecked"]

@@ -111,6 +111,21 @@ def test_policy_set_and_clear(invoke: Any, lb: Server) -> None:
     assert [str(n) for n in lb.store.snapshot().mappings[KEY].deny] == ["198.51.100.0/24"]
 
 
+def test_health_set_and_remove_and_weight(invoke: Any, lb: Server) -> None:
+    assert invoke("map", "add", IP, "80/tcp", "web-a", "web-b").exit_code == 0
+    r = invoke("map", "health", IP, "80/tcp", "--health", "http:/ok", "--health-threshold", "3")
+    assert r.exit_code == 0, r.output
+    assert "http GET /ok expect 200" in r.stdout
+    m = lb.store.snapshot().mappings[KEY]
+    assert m.health is not None and (m.health.kind, m.health.path, m.health.threshold) == (HealthKind.HTTP, "/ok", 3)
+    assert invoke("map", "health", f"{IP}:80/tcp", "--none").exit_code == 0
+    assert lb.store.snapshot().mappings[KEY].health is None
+    r = invoke("map", "backend", "weight", IP, "80/tcp", "web-b", "5")
+    assert r.exit_code == 0, r.output
+    assert "-> web-a web-b*5" in r.stdout
+    assert [b.weight for b in lb.store.snapshot().mappings[KEY].backends] == [1, 5]
+
+
 @pytest.mark.parametrize(
     ("args", "option"),
     [
@@ -138,6 +153,13 @@ def test_policy_set_and_clear(invoke: Any, lb: Server) -> None:
         (["map", "backend", "rm", IP, "80/tcp", ".."], "'NAME'"),
         (["map", "backend", "rm", "80/tcp", "web-b"], "'IP:PORT/PROTO'"),
         (["map", "inspect", IP, "80/xdp"], "'PORT/PROTO'"),
+        (["map", "health", IP, "80/tcp"], "'--none'"),
+        (["map", "health", IP, "80/tcp", "--health", "tcp", "--none"], "'--none'"),
+        (["map", "health", IP, "80/tcp", "--health", "http:/x=600"], "'--health'"),
+        (["map", "health", IP, "80/tcp", "--none", "--health-timeout", "1"], "'--health-timeout'"),
+        (["map", "backend", "weight", IP, "80/tcp", "web-a"], "'NAME N'"),
+        (["map", "backend", "weight", IP, "80/tcp", "web-a", "0"], "'N'"),
+        (["map", "backend", "weight", IP, "80/tcp", "web-a", "x"], "'N'"),
     ],
 )
 def test_usage_errors_name_the_option(invoke: Any, lb: Server, args: list[str], option: str) -> None:
@@ -161,6 +183,8 @@ def test_usage_errors_name_the_option(invoke: Any, lb: Server, args: list[str], 
         (["map", "backend", "rm", IP, "80/tcp", "web-c"], "container:"),  # not a backend
         (["map", "policy", IP, "82/tcp", "--clear"], "mapping:"),
         (["map", "inspect", IP, "82/tcp"], "mapping:"),
+        (["map", "health", IP, "82/tcp", "--none"], "mapping:"),
+        (["map", "backend", "weight", IP, "80/tcp", "web-c", "2"], "weights.web-c:"),  # not a backend
     ],
 )
 def test_api_refusals_exit_1_naming_the_field(invoke: Any, lb: Server, args: list[str], field: str) -> None:

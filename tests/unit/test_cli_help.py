@@ -18,7 +18,8 @@ MARKUP = re.compile(r"``|:(mod|class|func|meth|data|attr):`")
 
 OUTER = [[], ["run"], ["ps"], ["inspect"], ["stop"], ["start"], ["rm"], ["logs"], ["exec"], ["hosts"], ["status"]]
 OUTER += [["map"], ["map", "add"], ["map", "ls"], ["map", "rm"], ["map", "inspect"], ["map", "policy"]]
-OUTER += [["map", "backend"], ["map", "backend", "add"], ["map", "backend", "rm"]]
+OUTER += [["map", "backend"], ["map", "backend", "add"], ["map", "backend", "rm"], ["map", "backend", "weight"]]
+OUTER += [["map", "health"]]
 OUTER += [["host"], ["host", "add"], ["host", "rm"], ["pool"], ["pool", "ls"], ["pool", "add"], ["pool", "rm"]]
 OUTER += [["config"], ["config", "show"], ["config", "set"]]
 LAB = [[], ["up"], ["down"], ["status"], ["env"], ["exec"], ["demo"]]

@@ -140,6 +140,14 @@ def balancing_cases() -> list[Case]:
         Case(("map", "inspect", IP, "x")),
         Case(("map", "inspect", "x")),
         Case(("map", "inspect", IP, "80/tcp", "-o", "yaml")),
+        Case(("map", "health", IP, "80/tcp")),
+        Case(("map", "health", IP, "80/tcp", "--none", "--health", "tcp")),
+        Case(("map", "health", IP, "80/tcp", "--health", "http:/=0")),
+        Case(("map", "health", IP, "81/tcp", "--none")),  # no such mapping: the API's 404
+        Case(("map", "backend", "weight", IP, "80/tcp", "web", HUGE)),
+        Case(("map", "backend", "weight", IP, "80/tcp", "web", "-1")),
+        Case(("map", "backend", "weight", IP, "80/tcp", "ghost", "2")),  # not a backend: the API's 422
+        Case(("map", "backend", "weight", IP, "80/tcp")),
         Case(("map", "inspect", IP, "80/tcp"), bad=False),
         Case(("map", "inspect", f"{IP}:80/tcp", "-o", "json"), bad=False),
         Case(("map", "ls"), bad=False),
