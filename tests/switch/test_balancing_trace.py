@@ -67,28 +67,6 @@ def wait_learned(ovs: DummyOVS, n: int, timeout: float = 5.0) -> list[str]:
         time.sleep(0.05)
 
 
-def test_policy_deny_allow_and_default(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
-    state = build_state()
-    source, ctl, ports = setup(dummy_ovs, tmp_path, state)
-    try:
-        source.wait_realized("h1")
-        assert backend_of(dummy_ovs, ports, "198.51.100.9", 40000, 22) == "ssh"  # allowed: rewritten
-        denied = dummy_ovs.trace("br0", packet("198.51.100.7", 40000, 22))
-        assert of_outputs(denied) == [] and "drop" in denied.splitlines()[-1], denied  # inside the allow, denied
-        outside = dummy_ovs.trace("br0", packet("198.51.100.200", 40000, 22))
-        assert of_outputs(outside) == [], outside  # not in the allow list: dropped, no reset
-        assert "controller" not in outside.lower()
-        # An unmapped port on the same IP still gets its reset (positive control of "refused, not silent").
-        assert "CONTROLLER" in dummy_ovs.trace("br0", packet("198.51.100.200", 40000, 23)).upper()
-        # Policy change: open it (no allow, no deny) -> the outsider passes.
-        m = replace(state.mappings[FW], allow=(), deny=())
-        gen = source.publish(replace(state, mappings={**state.mappings, FW: m}))
-        source.wait_realized("h1", gen)
-        assert backend_of(dummy_ovs, ports, "198.51.100.200", 40000, 22) == "ssh"
-    finally:
-        ctl.stop()
-
-
 def test_balancing_learns_and_pins_connections(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
     state = build_state()
     source, ctl, ports = setup(dummy_ovs, tmp_path, state)
@@ -199,3 +177,43 @@ def test_no_serving_backend_refuses_like_unmapped(dummy_ovs: DummyOVS, tmp_path:
         assert of_outputs(out) == [] and "CONTROLLER" in out.upper(), out  # the public IP's reject flow
     finally:
         ctl.stop()
+
+
+def test_balanced_across_hosts_and_direct_server_return(tmp_path: Path) -> None:
+    """Backends on three hosts: the gateway's switch picks a backend MAC and sends it into that host's
+    tunnel; there it is delivered; each backend may answer from the mapped port (its allowance)."""
+    import shutil
+
+    import pytest
+
+    from tests.switch.test_multihost_trace import IP10, TUNNEL_NO, Cloud, tcp_in
+    from tests.switch.test_multihost_trace import build_state as three_hosts
+
+    if shutil.which("ovs-vswitchd") is None:
+        pytest.skip("ovs-vswitchd not installed")
+    base = three_hosts()
+    key = MappingKey(IP10, Proto.TCP, 8000)
+    lb = new_mapping(base, key, ["a", "b", "c"])
+    cloud = Cloud(tmp_path, replace(base, mappings={**base.mappings, key: lb}))
+    try:
+        for host in ("h1", "h2", "h3"):
+            cloud.source.wait_realized(host)
+        where = {"a": str(cloud.ports["a"]), "b": str(TUNNEL_NO["h2"]), "c": str(TUNNEL_NO["h3"])}
+        seen = set()
+        for sport in range(47000, 47030):
+            out = of_outputs(cloud.trace("h1", tcp_in("LOCAL", CFG.virtual_mac, 8000).replace("40000", str(sport))))
+            assert len(out) == 1 and out[0] in where.values(), out
+            seen.add(out[0])
+        assert seen == set(where.values()), seen  # all three hosts' backends get connections
+        for name, host in (("b", "h2"), ("c", "h3")):
+            mac = cloud.state.containers[name].mac
+            assert of_outputs(cloud.trace(host, tcp_in(TUNNEL_NO["h1"], mac, 8000))) == [str(cloud.ports[name])]
+            # Direct server return: the backend answers from 203.0.113.10:8000 straight to the client.
+            c = cloud.state.containers[name]
+            reply = (f"in_port={cloud.ports[name]},dl_src={c.mac},dl_dst={CFG.gateway_mac},tcp,nw_src={IP10},"
+                     f"nw_dst=198.51.100.2,tp_src=8000,tp_dst=47000")
+            assert of_outputs(cloud.trace(host, reply)) == [str(TUNNEL_NO["h1"])]
+            other = reply.replace("tp_src=8000", "tp_src=8001")  # positive control: a port it does not own
+            assert of_outputs(cloud.trace(host, other)) == []
+    finally:
+        cloud.stop()
