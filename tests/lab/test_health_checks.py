@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -48,7 +49,12 @@ LB = str(Path(__file__).parent / "tools" / "lbtools.py")
 IP_TCP, IP_HTTP = "203.0.113.40", "203.0.113.41"
 CONTROL = 9000
 INTERVAL, TIMEOUT, THRESHOLD = 1.0, 0.5, 2
-BOUND = INTERVAL * THRESHOLD + TIMEOUT  # the agreed detection bound
+BOUND = INTERVAL * THRESHOLD + TIMEOUT  # the agreed detection bound, reached by the checks themselves
+# ... which the verdict then takes to reach the store and this test: the agent's write (one OVSDB
+# transaction), the update to this replica, the 20 ms poll, timer jitter on a loaded 2-core box. The
+# worst case of the checks is the bound exactly (a hang starting right after a good check: failures
+# at interval and 2*interval, the second known at 2*interval + timeout), so the write shows on top.
+REPORT_SLACK = 0.2
 TCP_CHECK = {"kind": "tcp", "interval": INTERVAL, "timeout": TIMEOUT, "threshold": THRESHOLD}
 ROUNDS = 3
 
@@ -188,13 +194,13 @@ def test_a_stopped_service_is_down_within_the_bound_and_up_again(cloud: HcCloud)
         stopped = time.monotonic()
         at, verdict = cloud.until(k, "w1", "down")
         assert verdict == "down: connection refused"
-        assert at - before <= BOUND, at - before
+        assert at - before <= BOUND + REPORT_SLACK, at - before
         downs.append(at - stopped)
         before = time.monotonic()
         assert cloud.tool("w1", "ctl", "--control", str(CONTROL), "up", "80")["answer"] == "ok [80]"
         started = time.monotonic()
         at, _ = cloud.until(k, "w1", "up")
-        assert at - before <= BOUND, at - before
+        assert at - before <= BOUND + REPORT_SLACK, at - before
         ups.append(at - started)
     print(f"\nhealth: interval {INTERVAL} s, threshold {THRESHOLD}, timeout {TIMEOUT} s (bound {BOUND} s); "
           f"down detected after {', '.join(f'{d:.2f}' for d in downs)} s (median {statistics.median(downs):.2f}), "
@@ -218,3 +224,29 @@ def test_a_stopped_container_is_down_not_running_and_checks_of_a_removed_mapping
     line = f"health check of {IP_TCP}:80/tcp backend w1 stopped"
     wait_for("the agent stopping the check", lambda: line in cloud.agent_log(), timeout=2)
     assert cloud.health(k) == {}
+
+
+def test_a_hung_service_is_down_by_timeout_within_the_bound(cloud: HcCloud) -> None:
+    """w2's process stopped (SIGSTOP): the kernel still completes connects, nobody answers the GET,
+    so each check takes its whole timeout: the bound's ``+ timeout`` term. SIGCONT brings it back."""
+    k = key(IP_HTTP, 82)
+    cloud.map(IP_HTTP, 82, ["w2"], {"kind": "http", "port": 8000, "path": "/ready", "interval": INTERVAL,
+                                    "timeout": TIMEOUT, "threshold": THRESHOLD})
+    cloud.until(k, "w2", "up")
+    pid = cloud.api.get("/v1/containers/w2").json()["status"]["pid"]
+    assert isinstance(pid, int) and pid > 1
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        hung = time.monotonic()
+        at, verdict = cloud.until(k, "w2", "down")
+        assert verdict == "down: timeout"
+        down = at - hung
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    resumed = time.monotonic()
+    at, _ = cloud.until(k, "w2", "up")
+    up = at - resumed
+    print(f"\nhealth: a hung HTTP service (SIGSTOP) reported down: timeout after {down:.2f} s (bound {BOUND} s), "
+          f"up {up:.2f} s after SIGCONT")
+    assert down <= BOUND + REPORT_SLACK, down
+    assert up <= BOUND + REPORT_SLACK, up
