@@ -8,10 +8,12 @@ handed over at once when its holder's connection dies; a 1.4.0 database upgraded
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -31,7 +33,7 @@ from portmesh.store.engine import StoreError
 from portmesh.store.reader import StateReader
 from portmesh.store.rows import schema_path
 from portmesh.store.server import create_db, start_server, stop_server, upgrade_db
-from tests.switch.test_store import _role, raft_cluster, server
+from tests.switch.test_store import _free_port, _role, raft_cluster, server
 
 __all__ = ["server"]  # the fixture, re-used
 
@@ -208,5 +210,40 @@ def test_a_1_4_0_database_upgrades_and_the_epoch_starts_at_1(tmp_path: Path) -> 
             assert reader.leader() == (0, "")
             assert reader.claim_epoch("c1") == 1
             wait_for(lambda: reader.leader() == (1, "c1"))
+    finally:
+        stop_server(pid)
+
+
+def test_a_1_4_0_cluster_upgraded_online_lets_a_waiting_controller_claim(tmp_path: Path) -> None:
+    """A reader started against a 1.4.0 Raft cluster cannot claim an epoch (no such column); after
+    ``python -m portmesh.store upgrade tcp:...`` (online) it reconnects and claims epoch 1."""
+    seed = create_db(tmp_path / "seed.db", schema_1_4_0(tmp_path))
+    ops = ["Portmesh", {"op": "insert", "table": "Host", "row": {"name": "h1", "datapath_id": 1}},
+           {"op": "update", "table": "Global", "where": [], "row": {"generation": 3}}]  # create_db wrote one
+    out = subprocess.run(["ovsdb-tool", "transact", str(seed), json.dumps(ops)], check=True, capture_output=True)
+    assert b"error" not in out.stdout, out.stdout
+    db = tmp_path / "m0.db"
+    subprocess.run(["ovsdb-tool", "create-cluster", str(db), str(seed), f"tcp:127.0.0.1:{_free_port()}"], check=True)
+    port = _free_port()
+    pid = start_server(db, tmp_path / "m0.sock", tcp=f"127.0.0.1:{port}", create=False)
+    remote = f"tcp:127.0.0.1:{port}"
+    try:
+        with StateReader(remote, timeout=15, lock=LOCK) as reader:
+            wait_for(reader.lock_held)
+            assert reader.snapshot().generation == 3 and "h1" in reader.snapshot().hosts
+            with pytest.raises(StoreError):
+                reader.claim_epoch("c1")
+            cmd = [sys.executable, "-m", "portmesh.store", "upgrade", remote]
+            assert subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip() == "converted"
+            epoch = 0
+            deadline = time.monotonic() + 15
+            while not epoch:
+                assert time.monotonic() < deadline, "no claim after the upgrade"
+                with contextlib.suppress(StoreError):
+                    epoch = reader.claim_epoch("c1")
+                time.sleep(0.05)
+            assert epoch == 1
+            wait_for(lambda: reader.leader() == (1, "c1"))
+            assert reader.snapshot().generation == 3 and "h1" in reader.snapshot().hosts
     finally:
         stop_server(pid)
