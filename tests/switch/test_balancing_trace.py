@@ -217,3 +217,52 @@ def test_balanced_across_hosts_and_direct_server_return(tmp_path: Path) -> None:
             assert of_outputs(cloud.trace(host, other)) == []
     finally:
         cloud.stop()
+
+
+def test_learn_cost_measurement(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
+    """Opt-in (PORTMESH_LEARN_BENCH=N): ovs-vswitchd CPU per new connection, N SYNs of distinct 5-tuples
+    to a plain mapping (one megaflow serves them all) and to a balanced one (an upcall and a learn each)."""
+    import os
+    import re
+
+    import pytest
+
+    n = int(os.environ.get("PORTMESH_LEARN_BENCH", "0"))
+    if n <= 0:
+        pytest.skip("set PORTMESH_LEARN_BENCH=N to measure")
+    state = build_state()
+    plain = new_mapping(state, MappingKey(VIP, Proto.TCP, 8080), "web-d")
+    state = replace(state, mappings={**state.mappings, plain.key: plain})
+    source, ctl, _ports = setup(dummy_ovs, tmp_path, state)
+    pid = dummy_ovs.procs[1].pid
+
+    def cpu() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def frame(src: str, sport: int, dport: int) -> str:
+        spec = packet(src, sport, dport).replace("in_port=LOCAL,", "").replace("dl_", "eth_")
+        dump = dummy_ovs.ofctl("compose-packet", spec)
+        return "".join("".join(line[10:59].replace("-", " ").split()) for line in dump.splitlines())
+
+    try:
+        source.wait_realized("h1")
+        figures = {}
+        for dport, name in ((8080, "plain"), (80, "balanced")):
+            frames = [frame(f"198.51.100.{1 + i // 250 % 250}", 1024 + i % 60000, dport) for i in range(n)]
+            dummy_ovs.appctl("dpif-netdev/pmd-stats-clear")
+            before = cpu()
+            for i in range(0, n, 20):
+                dummy_ovs.appctl("netdev-dummy/receive", "br0", *frames[i:i + 20])
+            time.sleep(3)  # let revalidators and learned-flow bookkeeping finish
+            used = cpu() - before
+            stats = dummy_ovs.appctl("dpif-netdev/pmd-stats-show")
+            got = int(re.findall(r"packets received: (\d+)", stats)[0])
+            upcalls = int(re.findall(r"miss with success upcall: (\d+)", stats)[0])
+            figures[name] = used / got * 1e6
+            print(f"{name}: {got} new connections, {upcalls} upcalls, ovs-vswitchd CPU {used:.2f} s "
+                  f"= {figures[name]:.0f} us per connection")
+        print(f"learned flows: {len(learned(dummy_ovs))}; flows on the switch: {len(dummy_ovs.dump_flows('br0'))}")
+        assert figures["balanced"] > 0
+    finally:
+        ctl.stop()
