@@ -167,6 +167,16 @@ class SwitchCompiler:
             return entry[0] if entry is not None else None
         return next((c for c in self._indexes()[0].get(ip, ()) if port in c.block), None)
 
+    def backends_of(self, ip: IPv4Address, proto: Proto, port: int) -> tuple[Container, ...]:
+        """Every container that may own ``(ip, proto, port)``: all of a mapping's existing backends (with
+        direct server return any of them sends from that port), else :meth:`owner_of`'s one, if any."""
+        mapping = self._prev_mappings.get(MappingKey(ip, proto, port))
+        if mapping is not None:
+            inputs = self._container_inputs
+            return tuple(entry[0] for entry in map(inputs.get, mapping.names) if entry is not None)
+        owner = self.owner_of(ip, proto, port)
+        return (owner,) if owner is not None else ()
+
     def container_at(self, port: int) -> Container | None:
         """The container whose bridge port is OpenFlow port ``port`` on this switch, as last compiled."""
         return self._indexes()[1].get(port)

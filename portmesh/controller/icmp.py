@@ -45,6 +45,8 @@ class Owners(Protocol):
 
     def owner_of(self, ip: IPv4Address, proto: Proto, port: int) -> Container | None: ...
 
+    def backends_of(self, ip: IPv4Address, proto: Proto, port: int) -> tuple[Container, ...]: ...
+
     def container_at(self, port: int) -> Container | None: ...
 
 
@@ -117,7 +119,7 @@ def outbound(frame: bytes, in_port: int, owners: Owners) -> Verdict:
     sender = owners.container_at(in_port)
     if q is None or sender is None:
         return Verdict.MALFORMED
-    if q.dst not in sender.ips or owners.owner_of(q.dst, q.proto, q.dport) != sender:
+    if q.dst not in sender.ips or sender not in owners.backends_of(q.dst, q.proto, q.dport):
         return Verdict.FOREIGN
     return Verdict.PASSED
 
@@ -138,7 +140,12 @@ def forward(frame: bytes, in_port: int, table_id: int, owners: Owners | None) ->
         verdict, owner = inbound(frame, owners)
         if owner is None:
             return verdict, None
-        actions = [parser.OFPActionSetField(eth_dst=owner.mac), parser.NXActionResubmitTable(table_id=Table.L2.number)]
+        # A balanced mapping's error goes to every backend (any may have sent the quoted packet; the
+        # others' kernels find no socket for it and ignore it), one copy each through L2.
+        q = quote_of(frame)
+        targets = (owners.backends_of(q.src, q.proto, q.sport) if q is not None else ()) or (owner,)
+        actions = [a for c in targets
+                   for a in (parser.OFPActionSetField(eth_dst=c.mac), parser.NXActionResubmitTable(table_id=Table.L2.number))]
     if verdict not in (Verdict.PASSED, Verdict.DELIVERED):
         return verdict, None
     out = parser.OFPPacketOut(DP, buffer_id=ofp.OFP_NO_BUFFER, in_port=in_port, actions=actions, data=frame)

@@ -149,3 +149,27 @@ def test_counter_index_and_totals() -> None:
     ok = next(f for f in flows if f.table is Table.POLICY and f.actions)
     got = totals(index, [[(deny.cookie, 2, 120), (ok.cookie, 5, 300)], [(ok.cookie, 1, 60), (12345, 9, 9)]])
     assert got[KEY] == type(got[KEY])(6, 360, 2, 120)
+
+
+def test_icmp_errors_of_a_balanced_mapping_reach_every_backend() -> None:
+    """An error quoting the balanced port goes to each backend; each backend may send errors about it."""
+    from portmesh.controller import icmp
+    from portmesh.controller.compiler import SwitchCompiler
+    from tests.unit.test_icmp import error, quote
+
+    state = with_mapping(base(), container=["a", "b", "c"])
+    compiler = SwitchCompiler(CFG, "h1")
+    here = ports(state, "h1")
+    compiler.compile(state, here)
+    data = error("198.51.100.1", str(VIP), quote(str(VIP), "198.51.100.2", Proto.TCP, 80, 443))
+    verdict, out = icmp.forward(data, 0xFFFFFFFE, Table.MAPPING.number, compiler)
+    assert verdict is icmp.Verdict.DELIVERED and out is not None
+    assert [a.value for a in out.actions[::2]] == [state.containers[n].mac for n in "abc"]
+    assert all(a.table_id == Table.L2.number for a in out.actions[1::2])
+    # Outbound: backend c (on h1, port here) may quote a packet to the balanced port; d (no backend) may not.
+    own = error(str(VIP), "198.51.100.2", quote("198.51.100.2", str(VIP), Proto.TCP, 40000, 80), code=3)
+    c_port = here[state.containers["c"].port_name]
+    assert icmp.forward(own, c_port, Table.CLASSIFY.number, compiler)[0] is icmp.Verdict.PASSED
+    # Positive control above; a plain mapping's port (81, owner a) is foreign to c.
+    foreign = error(str(VIP), "198.51.100.2", quote("198.51.100.2", str(VIP), Proto.TCP, 40000, 81), code=3)
+    assert icmp.forward(foreign, c_port, Table.CLASSIFY.number, compiler)[0] is icmp.Verdict.FOREIGN
