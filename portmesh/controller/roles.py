@@ -79,7 +79,16 @@ async def request_role(conn: OpenFlowConnection, role: Role, generation_id: int,
 
     Raises :class:`SwitchError` (see :func:`says_newer_master`) when it refuses.
     """
+    return (await _role_request(conn, int(role), generation_id, timeout))[0]
+
+
+async def switch_generation(conn: OpenFlowConnection, timeout: float = 5.0) -> int:
+    """The newest generation id the switch has seen (a NOCHANGE role request asks without changing anything)."""
+    return (await _role_request(conn, ofp.OFPCR_ROLE_NOCHANGE, 0, timeout))[1]
+
+
+async def _role_request(conn: OpenFlowConnection, role: int, generation_id: int, timeout: float) -> tuple[int, int]:
     xid = conn.next_xid()
-    msg = parser.OFPRoleRequest(DP, int(role), generation_id & _MASK)
+    msg = parser.OFPRoleRequest(DP, role, generation_id & _MASK)
     (reply, *_) = await conn.request_bytes(serialize(msg, xid), xid, timeout)
-    return int(reply.role)
+    return int(reply.role), int(reply.generation_id)

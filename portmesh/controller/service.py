@@ -39,7 +39,15 @@ from portmesh.controller.encoding import DP, EncodingCache, ofp, parser, seriali
 from portmesh.controller.metrics import ControllerMetrics
 from portmesh.controller.pipeline import Table
 from portmesh.controller.reject import refusal
-from portmesh.controller.roles import Role, Step, error_says_newer_master, next_step, request_role, says_newer_master
+from portmesh.controller.roles import (
+    Role,
+    Step,
+    error_says_newer_master,
+    next_step,
+    request_role,
+    says_newer_master,
+    switch_generation,
+)
 from portmesh.controller.switch import Switch
 from portmesh.model.entities import DesiredState
 
@@ -75,7 +83,7 @@ class Election(Protocol):
 
     def leader(self) -> tuple[int, str]: ...
 
-    def claim_epoch(self, name: str) -> int: ...
+    def claim_epoch(self, name: str, above: int = 0) -> int: ...
 
     def relinquish(self) -> None: ...
 
@@ -246,10 +254,12 @@ class Controller:
         try:
             await request_role(switch.conn, Role.MASTER, epoch)
         except Exception as exc:
-            if says_newer_master(exc):
-                self.demote(f"switch {switch.datapath_id:016x} refused MASTER({epoch}): a newer master exists")
-                return False
-            raise
+            if not says_newer_master(exc):
+                raise
+            if await self._catch_up(switch, epoch):
+                return False  # a fresh epoch: every switch is asked again
+            self.demote(f"switch {switch.datapath_id:016x} refused MASTER({epoch}): a newer master exists")
+            return False
         if not self.master or self.epoch != epoch:
             return False
         # Another master may have changed the flows meanwhile: diff from what the switch holds now.
@@ -257,6 +267,31 @@ class Controller:
         switch.in_step = False
         switch.role_epoch = epoch
         log.info("switch %016x: role MASTER (epoch %d), %d flows", switch.datapath_id, epoch, len(switch.installed))
+        return True
+
+    async def _catch_up(self, switch: Switch, epoch: int) -> bool:
+        """A switch refused MASTER(epoch) as stale: is it the store that is behind? True if we moved past it.
+
+        Nobody can claim an epoch without the lock, which we hold: a switch that has seen a newer
+        generation id then outlived a store that was restored or recreated (its epoch went back).
+        The epoch jumps past the switch's id, in a transaction that asserts the lock, so a master that
+        only believes it holds the lock (frozen, its store session gone) fails here and goes standby.
+        """
+        assert self.election is not None
+        if not self.election.lock_held():
+            return False
+        try:
+            seen = await switch_generation(switch.conn)
+            fresh = await asyncio.to_thread(self.election.claim_epoch, self.name, seen)
+        except Exception as exc:
+            log.warning("switch %016x refused MASTER(%d) and the epoch could not move past it: %s",
+                        switch.datapath_id, epoch, exc)
+            return False
+        if not self.master or self.epoch != epoch:
+            return False
+        log.warning("switch %016x has seen generation id %d, beyond epoch %d (the store went back?): claimed "
+                    "epoch %d", switch.datapath_id, seen, epoch, fresh)
+        self._promote(fresh)
         return True
 
     async def _converge(self) -> None:

@@ -222,20 +222,37 @@ class StateReader:
         """``(controller_epoch, controller_master)`` as the store last said."""
         return self._leader
 
-    def claim_epoch(self, name: str) -> int:
-        """Increment ``Global.controller_epoch`` and name ``name`` master, asserting the lock, in one
-        transaction; return the new epoch. Raises StoreError when the lock is not ours (any more)."""
+    def claim_epoch(self, name: str, above: int = 0) -> int:
+        """Increment ``Global.controller_epoch`` (to more than ``above``, if given) and name ``name``
+        master, asserting the lock, in one transaction; return the new epoch. Raises StoreError when
+        the lock is not ours (any more).
+
+        ``above``: a generation id a switch has seen that the store's epoch does not exceed (the
+        store was restored or recreated while the switches kept running): then the epoch jumps past
+        it, guarded by a ``wait`` on the value read, so it still only grows and is never shared.
+        """
         if self.lock is None:
             raise StoreError("claim_epoch needs a reader made with a lock")
+        select = {"op": "select", "table": "Global", "where": [], "columns": ["controller_epoch"]}
+        if above > 0:
+            (found,) = self._transact([select])
+            current = int(found["rows"][0]["controller_epoch"]) if found.get("rows") else 0
+            change: list[dict[str, Any]] = [
+                {"op": "wait", "table": "Global", "where": [], "columns": ["controller_epoch"], "until": "==",
+                 "rows": [{"controller_epoch": current}], "timeout": 0},
+                {"op": "update", "table": "Global", "where": [], "row": {"controller_epoch": max(current, above) + 1}},
+            ]
+        else:
+            change = [{"op": "mutate", "table": "Global", "where": [], "mutations": [["controller_epoch", "+=", 1]]}]
         ops: list[dict[str, Any]] = [
             {"op": "assert", "lock": self.lock},
-            {"op": "mutate", "table": "Global", "where": [], "mutations": [["controller_epoch", "+=", 1]]},
+            *change,
             {"op": "update", "table": "Global", "where": [], "row": {"controller_master": name}},
-            {"op": "select", "table": "Global", "where": [], "columns": ["controller_epoch"]},
+            select,
         ]
         results = self._transact(ops)
         rows = results[-1].get("rows", [])
-        if results[1].get("count", 0) != 1 or len(rows) != 1:
+        if results[-3].get("count", 0) != 1 or len(rows) != 1:
             raise StoreError("the store has no Global row to hold the controller epoch")
         return int(rows[0]["controller_epoch"])
 

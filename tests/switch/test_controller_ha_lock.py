@@ -84,6 +84,27 @@ def test_one_holder_an_epoch_that_grows_and_writes_only_by_the_holder(server: st
                 r.close()
 
 
+def test_an_epoch_claimed_above_a_switchs_id_jumps_past_it_and_keeps_growing(server: str) -> None:
+    """claim_epoch(above=N): what a master does when a switch has seen a generation id the store's epoch
+    does not exceed (a store restored from an older copy); only the holder can, as for every claim."""
+    a, b = StateReader(server, lock=LOCK), StateReader(server, lock=LOCK)
+    a.start()
+    b.start()
+    try:
+        wait_for(lambda: len(holders([a, b])) == 1)
+        (holder,) = holders([a, b])
+        other = b if holder is a else a
+        first = holder.claim_epoch("x")
+        assert holder.claim_epoch("x", above=first + 50) == first + 51
+        assert holder.claim_epoch("x", above=3) == first + 52  # never back
+        assert holder.claim_epoch("x") == first + 53
+        with pytest.raises(StoreError, match="not owner"):
+            other.claim_epoch("y", above=10_000)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_relinquish_hands_the_lock_to_the_waiter(server: str) -> None:
     a, b = StateReader(server, lock=LOCK), StateReader(server, lock=LOCK)
     a.start()

@@ -137,3 +137,43 @@ def test_a_stale_master_is_refused_by_the_switch_and_goes_quiet(
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_master_whose_store_went_back_moves_its_epoch_past_the_switch(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
+    """The switch has seen generation id 50 (from a store since restored to an older copy: epoch 0).
+    The new master's MASTER(1) is refused as stale; holding the lock, it asks the switch which id it
+    has seen (a NOCHANGE role request), claims epoch 51 and is master: no loop of refusals, 0 flow-mods."""
+    state = build_state()
+    source = MemoryState(state)
+    old = ElectedControllerThread(source, tmp_path / "old.sock", FakeElection(), "old")
+    old.start()
+    new: ElectedControllerThread | None = None
+    try:
+        old.election.epoch = 49
+        old.set(held=True)
+        wait_for(lambda: old.ctl.master and old.ctl.epoch == 50, 10, "the old master at epoch 50")
+        dummy_ovs.add_bridge("br0", 1, f"unix:{old.path}")
+        for i, c in enumerate(sorted(state.containers.values(), key=lambda c: c.name), start=1):
+            dummy_ovs.add_port("br0", c.port_name, i)
+        generation = source.publish(state)
+        source.wait_realized("h1", generation)
+        assert old.ctl.flow_mods > 0
+        before = sorted(dummy_ovs.dump_flows("br0"))
+        old.stop()
+
+        new = ElectedControllerThread(source, tmp_path / "new.sock", FakeElection(), "new")  # its store: epoch 0
+        new.start()
+        new.set(held=True)
+        dummy_ovs.vsctl("set-controller", "br0", f"unix:{new.path}")
+        ctl = new.ctl
+        wait_for(lambda: ctl.master and [s.role_epoch for s in ctl.switches.values()] == [51], 10,
+                 "the new master at epoch 51 on the switch")
+        wait_for(lambda: ctl.syncs >= 1, 10, "the switch synced")
+        assert ctl.flow_mods == 0
+        assert sorted(dummy_ovs.dump_flows("br0")) == before
+        assert new.election.epoch == 51  # claimed once past the switch's id, not 50 claims in a row
+    finally:
+        if new is not None:
+            new.stop()
+        if old._thread.is_alive():
+            old.stop()

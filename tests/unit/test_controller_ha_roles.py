@@ -65,10 +65,10 @@ class FakeElection:
     def leader(self) -> tuple[int, str]:
         return self.epoch, self.master
 
-    def claim_epoch(self, name: str) -> int:
+    def claim_epoch(self, name: str, above: int = 0) -> int:
         if self.refuse_claims or not self.held:
             raise StoreError("not owner")
-        self.epoch += 1
+        self.epoch = max(self.epoch, above) + 1
         self.master = name
         return self.epoch
 
