@@ -22,6 +22,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from portmesh.agent.health import NOT_RUNNING, UP, HealthChecker, NetnsProbe, Target, Tracker, targets
+from portmesh.agent.service import Agent
 from portmesh.model.entities import (
     Backend,
     Container,
@@ -536,3 +537,40 @@ def test_probe_not_running() -> None:
     assert probe_once(None, 80, CHECK) == NOT_RUNNING
     assert probe_once(ContainerStatus(RunState.EXITED, "/proc/self/ns/net"), 80, CHECK) == NOT_RUNNING
     assert probe_once(ContainerStatus(RunState.RUNNING, "pm-no-such-netns-x"), 80, CHECK) == NOT_RUNNING
+
+
+# -- supervision: health checks that die take the agent down (exit 1) ------------------------------
+
+
+def test_an_agent_whose_health_checks_die_exits_1(monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import portmesh.agent.__main__ as m
+
+    class Nothing:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def start(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    async def converge_until_stopped(self: Any, stop: asyncio.Event) -> None:
+        await stop.wait()
+
+    async def checks_die(self: Any, stop: asyncio.Event) -> None:
+        await asyncio.sleep(0.05)
+        raise RuntimeError("injected: the health checks died")
+
+    monkeypatch.setattr(m, "Store", Nothing)
+    monkeypatch.setattr(m, "Bridge", Nothing)
+    monkeypatch.setattr(Agent, "run", converge_until_stopped)
+    monkeypatch.setattr(HealthChecker, "run", checks_die)
+    monkeypatch.setattr(HealthChecker, "__init__", lambda self, host, store: None)
+    args = m.parse_args(["--host", "h1", "--store", "unix:/nonexistent", "--ovsdb", "unix:/nonexistent",
+                         "--controller", "tcp:127.0.0.1:6653", "--state-dir", str(tmp_path), "--docker-url", "none"])
+    with pytest.raises(SystemExit) as exited:
+        asyncio.run(m.serve(args))
+    assert exited.value.code == 1
+    assert "health checks died: RuntimeError: injected: the health checks died" in caplog.text
