@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import pytest
 
-from portmesh.lab import node, services
+from portmesh.lab import faults, node, services
 from portmesh.lab.network import Lab
 from portmesh.lab.state import LabState
 from portmesh.model.entities import MappingKey, Proto
@@ -250,3 +250,34 @@ def test_a_hung_service_is_down_by_timeout_within_the_bound(cloud: HcCloud) -> N
           f"up {up:.2f} s after SIGCONT")
     assert down <= BOUND + REPORT_SLACK, down
     assert up <= BOUND + REPORT_SLACK, up
+
+
+def test_an_agent_restart_keeps_the_verdicts_and_checks_on(cloud: HcCloud) -> None:
+    """kill -9 the agent and start it again: the store's verdicts (one up, one down) never change, the
+    new agent takes them over (seeded, so its first checks confirm them and write nothing), and it
+    does check: a hang after the restart is reported (the positive control)."""
+    up_k, down_k = key(IP_HTTP, 83), key(IP_HTTP, 84)
+    cloud.map(IP_HTTP, 83, ["w2"], {"kind": "http", "port": 8000, "path": "/ready", "interval": INTERVAL,
+                                    "timeout": TIMEOUT, "threshold": THRESHOLD})
+    cloud.map(IP_HTTP, 84, ["w2"], {**TCP_CHECK, "port": 8001})
+    cloud.until(up_k, "w2", "up")
+    cloud.until(down_k, "w2", "down")
+    before = {k: cloud.health(k) for k in (up_k, down_k)}
+    log_offset = len(cloud.agent_log())
+    faults.kill_agent(cloud.lab, "h1")
+    restarted = time.monotonic()
+    wait_for("the new agent checking", lambda: cloud.agent_log()[log_offset:].count(" every 1.0 s") >= 2)
+    seen: list[dict[MappingKey, dict[str, str]]] = []
+    while time.monotonic() < restarted + 2 * INTERVAL * THRESHOLD:
+        seen.append({k: cloud.health(k) for k in (up_k, down_k)})
+        time.sleep(0.02)
+    assert all(s == before for s in seen), [s for s in seen if s != before][:3]
+    assert "(was unchecked)" not in cloud.agent_log()[log_offset:]
+    pid = cloud.api.get("/v1/containers/w2").json()["status"]["pid"]
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        _, verdict = cloud.until(up_k, "w2", "down")
+        assert verdict == "down: timeout"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    cloud.until(up_k, "w2", "up")
