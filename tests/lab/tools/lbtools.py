@@ -105,8 +105,8 @@ def ctl(port: int, command: str) -> dict[str, object]:
 # --- clients --------------------------------------------------------------------------------
 
 
-async def _one(host: str, port: int, bind: str | None, timeout: float) -> dict[str, str]:
-    local_addr = (bind, 0) if bind else None
+async def _one(host: str, port: int, bind: str | None, timeout: float, sport: int = 0) -> dict[str, str]:
+    local_addr = (bind or "0.0.0.0", sport) if bind or sport else None
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, local_addr=local_addr), timeout)
     try:
         info = parse_line(await asyncio.wait_for(reader.readline(), timeout))
@@ -116,14 +116,17 @@ async def _one(host: str, port: int, bind: str | None, timeout: float) -> dict[s
         writer.close()
 
 
-async def _round(host: str, port: int, count: int, concurrency: int, bind: str | None, timeout: float) -> dict[str, Any]:
+async def _round(
+    host: str, port: int, count: int, concurrency: int, bind: str | None, timeout: float, first: int = 0
+) -> dict[str, Any]:
     gate = asyncio.Semaphore(concurrency)
 
-    async def bounded() -> dict[str, str]:
+    async def bounded(sport: int) -> dict[str, str]:
         async with gate:
-            return await _one(host, port, bind, timeout)
+            return await _one(host, port, bind, timeout, sport)
 
-    results = await asyncio.gather(*(bounded() for _ in range(count)), return_exceptions=True)
+    ports = range(first, first + count) if first else [0] * count
+    results = await asyncio.gather(*(bounded(p) for p in ports), return_exceptions=True)
     replies = [r for r in results if isinstance(r, dict) and "name" in r]
     errors = Counter(type(r).__name__ if isinstance(r, BaseException) else "no-line"
                      for r in results if not (isinstance(r, dict) and "name" in r))
@@ -141,15 +144,20 @@ def spread(host: str, port: int, count: int, concurrency: int, bind: str | None,
     return out
 
 
-def watch(host: str, port: int, name: str, present: bool, count: int, timeout: float, limit: float) -> dict[str, Any]:
+def watch(
+    host: str, port: int, name: str, present: bool, count: int, timeout: float, limit: float, first: int = 0
+) -> dict[str, Any]:
     """Rounds of ``count`` new connections until ``name`` answers (``present``) or until a whole round is
-    answered without a failure and without ``name`` (absent). ``at``: when that round started."""
+    answered without a failure and without ``name`` (absent). ``at``: when that round started.
+    With ``first``, each round's connections come from client ports never used before in the run
+    (``first`` on, one per connection), so nothing the switch learned earlier can pin them."""
     deadline = time.monotonic() + limit
     rounds, last = 0, {}
     while time.monotonic() < deadline:
         at = time.monotonic()
         rounds += 1
-        last = asyncio.run(_round(host, port, count, count, None, timeout))
+        fresh = first + (rounds - 1) * count if first else 0
+        last = asyncio.run(_round(host, port, count, count, None, timeout, fresh))
         seen = name in last["names"]
         if (present and seen) or (not present and not seen and last["ok"] == count):
             return {"at": at, "rounds": rounds, "last": last}
@@ -192,6 +200,30 @@ def probe(host: str, port: int, bind: str | None, timeout: float) -> dict[str, A
         return {"outcome": f"error:{exc.errno}", "seconds": time.monotonic() - start}
     finally:
         s.close()
+
+
+def from_ports(host: str, port: int, first: int, count: int, timeout: float) -> dict[str, Any]:
+    """One connection from each source port ``first .. first+count-1`` (one after the other): the
+    backend that answered, or the outcome (refused, timeout). A port whose attempt was refused has no
+    TIME-WAIT, so the same 5-tuple can be used again at once: a new connection, as far as TCP goes."""
+    out: dict[str, str] = {}
+    for sport in range(first, first + count):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.settimeout(timeout)
+        try:
+            s.bind(("0.0.0.0", sport))
+            s.connect((host, port))
+            out[str(sport)] = parse_line(s.recv(200)).get("name", "no-line")
+        except ConnectionRefusedError:
+            out[str(sport)] = "refused"
+        except TimeoutError:
+            out[str(sport)] = "timeout"
+        except OSError as exc:
+            out[str(sport)] = f"error:{exc.errno}"
+        finally:
+            s.close()
+    return {"ports": out}
 
 
 def udp_stream(host: str, port: int, bind: str | None, count: int, every: float, wait: float, size: int) -> dict[str, Any]:
@@ -277,7 +309,7 @@ async def hold(host: str, port: int, count: int, every: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["serve", "ctl", "spread", "watch", "reach", "probe", "udp-stream", "hold"])
+    ap.add_argument("mode", choices=["serve", "ctl", "spread", "watch", "reach", "probe", "udp-stream", "hold", "from-ports"])
     ap.add_argument("--name", default="lb")
     ap.add_argument("--tcp", type=int, action="append", default=[])
     ap.add_argument("--udp", type=int, action="append", default=[])
@@ -292,6 +324,8 @@ def main() -> None:
     ap.add_argument("--every", type=float, default=0.2)
     ap.add_argument("--wait", type=float, default=1.0)
     ap.add_argument("--size", type=int, default=13)
+    ap.add_argument("--first-port", type=int, default=40000)
+    ap.add_argument("--fresh-port", type=int, default=0, help="watch: client ports from here on, never reused")
     ap.add_argument("--absent", action="store_true")
     ap.add_argument("--closed", action="store_true")
     ap.add_argument("command", nargs="*")
@@ -308,9 +342,11 @@ def main() -> None:
     elif a.mode == "spread":
         out = spread(a.host, a.port, a.count, a.concurrency, a.bind, a.timeout)
     elif a.mode == "watch":
-        out = watch(a.host, a.port, a.name, not a.absent, a.count, a.timeout, a.limit)
+        out = watch(a.host, a.port, a.name, not a.absent, a.count, a.timeout, a.limit, a.fresh_port)
     elif a.mode == "reach":
         out = reach(a.host, a.port, a.bind, not a.closed, a.timeout, a.limit)
+    elif a.mode == "from-ports":
+        out = from_ports(a.host, a.port, a.first_port, a.count, a.timeout)
     elif a.mode == "probe":
         out = probe(a.host, a.port, a.bind, a.timeout)
     else:
