@@ -54,9 +54,16 @@ class Committed:
         self._data = row._data
 
     def empty(self, columns: tuple[str, ...]) -> bool:
-        """True if each of these columns is empty or not replicated (no Datum conversion)."""
+        """True if each of these columns is empty or not replicated, without converting a Datum.
+
+        ``dict.get``: the IDL's ``ColumnDefaultDict`` makes up a default Datum for every column it
+        does not hold (a column at its default): asking it cost more than the conversion saved."""
         data = self._data
-        return all(not data[c].values for c in columns if c in data)
+        for column in columns:
+            datum = dict.get(data, column)
+            if datum is not None and datum.values:
+                return False
+        return True
 
     def __getattr__(self, column: str) -> Any:
         try:

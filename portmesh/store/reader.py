@@ -281,11 +281,9 @@ class StateReader:
             raise NotFound("host", f"host {host!r} does not exist")
 
     def report_counters(self, counters: Mapping[MappingKey, MappingCounters]) -> int:
-        """Master controller: the mappings' counters summed over every switch; returns how many rows
-        were written. Only the rows whose counters differ from what this reader last wrote go, in one
-        transaction asserting the lock (like :meth:`report_switch`: a master that lost it writes
-        nothing). A key no longer mapped is skipped. What was written is forgotten whenever the lock
-        changes hands, so a new master writes everything once."""
+        """Master controller: the mappings' counters (summed over every switch); the rows written.
+        Only rows that differ from what this reader last wrote (forgotten when the lock changes hands),
+        in one transaction asserting the lock like :meth:`report_switch`; unmapped keys are skipped."""
         if self.lock is None:
             raise StoreError("report_counters needs a reader made with a lock")
         with self._lock:
@@ -294,11 +292,7 @@ class StateReader:
                 key: value for key, value in counters.items()
                 if key in rows and self._counters_written.get(key) != value
             }
-            ops: list[dict[str, Any]] = [
-                {"op": "update", "table": "Mapping", "where": [["_uuid", "==", ["uuid", str(rows[key])]]],
-                 "row": {"counters": ["map", sorted(R.counters_column(value).items())]}}
-                for key, value in changed.items()
-            ]
+            ops = [R.counters_update(str(rows[key]), value) for key, value in changed.items()]
         if not ops:
             return 0
         self._transact([{"op": "assert", "lock": self.lock}, *ops])

@@ -323,6 +323,12 @@ def counters_column(counters: MappingCounters) -> dict[str, int]:
     return {name: int(getattr(counters, name)) for name in COUNTER_FIELDS}
 
 
+def counters_update(row_uuid: str, counters: MappingCounters) -> dict[str, Any]:
+    """A raw ``update`` operation writing one Mapping row's counters (the controller's reader has no IDL)."""
+    value = ["map", sorted(counters_column(counters).items())]
+    return {"op": "update", "table": "Mapping", "where": [["_uuid", "==", ["uuid", row_uuid]]], "row": {"counters": value}}
+
+
 def check_host(host: Host) -> None:
     """Refuse what the schema cannot hold, before any row is touched."""
     if not 0 <= host.datapath_id <= MAX_DATAPATH_ID:
