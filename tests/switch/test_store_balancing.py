@@ -374,3 +374,34 @@ def test_a_running_reader_follows_a_mapping_from_plain_to_balanced_and_back(api:
             wait_until(lambda g=generation: reader.snapshot().generation >= g)  # type: ignore[misc]
             assert reader.snapshot().mappings == api.snapshot().mappings
         assert reader.snapshot().mappings[KEY] == Mapping(KEY, "a1")  # plain again
+
+
+def test_a_1_5_0_raft_cluster_is_upgraded_online(tmp_path: Path) -> None:
+    """A cluster converts online (``upgrade tcp:...`` through one member); its mappings stay, now plain
+    1.6.0 rows a balanced change can be written to."""
+    from tests.switch.test_store import _free_port
+
+    seed = create_db(tmp_path / "seed.db", schema_1_5_0(tmp_path))
+    c = container("a1")
+    ops = ["Portmesh", {"op": "insert", "table": "Host", "row": {"name": "h1", "datapath_id": 1}},
+           {"op": "insert", "table": "Container", "row": {
+               "name": "a1", "host": "h1", "mac": c.mac, "ips": str(IP1), "block_start": 32768,
+               "block_size": 1024, "command": "[]", "env": "[]"}},
+           {"op": "insert", "table": "Mapping", "row": {"public_ip": str(IP1), "proto": "tcp", "port": 80,
+                                                       "container": "a1"}}]
+    subprocess.run(["ovsdb-tool", "transact", str(seed), json.dumps(ops)], check=True, capture_output=True)
+    db = tmp_path / "m0.db"
+    subprocess.run(["ovsdb-tool", "create-cluster", str(db), str(seed), f"tcp:127.0.0.1:{_free_port()}"], check=True)
+    port = _free_port()
+    pid = start_server(db, tmp_path / "m0.sock", tcp=f"127.0.0.1:{port}", create=False)
+    try:
+        remote = f"tcp:127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "portmesh.store", "upgrade", remote]
+        assert subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip() == "converted"
+        assert subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip() == "already current"
+        with Store(remote, timeout=15) as store:
+            assert store.snapshot().mappings == {KEY: Mapping(KEY, "a1")}
+            store.update_mapping(KEY, lambda m: replace(m, deny=(IPv4Network("198.51.100.7/32"),)))
+            assert store.snapshot().mappings[KEY].filtered
+    finally:
+        stop_server(pid)
