@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import statistics
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,10 +116,17 @@ def balancing(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if not one.get("conn_per_s") or "conn_per_s" not in three:
         return {}
     ratio = three["conn_per_s"] / one["conn_per_s"]
+    # Round by round too: the two paths alternate, so each pair ran under about the same load.
+    singles = one.get("per_round", {}).get("conn_per_s") or []
+    threes = three.get("per_round", {}).get("conn_per_s") or []
+    pairs = zip(singles, threes, strict=False)
+    per_round = [round(t / o, 3) for o, t in pairs if o]
     return {
         "conn_per_s_single": one["conn_per_s"],
         "conn_per_s_three": three["conn_per_s"],
         "conn_ratio": round(ratio, 3),
+        "conn_ratio_per_round": per_round,
+        "conn_ratio_median_of_rounds": statistics.median(per_round) if per_round else None,
         "per_round_single": one.get("per_round", {}).get("conn_per_s"),
         "per_round_three": three.get("per_round", {}).get("conn_per_s"),
         "rtt_ms_p50_single": one.get("rtt_ms_p50"),
@@ -136,7 +144,8 @@ def print_balancing(summary: dict[str, Any]) -> None:
     if summary:
         print(
             f"balancing: {summary['conn_per_s_three']:.0f} conn/s through 3 backends vs {summary['conn_per_s_single']:.0f} "
-            f"through one = x{summary['conn_ratio']:.3f} (target >= {summary['target']}: "
+            f"through one = x{summary['conn_ratio']:.3f}, rounds {summary['conn_ratio_per_round']} "
+            f"(target >= {summary['target']}: "
             f"{'met' if summary['meets_target'] else 'NOT met'}); rtt p50 {summary['rtt_ms_p50_three']} vs "
             f"{summary['rtt_ms_p50_single']} ms; per connection h1's switch: "
             f"{summary['upcalls_per_conn_three']} vs {summary['upcalls_per_conn_single']} upcalls, "
