@@ -11,6 +11,7 @@ every port below; the mappings (made through the API) carry the policies:
     .40:83/tcp  allow A           a change (allow A,B / allow A) takes effect within 1 s
     .40:53/udp  allow A           A's continuous stream loses nothing while the policy is replaced
     .40:54/udp  allow A           counters match what A and B sent
+    .40:84/tcp  allow .0/25, deny A   (through the CLI) deny wins inside the allowed network; C (.200) outside it
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ pytestmark = [
 LB = str(Path(__file__).parent / "tools" / "lbtools.py")
 PORTMESH = str(Path(sys.executable).parent / "portmesh")
 VIP = "203.0.113.40"
-A, B = INET_IP, "198.51.100.77"
-TCP_PORTS, UDP_PORTS = (80, 81, 82, 83), (53, 54)
+A, B, C = INET_IP, "198.51.100.77", "198.51.100.200"
+TCP_PORTS, UDP_PORTS = (80, 81, 82, 83, 84), (53, 54)
 UDP_SIZE = 100  # payload bytes: each datagram is a 142-byte frame (14 Ethernet + 20 IP + 8 UDP + 100)
 PROMPT = 1.0  # seconds: a policy change reaches new connections within this
 
@@ -94,7 +95,8 @@ def cloud() -> Iterator[FwCloud]:
         state = lab.up(hosts=2, tune_rmem=False)
         assert state.api_url, "the lab came up without an API"
         c = FwCloud(lab, state)
-        node.run(["ip", "addr", "add", f"{B}/24", "dev", "eth0"], netns=c.ns("inet"))
+        for extra in (B, C):
+            node.run(["ip", "addr", "add", f"{extra}/24", "dev", "eth0"], netns=c.ns("inet"))
         command = [sys.executable, LB, "serve", "--name", "w2"]
         command += [arg for p in TCP_PORTS for arg in ("--tcp", str(p))]
         command += [arg for p in UDP_PORTS for arg in ("--udp", str(p))]
@@ -134,6 +136,24 @@ def test_open_by_default_and_unmapped_stays_closed(cloud: FwCloud) -> None:
     assert cloud.probe(A, 82) == "refused" and cloud.probe(B, 82) == "refused"
     # allow A: B gets silence where an unmapped port gets a reset.
     assert cloud.probe(A, 83) == "connected" and cloud.probe(B, 83) == "timeout"
+
+
+def test_cli_policy_deny_wins_inside_an_allowed_network(cloud: FwCloud) -> None:
+    env = {**os.environ, "PORTMESH_API": str(cloud.state.api_url),
+           "PORTMESH_TOKEN_FILE": str(services.token_file(cloud.state.dir))}
+    argv = [PORTMESH, "map", "add", VIP, "84/tcp", "w2", "--allow", "198.51.100.0/25", "--deny", f"{A}/32", "--wait"]
+    made = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert cloud.probe(B, 84) == "connected", "control: B (.77) lies in the allowed /25"
+    assert cloud.probe(A, 84) == "timeout", "A (.2) lies in the /25 too, but is denied: deny wins"
+    assert cloud.probe(C, 84) == "timeout", "C (.200) is outside the allow list"
+    # Bad input through the CLI: an error naming the option and the reason (click's usage error, as
+    # every option of the CLI), non-zero exit, and nothing changed.
+    bad = subprocess.run([PORTMESH, "map", "policy", VIP, "84/tcp", "--allow", "198.51.100.1/25"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode != 0 and "--allow" in last and "host bits" in last, bad.stderr
+    assert cloud.probe(B, 84) == "connected" and cloud.probe(A, 84) == "timeout", "the policy is unchanged"
 
 
 def test_policy_change_reaches_new_connections_within_a_second(cloud: FwCloud) -> None:
