@@ -220,6 +220,14 @@ def test_new_connections_spread_by_weight_and_see_the_real_client(cloud: LbCloud
     # itself, and inet's kernel took each answer as coming from the VIP (nothing in between rewrote it).
     assert result["not_real_client"] == 0, result["sample"]
     assert all(r["client"].startswith(f"{INET_IP}:") and r["local"] == f"{VIP}:80" for r in result["sample"])
+    # A weight changed (PATCH): new connections follow the new weights, 1/1/1.
+    reply = cloud.api.patch(f"/v1/mappings/{VIP}/tcp/80", params={"wait": "true"}, json={"weights": {"b3": 1}})
+    assert reply.status_code == 200, reply.text
+    even = cloud.spread("inet", 80, SPREAD_COUNT)
+    assert even["ok"] == SPREAD_COUNT, even["errors"]
+    print(f"after PATCH weights b3=1: {even['names']}")
+    for n in ("b1", "b2", "b3"):
+        assert abs(even["names"].get(n, 0) / SPREAD_COUNT - 1 / 3) <= SPREAD_TOLERANCE, even["names"]
 
 
 # --- connections stay put across backend changes ----------------------------------------------
