@@ -46,6 +46,8 @@ PRIO_SLOT = 200
 AFFINITY_IDLE_S = {6: 300, 17: 60}
 AFFINITY_FIN_IDLE_S = 5
 PRIO_LEARNED = 100
+TCP_ACK = 0x010
+IPPROTO_TCP = 6
 TO_L2 = Resubmit(Table.L2)
 # OVS's multipath uses HRW only up to 64 links (more fall back to another algorithm): weights are
 # reduced by their gcd and, if still over, scaled down (each backend keeps at least one slot).
@@ -105,7 +107,12 @@ def mapping_flows(mapping: Mapping, backends: Sequence[Present]) -> Iterator[Flo
     goto: Table | None
     if mapping.balanced:
         # OpenFlow's goto only goes forward (POLICY and BALANCE come after L2): they resubmit to L2 instead.
-        pinned = flow(Table.BALANCE, PRIO_PINNED, k, name, (TO_L2,), None, reg0=(1, 1), **match)
+        # A TCP segment without ACK is a SYN, the first of a new connection: it never follows a learned
+        # flow but is balanced afresh (and re-learnt). A client reuses a source port at once after a
+        # refusal (a reset leaves no TIME_WAIT), and the refused attempt's learned flow, which no FIN ever
+        # ends, would otherwise send it to the same backend, even one that has since gone down.
+        fresh = {"tcp_flags": (TCP_ACK, TCP_ACK)} if proto == IPPROTO_TCP else {}
+        pinned = flow(Table.BALANCE, PRIO_PINNED, k, name, (TO_L2,), None, reg0=(1, 1), **fresh, **match)
         yield pinned
         chosen = slots([(b.container.name, b.weight) for b in serving])
         macs = {b.container.name: b.container.mac for b in serving}

@@ -61,12 +61,19 @@ def _action(action: Action) -> Any:
         return parser.NXActionResubmitTable(table_id=action.table.number)  # in_port: OF1.0 IN_PORT, unchanged
     if isinstance(action, Multipath):
         return parser.NXActionMultipath(
-            fields=nicira_ext.NX_HASH_FIELDS_SYMMETRIC_L4, basis=0, algorithm=nicira_ext.NX_MP_ALG_HRW,
+            fields=NX_HASH_FIELDS_SYMMETRIC_L3L4_UDP, basis=0, algorithm=nicira_ext.NX_MP_ALG_HRW,
             max_link=action.n_links - 1, arg=0, ofs_nbits=nicira_ext.ofs_nbits(0, 15), dst=action.dst,
         )
     if isinstance(action, Learn):
         return _learn(action)
     raise TypeError(f"unknown action {action!r}")
+
+
+# OVS's nx_hash_fields value (not named in os-ken): IPv4 source and destination, protocol, TCP/UDP/SCTP
+# ports, symmetric. Not symmetric_l4: that one hashes Ethernet addresses too (eth_dst is the learned
+# backend's MAC when a SYN reuses a learned 5-tuple, so that SYN would hash apart from a fresh one) and
+# leaves UDP ports out (every UDP flow of one client would land on one backend).
+NX_HASH_FIELDS_SYMMETRIC_L3L4_UDP = 3
 
 
 def _learn(action: Learn) -> Any:

@@ -104,7 +104,7 @@ class Resubmit:
 
 @dataclass(frozen=True, slots=True)
 class Multipath:
-    """Nicira multipath: ``dst`` (bits 0-15) := one of ``n_links`` slots, by HRW over a symmetric_l4 hash."""
+    """Nicira multipath: ``dst`` (bits 0-15) := one of ``n_links`` slots, by HRW over a symmetric L3+L4 hash."""
 
     n_links: int
     dst: str = "reg1"
@@ -194,7 +194,7 @@ def _action_text(action: ActionShape) -> str:
     if isinstance(action, Resubmit):
         return f"resubmit:{action.table.number}"
     if isinstance(action, Multipath):
-        return f"multipath:symmetric_l4:0:hrw:{action.n_links}:{action.dst}"
+        return f"multipath:symmetric_l3l4+udp:0:hrw:{action.n_links}:{action.dst}"
     if isinstance(action, Learn):
         return (f"learn:{action.table.number}:{action.proto}:{action.cookie}:{action.idle_timeout}:"
                 f"{action.fin_idle_timeout}:{action.priority}")

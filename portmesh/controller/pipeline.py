@@ -136,14 +136,18 @@ class Table(enum.Enum):
         number=6,
         purpose=(
             "Backend choice for a balanced mapping (direct server return: only eth_dst changes). A packet whose "
-            "connection AFFINITY knew (reg0 bit 0 set) goes to L2 with the MAC AFFINITY loaded. Otherwise reg1 "
-            "holds the slot multipath chose (symmetric_l4 hash, HRW rendezvous hashing over the serving "
+            "connection AFFINITY knew (reg0 bit 0 set) goes to L2 with the MAC AFFINITY loaded, unless it is a "
+            "TCP SYN (no ACK bit): a new connection is always balanced afresh, so a client port reused right "
+            "after a refused attempt is not held to that attempt's backend. Otherwise reg1 "
+            "holds the slot multipath chose (a symmetric hash of IPs, protocol and ports, no Ethernet address; "
+            "HRW rendezvous hashing over the serving "
             "backends' weight-expanded slots, so a connection whose learned flow expired finds the same backend "
             "while the set is unchanged): the slot's flow sets eth_dst to that backend's MAC, learns the "
             "connection into AFFINITY (5-tuple -> that MAC; idle and FIN idle timeouts; the learned flows carry "
             "the cookie of the mapping's pinned flow here, so deleting the mapping deletes them) and goes to L2."
         ),
-        match_fields=frozenset({"eth_type", "ipv4_dst", "ip_proto", "tcp_dst", "udp_dst", "reg0", "reg1"}),
+        match_fields=frozenset({"eth_type", "ipv4_dst", "ip_proto", "tcp_dst", "udp_dst", "reg0", "reg1",
+                                "tcp_flags"}),
         next_tables=("L2", "AFFINITY"),
         miss="drop",
     )

@@ -335,8 +335,6 @@ def test_unhealthy_backend_gets_no_new_connections_and_returns(cloud: LbCloud) -
     assert took_back <= budget + 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="found here: a refused connection's learned AFFINITY flow (no FIN: 300 s idle) "
-                   "keeps sending that 5-tuple to the backend after it is marked down")
 def test_a_down_backend_gets_no_new_connection_on_a_reused_client_port(cloud: LbCloud) -> None:
     """A client port whose attempt b2 refused (its service stopped, not yet marked down) has no
     TIME-WAIT: the client's kernel may pick it again at once. Once b2 is down, a new connection from

@@ -34,6 +34,9 @@ def build_state() -> DesiredState:
     return replace(state, mappings={**state.mappings, lb.key: lb, fw.key: fw})
 
 
+ACK = "0x10"
+
+
 def packet(src: str, sport: int, dport: int = 80, flags: str = "0x02") -> str:
     return (f"in_port=LOCAL,dl_src={CFG.gateway_mac},dl_dst={CFG.virtual_mac},tcp,nw_src={src},"
             f"nw_dst={VIP},tp_src={sport},tp_dst={dport},tcp_flags={flags}")
@@ -48,8 +51,10 @@ def send(ovs: DummyOVS, src: str, sport: int, dport: int = 80) -> None:
     ovs.appctl("netdev-dummy/receive", "br0", data)
 
 
-def backend_of(ovs: DummyOVS, ports: dict[str, int], src: str, sport: int, dport: int = 80) -> str | None:
-    outs = of_outputs(ovs.trace("br0", packet(src, sport, dport)))
+def backend_of(ovs: DummyOVS, ports: dict[str, int], src: str, sport: int, dport: int = 80, flags: str = "0x02") -> str | None:
+    """Where the switch sends a segment: a SYN (the default) is balanced afresh, a later segment (``flags``
+    with ACK, 0x10) follows what AFFINITY learned."""
+    outs = of_outputs(ovs.trace("br0", packet(src, sport, dport, flags)))
     by_port = {str(p): n for n, p in ports.items()}
     return by_port.get(outs[0]) if len(outs) == 1 else None
 
@@ -87,7 +92,7 @@ def test_balancing_learns_and_pins_connections(dummy_ovs: DummyOVS, tmp_path: Pa
         state2 = replace(state, mappings={**state.mappings, KEY: lb})
         gen = source.publish(state2)
         source.wait_realized("h1", gen)
-        after = {sport: backend_of(dummy_ovs, ports, "198.51.100.50", sport) for sport in chosen}
+        after = {sport: backend_of(dummy_ovs, ports, "198.51.100.50", sport, flags=ACK) for sport in chosen}
         assert after == chosen
         fresh = {backend_of(dummy_ovs, ports, "198.51.100.51", s) for s in range(42000, 42040)}
         assert "web-d" in fresh  # positive control: new connections do reach the new backend
@@ -98,7 +103,10 @@ def test_balancing_learns_and_pins_connections(dummy_ovs: DummyOVS, tmp_path: Pa
         source.wait_realized("h1", gen)
         fresh = {backend_of(dummy_ovs, ports, "198.51.100.52", s) for s in range(43000, 43100)}
         assert "web-a" not in fresh and fresh <= {"web-b", "web-c", "web-d"}, fresh
-        assert {backend_of(dummy_ovs, ports, "198.51.100.50", s) for s in chosen} == set(chosen.values())
+        assert {backend_of(dummy_ovs, ports, "198.51.100.50", s, flags=ACK) for s in chosen} == set(chosen.values())
+        # A SYN is balanced afresh even on a learned 5-tuple (a client port reused after a refusal):
+        # web-a is down, so none of its pinned ports' new SYNs reaches it.
+        assert all(backend_of(dummy_ovs, ports, "198.51.100.50", s) != "web-a" for s in chosen)
         assert len(learned(dummy_ovs)) == 60
     finally:
         ctl.stop()
