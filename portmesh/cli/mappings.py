@@ -178,8 +178,7 @@ def map_add(
     if check is not None:
         body["health"] = check
     result = api_of(ctx).write("POST", "/v1/mappings", body, wait=wait, wait_timeout=timeout)
-    m = result["mapping"]
-    _written(result, f"{m['public_ip']}:{m['port']}/{m['proto']} -> {render.backends(m)}", output)
+    _written_backends(result, output)
 
 
 @map_app.command("ls")
@@ -274,6 +273,20 @@ def map_health(
     _written(result, f"{m['public_ip']}:{m['port']}/{m['proto']}: health check {render.health_check(m.get('health'))}", output)
 
 
+def _target_and_name(args: list[str]) -> tuple[str, dict[str, Any], str]:
+    """``TARGET NAME`` (the mapping, then one container name): usage errors name the argument."""
+    ip, spec, names = split_target(args, "NAME")
+    if len(names) != 1:
+        raise typer.BadParameter(f"expected {TARGET} NAME, got {len(names)} name(s)", param_hint="'NAME'")
+    return ip, spec, valid_name(names[0], "'NAME'")
+
+
+def _written_backends(result: Any, output: Format) -> None:
+    """A mapping write's answer, shown as the mapping and its backends."""
+    m = result["mapping"]
+    _written(result, f"{m['public_ip']}:{m['port']}/{m['proto']} -> {render.backends(m)}", output)
+
+
 @backend_app.command("add")
 @handles_api_errors
 def backend_add(
@@ -285,13 +298,10 @@ def backend_add(
     output: OutputOpt = Format.table,
 ) -> None:
     """Add backend NAME to a mapping: it takes new connections; connections on the others stay put."""
-    ip, spec, names = split_target(args, "NAME")
-    if len(names) != 1:
-        raise typer.BadParameter(f"expected {TARGET} NAME, got {len(names)} name(s)", param_hint="'NAME'")
-    body = {"container": valid_name(names[0], "'NAME'"), "weight": weight}
+    ip, spec, name = _target_and_name(args)
+    body = {"container": name, "weight": weight}
     result = api_of(ctx).write("POST", key_path(ip, spec) + "/backends", body, wait=wait, wait_timeout=timeout)
-    m = result["mapping"]
-    _written(result, f"{m['public_ip']}:{m['port']}/{m['proto']} -> {render.backends(m)}", output)
+    _written_backends(result, output)
 
 
 @backend_app.command("rm")
@@ -304,14 +314,10 @@ def backend_rm(
     output: OutputOpt = Format.table,
 ) -> None:
     """Remove backend NAME from a mapping (not the last one: `map rm` the mapping). It gets no new connections."""
-    ip, spec, names = split_target(args, "NAME")
-    if len(names) != 1:
-        raise typer.BadParameter(f"expected {TARGET} NAME, got {len(names)} name(s)", param_hint="'NAME'")
-    name = valid_name(names[0], "'NAME'")
+    ip, spec, name = _target_and_name(args)
     path = f"{key_path(ip, spec)}/backends/{quote_segment(name)}"
     result = api_of(ctx).write("DELETE", path, wait=wait, wait_timeout=timeout)
-    m = result["mapping"]
-    _written(result, f"{m['public_ip']}:{m['port']}/{m['proto']} -> {render.backends(m)}", output)
+    _written_backends(result, output)
 
 
 @backend_app.command("weight")
@@ -333,5 +339,4 @@ def backend_weight(
     number = weights([f"{name}={rest[1]}"], [name], "'N'")[name]
     body = {"weights": {name: number}}
     result = api_of(ctx).write("PATCH", key_path(ip, spec), body, wait=wait, wait_timeout=timeout)
-    m = result["mapping"]
-    _written(result, f"{m['public_ip']}:{m['port']}/{m['proto']} -> {render.backends(m)}", output)
+    _written_backends(result, output)
