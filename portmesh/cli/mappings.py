@@ -45,6 +45,11 @@ def register(app: typer.Typer) -> None:
     app.add_typer(map_app, name="map")
 
 
+# A mapping named as IP:PORT/PROTO, or as IP and PORT/PROTO (every command that takes one mapping).
+TargetIpArg = Annotated[str, typer.Argument(metavar="IP[:PORT/PROTO]", help="public IP, or IP:PORT/PROTO")]
+TargetPortArg = Annotated[str | None, typer.Argument(metavar="[PORT/PROTO]", help="PORT/PROTO, e.g. 80/tcp")]
+
+
 def split_target(args: list[str], names: str) -> tuple[str, dict[str, Any], list[str]]:
     """``IP:PORT/PROTO NAME...`` or ``IP PORT/PROTO NAME...``: the key and the names after it."""
     if not args:
@@ -193,8 +198,8 @@ def map_ls(ctx: typer.Context, output: OutputOpt = Format.table) -> None:
 @handles_api_errors
 def map_inspect(
     ctx: typer.Context,
-    ip: Annotated[str, typer.Argument(metavar="IP[:PORT/PROTO]", help="public IP, or IP:PORT/PROTO")],
-    port: Annotated[str | None, typer.Argument(metavar="[PORT/PROTO]", help="PORT/PROTO, e.g. 80/tcp")] = None,
+    ip: TargetIpArg,
+    port: TargetPortArg = None,
     output: OutputOpt = Format.table,
 ) -> None:
     """Show one mapping: backends with weight and health, policy, health check, allowed/denied counters."""
@@ -207,8 +212,8 @@ def map_inspect(
 @handles_api_errors
 def map_rm(
     ctx: typer.Context,
-    ip: Annotated[str, typer.Argument(metavar="IP[:PORT/PROTO]", help="public IP, or IP:PORT/PROTO")],
-    port: Annotated[str | None, typer.Argument(metavar="[PORT/PROTO]", help="PORT/PROTO, e.g. 80/tcp")] = None,
+    ip: TargetIpArg,
+    port: TargetPortArg = None,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = DEFAULT_WAIT,
     output: OutputOpt = Format.table,
@@ -223,8 +228,8 @@ def map_rm(
 @handles_api_errors
 def map_policy(
     ctx: typer.Context,
-    ip: Annotated[str, typer.Argument(metavar="IP[:PORT/PROTO]", help="public IP, or IP:PORT/PROTO")],
-    port: Annotated[str | None, typer.Argument(metavar="[PORT/PROTO]", help="PORT/PROTO, e.g. 80/tcp")] = None,
+    ip: TargetIpArg,
+    port: TargetPortArg = None,
     allow: AllowOpt = None,
     deny: DenyOpt = None,
     clear: Annotated[bool, typer.Option("--clear", help="Drop both lists first (open to all unless --allow/--deny).")] = False,
@@ -250,8 +255,8 @@ def map_policy(
 @handles_api_errors
 def map_health(
     ctx: typer.Context,
-    ip: Annotated[str, typer.Argument(metavar="IP[:PORT/PROTO]", help="public IP, or IP:PORT/PROTO")],
-    port: Annotated[str | None, typer.Argument(metavar="[PORT/PROTO]", help="PORT/PROTO, e.g. 80/tcp")] = None,
+    ip: TargetIpArg,
+    port: TargetPortArg = None,
     health_spec: HealthOpt = None,
     health_port: HealthPortOpt = None,
     health_interval: HealthIntervalOpt = None,

@@ -32,6 +32,9 @@ HELP = "Build, inspect, enter and remove a lab cloud on this machine (namespaces
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
+HostArg = Annotated[str, typer.Argument(metavar="HOST", help="a lab host (h1, h2...)")]
+
+
 def check_lab_name(value: str) -> str:
     """A lab name that can prefix namespace and interface names (checked before anything is touched)."""
     if not LAB_NAME_RE.fullmatch(value):
@@ -251,7 +254,7 @@ def fault_kill_controller(
 
 @fault_app.command("restart-switch")
 def fault_restart_switch(
-    host: Annotated[str, typer.Argument(metavar="HOST", help="a lab host (h1, h2...)")],
+    host: HostArg,
     name: NameOpt = "lab",
     as_json: JsonOpt = False,
 ) -> None:
@@ -261,7 +264,7 @@ def fault_restart_switch(
 
 @fault_app.command("kill-agent")
 def fault_kill_agent(
-    host: Annotated[str, typer.Argument(metavar="HOST", help="a lab host (h1, h2...)")],
+    host: HostArg,
     name: NameOpt = "lab",
     as_json: JsonOpt = False,
 ) -> None:
@@ -271,7 +274,7 @@ def fault_kill_agent(
 
 @fault_app.command("freeze-switch")
 def fault_freeze_switch(
-    host: Annotated[str, typer.Argument(metavar="HOST", help="a lab host (h1, h2...)")],
+    host: HostArg,
     name: NameOpt = "lab",
     seconds: Annotated[float, typer.Option("--seconds", min=0.1, help="thaw it after this long at the latest")] = 30.0,
     as_json: JsonOpt = False,
