@@ -62,6 +62,9 @@ class LabState:
     ha: bool = False  # lab up --ha: store-1..3 (a Raft cluster) and controller-1, controller-2
     agent_store: str = ""  # the store remote(s) and controller target(s) the agents were given ("" = the defaults)
     agent_controller: str = ""
+    # Hosts that run the eBPF datapath instead of OVS (lab up --datapath): host -> "ebpf"; absent = OVS.
+    datapaths: dict[str, str] = field(default_factory=dict)
+    mounts: list[str] = field(default_factory=list)  # bpffs mount points made for eBPF hosts (unmounted on down)
 
     @property
     def dir(self) -> Path:
@@ -96,6 +99,10 @@ class LabState:
         data["processes"] = [Process(**p) for p in data.get("processes", [])]
         data["links"] = [tuple(link) for link in data.get("links", [])]
         return cls(**data)
+
+    def datapath(self, host: str) -> str:
+        """``ovs`` or ``ebpf``: what forwards on ``host``."""
+        return self.datapaths.get(host, "ovs")
 
     def process(self, label: str) -> Process | None:
         return next((p for p in self.processes if p.label == label), None)
