@@ -1,0 +1,261 @@
+"""A real-kernel lab for the eBPF datapath program, without OVS and without the agent.
+
+``Dplab`` builds, in namespaces named ``pe<pid>-...``: a host (``up0`` 198.51.100.1/24,
+ip_forward on), two containers sharing 203.0.113.10 (each ``eth0`` with its MAC, the IP /32,
+169.254.1.1 as gateway, its port block as ``ip_local_port_range`` and the agent's same-IP
+policy routing), and ``inet`` (198.51.100.2/24, 203.0.113.0/24 via the host). The object is
+built by ``build.object_path``, loaded and attached in the host namespace by ``nstool``
+(``portmesh.agent.ebpf.loader``), and the test fills the pinned maps itself, as the agent would.
+Everything made here goes in ``close``: processes by PID, namespaces, the bpffs mount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from portmesh.agent.ebpf import build, layout, loader
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS = ROOT / "tests" / "lab" / "tools"
+PY = sys.executable
+
+PUBLIC = IPv4Address("203.0.113.10")
+GATEWAY_IP = IPv4Address("169.254.1.1")
+GATEWAY_MAC = "0a:58:a9:fe:01:01"
+VIRTUAL_MAC = "0a:58:cb:00:71:ff"
+HOST_UP = "198.51.100.1"
+INET = "198.51.100.2"
+
+
+class Sharer:
+    """A container sharing PUBLIC: its MAC, port block and mapped TCP/UDP port."""
+
+    def __init__(self, name: str, mac: str, block: int, block_size: int, port: int) -> None:
+        self.name, self.mac, self.block, self.block_size, self.port = name, mac, block, block_size, port
+        self.ns = ""
+        self.hostif = f"v{name}"
+        self.ifindex = 0
+
+
+def sh(*args: str, check: bool = True, timeout: float = 30) -> str:
+    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {out.returncode}: {out.stderr.strip()}")
+    return out.stdout
+
+
+class Dplab:
+    """The namespaces, processes and pinned maps of one test's datapath lab."""
+
+    def __init__(self, prefix: str, obj: Path, tunnel: bool = False) -> None:
+        self.prefix = prefix
+        self.obj = obj
+        self.host = f"{prefix}h"
+        self.inet = f"{prefix}i"
+        self.pin = Path(f"/run/portmesh-test/{prefix}")
+        self.procs: list[subprocess.Popen[str]] = []
+        self.namespaces: list[str] = []
+        self.mounted = False
+        self.a = Sharer("a", "0a:00:00:00:00:0a", 32768, 1024, 8081)
+        self.b = Sharer("b", "0a:00:00:00:00:0b", 33792, 1024, 8082)
+
+    # -- building ------------------------------------------------------------------------
+    def netns(self, name: str) -> str:
+        sh("ip", "netns", "add", name)
+        self.namespaces.append(name)
+        self.x(name, "ip", "link", "set", "lo", "up")
+        return name
+
+    def x(self, ns: str, *args: str, check: bool = True, timeout: float = 30) -> str:
+        return sh("ip", "netns", "exec", ns, *args, check=check, timeout=timeout)
+
+    def build(self) -> None:
+        self.netns(self.host)
+        self.netns(self.inet)
+        self.x(self.host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        sh("ip", "-n", self.host, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", self.inet)
+        self.x(self.host, "ip", "addr", "add", f"{HOST_UP}/24", "dev", "up0")
+        self.x(self.host, "ip", "link", "set", "up0", "up")
+        self.x(self.inet, "ip", "addr", "add", f"{INET}/24", "dev", "eth0")
+        self.x(self.inet, "ip", "link", "set", "eth0", "up")
+        self.x(self.inet, "ip", "route", "add", "203.0.113.0/24", "via", HOST_UP)
+        for c in (self.a, self.b):
+            self.container(c)
+        self.load()
+        self.fill()
+        self.attach()
+
+    def container(self, c: Sharer) -> None:
+        """The agent's plumbing, by hand: veth, MAC, /32, gateway routes, block, same-IP rule."""
+        c.ns = self.netns(f"{self.prefix}{c.name}")
+        sh("ip", "-n", self.host, "link", "add", c.hostif, "type", "veth", "peer", "name", "eth0", "netns", c.ns)
+        self.x(self.host, "ip", "link", "set", c.hostif, "up")
+        c.ifindex = self.ifindex(self.host, c.hostif)
+        for cmd in (
+            ["ip", "link", "set", "eth0", "address", c.mac],
+            ["ip", "link", "set", "eth0", "up"],
+            ["ip", "addr", "add", f"{PUBLIC}/32", "dev", "eth0"],
+            ["ip", "route", "add", str(GATEWAY_IP), "dev", "eth0", "scope", "link"],
+            ["ip", "route", "add", "default", "via", str(GATEWAY_IP), "dev", "eth0", "onlink"],
+            # same-IP: the public IP is local only for packets from eth0 (plumbing._move_local_routes)
+            ["ip", "route", "add", "local", str(PUBLIC), "dev", "eth0", "table", "100"],
+            ["ip", "route", "del", "local", str(PUBLIC), "dev", "eth0", "table", "local"],
+            ["ip", "rule", "add", "pref", "1", "iif", "eth0", "lookup", "100"],
+            ["sysctl", "-qw", f"net.ipv4.ip_local_port_range={c.block} {c.block + c.block_size - 1}"],
+        ):
+            self.x(c.ns, *cmd)
+
+    def ifindex(self, ns: str, ifname: str) -> int:
+        return int(json.loads(sh("ip", "-n", ns, "-j", "link", "show", ifname))[0]["ifindex"])
+
+    def load(self) -> None:
+        self.pin.mkdir(parents=True, exist_ok=True)
+        loader.ensure_bpffs(self.pin)
+        self.mounted = True
+        self.x(self.host, PY, "-m", "tests.ebpf.nstool", "load", str(self.obj), str(self.pin))
+
+    def attach(self, peer_obj: Path | None = None) -> None:
+        """Attach the programs in the host namespace (tc keeps them after nstool exits)."""
+        ports = ",".join(c.hostif for c in (self.a, self.b))
+        self.x(self.host, PY, "-m", "tests.ebpf.nstool", "attach", str(peer_obj or self.obj), str(self.pin),
+               f"pm_from_container={ports}", "pm_from_uplink=up0")
+
+    def map(self, name: str) -> loader.BpfMap:
+        return loader.open_map(self.pin, name)
+
+    def fill(self) -> None:
+        """What the agent would write for this host: config, ports, mappings, blocks, networks."""
+        cfg = layout.Config(gateway_mac=layout.mac_bytes(GATEWAY_MAC), virtual_mac=layout.mac_bytes(VIRTUAL_MAC),
+                            gateway_ip=layout.be32(GATEWAY_IP), gateway_tunnel=0, flags=layout.CFG_GATEWAY)
+        pub = layout.be32(PUBLIC)
+        with self.map("config") as m:
+            m.update(bytes(ctypes.c_uint32(0)), bytes(cfg))
+        with self.map("public_ips") as m:
+            m.update(bytes(ctypes.c_uint32(pub)), bytes(ctypes.c_uint32(1)))
+        with self.map("networks") as m:
+            for net, plen, kind in (("203.0.113.0", 24, layout.NET_POOL), ("198.18.0.0", 15, layout.NET_PROTECTED),
+                                    ("169.254.0.0", 16, layout.NET_LINK_LOCAL)):
+                net_key = layout.NetKey(prefixlen=plen, ip=layout.be32(IPv4Address(net)))
+                m.update(bytes(net_key), bytes(ctypes.c_uint32(kind)))
+        for c in (self.a, self.b):
+            dest = layout.Dest(mac=layout.mac_bytes(c.mac), flags=layout.DEST_LOCAL, ifindex=c.ifindex, owner=c.ifindex)
+            port = layout.Port(mac=layout.mac_bytes(c.mac), owner=c.ifindex)
+            with self.map("ports") as m:
+                m.update(bytes(ctypes.c_uint32(c.ifindex)), bytes(port))
+            with self.map("owned_ips") as m:
+                m.update(bytes(layout.OwnedIp(ifindex=c.ifindex, ip=pub)), bytes(ctypes.c_uint8(1)))
+            with self.map("macs") as m:
+                m.update(bytes(layout.MacKey(mac=layout.mac_bytes(c.mac))), bytes(dest))
+            with self.map("blocks") as m:
+                plen = 32 + 16 - (c.block_size.bit_length() - 1)
+                m.update(bytes(layout.BlockKey(prefixlen=plen, ip=pub, port=layout.be16(c.block))), bytes(dest))
+            for proto in (layout.IPPROTO_TCP, layout.IPPROTO_UDP):
+                key = layout.MappingKey(ip=pub, port=layout.be16(c.port), proto=proto)
+                with self.map("mappings") as m:
+                    m.update(bytes(key), bytes(dest))
+                with self.map("mapping_stats") as m:
+                    m.update(bytes(key), bytes(layout.Counter()))
+
+    # -- reading counters ----------------------------------------------------------------
+    def drops(self) -> dict[layout.DropReason, int]:
+        with self.map("drops") as m:
+            out = {}
+            for reason in layout.DropReason:
+                slots = m.lookup_percpu(bytes(ctypes.c_uint32(reason))) or []
+                out[reason] = sum(layout.Counter.from_buffer_copy(s).packets for s in slots)
+            return out
+
+    def mapping_packets(self, port: int, proto: int) -> int:
+        key = layout.MappingKey(ip=layout.be32(PUBLIC), port=layout.be16(port), proto=proto)
+        with self.map("mapping_stats") as m:
+            slots = m.lookup_percpu(bytes(key)) or []
+        return sum(layout.Counter.from_buffer_copy(s).packets for s in slots)
+
+    # -- processes -----------------------------------------------------------------------
+    def start(self, ns: str, *args: str, ready: str, timeout: float = 10) -> subprocess.Popen[str]:
+        """Start a long-running process in ``ns``; return once it printed a line starting ``ready``."""
+        p = subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=ROOT)
+        self.procs.append(p)
+        assert p.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not r:
+                break
+            got = p.stdout.readline()
+            if not got:
+                break
+            if got.startswith(ready):
+                return p
+        raise RuntimeError(f"{args} did not get ready: {p.poll()} {p.stderr.read() if p.poll() is not None and p.stderr else ''}")
+
+    def whoami(self, ns: str, name: str, tcp: list[int], udp: list[int]) -> None:
+        args = [PY, "-m", "portmesh.lab.whoami", "--name", name]
+        for port in tcp:
+            args += ["--tcp", str(port)]
+        for port in udp:
+            args += ["--udp", str(port)]
+        self.start(ns, *args, ready="whoami")
+
+    def tool(self, ns: str, script: str, *args: str, timeout: float = 30) -> dict[str, object]:
+        """Run a bounded tests/lab/tools script in ``ns``; its JSON answer."""
+        out = self.x(ns, PY, str(TOOLS / script), *args, timeout=timeout)
+        result: dict[str, object] = json.loads(out)
+        return result
+
+    def stop(self, p: subprocess.Popen[str]) -> None:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            with contextlib.suppress(Exception):
+                self.stop(p)
+        for ns in reversed(self.namespaces):
+            sh("ip", "netns", "del", ns, check=False)
+        if self.mounted:
+            sh("umount", str(self.pin), check=False)
+            with contextlib.suppress(OSError):
+                self.pin.rmdir()
+
+
+def _needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the eBPF lab needs root")
+
+
+@pytest.fixture(scope="session")
+def datapath_object(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _needs_root()
+    return build.object_path(tmp_path_factory.mktemp("ebpf"))
+
+
+@pytest.fixture(scope="module")
+def dplab(datapath_object: Path) -> Iterator[Dplab]:
+    lab = Dplab(f"pe{os.getpid() % 10000}", datapath_object)
+    try:
+        lab.build()
+        lab.whoami(lab.a.ns, "a", [lab.a.port], [lab.a.port])
+        lab.whoami(lab.b.ns, "b", [lab.b.port], [lab.b.port])
+        lab.whoami(lab.inet, "inet", [9000], [9000])
+        yield lab
+    finally:
+        lab.close()
