@@ -133,6 +133,12 @@ def test_maps_of_every_kind(env: Env) -> None:
         assert dict(h.items())[u32(4)] == struct.pack("=Q", 400)
         assert h.delete(u32(3)) is True and h.delete(u32(3)) is False
         assert h.lookup(u32(3)) is None and len(list(h.keys())) == 4
+        assert u32(4) in h and u32(3) not in h
+        for key in h:  # deleting while iterating: every key once, nothing left
+            assert h.delete(key) is True
+        assert list(h.keys()) == []
+        for i in range(5):
+            h.update(u32(i), struct.pack("=Q", i * 100))
         with pytest.raises(ValueError, match="mini_hash: key is 2 bytes"):
             h.lookup(b"\0\0")
         with pytest.raises(OSError) as exc:  # BPF_NOEXIST on a present key
@@ -208,6 +214,21 @@ def test_load_errors_name_the_object(env: Env, tmp_path: Path) -> None:
         loader.load(bogus, env.pins)
     with loader.load(env.obj, env.pins) as loaded, pytest.raises(KeyError, match="no_such_prog"):
         loaded.program_fd("no_such_prog")
+
+
+def test_pinned_map_with_another_definition_fails_the_load(env: Env, tmp_path: Path) -> None:
+    """A changed map definition cannot silently reuse (or replace) the pinned map: the load fails, naming it."""
+    with loader.load(env.obj, env.pins):
+        pass  # the pins exist
+    source = tmp_path / "mini.bpf.c"
+    text = (DATA / "mini.bpf.c").read_text()
+    assert text.count("__uint(max_entries, 1024);") == 1
+    source.write_text(text.replace("__uint(max_entries, 1024);", "__uint(max_entries, 2048);"))
+    changed = build.object_path(tmp_path / "cache", source=source)
+    with pytest.raises(OSError, match=r"(?s)load eBPF object .*mini_hash"):
+        loader.load(changed, env.pins)
+    with loader.open_map(env.pins, "mini_hash") as m:
+        assert m.max_entries == 1024  # the pinned map is untouched
 
 
 def ping(env: Env) -> None:
