@@ -1,0 +1,59 @@
+"""Throughput through the datapath program vs a direct veth, measured in one run (nothing asserted
+on time). Opt-in: ``PM_EBPF_BENCH=1 pytest -s tests/ebpf/test_program_bench.py``.
+
+iperf3 from inet to a container's mapped port goes uplink -> program -> container; the baseline is
+iperf3 from inet to the host's own uplink address (the same veth, no program in the way, one
+namespace hop less). Both delivery variants are measured by attaching a second build of the same
+source (-DPM_NO_REDIRECT_PEER) over the same pinned maps: bpf_redirect_peer (the container's
+ingress directly) vs bpf_redirect (the host end's egress, then the veth's own xmit path).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from portmesh.agent.ebpf import build, layout
+
+from .conftest import HOST_UP, PUBLIC, Dplab
+
+pytestmark = pytest.mark.skipif(os.environ.get("PM_EBPF_BENCH") != "1", reason="benchmark: PM_EBPF_BENCH=1")
+
+SECONDS = os.environ.get("PM_EBPF_BENCH_SECONDS", "4")
+IPERF_PORT = 5201
+
+
+def iperf(lab: Dplab, host: str) -> float:
+    out = lab.x(lab.inet, "iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", SECONDS, "-J", timeout=60)
+    return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def test_iperf_through_the_program_vs_direct_veth(dplab: Dplab, tmp_path: Path) -> None:
+    a = dplab.a
+    key = layout.MappingKey(ip=layout.be32(PUBLIC), port=layout.be16(IPERF_PORT), proto=layout.IPPROTO_TCP)
+    dest = layout.Dest(mac=layout.mac_bytes(a.mac), flags=layout.DEST_LOCAL, ifindex=a.ifindex, owner=a.ifindex)
+    with dplab.map("mappings") as m:
+        m.update(bytes(key), bytes(dest))
+    no_peer = tmp_path / "datapath-no-peer.o"
+    subprocess.run([build.CLANG, *build.CFLAGS, "-DPM_NO_REDIRECT_PEER", f"-I{build.SOURCE.parent}", "-c",
+                    str(build.SOURCE), "-o", str(no_peer)], check=True)
+    dplab.start(a.ns, "stdbuf", "-oL", "iperf3", "-s", "-p", str(IPERF_PORT), ready="Server listening")
+    dplab.start(dplab.host, "stdbuf", "-oL", "iperf3", "-s", "-p", str(IPERF_PORT), ready="Server listening")
+    rows = []
+    for round_ in range(2):  # alternate, so both variants see about the same machine load
+        rows.append(("direct veth (inet -> host up0)", iperf(dplab, HOST_UP)))
+        dplab.attach(dplab.obj)
+        rows.append(("program, bpf_redirect_peer", iperf(dplab, str(PUBLIC))))
+        dplab.attach(no_peer)
+        rows.append(("program, bpf_redirect", iperf(dplab, str(PUBLIC))))
+        dplab.attach(dplab.obj)
+    print(f"\niperf3 inet -> ..., {SECONDS} s each, load {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs")
+    for name, gbps in rows:
+        print(f"  {name:34s} {gbps:6.2f} Gbit/s")
+    assert all(g > 0 for _, g in rows)
+    assert ctypes.sizeof(key) == 8
