@@ -236,10 +236,18 @@ def ping(env: Env) -> None:
                    capture_output=True, check=True)
 
 
-def seen_packets(env: Env) -> int:
+def seen_packets(env: Env, slot: int = 0) -> int:
+    """Frames counted by pm_pass (slot 0) or pm_pass_too (slot 1), all CPUs."""
     with loader.open_map(env.pins, "seen") as seen:
-        slots = seen.lookup_percpu(u32(0)) or []
+        slots = seen.lookup_percpu(u32(slot)) or []
     return sum(struct.unpack("=QQ", s)[0] for s in slots)
+
+
+def rx_packets(ifindex: int) -> int:
+    """Frames the veth end received (each one passes its tc ingress): call inside its namespace."""
+    with IPRoute() as ipr:
+        (link,) = ipr.get_links(ifindex)
+    return int(link.get_attr("IFLA_STATS64")["rx_packets"])
 
 
 def ingress_filters(env: Env) -> list[str]:
@@ -271,9 +279,9 @@ def test_attach_idempotent_replace_detach(env: Env) -> None:
         assert loader.attached(env.ifindex) == other_id
         filters = ingress_filters(env)
         assert len(filters) == 1 and f"id {other_id}" in filters[0]
-        count = seen_packets(env)
-        ping(env)  # pm_pass_too passes frames too, and no longer counts them
-        assert seen_packets(env) == count
+        count, count_too = seen_packets(env), seen_packets(env, 1)
+        ping(env)  # pm_pass_too runs now, pm_pass no longer
+        assert seen_packets(env) == count and seen_packets(env, 1) > count_too
 
         # A stray filter at another priority is removed when ours is (re)placed.
         with IPRoute() as ipr:
@@ -296,3 +304,47 @@ def test_attach_idempotent_replace_detach(env: Env) -> None:
         assert "clsact" not in sh("tc", "qdisc", "show", "dev", f"{env.prefix}va")
         assert loader.detach(env.ifindex) is False
         ping(env)  # traffic still flows without the program
+
+
+def swap_under_flood(env: Env, progs: list[tuple[int, str]], atomic: bool) -> tuple[int, tuple[int, int], int]:
+    """Flood-ping the veth end while swapping programs; (frames received, counted by each program, swaps)."""
+    loader.attach(env.ifindex, *progs[0])
+    before = rx_packets(env.ifindex), seen_packets(env, 0), seen_packets(env, 1)
+    flood = subprocess.Popen(["ip", "netns", "exec", env.ns_b, "ping", "-f", "-q", "-c", "10000", "198.18.0.1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    swaps = 0
+    try:
+        while flood.poll() is None:
+            if not atomic:
+                loader.detach(env.ifindex)
+            assert loader.attach(env.ifindex, *progs[(swaps + 1) % 2]) is True
+            swaps += 1
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+        _, err = flood.communicate(timeout=30)
+    assert flood.returncode == 0, err
+    received = rx_packets(env.ifindex) - before[0]
+    counted = (seen_packets(env, 0) - before[1], seen_packets(env, 1) - before[2])
+    return received, counted, swaps
+
+
+def test_replace_under_traffic_leaves_no_window(env: Env) -> None:
+    """Swapping the program while frames arrive: every frame received met one of the two programs.
+
+    A flood ping arrives at the veth end while attach swaps the programs back and forth; the
+    frames both programs counted add up exactly to the frames the interface received. Control:
+    the same flood with detach + attach as the swap shows frames that met no program, so the
+    count would see a window if attach had one.
+    """
+    with loader.load(env.obj, env.pins) as loaded, netns(env.ns_a):
+        progs = [(loaded.program_fd("pm_pass"), "pm_pass"), (loaded.program_fd("pm_pass_too"), "pm_pass_too")]
+        try:
+            received, counted, swaps = swap_under_flood(env, progs, atomic=True)
+            c_received, c_counted, c_swaps = swap_under_flood(env, progs, atomic=False)
+        finally:
+            loader.detach(env.ifindex)
+    assert received >= 10000 and swaps >= 10, (received, swaps)
+    assert counted[0] > 0 and counted[1] > 0, counted  # both programs really ran during the flood
+    assert sum(counted) == received, f"{received} frames received, {counted} counted over {swaps} swaps"
+    assert c_swaps >= 10 and sum(c_counted) < c_received, f"control: {c_received} received, {c_counted} counted"

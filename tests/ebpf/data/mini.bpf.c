@@ -1,8 +1,8 @@
 /* A tiny tc object for the loader's tests: one pinned map of every kind the datapath uses
  * (hash, LPM trie, array, per-CPU hash, per-CPU array, LRU hash) and two tc programs that pass
  * every frame, so attach/replace can be tested without the real datapath.
- * pm_pass counts the frames it sees in `seen` (per-CPU array, key 0), so a test can tell that
- * the attached program really runs. */
+ * pm_pass counts the frames it sees in `seen` (per-CPU array) at key 0, pm_pass_too at key 1, so a
+ * test can tell which program runs, and that every frame met one of them while they were swapped. */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
@@ -52,7 +52,7 @@ struct {
 
 struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-    __uint(max_entries, 1);
+    __uint(max_entries, 2);
     __type(key, __u32);
     __type(value, struct mini_counter);
     __uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -66,11 +66,9 @@ struct {
     __uint(pinning, LIBBPF_PIN_BY_NAME);
 } mini_lru SEC(".maps");
 
-SEC("tc")
-int pm_pass(struct __sk_buff *skb)
+static __always_inline int count(struct __sk_buff *skb, __u32 slot)
 {
-    __u32 zero = 0;
-    struct mini_counter *c = bpf_map_lookup_elem(&seen, &zero);
+    struct mini_counter *c = bpf_map_lookup_elem(&seen, &slot);
 
     if (c) {
         c->packets += 1;
@@ -80,9 +78,15 @@ int pm_pass(struct __sk_buff *skb)
 }
 
 SEC("tc")
+int pm_pass(struct __sk_buff *skb)
+{
+    return count(skb, 0);
+}
+
+SEC("tc")
 int pm_pass_too(struct __sk_buff *skb)
 {
-    return TC_ACT_OK;
+    return count(skb, 1);
 }
 
 char LICENSE[] SEC("license") = "GPL";
