@@ -15,9 +15,10 @@ import contextlib
 import ctypes
 import json
 import os
-import select
+import queue
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
@@ -66,6 +67,8 @@ class Dplab:
         self.inet = f"{prefix}i"
         self.pin = Path(f"/run/portmesh-test/{prefix}")
         self.procs: list[subprocess.Popen[str]] = []
+        self.lines: dict[int, queue.Queue[str]] = {}
+        self.readers: dict[int, threading.Thread] = {}
         self.namespaces: list[str] = []
         self.mounted = False
         self.a = Sharer("a", "0a:00:00:00:00:0a", 32768, 1024, 8081)
@@ -190,17 +193,35 @@ class Dplab:
                              text=True, cwd=ROOT)
         self.procs.append(p)
         assert p.stdout is not None
+        lines: queue.Queue[str] = queue.Queue()
+        self.lines[p.pid] = lines
+        # A thread reads the lines: select() on the pipe misses lines already in Python's buffer.
+        self.readers[p.pid] = threading.Thread(target=self._read, args=(p, lines), daemon=True)
+        self.readers[p.pid].start()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            r, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not r:
-                break
-            got = p.stdout.readline()
-            if not got:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                got = lines.get(timeout=left)
+            except queue.Empty:
                 break
             if got.startswith(ready):
                 return p
-        raise RuntimeError(f"{args} did not get ready: {p.poll()} {p.stderr.read() if p.poll() is not None and p.stderr else ''}")
+        raise RuntimeError(f"{args} did not get ready in {timeout} s (exit status {p.poll()})")
+
+    @staticmethod
+    def _read(p: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
+        for line in p.stdout or ():
+            lines.put(line)
+
+    def rest(self, p: subprocess.Popen[str], timeout: float) -> str:
+        """What ``p`` printed after its ready line, once it exited (bounded)."""
+        p.wait(timeout)
+        self.readers[p.pid].join(timeout)
+        out = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                out.append(self.lines[p.pid].get_nowait())
+        return "".join(out)
 
     def whoami(self, ns: str, name: str, tcp: list[int], udp: list[int]) -> None:
         args = [PY, "-m", "portmesh.lab.whoami", "--name", name]

@@ -119,7 +119,7 @@ def test_spoofed_sources_never_reach_inet_and_are_counted(dplab: Dplab) -> None:
         udp_frame(a.mac, str(PUBLIC), a.block + 5, INET, port, b"END"),
     ]
     dplab.tool(a.ns, "clients.py", "raw-send", "--ifname", "eth0", *frames)
-    out, _ = rec.communicate(timeout=15)
+    out = dplab.rest(rec, timeout=15)
     heard = json.loads(out)["heard"]
     payloads = [h["payload"] for h in heard]
     assert payloads == ["legit", "legit-mapping", "END"], heard
