@@ -64,12 +64,12 @@ def be16(port: int) -> int:
     return socket.htons(port)
 
 
-def mac_bytes(mac: str) -> Mac:
+def mac_bytes(mac: str) -> ctypes.Array[ctypes.c_uint8]:
     """``"0a:00:00:00:00:01"`` as the 6-byte array of a struct."""
     return Mac(*bytes.fromhex(mac.replace(":", "")))
 
 
-def mac_text(mac: Mac) -> str:
+def mac_text(mac: ctypes.Array[ctypes.c_uint8]) -> str:
     return ":".join(f"{b:02x}" for b in bytes(mac))
 
 
@@ -150,7 +150,8 @@ class EchoKey(ctypes.Structure):
 
 
 # The maps the agent fills, with their key and value types; ``public_ips`` and ``owned_ips`` hold 1.
-MAPS: dict[str, tuple[type[ctypes._SimpleCData[int]] | type[ctypes.Structure], type[ctypes._SimpleCData[int]] | type[ctypes.Structure]]] = {
+CType = type[ctypes._SimpleCData[int]] | type[ctypes.Structure]
+MAPS: dict[str, tuple[CType, CType]] = {
     "config": (ctypes.c_uint32, Config),
     "ports": (ctypes.c_uint32, Port),
     "owned_ips": (OwnedIp, ctypes.c_uint8),
