@@ -13,6 +13,7 @@ import ctypes
 import enum
 import socket
 from ipaddress import IPv4Address
+from typing import TypeAlias
 
 MAX_PORTS = 65536
 MAX_MAPPINGS = 262144
@@ -150,7 +151,7 @@ class EchoKey(ctypes.Structure):
 
 
 # The maps the agent fills, with their key and value types; ``public_ips`` and ``owned_ips`` hold 1.
-CType = type[ctypes._SimpleCData[int]] | type[ctypes.Structure]
+CType: TypeAlias = "type[ctypes._SimpleCData[int]] | type[ctypes.Structure]"
 MAPS: dict[str, tuple[CType, CType]] = {
     "config": (ctypes.c_uint32, Config),
     "ports": (ctypes.c_uint32, Port),
