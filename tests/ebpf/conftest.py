@@ -70,7 +70,7 @@ class Dplab:
         self.lines: dict[int, queue.Queue[str]] = {}
         self.readers: dict[int, threading.Thread] = {}
         self.namespaces: list[str] = []
-        self.mounted = False
+        self.mounts: list[Path] = []
         self.a = Sharer("a", "0a:00:00:00:00:0a", 32768, 1024, 8081)
         self.b = Sharer("b", "0a:00:00:00:00:0b", 33792, 1024, 8082)
 
@@ -100,14 +100,15 @@ class Dplab:
         self.fill()
         self.attach()
 
-    def container(self, c: Sharer) -> None:
+    def container(self, c: Sharer, host: str = "", mtu: int = 1500) -> None:
         """The agent's plumbing, by hand: veth, MAC, /32, gateway routes, block, same-IP rule."""
+        host = host or self.host
         c.ns = self.netns(f"{self.prefix}{c.name}")
-        sh("ip", "-n", self.host, "link", "add", c.hostif, "type", "veth", "peer", "name", "eth0", "netns", c.ns)
-        self.x(self.host, "ip", "link", "set", c.hostif, "up")
-        c.ifindex = self.ifindex(self.host, c.hostif)
+        sh("ip", "-n", host, "link", "add", c.hostif, "type", "veth", "peer", "name", "eth0", "netns", c.ns)
+        self.x(host, "ip", "link", "set", c.hostif, "up")
+        c.ifindex = self.ifindex(host, c.hostif)
         for cmd in (
-            ["ip", "link", "set", "eth0", "address", c.mac],
+            ["ip", "link", "set", "eth0", "address", c.mac, "mtu", str(mtu)],
             ["ip", "link", "set", "eth0", "up"],
             ["ip", "addr", "add", f"{PUBLIC}/32", "dev", "eth0"],
             ["ip", "route", "add", str(GATEWAY_IP), "dev", "eth0", "scope", "link"],
@@ -124,56 +125,78 @@ class Dplab:
         return int(json.loads(sh("ip", "-n", ns, "-j", "link", "show", ifname))[0]["ifindex"])
 
     def load(self) -> None:
-        self.pin.mkdir(parents=True, exist_ok=True)
-        loader.ensure_bpffs(self.pin)
-        self.mounted = True
+        self.mount(self.pin)
         self.x(self.host, PY, "-m", "tests.ebpf.nstool", "load", str(self.obj), str(self.pin))
 
-    def attach(self, peer_obj: Path | None = None) -> None:
-        """Attach the programs in the host namespace (tc keeps them after nstool exits)."""
-        ports = ",".join(c.hostif for c in (self.a, self.b))
-        self.x(self.host, PY, "-m", "tests.ebpf.nstool", "attach", str(peer_obj or self.obj), str(self.pin),
-               f"pm_from_container={ports}", "pm_from_uplink=up0")
+    def mount(self, pin: Path) -> None:
+        pin.mkdir(parents=True, exist_ok=True)
+        self.mounts.append(pin)
+        loader.ensure_bpffs(pin)
 
-    def map(self, name: str) -> loader.BpfMap:
-        return loader.open_map(self.pin, name)
+    def attach(self, obj: Path | None = None, *extra: str) -> None:
+        """Attach the programs in the host namespace (tc keeps them after nstool exits).
+
+        ``extra``: more ``PROGRAM=IF,...`` for nstool (tunnel devices)."""
+        ports = ",".join(c.hostif for c in (self.a, self.b))
+        self.x(self.host, PY, "-m", "tests.ebpf.nstool", "attach", str(obj or self.obj), str(self.pin),
+               f"pm_from_container={ports}", "pm_from_uplink=up0", *extra)
+
+    def map(self, name: str, pin: Path | None = None) -> loader.BpfMap:
+        return loader.open_map(pin or self.pin, name)
 
     def fill(self) -> None:
-        """What the agent would write for this host: config, ports, mappings, blocks, networks."""
+        """What the agent would write for this (gateway) host: config, networks, its two sharers."""
+        self.fill_host(self.pin, gateway_tunnel=0)
+        for c in (self.a, self.b):
+            self.add_port(self.pin, c)
+            self.add_dest(self.pin, c, self.local(c))
+
+    @staticmethod
+    def local(c: Sharer) -> layout.Dest:
+        return layout.Dest(mac=layout.mac_bytes(c.mac), flags=layout.DEST_LOCAL, ifindex=c.ifindex, owner=c.ifindex)
+
+    def fill_host(self, pin: Path, gateway_tunnel: int) -> None:
+        """config (a gateway when gateway_tunnel is 0), the public IP, the networks."""
         cfg = layout.Config(gateway_mac=layout.mac_bytes(GATEWAY_MAC), virtual_mac=layout.mac_bytes(VIRTUAL_MAC),
-                            gateway_ip=layout.be32(GATEWAY_IP), gateway_tunnel=0, flags=layout.CFG_GATEWAY)
+                            gateway_ip=layout.be32(GATEWAY_IP), gateway_tunnel=gateway_tunnel,
+                            flags=0 if gateway_tunnel else layout.CFG_GATEWAY)
         pub = layout.be32(PUBLIC)
-        with self.map("config") as m:
+        with self.map("config", pin) as m:
             m.update(bytes(ctypes.c_uint32(0)), bytes(cfg))
-        with self.map("public_ips") as m:
+        with self.map("public_ips", pin) as m:
             m.update(bytes(ctypes.c_uint32(pub)), bytes(ctypes.c_uint32(1)))
-        with self.map("networks") as m:
+        with self.map("networks", pin) as m:
             for net, plen, kind in (("203.0.113.0", 24, layout.NET_POOL), ("198.18.0.0", 15, layout.NET_PROTECTED),
                                     ("169.254.0.0", 16, layout.NET_LINK_LOCAL)):
                 net_key = layout.NetKey(prefixlen=plen, ip=layout.be32(IPv4Address(net)))
                 m.update(bytes(net_key), bytes(ctypes.c_uint32(kind)))
-        for c in (self.a, self.b):
-            dest = layout.Dest(mac=layout.mac_bytes(c.mac), flags=layout.DEST_LOCAL, ifindex=c.ifindex, owner=c.ifindex)
-            port = layout.Port(mac=layout.mac_bytes(c.mac), owner=c.ifindex)
-            with self.map("ports") as m:
-                m.update(bytes(ctypes.c_uint32(c.ifindex)), bytes(port))
-            with self.map("owned_ips") as m:
-                m.update(bytes(layout.OwnedIp(ifindex=c.ifindex, ip=pub)), bytes(ctypes.c_uint8(1)))
-            with self.map("macs") as m:
-                m.update(bytes(layout.MacKey(mac=layout.mac_bytes(c.mac))), bytes(dest))
-            with self.map("blocks") as m:
-                plen = 32 + 16 - (c.block_size.bit_length() - 1)
-                m.update(bytes(layout.BlockKey(prefixlen=plen, ip=pub, port=layout.be16(c.block))), bytes(dest))
-            for proto in (layout.IPPROTO_TCP, layout.IPPROTO_UDP):
-                key = layout.MappingKey(ip=pub, port=layout.be16(c.port), proto=proto)
-                with self.map("mappings") as m:
-                    m.update(bytes(key), bytes(dest))
-                with self.map("mapping_stats") as m:
-                    m.update(bytes(key), bytes(layout.Counter()))
+
+    def add_port(self, pin: Path, c: Sharer) -> None:
+        """A local container's port: its MAC and the IP it may send from."""
+        port = layout.Port(mac=layout.mac_bytes(c.mac), owner=c.ifindex)
+        with self.map("ports", pin) as m:
+            m.update(bytes(ctypes.c_uint32(c.ifindex)), bytes(port))
+        with self.map("owned_ips", pin) as m:
+            m.update(bytes(layout.OwnedIp(ifindex=c.ifindex, ip=layout.be32(PUBLIC))), bytes(ctypes.c_uint8(1)))
+
+    def add_dest(self, pin: Path, c: Sharer, dest: layout.Dest) -> None:
+        """Where c's MAC, block and mapped port (TCP and UDP) lead on this host; counters at zero."""
+        pub = layout.be32(PUBLIC)
+        with self.map("macs", pin) as m:
+            m.update(bytes(layout.MacKey(mac=layout.mac_bytes(c.mac))), bytes(dest))
+        with self.map("blocks", pin) as m:
+            plen = 32 + 16 - (c.block_size.bit_length() - 1)
+            m.update(bytes(layout.BlockKey(prefixlen=plen, ip=pub, port=layout.be16(c.block))), bytes(dest))
+        for proto in (layout.IPPROTO_TCP, layout.IPPROTO_UDP):
+            key = layout.MappingKey(ip=pub, port=layout.be16(c.port), proto=proto)
+            with self.map("mappings", pin) as m:
+                m.update(bytes(key), bytes(dest))
+            with self.map("mapping_stats", pin) as m:
+                m.update(bytes(key), bytes(layout.Counter()))
 
     # -- reading counters ----------------------------------------------------------------
-    def drops(self) -> dict[layout.DropReason, int]:
-        with self.map("drops") as m:
+    def drops(self, pin: Path | None = None) -> dict[layout.DropReason, int]:
+        with self.map("drops", pin) as m:
             out = {}
             for reason in layout.DropReason:
                 slots = m.lookup_percpu(bytes(ctypes.c_uint32(reason))) or []
@@ -252,10 +275,10 @@ class Dplab:
                 self.stop(p)
         for ns in reversed(self.namespaces):
             sh("ip", "netns", "del", ns, check=False)
-        if self.mounted:
-            sh("umount", str(self.pin), check=False)
+        for pin in self.mounts:
+            sh("umount", str(pin), check=False)
             with contextlib.suppress(OSError):
-                self.pin.rmdir()
+                pin.rmdir()
 
 
 def _needs_root() -> None:
