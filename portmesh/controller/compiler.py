@@ -31,6 +31,7 @@ from portmesh.controller.rules import (
     rewrite_flow,
     tunnel_delivery_flow,
     tunnel_flows,
+    uplink_flows,
 )
 from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import Container, DesiredState, Mapping, MappingKey, Proto
@@ -323,11 +324,16 @@ class SwitchCompiler:
         is_gateway = gateway in (None, host)
         gateway_out = OFPP_LOCAL if is_gateway else tunnels.get(gateway or host)
         tunnel_ports = tuple(sorted(p for p in tunnels.values() if p is not None))
+        # The uplink the agent reported (--uplink), once the switch has it as a port.
+        me = state.hosts.get(host)
+        uplink = ports.get(me.uplink) if me is not None and me.uplink else None
         keys: list[tuple[object, Callable[[], Iterable[Flow]]]] = [
             (("host", host, gateway_out), partial(host_flows, config, host, gateway_out)),
             (("tunnels", host, tunnel_ports, is_gateway), partial(tunnel_flows, config, host, tunnel_ports, is_gateway)),
             *((("ip", ip), partial(common.public_ip, ip)) for ip in state.public_ips()),
         ]
+        if uplink is not None:
+            keys.append((("uplink", host, uplink), partial(uplink_flows, config, host, uplink)))
         for key, build in keys:
             hit = cached.get(key)
             flows = hit if hit is not None else tuple(build())

@@ -42,11 +42,21 @@ class Table(enum.Enum):
             "passes it on to MAPPING only if the header it quotes is addressed to a port the sender owns; any "
             "other type is dropped. ICMP echo replies, destination unreachable and time exceeded from the gateway "
             "port are looked up in conntrack zone 1 and continue in MAPPING. Only ICMP meets conntrack; TCP and "
-            "UDP never do."
+            "UDP never do. "
+            "The uplink port (a gateway host whose agent runs with --uplink IFACE, reported in the Host row): "
+            "IPv4 to a public pool goes to MAPPING, so inbound traffic never crosses the host's routing and the "
+            "bridge's internal port (the agent's nftables ingress chain on IFACE drops the kernel's copy of "
+            "exactly these frames); ICMP echo replies and errors to a pool are looked up in conntrack zone 1 "
+            "first, as from the gateway port; ARP asking for a pool address goes to ARP (an upstream that "
+            "treats the pools as on-link gets the virtual MAC). Everything else from the uplink is dropped "
+            "here and counted: the host's kernel has its own copy (ARP for the host's address, the host's own "
+            "traffic). Nothing is ever output to the uplink but answers out of IN_PORT (ARP, echo replies, the "
+            "controller's refusals): outbound traffic leaves through LOCAL and the host's routing, and "
+            "ovs-vswitchd's packet socket does not read back the frames the kernel sends on the uplink."
         ),
         match_fields=frozenset(
-            {"in_port", "eth_src", "eth_type", "ipv4_src", "ip_proto", "tcp_src", "udp_src", "arp_spa", "arp_sha",
-             "icmpv4_type"}
+            {"in_port", "eth_src", "eth_type", "ipv4_src", "ipv4_dst", "ip_proto", "tcp_src", "udp_src", "arp_spa",
+             "arp_sha", "arp_tpa", "icmpv4_type"}
         ),
         next_tables=("ARP", "MAPPING", "FROM_TUNNEL"),
         miss="drop",

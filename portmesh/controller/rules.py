@@ -106,6 +106,29 @@ def host_flows(config: NetworkConfig, host: str, gateway_out: int | None = OFPP_
     yield from icmp_host_flows(host)
 
 
+def uplink_flows(config: NetworkConfig, host: str, port: int) -> Iterator[Flow]:
+    """The gateway host's uplink as a switch port: inbound traffic to the pools enters the pipeline here.
+
+    The agent (``--uplink IFACE``) made IFACE a br0 port and drops the host kernel's copy
+    of IPv4 to the pools at IFACE's ingress, so these frames are handled once, by the
+    switch, before any routing. They arrive with eth_dst = the uplink's MAC (the upstream
+    routes the pools to the host's address) or the virtual MAC (ARP answered here); the
+    mapping rewrites eth_dst only, and eth_src stays the upstream's: a container never
+    reads it, and the controller's refusals and the echo answers go back out of IN_PORT to
+    that very address. Everything else the uplink brings is the kernel's (it has its own
+    copy): dropped here, counted by the port's drop flow.
+    """
+    h = OwnerKind.HOST
+    for pool in config.public_pools:
+        net = (str(pool.network_address), str(pool.netmask))
+        for icmp_type in (ICMP_ECHO_REPLY, *ICMP_ERRORS):
+            yield flow(Table.CLASSIFY, PRIO_ICMP_LOCAL, h, host, (Ct(ICMP_ZONE, Table.MAPPING),), in_port=port,
+                       eth_type=ETH_IP, ipv4_dst=net, ip_proto=IPPROTO_ICMP, icmpv4_type=icmp_type)
+        yield flow(Table.CLASSIFY, PRIO_ALLOW, h, host, (), Table.MAPPING, in_port=port, eth_type=ETH_IP, ipv4_dst=net)
+        yield flow(Table.CLASSIFY, PRIO_ALLOW, h, host, (), Table.ARP, in_port=port, eth_type=ETH_ARP, arp_tpa=net)
+    yield flow(Table.CLASSIFY, PRIO_PORT_DROP, h, host, in_port=port)
+
+
 def icmp_host_flows(host: str) -> Iterator[Flow]:
     """ICMP that concerns a container's echo, found through conntrack; nothing else is tracked.
 

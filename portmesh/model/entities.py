@@ -73,13 +73,18 @@ class Host:
 
     ``underlay_ip`` is where other hosts' VXLAN tunnels end (a host without one
     gets no tunnels); ``datapath_id`` is the bridge's OpenFlow datapath id, which
-    is how the controller recognises the switch when it connects.
+    is how the controller recognises the switch when it connects. ``uplink`` is the
+    interface a gateway host's agent made a port of its bridge (``--uplink``): the
+    switch takes inbound traffic to the public pools straight from it, before the
+    host's routing (reported by the agent, not set by the operator; None: the host
+    routes it in through the bridge's internal port).
     """
 
     name: str
     datapath_id: int
     underlay_ip: IPv4Address | None = None
     role: HostRole = HostRole.GATEWAY
+    uplink: str | None = None
 
     @cached_property
     def tunnel_port(self) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from collections.abc import Mapping as MappingABC
+from dataclasses import replace
 
 from portmesh.model.blocks import BlockTaken
 from portmesh.model.config import NetworkConfig
@@ -116,7 +117,8 @@ class Store(Engine):
             if row is not None:
                 if not may_exist:
                     raise Conflict("name", f"host {host.name!r} already exists")
-                if R.host_from_row(row) == host:
+                have = R.host_from_row(row)
+                if have == replace(host, uplink=have.uplink):  # the uplink is the agent's to say
                     return False
             else:
                 row = txn.insert(self._idl.tables["Host"])
@@ -405,6 +407,22 @@ class Store(Engine):
         self._write(build, bump=False)
         for row_uuid in written[-1:]:
             self._reported_tunnels[row_uuid] = want
+
+    def report_uplink(self, host: str, uplink: str | None) -> None:
+        """Agent: the interface it made a port of its bridge for inbound traffic (``--uplink``), or None.
+
+        No generation bump: the controller monitors the column and recompiles the host's switch;
+        nothing is written when the row already says so.
+        """
+
+        def build(txn: Txn) -> bool:
+            row = self._host(host, field="host")
+            if R.host_from_row(row).uplink == uplink:
+                return False
+            row.uplink = [uplink] if uplink else []
+            return True
+
+        self._write(build, bump=False)
 
     def report_health(self, host: str, results: MappingABC[MappingKey, MappingABC[str, str]]) -> None:
         """Agent: its health checks' results, mapping -> backend -> ``up`` or ``down: reason``.

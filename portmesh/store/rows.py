@@ -63,7 +63,8 @@ CONFIG_COLUMNS: tuple[str, ...] = (
 
 DESIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "Global": ("generation", *CONFIG_COLUMNS),
-    "Host": ("name", "datapath_id", "underlay_ip", "role"),
+    # ``uplink`` (schema 1.7.0) is the agent's report, but the switch of a gateway host is compiled for it.
+    "Host": ("name", "datapath_id", "underlay_ip", "role", "uplink"),
     "Container": (
         "name",
         "host",
@@ -106,14 +107,17 @@ def _optional(value: list[Any]) -> Any:
 
 
 def host_from_row(row: Row) -> Host:
-    """The desired part of a Host row (an empty ``role``, as a row from before schema 1.4.0 has: gateway)."""
+    """The desired part of a Host row (an empty ``role``, as a row from before schema 1.4.0 has: gateway;
+    no ``uplink``, as before schema 1.7.0: the host routes inbound traffic through its bridge's internal port)."""
     ip = _optional(row.underlay_ip)
     role = _optional(getattr(row, "role", []))
+    uplink = _optional(getattr(row, "uplink", []))
     return Host(
         name=row.name,
         datapath_id=row.datapath_id,
         underlay_ip=IPv4Address(ip) if ip else None,
         role=HostRole(role) if role else HostRole.GATEWAY,
+        uplink=str(uplink) if uplink else None,
     )
 
 
@@ -336,7 +340,7 @@ def check_host(host: Host) -> None:
 
 
 def fill_host_row(row: Row, host: Host) -> None:
-    """Write the desired columns of ``host`` (status columns are left alone)."""
+    """Write the operator's columns of ``host`` (status columns and the agent's ``uplink`` are left alone)."""
     check_host(host)
     row.name = host.name
     row.datapath_id = host.datapath_id
