@@ -16,6 +16,8 @@ import ctypes
 import json
 import os
 import queue
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -279,6 +281,28 @@ class Dplab:
             sh("umount", str(pin), check=False)
             with contextlib.suppress(OSError):
                 pin.rmdir()
+
+
+def csum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of data: 0 over a correct header with its checksum."""
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def mac_raw(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def ipv4_frame(dst_mac: str, src_mac: str, src: str, dst: str, proto: int, l4: bytes) -> str:
+    """An Ethernet/IPv4 frame (hex, for clients.py raw-send) with a correct IP checksum."""
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, 0, 64, proto, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    return (mac_raw(dst_mac) + mac_raw(src_mac) + b"\x08\x00" + ip + l4).hex()
 
 
 def _needs_root() -> None:

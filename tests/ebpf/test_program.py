@@ -13,7 +13,7 @@ import struct
 
 from portmesh.agent.ebpf import layout
 
-from .conftest import GATEWAY_MAC, INET, PUBLIC, TOOLS, VIRTUAL_MAC, Dplab, Sharer
+from .conftest import GATEWAY_MAC, INET, PUBLIC, TOOLS, VIRTUAL_MAC, Dplab, Sharer, ipv4_frame
 
 TCP, UDP = layout.IPPROTO_TCP, layout.IPPROTO_UDP
 D = layout.DropReason
@@ -83,23 +83,10 @@ def test_arp_for_gateway_and_public_ip(dplab: Dplab) -> None:
         dplab.x(a.ns, "ip", "route", "flush", "table", "200", check=False)
 
 
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def udp_frame(src_mac: str, src_ip: str, sport: int, dst_ip: str, dport: int, payload: bytes) -> str:
-    """An Ethernet/IPv4/UDP frame to the gateway MAC (UDP checksum 0: none)."""
+    """A UDP datagram to the gateway MAC (UDP checksum 0: none)."""
     udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, UDP, 0,
-                     bytes(map(int, src_ip.split("."))), bytes(map(int, dst_ip.split("."))))
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
-    eth = bytes.fromhex(GATEWAY_MAC.replace(":", "")) + bytes.fromhex(src_mac.replace(":", "")) + b"\x08\x00"
-    return (eth + ip + udp).hex()
+    return ipv4_frame(GATEWAY_MAC, src_mac, src_ip, dst_ip, UDP, udp)
 
 
 def test_spoofed_sources_never_reach_inet_and_are_counted(dplab: Dplab) -> None:
