@@ -1,4 +1,5 @@
-"""``python -m portmesh.agent --host H --store REMOTE --ovsdb REMOTE --controller tcp:IP:PORT[,...] --underlay-dev IFACE``.
+"""``python -m portmesh.agent --host H --store REMOTE --ovsdb REMOTE --controller tcp:IP:PORT[,...] --underlay-dev IFACE``
+(and ``--uplink IFACE`` on a gateway host).
 
 Runs inside the host's network namespace (the lab puts it there). Stopping the
 agent leaves containers and plumbing as they are: traffic keeps flowing and a
@@ -53,6 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the interface the VXLAN tunnels to other hosts run over; this host's underlay IP (registered in the "
         "store) must be on it (default: none, no tunnels: a cloud of one machine)",
     )
+    ap.add_argument(
+        "--uplink",
+        default=None,
+        help="a gateway host's interface facing the outside (it keeps its address): made a br0 port so the switch "
+        "takes inbound traffic to the public pools straight from it, and the kernel's copy of that traffic is "
+        "dropped at its ingress (default: none, the host routes it in through br0)",
+    )
     ap.add_argument("--netns-prefix", default="", help="prefix of the containers' namespace names")
     ap.add_argument(
         "--state-dir", type=Path, default=None, help="where the runtime records containers (default /var/lib/portmesh/agent/HOST)"
@@ -82,7 +90,7 @@ async def serve(args: argparse.Namespace) -> None:
     await asyncio.to_thread(store.start)
     bridge = Bridge(args.ovsdb)
     await asyncio.to_thread(bridge.start)
-    cfg = AgentConfig(args.host, args.controller, args.netns_prefix, args.underlay_dev)
+    cfg = AgentConfig(args.host, args.controller, args.netns_prefix, args.underlay_dev, args.uplink)
     docker_url = args.docker_url if args.docker_url is not None else docker_runtime.default_url()
     engine = None
     if docker_url and docker_url != "none":

@@ -292,8 +292,66 @@ def ensure_host_firewall(
     return True
 
 
+# -- the uplink as a switch port: the kernel's copy of inbound pool traffic goes ---------------
+
+UPLINK_TABLE = "portmesh_uplink"  # netdev: one ingress chain on the uplink (apart from the ports' table, which
+# sync_ports keeps to exactly the container and tunnel ports)
+
+
+def uplink_rules(uplink: str, pools: Iterable[IPv4Network]) -> str:
+    """The ``netdev portmesh_uplink`` table for ``uplink``: IPv4 to a pool is dropped at ingress, the rest accepted.
+
+    ovs-vswitchd's packet socket on the uplink (a br0 port) has its copy of every frame
+    already; the switch maps pool traffic straight to the containers. Dropping the
+    kernel's copy here means the host never routes those frames a second time (through
+    br0's internal port into the switch again: every inbound packet twice in a
+    container). ARP, the host's own address and everything else stay the kernel's; the
+    counter says how many frames the host did not route. No pools: an empty table.
+    """
+    _check_name(uplink)
+    nets = ", ".join(str(n) for n in sorted(set(pools), key=lambda n: (int(n.network_address), n.prefixlen)))
+    digest = hashlib.blake2b(f"{uplink} {nets}".encode(), digest_size=6).hexdigest()
+    rule = f'    ip daddr {{ {nets} }} counter drop comment "pool traffic is the switch\'s [{digest}]"\n' if nets else ""
+    return (f"table netdev {UPLINK_TABLE} {{\n  chain {uplink} {{\n"
+            f'    type filter hook ingress device "{uplink}" priority filter; policy accept;\n'
+            f'{rule}    counter comment "the kernel\'s own [{digest}]"\n  }}\n}}\n')
+
+
+def ensure_uplink(uplink: str, pools: Iterable[IPv4Network]) -> bool:
+    """Make ``netdev portmesh_uplink`` exactly :func:`uplink_rules`, atomically; True if written."""
+    text = uplink_rules(uplink, pools)
+    digest = text.split("[", 1)[1].split("]", 1)[0]
+    objects = nft().objects(f"list table netdev {UPLINK_TABLE}")
+    chains = [o["chain"]["name"] for o in objects if "chain" in o]
+    comments = [o["rule"].get("comment", "") for o in objects if "rule" in o]
+    if chains == [uplink] and comments and all(c.endswith(f"[{digest}]") for c in comments):
+        return False
+    nft().run(f"add table netdev {UPLINK_TABLE}\ndelete table netdev {UPLINK_TABLE}\n{text}")
+    return True
+
+
+def uplink_counters() -> dict[str, int]:
+    """Packets counted by the uplink chain's rules: ``dropped`` (pool traffic) and ``kernel`` (the rest)."""
+    out: dict[str, int] = {}
+    for o in nft().objects(f"list table netdev {UPLINK_TABLE}"):
+        rule = o.get("rule")
+        if rule is None:
+            continue
+        packets = next((e["counter"]["packets"] for e in rule.get("expr", []) if "counter" in e), 0)
+        out["dropped" if any("drop" in e for e in rule.get("expr", [])) else "kernel"] = int(packets)
+    return out
+
+
+def release_uplink() -> bool:
+    """Delete the uplink's table (the agent runs without ``--uplink`` now); True if there was one."""
+    if not nft().objects(f"list table netdev {UPLINK_TABLE}"):
+        return False
+    nft().run(f"delete table netdev {UPLINK_TABLE}")
+    return True
+
+
 def remove_host_firewall() -> None:
-    """Delete both tables (tests and an operator's clean-up); harmless if absent."""
-    for family in ("inet", "netdev"):
-        if nft().objects(f"list table {family} {TABLE}"):
-            nft().run(f"delete table {family} {TABLE}")
+    """Delete the tables (tests and an operator's clean-up); harmless if absent."""
+    for family, table in (("inet", TABLE), ("netdev", TABLE), ("netdev", UPLINK_TABLE)):
+        if nft().objects(f"list table {family} {table}"):
+            nft().run(f"delete table {family} {table}")

@@ -240,6 +240,15 @@ def host_firewall(
     )
 
 
+def ensure_uplink(uplink: str, config: NetworkConfig) -> bool:
+    """The kernel's copy of inbound pool traffic on ``uplink`` dropped at ingress (isolation.ensure_uplink);
+    True if written. Call once ``uplink`` is a br0 port: from then on the switch maps that traffic."""
+    with IPRoute() as ipr:
+        if _index(ipr, uplink) is None:
+            raise PlumbingError(f"uplink {uplink} does not exist on this host")
+    return isolation.ensure_uplink(uplink, config.public_pools)
+
+
 def recheck_isolation(
     config: NetworkConfig,
     bridge: str = BRIDGE,

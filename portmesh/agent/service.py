@@ -20,6 +20,12 @@ per container), so bringing up N containers cost O(N^2): at 1,000 containers,
 seconds per pass. Containers with an image are checked on every pass (their
 engine's events wake the agent).
 
+With ``--uplink IFACE`` (a gateway host) the agent makes IFACE a br0 port, reports it in
+its Host row (the controller compiles the uplink's flows: inbound pool traffic is mapped
+straight from it) and drops the kernel's copy of that traffic at IFACE's ingress
+(isolation.ensure_uplink), in that order, so a frame is never lost while the switch
+takes over; the host keeps its address on IFACE and routes everything else.
+
 With ``--underlay-dev`` the agent also keeps this host's part of the VXLAN mesh
 (tunnels.py): one kernel VXLAN device per peer host as a plain br0 port, made
 when the store's hosts change and re-checked on every full pass, and the host
@@ -35,13 +41,14 @@ import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from portmesh.agent import plumbing, tunnels
+from portmesh.agent import isolation, plumbing, tunnels
 from portmesh.agent.bridge import Bridge, BridgeSpec, parse_controller_targets
 from portmesh.model.config import DEFAULT_CONFIG, NetworkConfig
 from portmesh.model.entities import (
     Container,
     ContainerStatus,
     DesiredState,
+    Host,
     HostRole,
     RunState,
     is_tunnel_port,
@@ -66,6 +73,7 @@ class AgentConfig:
     controller: str  # br0's controller targets, comma-separated (bridge.parse_controller_targets)
     netns_prefix: str
     underlay_dev: str | None = None  # the interface the VXLAN tunnels run over; None: no tunnels (one machine)
+    uplink: str | None = None  # a gateway host's uplink, made a br0 port for inbound pool traffic (--uplink)
     recheck_interval: float = 5.0  # seconds between full passes (processes, plumbing drift, host gateway)
     drift_budget: float = 0.1  # share of recheck_interval a full pass may spend reading plumbing for drift
     retry_interval: float = 2.0  # after a failed convergence
@@ -105,6 +113,7 @@ class Agent:
         self._firewall_ok: tuple[frozenset[tuple[IPv4Address, int]], bool] | None = None
         self._reported_tunnels: dict[str, str] | None = None
         self._tunnel_devices: set[str] = set()  # the tunnel devices found or made by the last tunnel pass
+        self._uplink_ok: tuple[str | None, object] | None = None  # (uplink, pools) last converged
 
     def notify(self) -> None:
         """Store callback (called from the store's IDL thread): converge soon."""
@@ -169,6 +178,8 @@ class Agent:
             peers, compute = self._firewall
             plumbing.ensure_host_gateway(self.network, underlay_dev=self.cfg.underlay_dev, peers=peers, compute=compute)
             self._bridge_ok, self._firewall_ok = spec, self._firewall
+        if full or self._uplink_ok != (self.cfg.uplink, self.network.public_pools):
+            self._converge_uplink(host)
         if full or self._tunnels_ok != specs:
             try:
                 self._converge_tunnels(specs)
@@ -199,6 +210,40 @@ class Agent:
             self._reported_generation = state.generation
             log.info("host %s realised generation %d (%d containers)", self.cfg.host, state.generation, len(wanted))
         return ok and not failed
+
+    def _converge_uplink(self, host: Host) -> None:
+        """The uplink as a br0 port for inbound pool traffic (``--uplink``), or no more of it.
+
+        Taking over: port on br0, reported (the controller compiles its flows), then the
+        kernel's copy dropped; for the moment between the last two steps both paths deliver
+        (a duplicate, never a loss). Giving up (the agent runs without ``--uplink`` now):
+        the kernel routes again first, then the report and the port go. A failure is
+        logged and retried on the next full pass; it must not hold back the containers.
+        """
+        want = self.cfg.uplink
+        if want is not None and not isolation.needed():
+            # The kernel datapath's rx_handler would take every frame of IFACE from the host's stack.
+            log.error("--uplink %s ignored: with the kernel datapath the host would lose the interface", want)
+            want = None
+        try:
+            if want is not None:
+                if self.bridge.ensure_port(want):
+                    log.info("uplink %s added to br0: inbound pool traffic goes straight to the switch", want)
+                self.store.report_uplink(self.cfg.host, want)
+                if plumbing.ensure_uplink(want, self.network):
+                    log.info("uplink %s: the host no longer routes pool traffic in (%s)", want,
+                             ", ".join(str(p) for p in self.network.public_pools))
+            else:
+                if isolation.needed() and isolation.release_uplink():
+                    log.info("uplink table removed: the host routes inbound pool traffic again")
+                if host.uplink is not None:
+                    self.store.report_uplink(self.cfg.host, None)
+                    if self.bridge.remove_port(host.uplink):
+                        log.info("uplink %s removed from br0", host.uplink)
+            self._uplink_ok = (self.cfg.uplink, self.network.public_pools)
+        except Exception:
+            log.exception("uplink %s of %s could not be converged; retrying", want, self.cfg.host)
+            self._uplink_ok = None
 
     def _converge_tunnels(self, specs: dict[str, tunnels.TunnelSpec], report: bool = True) -> None:
         """The VXLAN mesh as planned (tunnels.py), each device a plain br0 port; report it when it changed.

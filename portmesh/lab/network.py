@@ -6,7 +6,8 @@ machine's namespace but the API on loopback and the store's unix socket):
     <prefix>mgmt   the "control machine": Linux bridge mgmt0 198.18.0.1/24, where the store
                    (TCP 6640) and the controller (TCP 6653) listen; Linux bridge ul0, the underlay
     <prefix>hN     host N: mgmt0 198.18.0.(10+N)/24, ul0 198.19.0.(10+N)/24 (MTU 1500), OVS + agent;
-                   h1 is the gateway host and the only one with an uplink, up0 198.51.100.1/24
+                   h1 is the gateway host and the only one with an uplink, up0 198.51.100.1/24,
+                   which its agent makes a br0 port (--uplink up0): inbound pool traffic skips h1's routing
     <prefix>inet   the outside world: eth0 198.51.100.2/24, route to the public pools via h1
 
 Each daemon runs with the flags of a real deployment (docs/deploy.md): agents reach the
@@ -37,6 +38,7 @@ MGMT_NET = "198.18.0"
 UNDERLAY_NET = "198.19.0"
 UNDERLAY_MTU = 1500
 INET_IP, UPLINK_IP = "198.51.100.2", "198.51.100.1"
+UPLINK_DEV = "up0"  # h1's interface facing inet; its agent runs with --uplink up0
 INET_PREFIXLEN = 24
 RMEM_KEY = "net.core.rmem_default"
 RMEM_LAB = 4 * 1024 * 1024  # OVS reads each port through a packet socket with this buffer (see ARCHITECTURE)
@@ -114,9 +116,9 @@ class Lab:
         for host in state.hosts:
             self._host_links(state, host)
         h1, inet = state.ns(state.hosts[0]), state.ns("inet")
-        self._veth(state, inet, "eth0", h1, "up0")
+        self._veth(state, inet, "eth0", h1, UPLINK_DEV)
         link.address(inet, "eth0", f"{INET_IP}/{INET_PREFIXLEN}")
-        link.address(h1, "up0", f"{UPLINK_IP}/{INET_PREFIXLEN}")
+        link.address(h1, UPLINK_DEV, f"{UPLINK_IP}/{INET_PREFIXLEN}")
         for pool in self.config.public_pools:
             link.route(inet, str(pool), UPLINK_IP)
         self.say(f"lab {self.name}: namespaces and links made ({', '.join(state.namespaces)})")
@@ -154,8 +156,10 @@ class Lab:
     def _start_agent(self, state: LabState, host: str) -> None:
         state.agent_state_dirs.append(str(services.agent_state_dir(state.dir, host)))
         state.save()
+        # The gateway host's uplink is a switch port: inbound pool traffic skips its routing (issue 14).
+        uplink = UPLINK_DEV if host == state.hosts[0] else ""
         argv = services.agent_argv(state.dir, host, ovs_of(state, host).remote, state.prefix, state.docker_url,
-                                   store=state.agent_store, controller=state.agent_controller)
+                                   store=state.agent_store, controller=state.agent_controller, uplink=uplink)
         self._spawn(state, f"agent:{host}", argv, state.ns(host))
 
     def _start_components(self, state: LabState) -> None:

@@ -175,9 +175,11 @@ def podman_argv(labdir: Path) -> list[str]:
 
 
 def agent_argv(
-    labdir: Path, host: str, ovsdb_remote: str, prefix: str, docker_url: str = "", store: str = "", controller: str = ""
+    labdir: Path, host: str, ovsdb_remote: str, prefix: str, docker_url: str = "", store: str = "", controller: str = "",
+    uplink: str = "",
 ) -> list[str]:
-    """The agent as its systemd unit runs it on a real host: store and controller over TCP, its underlay device."""
+    """The agent as its systemd unit runs it on a real host: store and controller over TCP, its underlay device,
+    and on the gateway host its ``--uplink`` (inbound pool traffic taken by the switch, docs/deploy.md)."""
     return [
         PY,
         "-m",
@@ -198,6 +200,7 @@ def agent_argv(
         docker_url or "none",
         "--underlay-dev",
         UNDERLAY_DEV,
+        *(["--uplink", uplink] if uplink else []),
     ]
 
 
