@@ -106,6 +106,8 @@ class Dplab:
         """The agent's plumbing, by hand: veth, MAC, /32, gateway routes, block, same-IP rule."""
         host = host or self.host
         c.ns = self.netns(f"{self.prefix}{c.name}")
+        # No IPv6 chatter (router solicitations, MLD): the NOT_IP counter is asserted exactly.
+        self.x(c.ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
         sh("ip", "-n", host, "link", "add", c.hostif, "type", "veth", "peer", "name", "eth0", "netns", c.ns)
         self.x(host, "ip", "link", "set", c.hostif, "up")
         c.ifindex = self.ifindex(host, c.hostif)

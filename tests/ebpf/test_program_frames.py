@@ -120,3 +120,35 @@ def test_frames_from_an_unknown_port_are_dropped(dplab: Dplab) -> None:
     frame = ipv4_frame(GATEWAY_MAC, dplab.a.mac, str(PUBLIC), INET, UDP, udp)  # even with a's own addresses
     dplab.tool(z, "clients.py", "raw-send", "--ifname", "eth0", frame, frame, frame)
     assert dplab.drops()[D.UNKNOWN_PORT] - before == 3
+
+
+def icmp_error_frame(lab: Dplab, quoted_dport: int) -> str:
+    """From a: port unreachable to inet, quoting a datagram inet sent to PUBLIC:quoted_dport."""
+    a = lab.a
+    quoted_udp = struct.pack("!HHHH", 43000, quoted_dport, 8, 0)
+    quoted = bytes.fromhex(ipv4_frame(GATEWAY_MAC, a.mac, INET, str(PUBLIC), UDP, quoted_udp))[14:]
+    body = struct.pack("!BBHI", 3, 3, 0, 0) + quoted
+    body = body[:2] + struct.pack("!H", csum(body)) + body[4:]
+    return ipv4_frame(GATEWAY_MAC, a.mac, str(PUBLIC), INET, ICMP, body)
+
+
+def test_icmp_errors_cross_only_for_the_senders_own_ports(dplab: Dplab) -> None:
+    """Errors a container sends must quote a packet to its own port; errors for a container find it."""
+    a, b = dplab.a, dplab.b
+    for quoted_port, arrives in ((b.port, False), (b.block + 3, False), (a.port, True), (a.block + 3, True)):
+        before = dplab.drops()[D.ICMP]
+        catcher = dplab.start(dplab.inet, PY, "-m", "tests.ebpf.nstool", "catch", "eth0", str(PUBLIC), str(ICMP),
+                              "1" if not arrives else "5", ready="READY")
+        dplab.tool(a.ns, "clients.py", "raw-send", "--ifname", "eth0", icmp_error_frame(dplab, quoted_port))
+        caught = dplab.rest(catcher, timeout=10).strip()
+        assert bool(caught) == arrives, (quoted_port, caught)
+        assert dplab.drops()[D.ICMP] - before == (0 if arrives else 1)
+    # The other way: inet's kernel refuses a's datagram to a closed port; the error finds a by its block.
+    out = dplab.tool(a.ns, "clients.py", "udp-refused", "--host", INET, "--port", "9")
+    assert out["outcome"] == "refused", out
+    # And a's own kernel refuses a datagram to a mapped port nobody listens on: it reaches inet.
+    key = layout.MappingKey(ip=layout.be32(PUBLIC), port=layout.be16(8091), proto=UDP)
+    with dplab.map("mappings") as m:
+        m.update(bytes(key), bytes(dplab.local(a)))
+    out = dplab.tool(dplab.inet, "clients.py", "udp-refused", "--host", str(PUBLIC), "--port", "8091")
+    assert out["outcome"] == "refused", out

@@ -121,3 +121,11 @@ def test_compute_host_fence_and_split_horizon(twohost: Twohost) -> None:
     # The underlay is fenced on h2 itself; the host's uplink address only by h1's fib (a local address).
     assert twohost.drops(twohost.pin2)[D.FENCE] > before2[D.FENCE]
     assert twohost.drops()[D.FENCE] > before1[D.FENCE]
+
+
+def test_compute_hosts_container_pings_inet_and_hears_its_errors(twohost: Twohost) -> None:
+    """The echo reply and inet's port unreachable find c through h1 (echo map / c's block on h1)."""
+    c = twohost.c
+    twohost.x(c.ns, "ping", "-c2", "-i0.2", "-W1", INET)
+    out = twohost.tool(c.ns, "clients.py", "udp-refused", "--host", INET, "--port", "9")
+    assert out["outcome"] == "refused", out

@@ -32,6 +32,7 @@
 #define ICMP_DEST_UNREACH 3
 #define ICMP_PORT_UNREACH 3
 #define ICMP_ECHO 8
+#define ICMP_TIME_EXCEEDED 11
 struct icmphdr {
     __u8 type;
     __u8 code;
@@ -479,19 +480,57 @@ static __always_inline int answer_port_unreachable(struct __sk_buff *skb, struct
 
 /* ---- delivery by mapping (all three programs) ---------------------------------------------------- */
 
-/* An ICMP echo reply (or error) for a public IP: to whoever sent the request, if anyone did. */
+static __always_inline int is_icmp_error(__u8 type)
+{
+    return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED;
+}
+
+/* The IP header an ICMP error quotes (plain 20 bytes, with the 8 bytes after it), or NULL. */
+static __always_inline struct iphdr *quoted_ip(struct __sk_buff *skb, struct pkt *p)
+{
+    struct iphdr *q = p->l4 + sizeof(struct icmphdr);
+
+    if ((void *)(q + 1) + 8 > (void *)(long)skb->data_end || q->ihl != 5)
+        return NULL;
+    return q;
+}
+
+static __always_inline struct pm_dest *find_echo(__be32 public_ip, __be32 remote, __be16 id)
+{
+    struct pm_echo_key key = { .public_ip = public_ip, .remote = remote, .id = id };
+
+    return bpf_map_lookup_elem(&echo, &key);
+}
+
+/* Who sent the packet an ICMP error quotes: the holder of its source (address, port), or for a
+ * quoted echo request whoever sent it. The quoted source must be the address the error is for. */
+static __always_inline struct pm_dest *quoted_sender(struct __sk_buff *skb, struct pkt *p)
+{
+    struct iphdr *q = quoted_ip(skb, p);
+    __be16 *ports;
+    int hit_mapping;
+
+    if (!q || q->saddr != p->ip->daddr)
+        return NULL;
+    ports = (void *)(q + 1);
+    if (q->protocol == IPPROTO_TCP || q->protocol == IPPROTO_UDP)
+        return find_dest(q->saddr, ports[0], q->protocol, &hit_mapping);
+    if (q->protocol == IPPROTO_ICMP && ((struct icmphdr *)ports)->type == ICMP_ECHO)
+        return find_echo(q->saddr, q->daddr, ((struct icmphdr *)ports)->un.echo.id);
+    return NULL;
+}
+
+/* An ICMP echo reply or error for a public IP: to whoever sent the request (echo map) or the packet
+ * the error quotes (mappings, then blocks: PMTU discovery and refusals reach the container). */
 static __always_inline int deliver_icmp(struct __sk_buff *skb, struct pkt *p, struct pm_config *cfg, int may_peer)
 {
     struct icmphdr *icmp = icmp_of(skb, p);
-    struct pm_echo_key key = {};
-    struct pm_dest *dest;
+    struct pm_dest *dest = NULL;
 
-    if (!icmp || icmp->type != ICMP_ECHOREPLY)
-        return count_drop(skb, PM_DROP_ICMP);
-    key.public_ip = p->ip->daddr;
-    key.remote = p->ip->saddr;
-    key.id = icmp->un.echo.id;
-    dest = bpf_map_lookup_elem(&echo, &key);
+    if (icmp && icmp->type == ICMP_ECHOREPLY)
+        dest = find_echo(p->ip->daddr, p->ip->saddr, icmp->un.echo.id);
+    else if (icmp && is_icmp_error(icmp->type))
+        dest = quoted_sender(skb, p);
     if (!dest)
         return count_drop(skb, PM_DROP_ICMP);
     return send_to(skb, dest, cfg, may_peer);
@@ -632,27 +671,51 @@ static __always_inline int owns_port(struct pkt *p, struct pm_port *port)
     return dest && dest->owner == port->owner;
 }
 
-/* ICMP a container may send: echo requests (remembered, so the reply finds it) and echo replies. */
+/* An echo request leaving for elsewhere: remember who sent it, so the reply (or an error quoting
+ * it) finds the way back: a local port, or the tunnel a compute host's container sent it through. */
+static __always_inline void remember_echo(struct pkt *p, struct icmphdr *icmp, const __u8 *mac, __u16 flags,
+                                          __u32 ifindex, __u32 owner)
+{
+    struct pm_echo_key key = { .public_ip = p->ip->saddr, .remote = p->ip->daddr, .id = icmp->un.echo.id };
+    struct pm_dest dest = { .flags = flags, .ifindex = ifindex, .owner = owner };
+
+    mac_copy(dest.mac, mac);
+    bpf_map_update_elem(&echo, &key, &dest, BPF_ANY);
+}
+
+/* An ICMP error a container may send is about a packet it received: the quoted packet was sent
+ * to one of its IPs and to a port it owns (as the OVS pipeline's controller checks it). */
+static __always_inline int owns_quoted(struct __sk_buff *skb, struct pkt *p, struct pm_port *port)
+{
+    struct iphdr *q = quoted_ip(skb, p);
+    struct pm_dest *dest;
+    __be16 *ports;
+    int hit_mapping;
+
+    if (!q || !owns_ip(skb->ifindex, q->daddr) || q->daddr != p->ip->saddr)
+        return 0;
+    if (q->protocol != IPPROTO_TCP && q->protocol != IPPROTO_UDP)
+        return 0;
+    ports = (void *)(q + 1);
+    dest = find_dest(q->daddr, ports[1], q->protocol, &hit_mapping);
+    return dest && dest->owner == port->owner;
+}
+
+/* ICMP a container may send: echo requests (remembered), echo replies, and errors about packets
+ * it received. Returns 0 if allowed. */
 static __always_inline int check_container_icmp(struct __sk_buff *skb, struct pkt *p, struct pm_port *port)
 {
     struct icmphdr *icmp = icmp_of(skb, p);
-    struct pm_echo_key key = {};
-    struct pm_dest dest = {};
 
     if (!icmp)
         return -1;
     if (icmp->type == ICMP_ECHOREPLY)
         return 0;
+    if (is_icmp_error(icmp->type))
+        return owns_quoted(skb, p, port) ? 0 : -1;
     if (icmp->type != ICMP_ECHO)
         return -1;
-    key.public_ip = p->ip->saddr;
-    key.remote = p->ip->daddr;
-    key.id = icmp->un.echo.id;
-    mac_copy(dest.mac, port->mac);
-    dest.flags = PM_DEST_LOCAL;
-    dest.ifindex = skb->ifindex;
-    dest.owner = port->owner;
-    bpf_map_update_elem(&echo, &key, &dest, BPF_ANY);
+    remember_echo(p, icmp, port->mac, PM_DEST_LOCAL, skb->ifindex, port->owner);
     return 0;
 }
 
@@ -748,6 +811,7 @@ int pm_from_tunnel(struct __sk_buff *skb)
     struct ethhdr *eth = data;
     struct pm_config *cfg = get_config();
     struct pm_mac_key key = {};
+    struct icmphdr *icmp;
     struct pm_dest *dest;
     struct pkt p;
     __u32 kind;
@@ -770,5 +834,8 @@ int pm_from_tunnel(struct __sk_buff *skb)
         return count_drop(skb, PM_DROP_FENCE);
     if (kind == PM_NET_POOL)
         return count_drop(skb, PM_DROP_TUNNEL); /* the sending host delivers pool traffic itself */
+    icmp = icmp_of(skb, &p);
+    if (icmp && icmp->type == ICMP_ECHO)
+        remember_echo(&p, icmp, eth->h_source, PM_DEST_TUNNEL, skb->ifindex, 0);
     return route_out(skb, &p);
 }
