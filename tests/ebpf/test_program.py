@@ -165,3 +165,16 @@ def test_mapping_stats_count_exactly_what_was_sent(dplab: Dplab) -> None:
     assert out["ok"] == 7, out
     assert dplab.mapping_packets(b.port, UDP) - before_udp == 7
     assert dplab.mapping_packets(b.port, TCP) == before_tcp  # control: the other protocol untouched
+
+
+def test_reload_and_reattach_keep_traffic_flowing(dplab: Dplab) -> None:
+    """An agent restart loads the object again over the pinned maps and replaces the filters:
+    a ping every 5 ms from a container to inet (container and uplink programs, echo map) loses nothing."""
+    a = dplab.a
+    ping = dplab.start(a.ns, "ping", "-i", "0.005", "-c", "600", "-W", "1", INET, ready="PING")
+    for _ in range(3):
+        dplab.attach()
+    ping.wait(30)
+    out = dplab.rest(ping, timeout=5)
+    assert ping.returncode == 0 and " 0% packet loss" in out, out
+    assert "600 received" in out, out
