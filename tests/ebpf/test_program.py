@@ -46,6 +46,8 @@ def test_inbound_reaches_each_sharer_with_the_clients_address(dplab: Dplab) -> N
 
 
 def test_container_reaches_inet_from_its_block(dplab: Dplab) -> None:
+    # The host has not resolved inet yet: the first packets take the fib's NO_NEIGH way (redirect_neigh).
+    dplab.x(dplab.host, "ip", "neigh", "flush", "dev", "up0")
     for c in (dplab.a, dplab.b):
         for proto in ("tcp", "udp"):
             got = one_reply(dplab, c.ns, proto, INET, 9000)
@@ -178,3 +180,22 @@ def test_reload_and_reattach_keep_traffic_flowing(dplab: Dplab) -> None:
     out = dplab.rest(ping, timeout=5)
     assert ping.returncode == 0 and " 0% packet loss" in out, out
     assert "600 received" in out, out
+
+
+def test_bulk_upload_from_a_container(dplab: Dplab) -> None:
+    """TCP segmentation offload: the container's kernel hands the program 64 KB GSO packets, which
+    must still leave by the host's routing (an MTU check on the IP length alone would drop them)."""
+    server = dplab.start(dplab.inet, "stdbuf", "-oL", "iperf3", "-s", "-1", "-p", "5301", ready="Server listening")
+    out = json.loads(dplab.x(dplab.a.ns, "iperf3", "-c", INET, "-p", "5301", "-t", "1", "-J", timeout=30))
+    dplab.stop(server)
+    received = out["end"]["sum_received"]["bytes"]
+    assert received > 10_000_000, out["end"]["sum_received"]
+
+
+def test_the_gateway_counts_a_hop(dplab: Dplab) -> None:
+    """Out through the host's routing is one router hop, as with the OVS pipeline's LOCAL + routing."""
+    before = dplab.drops()[D.NO_ROUTE]
+    dplab.x(dplab.a.ns, "ping", "-c1", "-W1", "-t2", INET)  # control: one hop to spare
+    lost = dplab.x(dplab.a.ns, "ping", "-c1", "-W1", "-t1", INET, check=False)
+    assert " 0 received" in lost, lost
+    assert dplab.drops()[D.NO_ROUTE] - before == 1

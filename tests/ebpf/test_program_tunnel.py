@@ -7,6 +7,7 @@ which hands the frame to the tunnel already addressed to c's MAC.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,3 +130,13 @@ def test_compute_hosts_container_pings_inet_and_hears_its_errors(twohost: Twohos
     twohost.x(c.ns, "ping", "-c2", "-i0.2", "-W1", INET)
     out = twohost.tool(c.ns, "clients.py", "udp-refused", "--host", INET, "--port", "9")
     assert out["outcome"] == "refused", out
+
+
+def test_bulk_both_ways_through_the_tunnel(twohost: Twohost) -> None:
+    """GSO packets both ways across the VXLAN hop (c's MTU leaves room for the encapsulation)."""
+    c = twohost.c
+    server = twohost.start(twohost.inet, "stdbuf", "-oL", "iperf3", "-s", "-p", "5302", ready="Server listening")
+    for reverse in ([], ["-R"]):  # c -> inet, then inet -> c
+        out = json.loads(twohost.x(c.ns, "iperf3", "-c", INET, "-p", "5302", "-t", "1", "-J", *reverse, timeout=30))
+        assert out["end"]["sum_received"]["bytes"] > 10_000_000, (reverse, out["end"]["sum_received"])
+    twohost.stop(server)

@@ -566,6 +566,17 @@ static __always_inline int deliver_pool(struct __sk_buff *skb, struct pkt *p, st
 
 /* ---- the outside world ------------------------------------------------------------------------- */
 
+/* A router's hop, as the host's own forwarding would count it (ip_decrease_ttl). */
+static __always_inline void decrease_ttl(struct __sk_buff *skb)
+{
+    struct iphdr *ip = (void *)(long)skb->data + sizeof(struct ethhdr);
+
+    if ((void *)(ip + 1) > (void *)(long)skb->data_end)
+        return;
+    ip->check = csum_replace16(ip->check, bpf_htons(ip->ttl << 8), bpf_htons((ip->ttl - 1) << 8));
+    ip->ttl--;
+}
+
 /* A gateway host sends a container's frame out by its own routing; a local destination (the host
  * itself) is fenced: containers never reach the host's sockets. */
 static __always_inline int route_out(struct __sk_buff *skb, struct pkt *p)
@@ -575,12 +586,15 @@ static __always_inline int route_out(struct __sk_buff *skb, struct pkt *p)
     void *data_end;
     long rc;
 
+    if (p->ip->ttl <= 1)
+        return count_drop(skb, PM_DROP_NO_ROUTE); /* no "time exceeded" from here (yet) */
     fib.family = AF_INET;
     fib.tos = p->ip->tos;
     fib.l4_protocol = p->ip->protocol;
     fib.sport = p->sport;
     fib.dport = p->dport;
-    fib.tot_len = bpf_ntohs(p->ip->tot_len);
+    /* tot_len stays 0: the helper then checks the skb against the MTU itself, GSO-aware. Given the
+     * IP length, a 64 KB TSO packet from a container would be FRAG_NEEDED and bulk uploads stall. */
     fib.ipv4_src = p->ip->saddr;
     fib.ipv4_dst = p->ip->daddr;
     fib.ifindex = skb->ifindex;
@@ -588,12 +602,14 @@ static __always_inline int route_out(struct __sk_buff *skb, struct pkt *p)
     if (rc == BPF_FIB_LKUP_RET_NOT_FWDED || rc == BPF_FIB_LKUP_RET_BLACKHOLE ||
         rc == BPF_FIB_LKUP_RET_UNREACHABLE || rc == BPF_FIB_LKUP_RET_PROHIBIT)
         return count_drop(skb, rc == BPF_FIB_LKUP_RET_NOT_FWDED ? PM_DROP_FENCE : PM_DROP_NO_ROUTE);
-    if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-        return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
-    if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+    /* FRAG_NEEDED included: no ICMP "fragmentation needed" is sent from here (yet). */
+    if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
         return count_drop(skb, PM_DROP_NO_ROUTE);
     if (fib.ifindex == skb->ifindex)
         return count_drop(skb, PM_DROP_NO_ROUTE); /* never back into the port it came from */
+    decrease_ttl(skb);
+    if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+        return bpf_redirect_neigh(fib.ifindex, 0, 0, 0); /* the kernel resolves the next hop */
     eth = (void *)(long)skb->data;
     data_end = (void *)(long)skb->data_end;
     if ((void *)(eth + 1) > data_end)
