@@ -314,9 +314,10 @@ static __always_inline void count_mapping(struct __sk_buff *skb, __be32 ip, __be
 /* ---- sending ---------------------------------------------------------------------------------- */
 
 /* Hand the frame to dest: into a local container, or into the tunnel device to its host.
- * from_ingress_of_other_netns: the caller may use bpf_redirect_peer (straight to the container's
- * ingress, skipping the host end's egress and a softirq round: see the benchmark). */
-static __always_inline int send_to(struct __sk_buff *skb, struct pm_dest *dest, struct pm_config *cfg, int may_peer)
+ * A local container gets it by bpf_redirect_peer (every program here runs at tc ingress): straight
+ * to its eth0's ingress, skipping the host end's egress and the veth's backlog queue (see
+ * tests/ebpf/test_program_bench.py; -DPM_NO_REDIRECT_PEER builds the plain bpf_redirect variant). */
+static __always_inline int send_to(struct __sk_buff *skb, struct pm_dest *dest, struct pm_config *cfg)
 {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
@@ -327,7 +328,7 @@ static __always_inline int send_to(struct __sk_buff *skb, struct pm_dest *dest, 
         return TC_ACT_SHOT;
     mac_copy(eth->h_dest, dest->mac);
     mac_copy(eth->h_source, cfg->gateway_mac);
-    if (PM_USE_PEER && may_peer && (dest->flags & PM_DEST_LOCAL))
+    if (PM_USE_PEER && (dest->flags & PM_DEST_LOCAL))
         return bpf_redirect_peer(ifindex, 0);
     return bpf_redirect(ifindex, 0);
 }
@@ -522,7 +523,7 @@ static __always_inline struct pm_dest *quoted_sender(struct __sk_buff *skb, stru
 
 /* An ICMP echo reply or error for a public IP: to whoever sent the request (echo map) or the packet
  * the error quotes (mappings, then blocks: PMTU discovery and refusals reach the container). */
-static __always_inline int deliver_icmp(struct __sk_buff *skb, struct pkt *p, struct pm_config *cfg, int may_peer)
+static __always_inline int deliver_icmp(struct __sk_buff *skb, struct pkt *p, struct pm_config *cfg)
 {
     struct icmphdr *icmp = icmp_of(skb, p);
     struct pm_dest *dest = NULL;
@@ -533,13 +534,13 @@ static __always_inline int deliver_icmp(struct __sk_buff *skb, struct pkt *p, st
         dest = quoted_sender(skb, p);
     if (!dest)
         return count_drop(skb, PM_DROP_ICMP);
-    return send_to(skb, dest, cfg, may_peer);
+    return send_to(skb, dest, cfg);
 }
 
 /* A frame for an address of a public pool: to the mapping's or block's holder, else refused the way
  * a closed port refuses (RST / port unreachable) -- promptly, not by silence. Echo requests to a
  * public IP in use are answered here. */
-static __always_inline int deliver_pool(struct __sk_buff *skb, struct pkt *p, struct pm_config *cfg, int may_peer)
+static __always_inline int deliver_pool(struct __sk_buff *skb, struct pkt *p, struct pm_config *cfg)
 {
     __u8 proto = p->ip->protocol;
     struct pm_dest *dest;
@@ -550,7 +551,7 @@ static __always_inline int deliver_pool(struct __sk_buff *skb, struct pkt *p, st
 
         if (icmp && icmp->type == ICMP_ECHO)
             return is_public_ip(p->ip->daddr) ? answer_echo(skb, p) : count_drop(skb, PM_DROP_ICMP);
-        return deliver_icmp(skb, p, cfg, may_peer);
+        return deliver_icmp(skb, p, cfg);
     }
     if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
         return count_drop(skb, PM_DROP_REFUSED);
@@ -558,7 +559,7 @@ static __always_inline int deliver_pool(struct __sk_buff *skb, struct pkt *p, st
     if (dest) {
         if (hit_mapping)
             count_mapping(skb, p->ip->daddr, p->dport, proto);
-        return send_to(skb, dest, cfg, may_peer);
+        return send_to(skb, dest, cfg);
     }
     count_drop(skb, PM_DROP_REFUSED);
     return proto == IPPROTO_TCP ? answer_rst(skb, p) : answer_port_unreachable(skb, p);
@@ -764,7 +765,7 @@ static __always_inline int container_ipv4(struct __sk_buff *skb, struct pkt *p, 
         return count_drop(skb, PM_DROP_FENCE);
     }
     if (kind == PM_NET_POOL)
-        return deliver_pool(skb, p, cfg, 1);
+        return deliver_pool(skb, p, cfg);
     return send_outside(skb, p, cfg);
 }
 
@@ -812,7 +813,7 @@ int pm_from_uplink(struct __sk_buff *skb)
         return TC_ACT_OK;
     if (parse_ipv4(skb, &p) || network_kind(p.ip->daddr) != PM_NET_POOL)
         return TC_ACT_OK;
-    return deliver_pool(skb, &p, cfg, 1);
+    return deliver_pool(skb, &p, cfg);
 }
 
 /* ---- from a tunnel ---------------------------------------------------------------------------------- */
