@@ -152,3 +152,26 @@ def test_icmp_errors_cross_only_for_the_senders_own_ports(dplab: Dplab) -> None:
         m.update(bytes(key), bytes(dplab.local(a)))
     out = dplab.tool(dplab.inet, "clients.py", "udp-refused", "--host", str(PUBLIC), "--port", "8091")
     assert out["outcome"] == "refused", out
+
+
+def test_fragments_and_ip_options_for_a_pool_are_dropped_at_the_uplink(dplab: Dplab) -> None:
+    """Only plain 20-byte unfragmented headers are classified; the others for a pool are counted, not
+    left to the host's routing. The host's own address is not the program's business (not counted)."""
+    up0, me = mac_of(dplab.host, "up0"), mac_of(dplab.inet, "eth0")
+    udp = struct.pack("!HHHH", 42000, dplab.a.port, 12, 0) + b"frag"
+
+    def frame(dst: str, frag: int, options: bytes) -> str:
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45 + len(options) // 4, 0, 20 + len(options) + len(udp), 1, frag, 64,
+                         UDP, 0, socket.inet_aton(INET), socket.inet_aton(dst)) + options
+        ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+        return (mac_raw(up0) + mac_raw(me) + b"\x08\x00" + ip + udp).hex()
+
+    before = dplab.drops()[D.NOT_IP]
+    frames = [
+        frame(str(PUBLIC), 0x2000, b""),  # first fragment (MF)
+        frame(str(PUBLIC), 0x0010, b""),  # a later fragment
+        frame(str(PUBLIC), 0, b"\x01\x01\x01\x00"),  # NOP NOP NOP EOL options
+        frame("198.51.100.1", 0, b"\x01\x01\x01\x00"),  # the host's own: passed to its kernel
+    ]
+    dplab.tool(dplab.inet, "clients.py", "raw-send", "--ifname", "eth0", *frames)
+    assert dplab.drops()[D.NOT_IP] - before == 3

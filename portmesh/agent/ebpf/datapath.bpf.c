@@ -805,14 +805,19 @@ int pm_from_uplink(struct __sk_buff *skb)
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
+    struct iphdr *ip = (void *)(eth + 1);
     struct pm_config *cfg = get_config();
     struct pkt p;
 
     /* ARP, IPv6 and the rest are the host's own business. */
-    if (!cfg || (void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+    if (!cfg || (void *)(ip + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
         return TC_ACT_OK;
-    if (parse_ipv4(skb, &p) || network_kind(p.ip->daddr) != PM_NET_POOL)
+    if (network_kind(ip->daddr) != PM_NET_POOL)
         return TC_ACT_OK;
+    /* For a pool but not a plain unfragmented header: dropped here, never left to the host's
+     * routing (which has no route to the pools and would send it somewhere else). */
+    if (parse_ipv4(skb, &p))
+        return count_drop(skb, PM_DROP_NOT_IP);
     return deliver_pool(skb, &p, cfg);
 }
 
