@@ -19,6 +19,7 @@ from pathlib import Path
 import pyroute2.config
 
 from portmesh.agent.bridge import Bridge, parse_controller_targets
+from portmesh.agent.ebpf.host import DEFAULT_PIN_DIR, EbpfDatapath
 from portmesh.agent.health import HealthChecker
 from portmesh.agent.service import Agent, AgentConfig
 from portmesh.runtime import docker as docker_runtime
@@ -40,10 +41,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m portmesh.agent", description=__doc__)
     ap.add_argument("--host", required=True, help="this host's name in the store")
     ap.add_argument("--store", required=True, help="state store remote: unix:PATH or tcp:IP:PORT[,...]")
-    ap.add_argument("--ovsdb", required=True, help="this host's Open_vSwitch db: unix:PATH or tcp:IP:PORT")
+    ap.add_argument(
+        "--datapath",
+        choices=("ovs", "ebpf"),
+        default="ovs",
+        help="what forwards on this host: Open vSwitch programmed by the controller (needs --ovsdb and "
+        "--controller), or the eBPF datapath this agent loads and fills (default ovs)",
+    )
+    ap.add_argument(
+        "--bpf-dir",
+        type=Path,
+        default=DEFAULT_PIN_DIR,
+        help="eBPF datapath: the bpffs directory its maps are pinned in (mounted if it is not one; "
+        f"default {DEFAULT_PIN_DIR})",
+    )
+    ap.add_argument("--ovsdb", default=None, help="this host's Open_vSwitch db: unix:PATH or tcp:IP:PORT")
     ap.add_argument(
         "--controller",
-        required=True,
+        default=None,
         type=_controllers,
         help="OpenFlow controller target(s) for br0, comma-separated: tcp:IP:PORT[,tcp:IP:PORT...] "
         "(one Controller row each; every controller instance, e.g. tcp:IP:6653,tcp:IP:6654)",
@@ -72,7 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: /var/run/docker.sock if it exists; 'none' for light containers only)",
     )
     ap.add_argument("--log-level", default="INFO")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.datapath == "ovs" and (args.ovsdb is None or not args.controller):
+        ap.error("--datapath ovs needs --ovsdb and --controller")
+    args.controller = args.controller or ""
+    return args
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -86,9 +105,12 @@ async def serve(args: argparse.Namespace) -> None:
     # Global (its generation is what the agent reports; the cloud's config), and of the Mapping
     # table only the rows with a health check (issue 15: which of its containers to check), never
     # all of it (at 100,000 mappings that replica would be most of the agent's memory).
-    store = Store(args.store, host=args.host)
+    # An eBPF host's maps hold every mapping of the cloud (as an OVS switch's flows do): whole view.
+    store = Store(args.store, host=None if args.datapath == "ebpf" else args.host)
     await asyncio.to_thread(store.start)
-    bridge = Bridge(args.ovsdb)
+    bridge: Bridge | EbpfDatapath = (
+        EbpfDatapath(args.bpf_dir, uplink=args.uplink) if args.datapath == "ebpf" else Bridge(args.ovsdb)
+    )
     await asyncio.to_thread(bridge.start)
     cfg = AgentConfig(args.host, args.controller, args.netns_prefix, args.underlay_dev, args.uplink)
     docker_url = args.docker_url if args.docker_url is not None else docker_runtime.default_url()

@@ -26,6 +26,13 @@ straight from it) and drops the kernel's copy of that traffic at IFACE's ingress
 (isolation.ensure_uplink), in that order, so a frame is never lost while the switch
 takes over; the host keeps its address on IFACE and routes everything else.
 
+With ``--datapath ebpf`` the host runs the eBPF datapath (ebpf/host.py) instead of OVS: the
+same plumbing and tunnels, the same port verbs (a port is a device with the datapath's program
+at its ingress), and after the containers one more step: the desired state compiled into the
+datapath's maps and the difference written, after which the agent itself reports the host's
+switch generation (on an OVS host the controller does). Its store view is the whole state:
+the maps hold every mapping of the cloud, as an OVS switch's flows do.
+
 With ``--underlay-dev`` the agent also keeps this host's part of the VXLAN mesh
 (tunnels.py): one kernel VXLAN device per peer host as a plain br0 port, made
 when the store's hosts change and re-checked on every full pass, and the host
@@ -40,9 +47,11 @@ import logging
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import cast
 
 from portmesh.agent import isolation, plumbing, tunnels
 from portmesh.agent.bridge import Bridge, BridgeSpec, parse_controller_targets
+from portmesh.agent.ebpf.host import EbpfDatapath
 from portmesh.model.config import DEFAULT_CONFIG, NetworkConfig
 from portmesh.model.entities import (
     Container,
@@ -83,7 +92,12 @@ class Agent:
     """Converges one host; see the module docstring."""
 
     def __init__(
-        self, cfg: AgentConfig, store: Store, bridge: Bridge, runtime: Runtime, image_runtime: Runtime | None = None
+        self,
+        cfg: AgentConfig,
+        store: Store,
+        bridge: Bridge | EbpfDatapath,
+        runtime: Runtime,
+        image_runtime: Runtime | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -165,20 +179,29 @@ class Agent:
             self._plumbed.clear()
             self._settled.clear()
             self._bridge_ok = None
-        spec = BridgeSpec(host.datapath_id, self.network.gateway_mac, parse_controller_targets(self.cfg.controller),
+        controllers = parse_controller_targets(self.cfg.controller) if self.cfg.controller else ()
+        spec = BridgeSpec(host.datapath_id, self.network.gateway_mac, controllers,
                           local_mtu=self.network.bridge_port_mtu)
         full = time.monotonic() >= self._next_full
         specs = tunnels.plan(state, self.cfg.host, self.cfg.underlay_dev) if self.cfg.underlay_dev else {}
         self._firewall = (frozenset((s.remote, s.vni) for s in specs.values()), host.role is HostRole.COMPUTE)
         # Both read first (the bridge from the IDL's memory, the gateway with two netlink dumps), so a
         # full pass re-checks them too: a deleted gateway address or pool route is put back.
-        if self._bridge_ok != spec or full or self._firewall_ok != self._firewall:
-            if self.bridge.ensure(spec):
+        ebpf = self.bridge if isinstance(self.bridge, EbpfDatapath) else None
+        if ebpf is not None and (self._bridge_ok != spec or full or self._firewall_ok != self._firewall):
+            # No br0 and no gateway address: the program answers for the gateway and forwards by
+            # itself; the host firewall (VXLAN only from peers) and forwarding (fib lookups) stay.
+            peers, compute = self._firewall
+            plumbing.host_firewall(self.network, underlay_dev=self.cfg.underlay_dev, peers=peers, compute=compute)
+            plumbing.write_sysctls({"net.ipv4.ip_forward": "1"})
+            self._bridge_ok, self._firewall_ok = spec, self._firewall
+        elif self._bridge_ok != spec or full or self._firewall_ok != self._firewall:
+            if cast(Bridge, self.bridge).ensure(spec):
                 log.info("bridge br0 set for datapath %s, controller %s", spec.dpid_hex, ",".join(spec.controllers))
             peers, compute = self._firewall
             plumbing.ensure_host_gateway(self.network, underlay_dev=self.cfg.underlay_dev, peers=peers, compute=compute)
             self._bridge_ok, self._firewall_ok = spec, self._firewall
-        if full or self._uplink_ok != (self.cfg.uplink, self.network.public_pools):
+        if ebpf is None and (full or self._uplink_ok != (self.cfg.uplink, self.network.public_pools)):
             self._converge_uplink(host)
         if full or self._tunnels_ok != specs:
             try:
@@ -205,11 +228,33 @@ class Agent:
         # this host would time out instead of reporting the real error.
         if failed:
             log.warning("containers in error on %s: %s (retrying)", self.cfg.host, ", ".join(failed))
+        if ebpf is not None:
+            ok = self._converge_maps(ebpf, state) and ok
         if ok and state.generation != self._reported_generation:
+            if ebpf is not None:
+                waiting = [c.name for c in wanted.values() if c.name not in self._settled]
+                self.store.report_switch(self.cfg.host, state.generation, connected=True, waiting=waiting)
             self.store.report_agent(self.cfg.host, state.generation)
             self._reported_generation = state.generation
             log.info("host %s realised generation %d (%d containers)", self.cfg.host, state.generation, len(wanted))
         return ok and not failed
+
+    def _converge_maps(self, ebpf: EbpfDatapath, state: DesiredState) -> bool:
+        """The eBPF datapath's maps as the state says, then its uplink program; False if a write failed.
+
+        The uplink's program goes on after the first sync: with empty maps it would pass pool
+        traffic to the host kernel, which has no route for it.
+        """
+        try:
+            stats = ebpf.sync(state, self.cfg.host)
+            if stats.writes:
+                log.info("eBPF maps of %s: %s", self.cfg.host, stats)
+            if ebpf.ensure():
+                log.info("eBPF uplink program attached to %s", ebpf.uplink)
+        except Exception:
+            log.exception("eBPF maps of %s could not be converged; retrying", self.cfg.host)
+            return False
+        return True
 
     def _converge_uplink(self, host: Host) -> None:
         """The uplink as a br0 port for inbound pool traffic (``--uplink``), or no more of it.

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.text import Text
 
 from portmesh.lab import faults, node, services
+from portmesh.lab.datapaths import parse_datapaths
 from portmesh.lab.network import Lab
 from portmesh.lab.state import LAB_NAME_RE, LabState
 from portmesh.model.validation import NAME_RE
@@ -57,17 +58,28 @@ def up(
     name: NameOpt = "lab",
     tune_rmem: Annotated[bool, typer.Option(help="raise net.core.rmem_default to 4 MiB while up")] = True,
     ha: Annotated[bool, typer.Option("--ha", help="a 3-member Raft store (store-1..3) and two controllers")] = False,
+    datapath: Annotated[
+        str, typer.Option(help="what forwards on the hosts: ovs, ebpf, or per host h1=ovs,h2=ebpf (others ovs)")
+    ] = "ovs",
 ) -> None:
     """Build the lab: namespaces, links, one OVS per host, store, controller, agents, API.
 
     With --ha the store is a 3-member Raft cluster made with the store's own create-cluster and
     join-cluster commands (clients on 198.18.0.1:6641-6643, Raft on 6644-6646) and two
     controllers run (controller-1 on 198.18.0.1:6653, controller-2 on 6654).
+
+    With --datapath ebpf a host runs no OVS: its agent loads the eBPF datapath (tc programs on
+    its ports, maps filled from the same desired state); a mixed cloud is fine.
     """
     _need_root()
     try:
+        parse_datapaths(datapath, [f"h{i}" for i in range(1, hosts + 1)])
+    except ValueError as exc:
+        typer.echo(f"lab up: --{exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
         with progress(f"lab {name}: starting") as say:
-            state = Lab(name, say=say).up(hosts, tune_rmem=tune_rmem, ha=ha)
+            state = Lab(name, say=say).up(hosts, tune_rmem=tune_rmem, ha=ha, datapath=datapath)
     except Exception as exc:
         typer.echo(f"lab up failed: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 from portmesh.lab import ha, link, node, services, sysctl
+from portmesh.lab.datapaths import parse_datapaths
 from portmesh.lab.ovs import OvsInstance, wait_unix_socket
 from portmesh.lab.state import LAB_NAME_RE, LabState, Process, lab_dir
 from portmesh.model.config import DEFAULT_CONFIG, NetworkConfig
@@ -67,6 +68,11 @@ def host_role(host: str) -> str:
     return "gateway" if host == "h1" else "compute"
 
 
+def bpf_dir(state: LabState, host: str) -> Path:
+    """Where an eBPF host's agent pins its datapath's maps (a bpffs the lab mounts)."""
+    return state.dir / host / "bpf"
+
+
 def ovs_of(state: LabState, host: str) -> OvsInstance:
     return OvsInstance(host, state.ns(host), state.dir / host)
 
@@ -86,14 +92,17 @@ class Lab:
 
     # -- up -----------------------------------------------------------------------
 
-    def up(self, hosts: int = 1, tune_rmem: bool = True, ha: bool = False) -> LabState:
+    def up(self, hosts: int = 1, tune_rmem: bool = True, ha: bool = False, datapath: str = "ovs") -> LabState:
         """Build the lab; on any failure tear down what was built, then re-raise.
 
         ``ha``: the store is a 3-member Raft cluster and two controllers run (see ha.py).
+        ``datapath``: ``ovs``, ``ebpf`` or per host ``h2=ebpf,...`` (datapaths.py): an eBPF host
+        runs no OVS; its agent loads the eBPF datapath, its maps pinned in a bpffs of its own.
         """
         if self.state() is not None:
             raise FileExistsError(f"lab {self.name} is already up (state in {lab_dir(self.name)}); run down first")
-        state = LabState(self.name, hosts=[f"h{i}" for i in range(1, hosts + 1)], ha=ha)
+        names = [f"h{i}" for i in range(1, hosts + 1)]
+        state = LabState(self.name, hosts=names, ha=ha, datapaths=parse_datapaths(datapath, names))
         state.dir.mkdir(parents=True, exist_ok=True)
         state.save()
         try:
@@ -124,8 +133,11 @@ class Lab:
         self.say(f"lab {self.name}: namespaces and links made ({', '.join(state.namespaces)})")
 
         for host in state.hosts:
-            self._host_ovs(state, host)
-        self.say(f"lab {self.name}: OVS running in {', '.join(state.ns(h) for h in state.hosts)}")
+            self._host_datapath(state, host)
+        on_ovs = [state.ns(h) for h in state.hosts if state.datapath(h) == "ovs"]
+        on_ebpf = [state.ns(h) for h in state.hosts if state.datapath(h) == "ebpf"]
+        self.say(f"lab {self.name}: " + "; ".join(
+            f"{what} in {', '.join(where)}" for what, where in (("OVS running", on_ovs), ("eBPF datapath", on_ebpf)) if where))
         self._start_components(state)
 
     def _host_links(self, state: LabState, host: str) -> None:
@@ -138,6 +150,18 @@ class Lab:
         self._veth(state, ns, services.UNDERLAY_DEV, mgmt, f"u-{host}", mtu=UNDERLAY_MTU)
         link.enslave(mgmt, f"u-{host}", services.UNDERLAY_DEV)
         link.address(ns, services.UNDERLAY_DEV, f"{underlay_ip(i)}/24")
+
+    def _host_datapath(self, state: LabState, host: str) -> None:
+        """OVS for an OVS host; for an eBPF host the bpffs its agent pins the maps in (``ip netns exec``
+        remounts /sys, so /sys/fs/bpf is not one there), recorded before it is made."""
+        if state.datapath(host) != "ebpf":
+            self._host_ovs(state, host)
+            return
+        where = bpf_dir(state, host)
+        where.mkdir(parents=True, exist_ok=True)
+        state.mounts.append(str(where))
+        state.save()
+        node.run(["mount", "-t", "bpf", "bpf", str(where)], check=True)
 
     def _host_ovs(self, state: LabState, host: str) -> None:
         ovs = ovs_of(state, host)
@@ -159,7 +183,8 @@ class Lab:
         # The gateway host's uplink is a switch port: inbound pool traffic skips its routing (issue 14).
         uplink = UPLINK_DEV if host == state.hosts[0] else ""
         argv = services.agent_argv(state.dir, host, ovs_of(state, host).remote, state.prefix, state.docker_url,
-                                   store=state.agent_store, controller=state.agent_controller, uplink=uplink)
+                                   store=state.agent_store, controller=state.agent_controller, uplink=uplink,
+                                   datapath=state.datapath(host), bpf_dir=bpf_dir(state, host))
         self._spawn(state, f"agent:{host}", argv, state.ns(host))
 
     def _start_components(self, state: LabState) -> None:
@@ -335,7 +360,7 @@ class Lab:
         state.hosts.append(host)
         state.save()
         self._host_links(state, host)
-        self._host_ovs(state, host)
+        self._host_datapath(state, host)
         if state.api_url:
             self._register(state, host)
         if state.process("agent:h1") is not None:
@@ -427,6 +452,9 @@ class Lab:
                 runtime = LightRuntime(Path(state_dir))
                 for name in runtime.known():
                     attempt(f"remove container {name}", partial(runtime.remove, name))
+        for where in reversed(state.mounts):
+            if Path(where).is_mount():
+                attempt(f"unmount {where}", partial(node.run, ["umount", where], check=True))
         for ns, ifname in reversed(state.links):
             if node.exists(ns):
                 attempt(f"delete {ns}:{ifname}", partial(link.delete, ns, ifname))

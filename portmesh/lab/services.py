@@ -176,7 +176,7 @@ def podman_argv(labdir: Path) -> list[str]:
 
 def agent_argv(
     labdir: Path, host: str, ovsdb_remote: str, prefix: str, docker_url: str = "", store: str = "", controller: str = "",
-    uplink: str = "",
+    uplink: str = "", datapath: str = "ovs", bpf_dir: Path | None = None,
 ) -> list[str]:
     """The agent as its systemd unit runs it on a real host: store and controller over TCP, its underlay device,
     and on the gateway host its ``--uplink`` (inbound pool traffic taken by the switch, docs/deploy.md)."""
@@ -188,10 +188,9 @@ def agent_argv(
         host,
         "--store",
         store or store_tcp_remote(),
-        "--ovsdb",
-        ovsdb_remote,
-        "--controller",
-        controller or controller_target(),
+        # An eBPF host has no OVS and no controller: its agent loads the datapath itself.
+        *(["--datapath", "ebpf", "--bpf-dir", str(bpf_dir or labdir / host / "bpf")] if datapath == "ebpf" else
+          ["--ovsdb", ovsdb_remote, "--controller", controller or controller_target()]),
         "--netns-prefix",
         prefix,
         "--state-dir",
