@@ -97,6 +97,15 @@ def _state(lab: Lab) -> LabState:
     return state
 
 
+def _ovs_host(lab: Lab, state: LabState, host: str) -> None:
+    """``host`` is one of the lab's hosts and runs OVS (the switch faults need an ovs-vswitchd)."""
+    if host not in state.hosts:
+        raise FaultError(f"HOST: lab {lab.name} has no host {host!r} (hosts: {', '.join(state.hosts)})")
+    if state.datapath(host) != "ovs":
+        raise FaultError(f"HOST: {host} runs the {state.datapath(host)} datapath, it has no ovs-vswitchd "
+                         "(its datapath lives in the kernel; kill-agent restarts what drives it)")
+
+
 def _process(state: LabState, label: str) -> Process:
     proc = state.process(label)
     if proc is None:
@@ -194,8 +203,7 @@ def kill_controller(
 def restart_switch(lab: Lab, host: str, timeout: float = 30.0) -> FaultReport:
     """Kill ``host``'s ovs-vswitchd (SIGKILL: a crash), start it again, wait until its flows are back."""
     state = _state(lab)
-    if host not in state.hosts:
-        raise FaultError(f"HOST: lab {lab.name} has no host {host!r} (hosts: {', '.join(state.hosts)})")
+    _ovs_host(lab, state, host)
     label = f"ovs-vswitchd:{host}"
     old = _process(state, label)
     ctl = state.process("controller")
@@ -271,8 +279,7 @@ def freeze_switch(lab: Lab, host: str, seconds: float = 30.0, timeout: float = 3
     it stayed frozen, ``back_s`` the time from SIGCONT until the switch was programmed again.
     """
     state = _state(lab)
-    if host not in state.hosts:
-        raise FaultError(f"HOST: lab {lab.name} has no host {host!r} (hosts: {', '.join(state.hosts)})")
+    _ovs_host(lab, state, host)
     if seconds <= 0:
         raise FaultError(f"--seconds: {seconds} is not a positive number of seconds")
     label = f"ovs-vswitchd:{host}"

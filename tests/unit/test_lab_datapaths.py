@@ -31,3 +31,16 @@ def test_per_host_pairs_leave_the_others_on_ovs() -> None:
 def test_a_wrong_value_names_what_is_wrong(text: str, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         parse_datapaths(text, HOSTS)
+
+
+def test_switch_faults_name_an_ebpf_host_as_having_no_switch() -> None:
+    from portmesh.lab import faults
+    from portmesh.lab.network import Lab
+    from portmesh.lab.state import LabState
+
+    state = LabState("x", hosts=["h1", "h2"], datapaths={"h2": "ebpf"})
+    faults._ovs_host(Lab("x"), state, "h1")  # an OVS host: fine
+    with pytest.raises(faults.FaultError, match="h2 runs the ebpf datapath, it has no ovs-vswitchd"):
+        faults._ovs_host(Lab("x"), state, "h2")
+    with pytest.raises(faults.FaultError, match="no host 'h9'"):
+        faults._ovs_host(Lab("x"), state, "h9")
