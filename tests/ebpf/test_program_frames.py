@@ -111,6 +111,7 @@ def test_arp_and_frames_from_a_container_that_are_dropped(dplab: Dplab) -> None:
 def test_frames_from_an_unknown_port_are_dropped(dplab: Dplab) -> None:
     """A veth with the program attached but no ``ports`` entry (a container not yet, or no longer, known)."""
     z = dplab.netns(f"{dplab.prefix}z")
+    dplab.x(z, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
     sh("ip", "-n", dplab.host, "link", "add", "vz", "type", "veth", "peer", "name", "eth0", "netns", z)
     dplab.x(dplab.host, "ip", "link", "set", "vz", "up")
     dplab.x(z, "ip", "link", "set", "eth0", "up")
