@@ -261,8 +261,9 @@ class Agent:
 
         Taking over: port on br0, reported (the controller compiles its flows), then the
         kernel's copy dropped; for the moment between the last two steps both paths deliver
-        (a duplicate, never a loss). Giving up (the agent runs without ``--uplink`` now):
-        the kernel routes again first, then the report and the port go. A failure is
+        (a duplicate, never a loss). Giving up (the agent runs without ``--uplink`` now, and
+        the Host row still names one): the kernel routes again first, then the port and,
+        last, the report go (so a pass that fails half-way is finished by the next one). A failure is
         logged and retried on the next full pass; it must not hold back the containers.
         """
         want = self.cfg.uplink
@@ -278,13 +279,12 @@ class Agent:
                 if plumbing.ensure_uplink(want, self.network):
                     log.info("uplink %s: the host no longer routes pool traffic in (%s)", want,
                              ", ".join(str(p) for p in self.network.public_pools))
-            else:
+            elif host.uplink is not None:  # the store still says so until the last step is done
                 if isolation.needed() and isolation.release_uplink():
                     log.info("uplink table removed: the host routes inbound pool traffic again")
-                if host.uplink is not None:
-                    self.store.report_uplink(self.cfg.host, None)
-                    if self.bridge.remove_port(host.uplink):
-                        log.info("uplink %s removed from br0", host.uplink)
+                if self.bridge.remove_port(host.uplink):
+                    log.info("uplink %s removed from br0", host.uplink)
+                self.store.report_uplink(self.cfg.host, None)
             self._uplink_ok = (self.cfg.uplink, self.network.public_pools)
         except Exception:
             log.exception("uplink %s of %s could not be converged; retrying", want, self.cfg.host)

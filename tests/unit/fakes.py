@@ -232,6 +232,14 @@ class FakeStore:
             self._hosts[host] = dataclasses.replace(old, tunnels=tuple(sorted(tunnels.items())))
         self._notify()
 
+    def report_uplink(self, host: str, uplink: str | None) -> None:
+        """As an agent: the uplink it made a br0 port (no generation bump, as the store)."""
+        with self._lock:
+            hosts = dict(self._state.hosts)
+            hosts[host] = dataclasses.replace(hosts[host], uplink=uplink)
+            self._state = dataclasses.replace(self._state, hosts=hosts)
+        self._notify()
+
     def host_status(self, host: str) -> HostStatus:
         with self._lock:
             return self._hosts.get(host, HostStatus())
