@@ -73,15 +73,19 @@ def test_arp_for_gateway_and_public_ip(dplab: Dplab) -> None:
     dplab.x(a.ns, "ping", "-c1", "-W2", "169.254.1.1")
     neigh = dplab.x(a.ns, "ip", "neigh", "show", "169.254.1.1", "dev", "eth0")
     assert GATEWAY_MAC in neigh.lower(), neigh
-    # A pool address (the shared one itself): the virtual MAC, never a sharer's.
+    # Pool addresses, treated as on-link for the moment: the shared public IP itself (its ping then
+    # answered by the program) and one not in use: the virtual MAC, never a sharer's.
     dplab.x(a.ns, "ip", "route", "add", "203.0.113.0/24", "dev", "eth0", "table", "200")
     try:
-        dplab.x(a.ns, "ip", "rule", "add", "pref", "50", "to", "203.0.113.77", "lookup", "200")
-        dplab.x(a.ns, "ping", "-c1", "-W1", "203.0.113.77", check=False)  # nobody answers the ping itself
-        neigh = dplab.x(a.ns, "ip", "neigh", "show", "203.0.113.77", "dev", "eth0")
-        assert VIRTUAL_MAC in neigh.lower(), neigh
+        for pref, ip, answered in ((50, str(PUBLIC), True), (51, "203.0.113.77", False)):
+            dplab.x(a.ns, "ip", "rule", "add", "pref", str(pref), "to", ip, "lookup", "200")
+            ping = dplab.x(a.ns, "ping", "-c1", "-W1", ip, check=False)
+            assert (" 1 received" in ping) == answered, ping
+            neigh = dplab.x(a.ns, "ip", "neigh", "show", ip, "dev", "eth0")
+            assert VIRTUAL_MAC in neigh.lower(), neigh
     finally:
-        dplab.x(a.ns, "ip", "rule", "del", "pref", "50", check=False)
+        for pref in (50, 51):
+            dplab.x(a.ns, "ip", "rule", "del", "pref", str(pref), check=False)
         dplab.x(a.ns, "ip", "route", "flush", "table", "200", check=False)
 
 
