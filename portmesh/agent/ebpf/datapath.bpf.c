@@ -243,6 +243,17 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
     return 0;
 }
 
+/* Direct packet access sees only the skb's linear part, and a NIC driver may leave headers in page
+ * fragments: make the longest header run read here linear (an ICMP error with its quote) once. */
+#define PM_HEADERS_LEN (sizeof(struct ethhdr) + 2 * sizeof(struct iphdr) + sizeof(struct icmphdr) + 8)
+static __always_inline void pull_headers(struct __sk_buff *skb)
+{
+    __u32 want = skb->len < PM_HEADERS_LEN ? skb->len : PM_HEADERS_LEN;
+
+    if ((void *)(long)skb->data + want > (void *)(long)skb->data_end)
+        bpf_skb_pull_data(skb, want);
+}
+
 /* The ICMP header, or NULL if the frame is not that long. Checked again at each use: the verifier
  * does not always carry parse_ipv4's bound across the helpers in between. */
 static __always_inline struct icmphdr *icmp_of(struct __sk_buff *skb, struct pkt *p)
@@ -769,8 +780,7 @@ static __always_inline int container_ipv4(struct __sk_buff *skb, struct pkt *p, 
     return send_outside(skb, p, cfg);
 }
 
-SEC("tc")
-int pm_from_container(struct __sk_buff *skb)
+static __always_inline int from_container(struct __sk_buff *skb)
 {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
@@ -799,8 +809,7 @@ int pm_from_container(struct __sk_buff *skb)
 
 /* ---- from the uplink ------------------------------------------------------------------------------- */
 
-SEC("tc")
-int pm_from_uplink(struct __sk_buff *skb)
+static __always_inline int from_uplink(struct __sk_buff *skb)
 {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
@@ -825,8 +834,7 @@ int pm_from_uplink(struct __sk_buff *skb)
 
 /* Frames from another host were classified where they entered the cloud: deliver them, never
  * re-classify, never send them into another tunnel (split horizon). */
-SEC("tc")
-int pm_from_tunnel(struct __sk_buff *skb)
+static __always_inline int from_tunnel(struct __sk_buff *skb)
 {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
@@ -860,4 +868,25 @@ int pm_from_tunnel(struct __sk_buff *skb)
     if (icmp && icmp->type == ICMP_ECHO)
         remember_echo(&p, icmp, eth->h_source, PM_DEST_TUNNEL, skb->ifindex, 0);
     return route_out(skb, &p);
+}
+
+SEC("tc")
+int pm_from_container(struct __sk_buff *skb)
+{
+    pull_headers(skb);
+    return from_container(skb);
+}
+
+SEC("tc")
+int pm_from_uplink(struct __sk_buff *skb)
+{
+    pull_headers(skb);
+    return from_uplink(skb);
+}
+
+SEC("tc")
+int pm_from_tunnel(struct __sk_buff *skb)
+{
+    pull_headers(skb);
+    return from_tunnel(skb);
 }
