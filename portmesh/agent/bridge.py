@@ -30,6 +30,25 @@ CONTROLLER_BURST_LIMIT = 25
 CONTROLLER_MAX_BACKOFF_MS = 1000
 POKE_KEY = "portmesh-reconfigure"  # Controller external_ids key written to make OVS apply max_backoff again
 STATUS_LAG_S = 15.0  # OVS refreshes Controller is_connected/status every ~5 s: after this, they are current
+# The AFFINITY table (the controller's Table.AFFINITY, pinned equal by tests/switch/test_affinity_limit.py:
+# the agent does not import the controller): the connection table of balanced mappings, filled by the
+# switch's own ``learn`` actions, one flow per new 5-tuple, so a SYN flood could fill it without bound.
+# Its Flow_Table row caps it and makes OVS evict instead of refusing: the flow that expires soonest
+# goes (the least recently used at equal idle timeout), so a connection that keeps sending outlives
+# flood entries that never saw a second packet. No ``groups``: one eviction group. Grouping by source
+# address would shield others from a single-source flood but, under a spoofed one (every source new),
+# make the clients with the most connections the largest group and thus the first victims. Only
+# learned flows (all with idle timeouts) are in this table; OVS never evicts flows without a timeout,
+# and the controller's pinned flows live in other tables anyway. An evicted connection is not lost
+# while the backend set is unchanged: multipath's hash sends its next packet to the same backend.
+AFFINITY_TABLE = 7
+AFFINITY_TABLE_NAME = "AFFINITY"
+# Default cap: 100,000 live balanced connections per switch (BridgeSpec.affinity_flow_limit to change
+# it). Measured on the dummy datapath (docs/components.md): a learned flow costs ovs-vswitchd ~1 KB
+# (~95 MB at the cap) and, with eviction on, OVS re-ranks every flow of the table once a second: 2-3 %
+# of a core while idle at 33-50k flows (1.1 % at 27k without eviction), so ~6 % at the cap. OVS itself
+# logs "Table 7 has an excessive number of rules" above 100,000, so the cap stays at that threshold.
+AFFINITY_FLOW_LIMIT = 100_000
 
 
 def parse_controller_targets(text: str) -> tuple[str, ...]:
@@ -72,6 +91,13 @@ class BridgeSpec:
     datapath_type: str = ""
     name: str = BRIDGE
     local_mtu: int | None = None  # the bridge's own port (NetworkConfig.egress_mtu); None: OVS's choice
+    affinity_flow_limit: int = AFFINITY_FLOW_LIMIT  # learned connections AFFINITY holds before OVS evicts
+
+    def __post_init__(self) -> None:
+        # 0 would make every learn fail (a full table with nothing to evict): connections would lose
+        # their affinity silently. Refused here rather than written to OVSDB.
+        if self.affinity_flow_limit < 1:
+            raise ValueError(f"affinity_flow_limit: {self.affinity_flow_limit} is not a positive number of flows")
 
     @property
     def dpid_hex(self) -> str:
@@ -157,7 +183,39 @@ class Bridge:
                 txn.add(self.api.db_set("Bridge", spec.name, ("controller", [*keep, *new])))
                 changed = True
         changed = self._ensure_local_mtu(spec) or changed
+        changed = self._ensure_affinity_table(spec) or changed
         return self._ensure_controller_limits(spec) or changed
+
+    def _ensure_affinity_table(self, spec: BridgeSpec) -> bool:
+        """br0's Flow_Table row for AFFINITY: its name, ``flow_limit`` and ``overflow_policy=evict``.
+
+        Read first, like every column here: an unchanged row means no transaction. A row that differs
+        is updated in place (another Flow_Table entry of the bridge, if any, is left as it is); a
+        missing one is created and put in ``flow_tables`` under key 7 in one transaction. Lowering the
+        limit below the number of flows present makes OVS evict at once, down to the new limit.
+        """
+        row = self._bridge_row(spec.name)
+        if row is None:
+            return False
+        wanted: list[tuple[str, Any]] = [
+            ("name", AFFINITY_TABLE_NAME),
+            ("flow_limit", spec.affinity_flow_limit),
+            ("overflow_policy", "evict"),
+            ("groups", []),
+        ]
+        table = dict(row.flow_tables).get(AFFINITY_TABLE)
+        if table is not None:
+            have = {"name": list(table.name), "flow_limit": list(table.flow_limit),
+                    "overflow_policy": list(table.overflow_policy), "groups": list(table.groups)}
+            stale = [(k, v) for k, v in wanted if have[k] != (v if isinstance(v, list) else [v])]
+            if not stale:
+                return False
+            self.api.db_set("Flow_Table", table.uuid, *stale).execute(check_error=True)
+            return True
+        with self.api.transaction(check_error=True) as txn:
+            new = txn.add(self.api.db_create("Flow_Table", **dict(wanted)))
+            txn.add(self.api.db_set("Bridge", spec.name, ("flow_tables", {AFFINITY_TABLE: new})))
+        return True
 
     def _ensure_local_mtu(self, spec: BridgeSpec) -> bool:
         """``mtu_request`` on the bridge's internal interface: without it OVS gives that port the smallest
