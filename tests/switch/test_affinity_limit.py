@@ -83,6 +83,13 @@ def flood(ovs: DummyOVS, sports: range, peak: list[int]) -> None:
     peak.append(len(affinity(ovs)))
 
 
+def advertised_limit(ovs: DummyOVS) -> int | None:
+    """The cap ovs-vswitchd applies to table 7, as it tells controllers (table features: name, max_entries)."""
+    out = ovs.ofctl("dump-table-features", "br0")
+    found = re.search(rf'table {AFFINITY_TABLE} \("{AFFINITY_TABLE_NAME}"\):.*?max_entries=(\d+)', out, re.S)
+    return int(found.group(1)) if found else None
+
+
 def versions(ovs: DummyOVS) -> str:
     """Every Flow_Table row's ``_version``, which OVSDB changes on any write to the row."""
     query = ('["Open_vSwitch", {"op": "select", "table": "Flow_Table", "where": [], '
@@ -102,6 +109,7 @@ def test_flood_is_capped_and_live_connections_survive(dummy_ovs: DummyOVS, bridg
         assert bridge.ensure(spec)
         row = dummy_ovs.vsctl("--columns=name,flow_limit,overflow_policy,groups", "list", "Flow_Table", "AFFINITY")
         assert re.search(r"flow_limit\s*: 40\b", row) and re.search(r"overflow_policy\s*: evict\b", row), row
+        until(lambda: advertised_limit(dummy_ovs) == LIMIT, "ovs-vswitchd to apply the row")
         tables = dummy_ovs.vsctl("get", "Bridge", "br0", "flow_tables")
         assert tables.startswith("{0=") and ", 7=" in tables, tables
         # A second agent pass writes nothing to it: the row's _version (changed by any write) stays.
@@ -167,13 +175,19 @@ def test_flood_is_capped_and_live_connections_survive(dummy_ovs: DummyOVS, bridg
         ctl.stop()
 
 
-def test_without_the_row_a_flood_grows_the_table(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
-    """The control: the same flood on a switch without the agent's Flow_Table row is not capped."""
+def test_without_the_row_a_flood_grows_the_table(dummy_ovs: DummyOVS, bridge: Bridge, tmp_path: Path) -> None:
+    """The control: the same flood on a switch without the agent's Flow_Table row is not capped. Then
+    the upgrade path: the row written onto a switch that already holds learned flows keeps them all."""
     source, ctl, _ports = setup(dummy_ovs, tmp_path, build_state())
     try:
         source.wait_realized("h1", timeout=20)
         peak: list[int] = []
         flood(dummy_ovs, range(20000, 20000 + 2 * LIMIT), peak)
+        assert len(affinity(dummy_ovs)) == 2 * LIMIT
+        spec = BridgeSpec(1, "0a:00:00:00:00:01", (f"unix:{tmp_path / 'ctl.sock'}",), datapath_type="dummy",
+                          affinity_flow_limit=3 * LIMIT)
+        assert bridge.ensure(spec)
+        until(lambda: advertised_limit(dummy_ovs) == 3 * LIMIT, "ovs-vswitchd to apply the row")
         assert len(affinity(dummy_ovs)) == 2 * LIMIT
     finally:
         ctl.stop()
