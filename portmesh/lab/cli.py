@@ -105,13 +105,23 @@ def progress(first: str) -> Iterator[Callable[[str], None]]:
 
 
 @app.command()
-def demo(name: NameOpt = "lab") -> None:
+def demo(
+    name: NameOpt = "lab",
+    datapath: Annotated[
+        str, typer.Option(help="what forwards on the hosts: ovs, ebpf, or per host h1=ovs,h2=ebpf (others ovs)")
+    ] = "ovs",
+) -> None:
     """Lab up, sample containers sharing public IPs, and a real outside client reaching each mapping."""
     _need_root()
     from portmesh.lab.demo import run_demo
 
     try:
-        run_demo(name)
+        parse_datapaths(datapath, [f"h{i}" for i in range(1, 4)])
+    except ValueError as exc:
+        typer.echo(f"demo: --{exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        run_demo(name, datapath=datapath)
     except Exception as exc:
         typer.echo(f"demo failed: {exc}", err=True)
         raise typer.Exit(1) from None

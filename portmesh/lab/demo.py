@@ -40,12 +40,14 @@ UDP_PROBE = (
 )
 
 
-def run_demo(name: str, say: Say = print) -> LabState:
-    """Bring the lab up, create the sample containers and show each mapping answering from ``inet``."""
+def run_demo(name: str, say: Say = print, datapath: str = "ovs") -> LabState:
+    """Bring the lab up, create the sample containers and show each mapping answering from ``inet``.
+
+    ``datapath``: what the hosts run (``ovs``, ``ebpf``, or per host, as ``lab up --datapath``)."""
     lab = Lab(name, say=say)
     if lab.state() is not None:
         raise RuntimeError(f"lab {name!r} is already up: `portmesh lab down --name {name}` first, or pick --name")
-    state = lab.up(hosts=HOSTS)
+    state = lab.up(hosts=HOSTS, datapath=datapath)
     if not state.api_url:
         raise RuntimeError("the lab has no API; cannot create containers")
     token = services.token_file(state.dir).read_text().strip()
