@@ -17,11 +17,13 @@ pytestmark = [
 ]
 
 
-def test_demo_shows_every_mapping_answering_with_the_real_client_address() -> None:
-    name = f"d{os.getpid() % 100000}"
+@pytest.mark.parametrize("datapath", ["ovs", "ebpf", "h2=ebpf"])
+def test_demo_shows_every_mapping_answering_with_the_real_client_address(datapath: str) -> None:
+    """On OVS hosts, on eBPF hosts, and in a mixed cloud (h2 on eBPF behind the OVS gateway h1)."""
+    name = f"d{os.getpid() % 10000}{'oem'[['ovs', 'ebpf', 'h2=ebpf'].index(datapath)]}"
     lines: list[str] = []
     try:
-        run_demo(name, say=lines.append)
+        run_demo(name, say=lines.append, datapath=datapath)
     finally:
         assert Lab(name, say=lambda _m: None).down() == []
     text = "\n".join(lines)
