@@ -1,0 +1,74 @@
+/* portmesh eBPF datapath: the outside world: the gateway's fib lookup, or the tunnel to the gateway.
+ * Included by datapath.bpf.c only, in order (each header uses the ones before it). */
+#ifndef PM_ROUTE_H
+#define PM_ROUTE_H
+
+/* ---- the outside world ------------------------------------------------------------------------- */
+
+/* A router's hop, as the host's own forwarding would count it (ip_decrease_ttl). */
+static __always_inline void decrease_ttl(struct __sk_buff *skb)
+{
+    struct iphdr *ip = (void *)(long)skb->data + sizeof(struct ethhdr);
+
+    if ((void *)(ip + 1) > (void *)(long)skb->data_end)
+        return;
+    ip->check = csum_replace16(ip->check, bpf_htons(ip->ttl << 8), bpf_htons((ip->ttl - 1) << 8));
+    ip->ttl--;
+}
+
+/* A gateway host sends a container's frame out by its own routing; a local destination (the host
+ * itself) is fenced: containers never reach the host's sockets. */
+static __always_inline int route_out(struct __sk_buff *skb, struct pkt *p)
+{
+    struct bpf_fib_lookup fib = {};
+    struct ethhdr *eth;
+    void *data_end;
+    long rc;
+
+    if (p->ip->ttl <= 1)
+        return count_drop(skb, PM_DROP_NO_ROUTE); /* no "time exceeded" from here (yet) */
+    fib.family = AF_INET;
+    fib.tos = p->ip->tos;
+    fib.l4_protocol = p->ip->protocol;
+    fib.sport = p->sport;
+    fib.dport = p->dport;
+    /* tot_len stays 0: the helper then checks the skb against the MTU itself, GSO-aware. Given the
+     * IP length, a 64 KB TSO packet from a container would be FRAG_NEEDED and bulk uploads stall. */
+    fib.ipv4_src = p->ip->saddr;
+    fib.ipv4_dst = p->ip->daddr;
+    fib.ifindex = skb->ifindex;
+    rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+    if (rc == BPF_FIB_LKUP_RET_NOT_FWDED || rc == BPF_FIB_LKUP_RET_BLACKHOLE ||
+        rc == BPF_FIB_LKUP_RET_UNREACHABLE || rc == BPF_FIB_LKUP_RET_PROHIBIT)
+        return count_drop(skb, rc == BPF_FIB_LKUP_RET_NOT_FWDED ? PM_DROP_FENCE : PM_DROP_NO_ROUTE);
+    /* FRAG_NEEDED included: no ICMP "fragmentation needed" is sent from here (yet). */
+    if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+        return count_drop(skb, PM_DROP_NO_ROUTE);
+    if (fib.ifindex == skb->ifindex)
+        return count_drop(skb, PM_DROP_NO_ROUTE); /* never back into the port it came from */
+    decrease_ttl(skb);
+    if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+        return bpf_redirect_neigh(fib.ifindex, 0, 0, 0); /* the kernel resolves the next hop */
+    eth = (void *)(long)skb->data;
+    data_end = (void *)(long)skb->data_end;
+    if ((void *)(eth + 1) > data_end)
+        return TC_ACT_SHOT;
+    mac_copy(eth->h_dest, fib.dmac);
+    mac_copy(eth->h_source, fib.smac);
+    return bpf_redirect(fib.ifindex, 0);
+}
+
+/* To the outside world: by this host's routing on a gateway, else through the tunnel to the gateway. */
+static __always_inline int send_outside(struct __sk_buff *skb, struct pkt *p, struct pm_config *cfg)
+{
+    struct ethhdr *eth = p->eth;
+
+    if (cfg->flags & PM_CFG_GATEWAY)
+        return route_out(skb, p);
+    if (!cfg->gateway_tunnel)
+        return count_drop(skb, PM_DROP_NO_ROUTE);
+    mac_copy(eth->h_dest, cfg->gateway_mac);
+    return bpf_redirect(cfg->gateway_tunnel, 0);
+}
+
+#endif
