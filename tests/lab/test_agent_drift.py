@@ -7,6 +7,13 @@ carries traffic, ``inet`` cannot reach the container), then waits -- bounded, po
 restart test kills the agent with SIGKILL and checks by ifindex, OpenFlow port
 number, address/route/rule listings, nft chain handles and flow durations that the
 new agent recreated nothing, while a TCP connection from ``inet`` stays up.
+
+Both datapaths (the ``datapath`` fixture). An eBPF host has no br0, so the cases that break
+br0's address, the pool route on br0 or an OVS port are OVS-only; their eBPF counterparts
+remove the datapath's tc program from a container port and from the uplink ``up0`` (each
+cuts traffic from ``inet``). After the restart, instead of OpenFlow port numbers and flow
+durations, the eBPF host's pinned maps must keep their kernel ids and their entries (a map
+re-created or an entry rewritten would show), and every port still runs the datapath's program.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ import pytest
 from portmesh.lab import node
 from portmesh.lab.network import Lab, ovs_of
 from portmesh.model.config import DEFAULT_CONFIG as CFG
+from tests.lab.conftest import lab_suffix
 from tests.lab.test_isolation import PROBES
 from tests.lab.test_mapping_e2e import Cloud, keep_logs, pytestmark
+from tests.lab.tools import t4_ebpf
 
 __all__ = ["pytestmark"]
 
@@ -53,10 +62,10 @@ CLIENT = (
 
 
 @pytest.fixture(scope="module")
-def cloud() -> Iterator[Cloud]:
-    lab = Lab(f"dr{os.getpid() % 10000}", say=lambda _msg: None)
+def cloud(datapath: str) -> Iterator[Cloud]:
+    lab = Lab(f"dr{os.getpid() % 10000}{lab_suffix(datapath)}", say=lambda _msg: None)
     try:
-        state = lab.up(hosts=1)
+        state = lab.up(hosts=1, datapath=datapath)
         c = Cloud(state)
         c.run_container("dweb", IP, "80/tcp")
         c.cli("run", "decho", "--host", "h1", "--ip", IP, "--port", f"{ECHO_PORT}/tcp", "--", sys.executable, "-c", ECHO)
@@ -112,26 +121,42 @@ def _cases(cloud: Cloud) -> dict[str, tuple[list[str], str, Callable[[], bool], 
         "container-rule": (["ip", "rule", "del", "pref", "1"], cns, has(cns, ["ip", "rule"], "lookup 100"), False),
         "container-table100": (["ip", "route", "del", "local", IP, "dev", "eth0", "table", "100"], cns,
                                has(cns, ["ip", "route", "show", "table", "100"], f"local {IP}"), False),
+        # Since h1's uplink up0 is a br0 port (agent --uplink), traffic from inet no longer crosses h1's
+        # routing: neither br0's address nor the pool route carries it, so these two no longer cut it.
         "host-gateway-address": (["ip", "addr", "del", f"{GW}/32", "dev", "br0"], hns,
-                                 has(hns, ["ip", "-o", "addr", "show", "dev", "br0"], f"{GW}/32"), True),
-        "host-pool-route": (["ip", "route", "del", POOL, "dev", "br0"], hns, has(hns, ["ip", "route"], POOL), True),
+                                 has(hns, ["ip", "-o", "addr", "show", "dev", "br0"], f"{GW}/32"), False),
+        "host-pool-route": (["ip", "route", "del", POOL, "dev", "br0"], hns, has(hns, ["ip", "route"], POOL), False),
+        # Whole lines: "table netdev portmesh_uplink" (the uplink's table) must not count as "table netdev portmesh".
         "host-nft-netdev": (["nft", "delete", "table", "netdev", "portmesh"], hns,
-                            has(hns, ["nft", "list", "tables"], "netdev portmesh"), False),
+                            has(hns, ["nft", "list", "tables"], "\ntable netdev portmesh\n"), False),
         "host-nft-inet": (["nft", "delete", "table", "inet", "portmesh"], hns,
-                          has(hns, ["nft", "list", "tables"], "inet portmesh"), False),
+                          has(hns, ["nft", "list", "tables"], "\ntable inet portmesh\n"), False),
         "veth": (["ip", "link", "del", port], hns, lambda: sh(hns, "ip", "link", "show", port, check=False).startswith(
             tuple("0123456789")), True),
         "bridge-port": (["ovs-vsctl", "del-port", "br0", port], "", lambda: port in ovs(cloud, "ovs-vsctl", "list-ports", "br0"),
                         True),
+        # eBPF: the datapath's program taken off a port (its clsact qdisc deleted, the filter with it).
+        "port-program": (["tc", "qdisc", "del", "dev", port, "clsact"], hns,
+                         lambda: t4_ebpf.ingress_program(hns, port) == "pm_from_container", True),
+        "uplink-program": (["tc", "qdisc", "del", "dev", "up0", "clsact"], hns,
+                           lambda: t4_ebpf.ingress_program(hns, "up0") == "pm_from_uplink", True),
     }
 
 
 CASES = ["container-address", "container-default-route", "container-gateway-route", "container-rule", "container-table100",
-         "host-gateway-address", "host-pool-route", "host-nft-netdev", "host-nft-inet", "bridge-port", "veth"]
+         "host-gateway-address", "host-pool-route", "host-nft-netdev", "host-nft-inet", "bridge-port", "veth",
+         "port-program", "uplink-program"]
+OVS_ONLY = {"host-gateway-address": "br0's gateway address", "host-pool-route": "the pool route via br0",
+            "bridge-port": "an OVS bridge port"}
+EBPF_ONLY = {"port-program", "uplink-program"}
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_agent_repairs_drift_without_a_restart(cloud: Cloud, case: str) -> None:
+def test_agent_repairs_drift_without_a_restart(cloud: Cloud, datapath: str, case: str) -> None:
+    if datapath == "ebpf" and case in OVS_ONLY:
+        pytest.skip(f"eBPF host has no br0: no {OVS_ONLY[case]} to break (ARP and routing are the program's)")
+    if datapath == "ovs" and case in EBPF_ONLY:
+        pytest.skip("an OVS host runs no tc datapath program")
     argv, ns, present, cuts = _cases(cloud)[case]
     assert wait_until(lambda: present() and reachable(cloud), 30) >= 0  # whole before we break it
     if ns:
@@ -154,12 +179,21 @@ def _snapshot(cloud: Cloud) -> dict[str, object]:
         # IPv4 only: the agent manages no IPv6, and br0's kernel link-local route appears on its own once DAD ends.
         out[f"{ns} routes"] = sorted(sh(ns, "ip", "-4", "route", "show", "table", "all").splitlines())
         out[f"{ns} rules"] = sh(ns, "ip", "rule")
-    out["nft"] = sh(hns, "nft", "-a", "list", "ruleset")  # with handles: a recreated chain gets a new one
-    out["ofports"] = ovs(cloud, "ovs-vsctl", "--columns=name,ofport", "list", "Interface")
+    # With handles (a recreated chain gets a new one); without counters, which traffic moves (the uplink's table).
+    out["nft"] = re.sub(r"counter packets \d+ bytes \d+", "counter", sh(hns, "nft", "-a", "list", "ruleset"))
+    if cloud.state.datapath("h1") == "ebpf":  # the maps re-used, not re-created (a new map has a new id)
+        out["map ids"] = t4_ebpf.map_ids(cloud.state, "h1")
+    else:
+        out["ofports"] = ovs(cloud, "ovs-vsctl", "--columns=name,ofport", "list", "Interface")
     return out
 
 
 def _durations(cloud: Cloud) -> dict[str, float]:
+    if cloud.state.datapath("h1") == "ebpf":
+        # The maps' entries stand for the flows: none rewritten means each keeps the same content. The duration
+        # is a constant so the caller's "none is younger" holds exactly when the entries are the same.
+        return {f"{name}: {entry}": 0.0 for name, entries in t4_ebpf.map_contents(cloud.state, "h1").items()
+                for entry in entries}
     flows = ovs(cloud, "ovs-ofctl", "-O", "OpenFlow13", "dump-flows", "br0")
     got = {}
     for line in flows.splitlines()[1:]:
@@ -206,6 +240,11 @@ def test_kill_9_and_restart_recreates_nothing(cloud: Cloud) -> None:
         after = _durations(cloud)
         assert after.keys() == flows.keys()
         assert all(after[k] >= flows[k] for k in flows), "a flow was re-installed"
+        if cloud.state.datapath("h1") == "ebpf":  # every port still runs the datapath (the new agent's object)
+            hns = cloud.state.ns("h1")
+            for name in ("dweb", "decho"):
+                assert t4_ebpf.ingress_program(hns, port_of(cloud, name)) == "pm_from_container", name
+            assert t4_ebpf.ingress_program(hns, "up0") == "pm_from_uplink"
         client.stdin.write("two\n")
         client.stdin.flush()
         assert client.stdout.readline().strip() == "two", "the TCP connection from inet broke"

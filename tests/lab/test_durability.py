@@ -9,6 +9,11 @@ down, the switch (``fail_mode=secure``) must keep forwarding with the flows it h
 After a restart from the recorded command lines, the API must list exactly what it
 listed before (plus the last mapping), every mapping must answer from ``inet`` with
 the client's real address, and the switch must hold the same flows as before.
+
+Both datapaths (the ``datapath`` fixture). On an eBPF host the datapath is the kernel program
+with its pinned maps: it keeps forwarding with every portmesh process dead (and, having no
+controller to ask, refuses an unmapped port itself with a RST); after the restart its maps are
+the same maps (kernel ids) holding the same entries, plus only the last mapping's.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from portmesh.lab import services
 from portmesh.lab.network import Lab
 from portmesh.lab.ovs import wait_unix_socket
 from portmesh.runtime import procs
+from tests.lab.conftest import lab_suffix
 from tests.lab.test_mapping_e2e import OUTSIDE_IP, Cloud, keep_logs, pytestmark, whoami_from_inet
+from tests.lab.tools import t4_ebpf
 
 __all__ = ["pytestmark"]  # the lab/root/OVS marks of the end-to-end tests apply here too
 
@@ -44,10 +51,10 @@ COUNTERS = re.compile(r"(duration|n_packets|n_bytes|idle_age|hard_age)=[^,\s]+,?
 
 
 @pytest.fixture(scope="module")
-def cloud() -> Iterator[Cloud]:
-    lab = Lab(f"qd{os.getpid() % 100000}", say=lambda _msg: None)
+def cloud(datapath: str) -> Iterator[Cloud]:
+    lab = Lab(f"qd{os.getpid() % 100000}{lab_suffix(datapath)}", say=lambda _msg: None)
     try:
-        state = lab.up(hosts=1)
+        state = lab.up(hosts=1, datapath=datapath)
         c = Cloud(state)
         run(c, "dweb1", IP10, 80, listen=(80, 8081))
         run(c, "dweb2", IP10, 8080, listen=(8080,))
@@ -159,9 +166,12 @@ def assert_traffic(cloud: Cloud, mappings: list[tuple[str, int, str]]) -> None:
         assert reply["local"] == f"{ip}:{port}"
 
 
-def test_kill9_everything_and_restart_loses_nothing(cloud: Cloud) -> None:
+def test_kill9_everything_and_restart_loses_nothing(cloud: Cloud, datapath: str) -> None:
     wait_converged(cloud)
     assert_traffic(cloud, MAPPINGS)
+    if datapath == "ebpf":
+        kill9_on_ebpf(cloud)
+        return
     flows_before = flow_table(cloud)  # before the last write: its flows may or may not be in before the kill
     held_before, clock_before = flow_durations(cloud), time.monotonic()
 
@@ -195,6 +205,36 @@ def test_kill9_everything_and_restart_loses_nothing(cloud: Cloud) -> None:
     held_after, elapsed = flow_durations(cloud), time.monotonic() - clock_before
     reset = {f: (held_before[f], held_after[f]) for f in held_before if held_after[f] < held_before[f] + elapsed - 1.0}
     assert not reset, f"flows re-sent by the restarted controller (duration before, after; {elapsed:.1f} s apart): {reset}"
+
+
+def kill9_on_ebpf(cloud: Cloud) -> None:
+    """The eBPF branch of the test above: the same steps, with the maps where OVS has its flows."""
+    entries_before, ids_before = t4_ebpf.entries(cloud.state, "h1"), t4_ebpf.map_ids(cloud.state, "h1")
+    written = json.loads(cloud.cli("map", "add", *LAST[:1], f"{LAST[1]}/tcp", LAST[2], "--no-wait", "-o", "json").stdout)
+    assert written["mapping"]["port"] == LAST[1]
+    before = listing(cloud)
+    labels = portmesh_labels(cloud)
+    kill9(cloud, labels)
+
+    # Everything of ours is dead; the program keeps forwarding with the maps it has.
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{cloud.state.api_url}/v1/status", timeout=2)
+    assert_traffic(cloud, MAPPINGS)
+    # Unmapped stays unreachable: the program answers the SYN with a RST itself (no controller involved).
+    assert cloud.tool("inet", "tcp-refused", "--host", IP10, "--port", "9999")["outcome"] == "refused"
+
+    restart(cloud, labels)
+    wait_converged(cloud)
+    after = listing(cloud)
+    assert after == before, "the API lists exactly what it listed before the kill"
+    assert any(m["public_ip"] == LAST[0] and m["port"] == LAST[1] for m in after["mappings"])
+    assert_traffic(cloud, [*MAPPINGS, LAST])
+    # The restarted agent re-used the pinned maps and rewrote nothing; it only added the last mapping.
+    assert t4_ebpf.map_ids(cloud.state, "h1") == ids_before, "a map was re-created"
+    entries_after = t4_ebpf.entries(cloud.state, "h1")
+    assert set(entries_before) <= set(entries_after), sorted(set(entries_before) - set(entries_after))
+    added = set(entries_after) - set(entries_before)
+    assert added and all(t4_ebpf.mapping_entry_port(e) == LAST[1] for e in added), sorted(added)
 
 
 def test_restarted_system_still_takes_writes(cloud: Cloud) -> None:
