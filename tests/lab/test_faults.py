@@ -12,6 +12,14 @@ exchanging a line every 50 ms. Faults are injected only once the probe has answe
   probe seeing a loss is h2's own outage), and h2's mappings answer again within a measured time
   of the switch coming back (the issue wants 2 s).
 
+Both datapaths (the ``datapath`` fixture). On eBPF hosts only the agent fault applies: the agent
+is the one process that drives the datapath, and a restarted agent re-adopts the pinned maps and
+re-attaches its programs, so the probe must lose nothing there too (and the maps keep their kernel
+ids and entries: nothing was re-created). The controller and ovs-vswitchd faults are about OVS
+(flow-mods, OpenFlow reconnects, a switch's flow table) and skip on eBPF; ``lab fault restart-switch``
+must refuse an eBPF host cleanly, and a change made while the controller is down is realised
+there anyway (the agent fills the maps itself).
+
 Reproduce the figures: ``.venv/bin/python -m pytest -q -s tests/lab/test_faults.py`` (they are printed),
 or by hand: ``portmesh lab up --hosts 3; portmesh lab fault kill-controller; portmesh lab fault restart-switch h2``.
 """
@@ -38,6 +46,8 @@ from portmesh.lab import faults, node, services
 from portmesh.lab.network import Lab, ovs_of
 from portmesh.lab.state import LabState
 from portmesh.runtime import procs
+from tests.lab.conftest import lab_suffix
+from tests.lab.tools import t4_ebpf
 
 pytestmark = [
     pytest.mark.lab,
@@ -153,10 +163,10 @@ class Probe:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    lab = Lab(f"flt{os.getpid() % 10000}", say=lambda msg: None)
+def lab(datapath: str) -> Iterator[Lab]:
+    lab = Lab(f"flt{os.getpid() % 10000}{lab_suffix(datapath)}", say=lambda msg: None)
     try:
-        state = lab.up(3)
+        state = lab.up(3, datapath=datapath)
         token = services.token_file(state.dir).read_text().strip()
         with httpx.Client(base_url=state.api_url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as api:
             for name, (host, ip) in TARGETS.items():
@@ -169,8 +179,13 @@ def lab() -> Iterator[Lab]:
         lab.down()
 
 
+OVS_ONLY = "OVS only: the controller and ovs-vswitchd drive no eBPF host (flow-mods, reconnects, a switch's flows)"
+
+
 @pytest.fixture
-def probe(lab: Lab) -> Iterator[Probe]:
+def probe(lab: Lab, datapath: str, request: pytest.FixtureRequest) -> Iterator[Probe]:
+    if datapath == "ebpf" and request.function.__name__ != "test_agent_kill_keeps_traffic_and_the_agent_comes_back":
+        pytest.skip(OVS_ONLY)
     state = lab.state()
     assert state is not None
     p = Probe(state)
@@ -244,23 +259,69 @@ def test_switch_restart_on_h2_recovers_its_mappings(lab: Lab, probe: Probe) -> N
     assert recovery < 2.0, f"h2's mappings answered {recovery:.2f} s after its switch came back (wanted < 2 s)"
 
 
-def test_agent_kill_keeps_traffic_and_the_agent_comes_back(lab: Lab, probe: Probe) -> None:
-    """An agent is not on the data path: killing and restarting it loses nothing (and it is a new process)."""
-    report = faults.kill_agent(lab, "h3")
-    time.sleep(1.0)  # traffic while the new agent makes its first pass (measurement window)
-    result = probe.finish()
-    print(f"\nkill-agent h3: {json.dumps(report.to_dict())}")
+def agent_first_pass_done(state: LabState, host: str, offset: int) -> bool:
+    proc = state.process(f"agent:{host}")
+    assert proc is not None
+    with open(proc.log, "rb") as f:
+        f.seek(offset)
+        return b"realised generation" in f.read()
+
+
+@pytest.mark.parametrize("host", ["h3", "h1"], ids=["compute", "gateway"])
+def test_agent_kill_keeps_traffic_and_the_agent_comes_back(lab: Lab, probe: Probe, datapath: str, host: str) -> None:
+    """An agent is not on the data path: killing and restarting it loses nothing (and it is a new process).
+
+    On eBPF the new agent reloads the object and re-attaches its programs to every port while the probe
+    runs (on h1 that includes the uplink every probe packet crosses): the maps must be re-used (same ids,
+    same entries), and the probe, waited for past the new agent's first full pass, must lose nothing."""
     state = lab.state()
     assert state is not None
-    proc = state.process("agent:h3")
+    ebpf = datapath == "ebpf"
+    before = (t4_ebpf.map_ids(state, host), t4_ebpf.map_contents(state, host)) if ebpf else None
+    old = state.process(f"agent:{host}")
+    assert old is not None
+    offset = Path(old.log).stat().st_size
+    report = faults.kill_agent(lab, host)
+    deadline = time.monotonic() + 30
+    while not agent_first_pass_done(state, host, offset):  # its first pass re-attached every port
+        assert time.monotonic() < deadline, f"agent:{host} made no full pass within 30 s"
+        time.sleep(0.05)
+    time.sleep(1.0)  # traffic after the new agent's first pass (measurement window)
+    result = probe.finish()
+    lost = {ip: len(t["lost"]) for ip, t in result["targets"].items()}
+    print(f"\nkill-agent {host} ({datapath}): {json.dumps(report.to_dict())}; probe packets lost per target: {lost} "
+          f"of {[t['sent'] for t in result['targets'].values()]}")
+    state = lab.state()
+    assert state is not None
+    proc = state.process(f"agent:{host}")
     assert proc is not None and proc.pid == report.new_pid != report.old_pid
     for ip, t in result["targets"].items():
         assert t["sent"] >= PPS and t["lost"] == [] and t["tcp_error"] == "", (ip, t)
+    if before is not None:
+        assert t4_ebpf.map_ids(state, host) == before[0], "a map was re-created, not re-used"
+        assert t4_ebpf.map_contents(state, host) == before[1], "the restarted agent rewrote map entries"
 
 
-def test_a_change_made_while_the_controller_is_down_lands_as_one_bundle_per_switch(lab: Lab) -> None:
+def test_switch_faults_are_refused_on_an_ebpf_host(lab: Lab, datapath: str) -> None:
+    """``lab fault restart-switch`` / ``freeze-switch`` on an eBPF host: a clear error, nothing killed."""
+    if datapath != "ebpf":
+        pytest.skip("an OVS host has an ovs-vswitchd: test_switch_restart_on_h2_recovers_its_mappings")
+    state = lab.state()
+    assert state is not None
+    pids = {p.label: p.pid for p in state.processes}
+    for fault in (faults.restart_switch, faults.freeze_switch):
+        with pytest.raises(faults.FaultError, match="h2 runs the ebpf datapath, it has no ovs-vswitchd"):
+            fault(lab, "h2")
+    after = lab.state()
+    assert after is not None and {p.label: p.pid for p in after.processes} == pids
+
+
+def test_a_change_made_while_the_controller_is_down_lands_as_one_bundle_per_switch(lab: Lab, datapath: str) -> None:
     """Issue 13 item 2: with the controller stopped, a container is created (its agent plumbs it, no switch
-    learns of it); once the controller is back, each switch gets the change as one bundle and it answers."""
+    learns of it); once the controller is back, each switch gets the change as one bundle and it answers.
+
+    On eBPF hosts nothing waits for the controller: the agents fill the maps, so the new container answers
+    while the controller is still down (the bundle count is OVS's own and is not asserted there)."""
     state = lab.state()
     assert state is not None
     proc = state.process("controller")
@@ -282,6 +343,11 @@ def test_a_change_made_while_the_controller_is_down_lands_as_one_bundle_per_swit
                 time.sleep(0.1)
             # The probe sees answers (positive control: u1, programmed before) but none from u4: no switch knows it.
             assert node.run([*udp[:3], TARGETS["u1"][1], str(UDP_PORT)], netns=inet, check=False).stdout.strip() == "ok"
+            if datapath == "ebpf":
+                while node.run(udp, netns=inet, check=False).stdout.strip() != "ok":
+                    assert time.monotonic() < deadline + 15, "u4 did not answer on eBPF hosts with the controller down"
+                lab.restart("controller")
+                return
             assert node.run(udp, netns=inet, check=False).stdout.strip() == "timeout"
             lab.restart("controller")
             deadline = time.monotonic() + 15
