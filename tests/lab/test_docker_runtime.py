@@ -7,6 +7,9 @@ through its mapping with the client's real address; a ``docker restart`` (throug
 the SDK, behind portmesh's back) gives it a new network namespace that the agent
 re-plumbs from the engine's events, with the same MAC and address; ``rm`` removes
 the engine's container, the veth, the bridge port and every flow naming its MAC.
+
+Both datapaths (the ``datapath`` fixture): on an eBPF host "the flows naming its MAC" are the
+datapath's map entries carrying it (its port, its mapping's destination, its delivery entry).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from portmesh.lab.state import LabState
 from portmesh.runtime import docker as docker_runtime
 from portmesh.runtime import procs
 from portmesh.runtime.image import BUSYBOX_IMAGE
+from tests.lab.conftest import lab_suffix
+from tests.lab.tools import t4_ebpf
 
 pytestmark = [
     pytest.mark.lab,
@@ -108,6 +113,10 @@ class Cloud:
         return link["address"], sorted(a["local"] for a in link["addr_info"] if a["family"] == "inet")
 
     def flows(self) -> list[str]:
+        """h1's flows; on an eBPF host its map entries, each with the MACs it carries spelled out."""
+        if self.state.datapath("h1") == "ebpf":
+            return [f"{e} {' '.join(':'.join(f'{b:02x}' for b in m) for m in t4_ebpf.macs_of(e))}"
+                    for e in t4_ebpf.entries(self.state, "h1")]
         ovs = ovs_of(self.state, "h1")
         out = node.run(["ovs-ofctl", "-O", "OpenFlow13", "dump-flows", "br0"], netns=ovs.netns, env=ovs.env()).stdout
         return [line.strip() for line in out.splitlines()[1:]]
@@ -118,11 +127,11 @@ class Cloud:
 
 
 @pytest.fixture(scope="module")
-def cloud() -> Iterator[Cloud]:
-    lab = Lab(f"dk{os.getpid() % 100000}", say=lambda _msg: None)
+def cloud(datapath: str) -> Iterator[Cloud]:
+    lab = Lab(f"dk{os.getpid() % 100000}{lab_suffix(datapath)}", say=lambda _msg: None)
     c: Cloud | None = None
     try:
-        state = lab.up(hosts=1)
+        state = lab.up(hosts=1, datapath=datapath)
         assert state.docker_url, "the lab started no container engine"
         c = Cloud(state)
         yield c
@@ -251,10 +260,10 @@ def test_missing_image_is_an_error_not_a_hang(cloud: Cloud) -> None:
     cloud.cli("rm", "noimg")
 
 
-def test_down_removes_the_labs_containers_and_engine() -> None:
-    lab = Lab(f"dkd{os.getpid() % 10000}", say=lambda _msg: None)
+def test_down_removes_the_labs_containers_and_engine(datapath: str) -> None:
+    lab = Lab(f"dkd{os.getpid() % 10000}{lab_suffix(datapath)}", say=lambda _msg: None)
     try:
-        state = lab.up(hosts=1)
+        state = lab.up(hosts=1, datapath=datapath)
         c = Cloud(state)
         try:
             c.cli("run", "left", "--host", "h1", "--ip", "203.0.113.32", "--image", BUSYBOX_IMAGE, "--", "sleep", "1000")
