@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from math import gcd
 
 from portmesh.controller.flows import Action, Flow, Learn, Multipath, OwnerKind, Resubmit, SetField, flow
 from portmesh.controller.pipeline import Table
@@ -31,6 +30,7 @@ from portmesh.controller.rules import (
     allowance_flow,
 )
 from portmesh.model.entities import Container, Mapping
+from portmesh.model.slots import MAX_SLOTS, slots
 
 # POLICY priorities: a deny beats an allow whatever their lengths; the mapping's default is below both.
 PRIO_DENY = 300
@@ -49,32 +49,11 @@ PRIO_LEARNED = 100
 TCP_ACK = 0x010
 IPPROTO_TCP = 6
 TO_L2 = Resubmit(Table.L2)
-# OVS's multipath uses HRW only up to 64 links (more fall back to another algorithm): weights are
-# reduced by their gcd and, if still over, scaled down (each backend keeps at least one slot).
-MAX_SLOTS = 64
 
 
 def is_plain(mapping: Mapping) -> bool:
     """A mapping that compiles exactly as before issue 15: one backend, no policy, serving."""
     return not mapping.balanced and not mapping.filtered and not mapping.down
-
-
-def slots(weights: Sequence[tuple[str, int]]) -> list[str]:
-    """Backend names expanded by weight, in backend order (so adding a backend appends slots and keeps
-    the others' slot numbers: HRW then moves only connections the new slots win)."""
-    if not weights:
-        return []
-    g = 0
-    for _name, w in weights:
-        g = gcd(g, w)
-    reduced = [(name, w // g) for name, w in weights]
-    total = sum(w for _n, w in reduced)
-    if total > MAX_SLOTS:
-        reduced = [(name, max(1, w * MAX_SLOTS // total)) for name, w in reduced]
-        while sum(w for _n, w in reduced) > MAX_SLOTS:  # the max(1, ..) may have pushed it over
-            i = max(range(len(reduced)), key=lambda j: reduced[j][1])
-            reduced[i] = (reduced[i][0], reduced[i][1] - 1)
-    return [name for name, w in reduced for _ in range(w)]
 
 
 @dataclass(frozen=True)
@@ -156,4 +135,4 @@ def counted_flows(flows: Sequence[Flow]) -> tuple[set[int], set[int]]:
     return allowed, denied
 
 
-__all__ = ["Present", "counted_flows", "is_plain", "mapping_flows", "slots"]
+__all__ = ["MAX_SLOTS", "Present", "counted_flows", "is_plain", "mapping_flows", "slots"]

@@ -70,7 +70,7 @@ def test_a_pass_fills_every_map_and_a_restart_writes_nothing(obj: Path, pins: Pa
         maps = opened(loaded)
         done = sync.MapSync().apply(maps, out)
         assert held(maps) == out.maps
-        assert done.writes == sum(map(len, out.maps.values())) + len(out.stat_keys)
+        assert done.writes == sum(map(len, out.maps.values())) + len(out.stat_keys) + len(out.denied_keys)
         stats = maps["mapping_stats"]
         assert set(stats.keys()) == out.stat_keys
         assert all(v == bytes(16) for k in out.stat_keys for v in stats.lookup_percpu(k) or [b"missing"])

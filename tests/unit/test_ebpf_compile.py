@@ -5,8 +5,9 @@ Two hosts: h1 the gateway, h2 a compute host. a and b share 203.0.113.10 on h1, 
 ``layout``'s ctypes structs, config on a gateway and on a compute host, ports and owned IPs
 only for present local ports, mappings to local ports and into the tunnel to the owner's
 host (none while the device is missing), balanced / filtered / health-checked mappings
-refused and reported, the block prefixes, macs, networks, public IPs, and a compiler with
-memory giving exactly a fresh compiler's output through a series of changes.
+kept apart as balanced entries (more in test_ebpf_compile_balancing.py), the block
+prefixes, macs, networks, public IPs, and a compiler with memory giving exactly a fresh
+compiler's output through a series of changes.
 """
 
 from __future__ import annotations
@@ -140,15 +141,22 @@ def test_ports_and_owned_ips_only_for_local_ports_that_exist() -> None:
     assert set(compiled("h2").maps["owned_ips"]) == {ec.owned_ip_key(21, IP10), ec.owned_ip_key(21, IP11)}
 
 
+def plain(entries: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """The mappings entries that are destinations (not PM_DEST_BALANCED)."""
+    return {k: v for k, v in entries.items() if not layout.Dest.from_buffer_copy(v).flags & layout.DEST_BALANCED}
+
+
 def test_mappings_go_to_the_local_port_or_the_tunnel_to_the_owners_host() -> None:
-    h1, h2 = compiled("h1").maps["mappings"], compiled("h2").maps["mappings"]
+    h1, h2 = plain(compiled("h1").maps["mappings"]), plain(compiled("h2").maps["mappings"])
     local = {mkey(IP10, TCP, 80): dest("a", layout.DEST_LOCAL, 11, 11), mkey(IP10, UDP, 53): dest("b", layout.DEST_LOCAL, 12, 12)}
-    assert h1 == {**local, mkey(IP11, TCP, 22): dest("c", layout.DEST_TUNNEL, 5, 0)}
+    assert h1 == {**local, mkey(IP11, TCP, 22): dest("c", layout.DEST_TUNNEL, 5, 0),
+                  mkey(IP11, TCP, 26): dest("c", layout.DEST_TUNNEL, 5, 0)}  # fmt: skip
     # On h2 the sharers of .10 on h1 are behind the tunnel; d (no port on h1) is nowhere: no entry anywhere.
     assert h2 == {
         mkey(IP10, TCP, 80): dest("a", layout.DEST_TUNNEL, 6, 0),
         mkey(IP10, UDP, 53): dest("b", layout.DEST_TUNNEL, 6, 0),
         mkey(IP11, TCP, 22): dest("c", layout.DEST_LOCAL, 21, 21),
+        mkey(IP11, TCP, 26): dest("c", layout.DEST_LOCAL, 21, 21),
         mkey(IP11, TCP, 8080): dest("d", layout.DEST_TUNNEL, 6, 0),
     }
 
@@ -156,21 +164,22 @@ def test_mappings_go_to_the_local_port_or_the_tunnel_to_the_owners_host() -> Non
 def test_a_missing_device_means_no_entry_but_the_counter_stays_wanted() -> None:
     out = compiled("h1")
     assert mkey(IP11, TCP, 8080) not in out.maps["mappings"]
-    assert out.stat_keys == {mkey(IP10, TCP, 80), mkey(IP10, UDP, 53), mkey(IP11, TCP, 22), mkey(IP11, TCP, 8080)}
+    special = {mkey(IP10, TCP, 443), mkey(IP11, TCP, 25)}  # 26 (health-checked, up) is plain
+    assert out.stat_keys == {mkey(IP10, TCP, 80), mkey(IP10, UDP, 53), mkey(IP11, TCP, 22), mkey(IP11, TCP, 8080),
+                             mkey(IP11, TCP, 26)} | special  # fmt: skip
     no_tunnel = compiled("h1", ifx={C["a"].port_name: 11})
-    assert set(no_tunnel.maps["mappings"]) == {mkey(IP10, TCP, 80)}
+    assert set(plain(no_tunnel.maps["mappings"])) == {mkey(IP10, TCP, 80)}
     assert no_tunnel.stat_keys == out.stat_keys
 
 
-def test_balanced_filtered_and_checked_mappings_are_refused_and_reported() -> None:
+def test_balanced_and_filtered_mappings_get_balanced_entries_and_nothing_is_unsupported() -> None:
     out = compiled("h1")
-    assert [(str(k), why) for k, why in out.unsupported] == [
-        ("203.0.113.10:443/tcp", "balanced over 2 backends"),
-        ("203.0.113.11:25/tcp", "has a firewall policy (allow/deny list)"),
-        ("203.0.113.11:26/tcp", "has a health check"),
-    ]
-    for key, _why in out.unsupported:
-        assert ec.mapping_key(key) not in out.maps["mappings"] and ec.mapping_key(key) not in out.stat_keys
+    assert out.unsupported == ()
+    for key in (mkey(IP10, TCP, 443), mkey(IP11, TCP, 25)):
+        assert layout.Dest.from_buffer_copy(out.maps["mappings"][key]).flags & layout.DEST_BALANCED
+    # A health check alone, with its backend up, is a plain mapping (as on OVS).
+    assert out.maps["mappings"][mkey(IP11, TCP, 26)] == dest("c", layout.DEST_TUNNEL, 5, 0)
+    assert out.denied_keys == {mkey(IP11, TCP, 25)}
 
 
 @pytest.mark.parametrize(("size", "prefix"), [(1024, 38), (256, 40), (1, 48), (65536, 32), (2, 47)])
@@ -219,8 +228,8 @@ def test_public_ips_every_address_any_container_holds() -> None:
     assert compiled("h1").maps["public_ips"] == {IP10.packed: ec.ONE_U32, IP11.packed: ec.ONE_U32}
 
 
-def snapshot(out: ec.Compiled) -> tuple[dict[str, dict[bytes, bytes]], frozenset[bytes], object]:
-    return ({k: dict(v) for k, v in out.maps.items()}, out.stat_keys, out.unsupported)
+def snapshot(out: ec.Compiled) -> tuple[dict[str, dict[bytes, bytes]], frozenset[bytes], object, object]:
+    return ({k: dict(v) for k, v in out.maps.items()}, out.stat_keys, out.unsupported, out.denied_keys)
 
 
 def test_incremental_compile_equals_a_fresh_one_through_changes() -> None:

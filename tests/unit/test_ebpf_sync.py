@@ -22,7 +22,7 @@ from tests.unit.test_ebpf_compile import IFX, STATE
 
 CPUS = 3
 PERCPU = {"mapping_stats", "drops"}
-VALUE_SIZE = {"mapping_stats": 16, "drops": 16}
+VALUE_SIZE = {"mapping_stats": 16, "drops": 16, "mapping_denied": 16}
 Log = list[tuple[str, str, bytes]]
 
 
@@ -82,7 +82,8 @@ def test_first_pass_writes_everything_then_nothing() -> None:
     done = sync.MapSync(cpus=CPUS).apply(maps, out)
     assert contents(maps) == out.maps
     assert set(maps["mapping_stats"].data) == out.stat_keys
-    assert done.writes == len(log) == sum(map(len, out.maps.values())) + len(out.stat_keys)  # config: a change
+    counters = len(out.stat_keys) + len(out.denied_keys)
+    assert done.writes == len(log) == sum(map(len, out.maps.values())) + counters  # config: a change
     assert done.changed == {"config": 1}
 
 
@@ -144,7 +145,8 @@ def test_adds_in_dependency_order_then_deletes_in_reverse() -> None:
     maps, s = fake_maps(log), sync.MapSync(cpus=CPUS)
     s.apply(maps, compiled())
     first = [name for _op, name, _k in log]
-    order = ["networks", "owned_ips", "blocks", "macs", "ports", "mapping_stats", "mappings", "public_ips", "networks", "config"]
+    order = ["networks", "owned_ips", "blocks", "macs", "ports", "backends", "slots", "policy", "mapping_stats",
+             "mapping_denied", "mappings", "public_ips", "networks", "config"]
     assert [n for i, n in enumerate(first) if i == 0 or first[i - 1] != n] == order
     fences = [k for op, n, k in log if n == "networks"]
     assert [maps["networks"].data[k] for k in fences][-1] == struct.pack("=I", layout.NET_POOL)  # pools after fences
@@ -152,7 +154,8 @@ def test_adds_in_dependency_order_then_deletes_in_reverse() -> None:
     s.apply(maps, compiled(replace(STATE, containers={}, mappings={})))  # everything goes but config and networks
     deletes = [n for op, n, _k in log if op == "delete"]
     assert [n for i, n in enumerate(deletes) if i == 0 or deletes[i - 1] != n] == [
-        "public_ips", "mappings", "mapping_stats", "ports", "macs", "blocks", "owned_ips"]  # fmt: skip
+        "public_ips", "mappings", "mapping_stats", "mapping_denied", "policy", "slots", "backends", "ports", "macs",
+        "blocks", "owned_ips"]  # fmt: skip
 
     # A container replaced by another (one port goes, one comes): every add before the first delete.
     log.clear()
@@ -182,7 +185,7 @@ def test_a_failed_write_raises_and_the_next_pass_resumes() -> None:
     maps["blocks"].fail_after = None
     s.apply(maps, out)
     assert contents(maps) == out.maps and set(maps["mapping_stats"].data) == out.stat_keys
-    assert len(log) == sum(map(len, out.maps.values())) + len(out.stat_keys)  # no write done twice
+    assert len(log) == sum(map(len, out.maps.values())) + len(out.stat_keys) + len(out.denied_keys)  # no write done twice
     assert written < len(log)
 
 

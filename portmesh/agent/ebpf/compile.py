@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import zlib
 from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -29,6 +30,7 @@ from operator import is_not, or_
 from portmesh.agent.ebpf import layout
 from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import Container, DesiredState, Mapping, MappingKey, Proto, tunnel_port_for
+from portmesh.model.slots import slots
 
 LINK_LOCAL = IPv4Network("169.254.0.0/16")
 IPPROTO = {Proto.TCP: layout.IPPROTO_TCP, Proto.UDP: layout.IPPROTO_UDP}
@@ -53,11 +55,13 @@ class Compiled:
     ``stat_keys``: ``mapping_stats`` keys that must exist: every mapping this datapath serves,
     installed or waiting for its owner's port, so a port that comes and goes keeps its counters.
     ``unsupported``: mappings not installed here and why, in key order.
+    ``denied_keys``: ``mapping_denied`` keys that must exist: every filtered mapping's.
     """
 
     maps: dict[str, dict[bytes, bytes]]
     stat_keys: frozenset[bytes]
     unsupported: tuple[tuple[MappingKey, str], ...]
+    denied_keys: frozenset[bytes] = frozenset()
 
 
 # -- packers (each equals bytes(layout.X(...)); test_ebpf_compile checks) ------------------
@@ -103,19 +107,71 @@ def config_value(gateway_mac: str, virtual_mac: str, gateway_ip: IPv4Address, tu
 
 
 def unsupported_reason(mapping: Mapping) -> str | None:
-    """Why this version's datapath does not serve ``mapping``, or None.
-
-    Balancing, firewall policies and health checks need the OVS pipeline's extra tables;
-    installing such a mapping as a plain one would bypass its firewall or send to a backend
-    that is down, so it is refused instead (unmapped: refused, never wrongly delivered).
-    """
-    if len(mapping.backends) > 1:
-        return f"balanced over {len(mapping.backends)} backends"
-    if mapping.allow or mapping.deny:
-        return "has a firewall policy (allow/deny list)"
-    if mapping.health is not None or mapping.down:
-        return "has a health check"
+    """Why this version's datapath does not serve ``mapping``, or None: since issue 15's eBPF part
+    (balancing, firewall, health) every mapping is served; kept for the agent's report."""
     return None
+
+
+def is_plain(mapping: Mapping) -> bool:
+    """One serving backend and no policy: a ``mappings`` entry that is the destination itself (as the
+    OVS compiler's ``is_plain``; a health check alone, while up, changes nothing)."""
+    return not (mapping.allow or mapping.deny or mapping.down or len(mapping.backends) > 1)
+
+
+@dataclass(frozen=True)
+class Special:
+    """The entries of a mapping that is more than a rewrite (datapath.h ``PM_DEST_BALANCED``)."""
+
+    entry_key: bytes  # its ``mappings`` key
+    entry: bytes  # its ``mappings`` value
+    slots: dict[bytes, bytes]
+    backends: dict[bytes, bytes]
+    policy: dict[bytes, bytes]
+
+
+def _with_flags(where: bytes, flags: int) -> bytes:
+    mac, old, ifindex, owner = _DEST.unpack(where)
+    return _DEST.pack(mac, old | flags, ifindex, owner)
+
+
+def policy_actions(mapping: Mapping) -> list[tuple[IPv4Network, int]]:
+    """The policy trie's networks and actions, resolved here so one longest-prefix lookup answers:
+    a deny network denies; an allow network inside (or equal to) a deny network denies too (deny
+    always wins); any other allow network allows. Nested CIDRs are the only overlaps there are."""
+    out = {net: layout.POLICY_DENY if any(net.subnet_of(d) for d in mapping.deny) else layout.POLICY_ALLOW
+           for net in mapping.allow}  # fmt: skip
+    out.update((net, layout.POLICY_DENY) for net in mapping.deny)
+    return sorted(out.items(), key=lambda item: (item[0].prefixlen, int(item[0].network_address)))
+
+
+def special_entries(mapping: Mapping, kb: bytes, dests: MappingABC[str, bytes | None]) -> Special:
+    """Slots (the serving backends reachable from here, weight-expanded as the OVS side does), every
+    reachable backend (SERVING or not), the resolved policy, and the entry naming their version.
+
+    The version is a hash of that content: any change gives new slot and policy keys, written
+    before the entry that names them and deleted after it (the sync's order), so a host never
+    holds a mix of old and new rules."""
+    serving = {b.container for b in mapping.serving()}
+    backends: dict[bytes, bytes] = {}
+    for b in mapping.backends:
+        where = dests.get(b.container)
+        if where is not None:
+            backends[kb + where[:6] + b"\0\0"] = _with_flags(where, layout.DEST_SERVING if b.container in serving else 0)
+    chosen = slots([(b.container, b.weight) for b in mapping.serving() if dests.get(b.container) is not None])
+    actions = policy_actions(mapping)
+    flags = layout.DEST_BALANCED
+    if mapping.allow or mapping.deny:
+        flags |= layout.DEST_FILTERED
+    if mapping.allow:
+        flags |= layout.DEST_ALLOWLIST
+    targets = [dests[name] or b"" for name in chosen]
+    digest = zlib.crc32(kb + _U32.pack(flags) + b"".join(targets))
+    digest = zlib.crc32(b"".join(net_key(net) + _U32.pack(a) for net, a in actions), digest)
+    version = _U32.pack(digest)
+    slot_map = {kb + version + _U32.pack(i): where for i, where in enumerate(targets)}
+    policy = {_U32.pack(96 + net.prefixlen) + kb + version + net.network_address.packed: _U32.pack(a)
+              for net, a in actions}  # fmt: skip
+    return Special(kb, _DEST.pack(bytes(6), flags, len(chosen), digest), slot_map, backends, policy)
 
 
 # -- the compiler --------------------------------------------------------------------------
@@ -134,14 +190,18 @@ class MapCompiler:
         self._stats: frozenset[bytes] = frozenset()
         self._unsupported: dict[MappingKey, str] = {}
         self._unsupported_tuple: tuple[tuple[MappingKey, str], ...] = ()
-        self._by_owner: dict[str, set[MappingKey]] = {}
+        self._by_owner: dict[str, set[MappingKey]] = {}  # container -> mappings naming it as a backend
+        self._special: dict[MappingKey, Special] = {}
+        self._special_maps: dict[str, dict[bytes, bytes]] = {"slots": {}, "backends": {}, "policy": {}}
+        self._denied: frozenset[bytes] = frozenset()
 
     def compile(self, state: DesiredState, ifindex: MappingABC[str, int]) -> Compiled:
         dests = self._container_dests(state, ifindex)
         maps = dict(self._small_entries(state, ifindex, dests))
         self._mapping_entries(state.mappings, dests)
         maps["mappings"] = self._out
-        return Compiled(maps, self._stats, self._unsupported_tuple)
+        maps.update(self._special_maps)
+        return Compiled(maps, self._stats, self._unsupported_tuple, self._denied)
 
     def _container_dests(self, state: DesiredState, ifindex: MappingABC[str, int]) -> dict[str, bytes | None]:
         """Where each container is reached from this host: its port here (LOCAL), the tunnel to its host
@@ -225,16 +285,40 @@ class MapCompiler:
             self._update(mappings, dests, dirty)
         self._mappings = mappings
 
+    def _set_special(self, special: dict[MappingKey, Special]) -> None:
+        """Rebuild slots/backends/policy and the denied keys from the special mappings (few: a handful
+        per service, against 100,000 plain ones), keeping the old dict objects where equal."""
+        self._special = special
+        maps: dict[str, dict[bytes, bytes]] = {"slots": {}, "backends": {}, "policy": {}}
+        denied: list[bytes] = []
+        for sp in special.values():
+            maps["slots"].update(sp.slots)
+            maps["backends"].update(sp.backends)
+            maps["policy"].update(sp.policy)
+            if _DEST.unpack(sp.entry)[1] & layout.DEST_FILTERED:
+                denied.append(sp.entry_key)
+        for name, entries in maps.items():
+            if self._special_maps.get(name) == entries:
+                maps[name] = self._special_maps[name]
+        self._special_maps = maps
+        if frozenset(denied) != self._denied:
+            self._denied = frozenset(denied)
+
     def _full(self, mappings: MappingABC[MappingKey, Mapping], dests: dict[str, bytes | None]) -> None:
         out: dict[bytes, bytes] = {}
         stats: list[bytes] = []
         unsupported: dict[MappingKey, str] = {}
         by_owner: dict[str, set[MappingKey]] = {}
+        special: dict[MappingKey, Special] = {}
         get_dest = dests.get
         for key, m in mappings.items():
-            # unsupported_reason(), inlined for the common case: this runs for each of 100,000 mappings.
-            if m.allow or m.deny or m.health is not None or m.down or len(m.backends) > 1:
-                unsupported[key] = unsupported_reason(m) or "unsupported"
+            # is_plain(), inlined for the common case: this runs for each of 100,000 mappings.
+            if m.allow or m.deny or m.down or len(m.backends) > 1:
+                sp = self._special_one(key, m, dests, by_owner)
+                if sp is not None:
+                    special[key] = sp
+                    stats.append(sp.entry_key)
+                    out[sp.entry_key] = sp.entry
                 continue
             owner = m.container
             by_owner.setdefault(owner, set()).add(key)
@@ -247,6 +331,18 @@ class MapCompiler:
                 out[kb] = where
         self._out, self._stats, self._by_owner = out, frozenset(stats), by_owner
         self._set_unsupported(unsupported)
+        self._set_special(special)
+
+    @staticmethod
+    def _special_one(key: MappingKey, m: Mapping, dests: MappingABC[str, bytes | None],
+                     by_owner: dict[str, set[MappingKey]]) -> Special | None:
+        """A special mapping's entries (None if none of its backends exists), registered under every
+        backend, as any backend's move changes them."""
+        for name in m.names:
+            by_owner.setdefault(name, set()).add(key)
+        if not any(name in dests for name in m.names):
+            return None
+        return special_entries(m, mapping_key(key), dests)
 
     def _update(self, mappings: MappingABC[MappingKey, Mapping], dests: dict[str, bytes | None], dirty: set[MappingKey]) -> None:
         out = dict(self._out)
@@ -254,20 +350,30 @@ class MapCompiler:
         stats_new: set[bytes] = set()
         unsupported = dict(self._unsupported)
         by_owner = self._by_owner
+        special = dict(self._special)
         for key in dirty:
             kb = mapping_key(key)
             out.pop(kb, None)
             stats_gone.add(kb)
             unsupported.pop(key, None)
+            special.pop(key, None)
             old = self._mappings.get(key)
             if old is not None:
-                by_owner.get(old.container, set()).discard(key)
+                for name in old.names:
+                    by_owner.get(name, set()).discard(key)
             m = mappings.get(key)
             if m is None:
                 continue
             why = unsupported_reason(m)
             if why is not None:
                 unsupported[key] = why
+                continue
+            if not is_plain(m):
+                sp = self._special_one(key, m, dests, by_owner)
+                if sp is not None:
+                    special[key] = sp
+                    stats_new.add(kb)
+                    out[kb] = sp.entry
                 continue
             by_owner.setdefault(m.container, set()).add(key)
             if m.container not in dests:
@@ -283,6 +389,8 @@ class MapCompiler:
             self._stats = (self._stats - stats_gone) | stats_new
         if unsupported != self._unsupported:
             self._set_unsupported(unsupported)
+        if special != self._special:
+            self._set_special(special)
 
     def _set_unsupported(self, unsupported: dict[MappingKey, str]) -> None:
         self._unsupported = unsupported

@@ -11,7 +11,8 @@
  *
  * The parts live in headers beside this file, one job each, included in this order: maps.h (the
  * map declarations), packet.h (parsing, drop counters, checksums), lookup.h (map lookups, sending),
- * answers.h (echo / RST / port unreachable built here), deliver.h (delivery by mapping), route.h
+ * answers.h (echo / RST / port unreachable built here), balance.h (firewall and backend choice of
+ * balanced / filtered mappings), deliver.h (delivery by mapping), route.h
  * (the outside world). This file keeps the three programs.
  *
  * Checksums: frames built here (RST, port unreachable) carry a full checksum. A frame from a local
@@ -67,6 +68,7 @@ char LICENSE[] SEC("license") = "GPL";
 #include "packet.h"
 #include "lookup.h"
 #include "answers.h"
+#include "balance.h"
 #include "deliver.h"
 #include "route.h"
 
@@ -122,6 +124,11 @@ static __always_inline int owns_port(struct pkt *p, struct pm_port *port)
     int hit_mapping;
     struct pm_dest *dest = find_dest(p->ip->saddr, p->sport, p->ip->protocol, &hit_mapping);
 
+    if (dest && hit_mapping && (dest->flags & PM_DEST_BALANCED)) {
+        struct pm_mapping_key mkey = { .ip = p->ip->saddr, .port = p->sport, .proto = p->ip->protocol };
+
+        return backend_owns(&mkey, port);
+    }
     return dest && dest->owner == port->owner;
 }
 
@@ -152,6 +159,11 @@ static __always_inline int owns_quoted(struct __sk_buff *skb, struct pkt *p, str
         return 0;
     ports = (void *)(q + 1);
     dest = find_dest(q->daddr, ports[1], q->protocol, &hit_mapping);
+    if (dest && hit_mapping && (dest->flags & PM_DEST_BALANCED)) {
+        struct pm_mapping_key mkey = { .ip = q->daddr, .port = ports[1], .proto = q->protocol };
+
+        return backend_owns(&mkey, port);
+    }
     return dest && dest->owner == port->owner;
 }
 

@@ -117,4 +117,64 @@ struct pm_echo_key {
     __u16 pad;
 };
 
+/* ---- mappings that are more than a rewrite (issue 15): balanced, filtered, health-checked ---- */
+#define PM_MAX_SLOTS 64             /* slots per mapping (weight-expanded backends), as OVS multipath's HRW */
+#define PM_MAX_SLOT_ENTRIES 131072
+#define PM_MAX_BACKENDS 65536
+#define PM_MAX_POLICY 65536
+#define PM_MAX_AFFINITY 262144
+
+/* A mappings entry with PM_DEST_BALANCED is not a destination: the backend comes from `slots`.
+ * Its ifindex holds the slot count (0: no serving backend, refused as an unmapped port) and its
+ * owner the version of its slots and policy entries (a hash of their content: a change writes the
+ * new version's entries, flips this entry, then deletes the old ones -- atomic per host); mac unused.
+ * Every mapping with several backends, a firewall policy, or its one backend down has such an
+ * entry (a single serving backend then has one slot). */
+#define PM_DEST_BALANCED 4
+#define PM_DEST_FILTERED 8   /* check `policy` before delivery */
+#define PM_DEST_ALLOWLIST 16 /* the mapping has an allow list: a source no policy entry matches is denied */
+#define PM_DEST_SERVING 32   /* in `backends`: this backend takes new connections */
+
+/* slots (HASH pm_slot_key -> pm_dest): the mapping's serving backends, weight-expanded. */
+struct pm_slot_key {
+    struct pm_mapping_key mapping;
+    __u32 version;
+    __u32 slot;
+};
+
+/* backends (HASH pm_backend_key -> pm_dest): every backend of a balanced-entry mapping, serving or
+ * not (flags | PM_DEST_SERVING): who may send from the mapped port, and whether a connection
+ * remembered in `affinity` may stay on its backend. */
+struct pm_backend_key {
+    struct pm_mapping_key mapping;
+    __u8 mac[6];
+    __u16 pad;
+};
+
+/* policy (LPM_TRIE pm_policy_key -> __u32 PM_POLICY_*): the mapping's source networks, prefixlen =
+ * 96 + the network's length. One trie, resolved when compiled: an allow network inside (or equal
+ * to) a deny network is written as a deny, so the longest match is always the answer. */
+#define PM_POLICY_ALLOW 1
+#define PM_POLICY_DENY 2
+struct pm_policy_key {
+    __u32 prefixlen;
+    struct pm_mapping_key mapping;
+    __u32 version;
+    __be32 src;
+};
+
+/* affinity (LRU_HASH pm_affinity_key -> pm_dest): the backend each connection of a balanced mapping
+ * was sent to, written by the program. */
+struct pm_affinity_key {
+    __be32 saddr;
+    __be32 daddr;
+    __be16 sport;
+    __be16 dport;
+    __u8 proto;
+    __u8 pad[3];
+};
+
+/* mapping_denied (PERCPU_HASH pm_mapping_key -> pm_counter): packets/bytes a filtered mapping's
+ * policy dropped; created by the agent with the mapping, like mapping_stats. */
+
 #endif

@@ -38,8 +38,18 @@ static __always_inline struct pm_dest *quoted_sender(struct __sk_buff *skb, stru
     if (!q || q->saddr != p->ip->daddr)
         return NULL;
     ports = (void *)(q + 1);
-    if (q->protocol == IPPROTO_TCP || q->protocol == IPPROTO_UDP)
-        return find_dest(q->saddr, ports[0], q->protocol, &hit_mapping);
+    if (q->protocol == IPPROTO_TCP || q->protocol == IPPROTO_UDP) {
+        struct pm_dest *dest = find_dest(q->saddr, ports[0], q->protocol, &hit_mapping);
+
+        /* A balanced mapping's packet was sent by the backend its connection was given. */
+        if (dest && hit_mapping && (dest->flags & PM_DEST_BALANCED)) {
+            struct pm_affinity_key akey = { .saddr = q->daddr, .daddr = q->saddr, .sport = ports[1],
+                                            .dport = ports[0], .proto = q->protocol };
+
+            return bpf_map_lookup_elem(&affinity, &akey);
+        }
+        return dest;
+    }
     if (q->protocol == IPPROTO_ICMP && ((struct icmphdr *)ports)->type == ICMP_ECHO)
         return find_echo(q->saddr, q->daddr, ((struct icmphdr *)ports)->un.echo.id);
     return NULL;
@@ -81,6 +91,8 @@ static __always_inline int deliver_pool(struct __sk_buff *skb, struct pkt *p, st
         return count_drop(skb, PM_DROP_REFUSED);
     dest = find_dest(p->ip->daddr, p->dport, proto, &hit_mapping);
     if (dest) {
+        if (hit_mapping && (dest->flags & PM_DEST_BALANCED))
+            return deliver_balanced(skb, p, cfg, dest);
         if (hit_mapping)
             count_mapping(skb, p->ip->daddr, p->dport, proto);
         return send_to(skb, dest, cfg);

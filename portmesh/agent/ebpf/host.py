@@ -126,12 +126,16 @@ class EbpfDatapath:
             for key, why in compiled.unsupported:
                 log.warning("mapping %s is not served by the eBPF datapath: %s", key, why)
             self.unsupported = compiled.unsupported
-        maps = {name: self.loaded.map(name) for name in (*compiled.maps, "mapping_stats")}
+        maps = {name: self.loaded.map(name) for name in (*compiled.maps, sync.STATS, sync.DENIED)}
         return self._sync.apply(maps, compiled)
 
     def counters(self, key: MappingKey) -> tuple[int, int]:
         """(packets, bytes) delivered through the mapping on this host."""
         return sync.read_counters({"mapping_stats": self.loaded.map("mapping_stats")}, key)
+
+    def denied(self, key: MappingKey) -> tuple[int, int]:
+        """(packets, bytes) the mapping's firewall dropped on this host."""
+        return sync.read_denied({sync.DENIED: self.loaded.map(sync.DENIED)}, key)
 
 
 def _ifindex(name: str) -> int | None:

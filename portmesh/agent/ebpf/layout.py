@@ -22,10 +22,21 @@ MAX_MACS = 131072
 MAX_NETWORKS = 1024
 MAX_PUBLIC_IPS = 65536
 MAX_ECHO = 16384
+MAX_SLOTS = 64
+MAX_SLOT_ENTRIES = 131072
+MAX_BACKENDS = 65536
+MAX_POLICY = 65536
+MAX_AFFINITY = 262144
 
 CFG_GATEWAY = 1
 DEST_LOCAL = 1
 DEST_TUNNEL = 2
+DEST_BALANCED = 4  # mappings entry: ifindex = slot count, owner = version of its slots/policy
+DEST_FILTERED = 8
+DEST_ALLOWLIST = 16
+DEST_SERVING = 32  # backends entry
+POLICY_ALLOW = 1
+POLICY_DENY = 2
 NET_POOL = 1
 NET_PROTECTED = 2
 NET_LINK_LOCAL = 3
@@ -150,6 +161,42 @@ class EchoKey(ctypes.Structure):
     ]
 
 
+class SlotKey(ctypes.Structure):
+    """``struct pm_slot_key``: key of ``slots`` (value ``Dest``)."""
+
+    _fields_ = [("mapping", MappingKey), ("version", ctypes.c_uint32), ("slot", ctypes.c_uint32)]
+
+
+class BackendKey(ctypes.Structure):
+    """``struct pm_backend_key``: key of ``backends`` (value ``Dest``, flags | ``DEST_SERVING``)."""
+
+    _fields_ = [("mapping", MappingKey), ("mac", Mac), ("pad", ctypes.c_uint16)]
+
+
+class PolicyKey(ctypes.Structure):
+    """``struct pm_policy_key``: key of the ``policy`` LPM trie; prefixlen = 96 + the network's length."""
+
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("mapping", MappingKey),
+        ("version", ctypes.c_uint32),
+        ("src", ctypes.c_uint32),
+    ]
+
+
+class AffinityKey(ctypes.Structure):
+    """``struct pm_affinity_key``: key of the ``affinity`` LRU map (value ``Dest``)."""
+
+    _fields_ = [
+        ("saddr", ctypes.c_uint32),
+        ("daddr", ctypes.c_uint32),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
 # The maps the agent fills, with their key and value types; ``public_ips`` and ``owned_ips`` hold 1.
 CType: TypeAlias = "type[ctypes._SimpleCData[int]] | type[ctypes.Structure]"
 MAPS: dict[str, tuple[CType, CType]] = {
@@ -161,9 +208,12 @@ MAPS: dict[str, tuple[CType, CType]] = {
     "macs": (MacKey, Dest),
     "networks": (NetKey, ctypes.c_uint32),
     "public_ips": (ctypes.c_uint32, ctypes.c_uint32),
+    "slots": (SlotKey, Dest),
+    "backends": (BackendKey, Dest),
+    "policy": (PolicyKey, ctypes.c_uint32),
 }
 # Maps the program writes and the agent reads (per-CPU counters) or leaves alone (echo).
-STAT_MAPS = ("mapping_stats", "drops", "echo")
+STAT_MAPS = ("mapping_stats", "drops", "echo", "mapping_denied", "affinity")
 
 # Structs whose size a test checks against the object's BTF (C name -> Python mirror).
 STRUCTS: dict[str, type[ctypes.Structure]] = {
@@ -177,4 +227,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "pm_net_key": NetKey,
     "pm_counter": Counter,
     "pm_echo_key": EchoKey,
+    "pm_slot_key": SlotKey,
+    "pm_backend_key": BackendKey,
+    "pm_policy_key": PolicyKey,
+    "pm_affinity_key": AffinityKey,
 }

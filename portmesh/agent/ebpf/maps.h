@@ -98,4 +98,49 @@ struct {
     __uint(pinning, LIBBPF_PIN_BY_NAME);
 } echo SEC(".maps");
 
+/* Balanced / filtered mappings (balance.h). */
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, PM_MAX_SLOT_ENTRIES);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __type(key, struct pm_slot_key);
+    __type(value, struct pm_dest);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} slots SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, PM_MAX_BACKENDS);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __type(key, struct pm_backend_key);
+    __type(value, struct pm_dest);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} backends SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_LPM_TRIE);
+    __uint(max_entries, PM_MAX_POLICY);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __type(key, struct pm_policy_key);
+    __type(value, __u32);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} policy SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, PM_MAX_AFFINITY);
+    __type(key, struct pm_affinity_key);
+    __type(value, struct pm_dest);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} affinity SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+    __uint(max_entries, PM_MAX_MAPPINGS);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __type(key, struct pm_mapping_key);
+    __type(value, struct pm_counter);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} mapping_denied SEC(".maps");
+
 #endif

@@ -24,6 +24,7 @@ from portmesh.agent.ebpf.compile import Compiled, mapping_key
 from portmesh.model.entities import MappingKey
 
 STATS = "mapping_stats"
+DENIED = "mapping_denied"
 BPF_NOEXIST = 1  # create only: never overwrite a counter the program has been adding to
 POSSIBLE_CPUS = Path("/sys/devices/system/cpu/possible")
 _COUNTER = struct.Struct("=QQ")  # struct pm_counter
@@ -70,8 +71,14 @@ def _pool(value: bytes) -> bool:
 # - networks (fences): protected and link-local networks are dropped before anything new can send.
 # - owned_ips, blocks, macs, then ports: a port is known (may send at all) only once its source
 #   addresses, its reply block and the L2 entry that brings tunnelled replies back are in.
-# - mapping_stats, then mappings: the counter exists before the mapping counts into it, and a
-#   mapping delivers to a port that may already answer from the mapped port.
+# - backends, slots, policy, then mapping_stats (+ mapping_denied), then mappings: a balanced or
+#   filtered mapping's entry names the version of its slots and policy (a hash of their content),
+#   so a change writes the new version's entries first, flips the entry (one atomic write), and
+#   deletes the old version's entries only after it: no window without rules or with a mix.
+#   A new backend is known (may send from the mapped port, may keep its connections) before the
+#   entry sends it anything; a removed one is forgotten only after. The counters exist before the
+#   mapping counts into them, and a mapping delivers to a port that may already answer from the
+#   mapped port.
 # - public_ips, then pools: an address is answered (ARP, echo, refusals) and a pool classified
 #   as ours only once its mappings are in, so a new address is never refused for a moment.
 # - config last: it holds the gateway's ARP answer and the host's way out; on a fresh host no
@@ -85,6 +92,9 @@ ADD_PHASES: tuple[tuple[str, Callable[[bytes], bool]], ...] = (
     ("blocks", _every),
     ("macs", _every),
     ("ports", _every),
+    ("backends", _every),
+    ("slots", _every),
+    ("policy", _every),
     (STATS, _every),
     ("mappings", _every),
     ("public_ips", _every),
@@ -132,6 +142,7 @@ class MapSync:
         self._cpus = cpus
         self._image: dict[str, dict[bytes, bytes]] | None = None
         self._stats: set[bytes] = set()
+        self._denied: set[bytes] = set()
         self._applied: dict[str, object] = {}  # map -> the compiled dict (or stat key set) it fully holds
 
     @property
@@ -152,6 +163,7 @@ class MapSync:
     def _adopt(self, maps: Mapping[str, MapLike], names: list[str]) -> dict[str, dict[bytes, bytes]]:
         image = {name: dict(maps[name].items()) for name in names}
         self._stats = set(maps[STATS].keys())
+        self._denied = set(maps[DENIED].keys()) if DENIED in maps else set()
         return image
 
     def apply(self, maps: Mapping[str, MapLike], compiled: Compiled) -> SyncStats:
@@ -182,6 +194,8 @@ class MapSync:
                 if name == STATS:
                     if applied.get(STATS) is not compiled.stat_keys:
                         self._create_stats(maps[STATS], compiled.stat_keys, done)
+                    if applied.get(DENIED) is not compiled.denied_keys and (compiled.denied_keys or self._denied):
+                        self._create_stats(maps[DENIED], compiled.denied_keys, done, self._denied, DENIED)
                     continue
                 have, m = image[name], maps[name]
                 for key, value in adds[name]:
@@ -195,6 +209,8 @@ class MapSync:
                 if name == STATS:
                     if applied.get(STATS) is not compiled.stat_keys:
                         self._delete_stats(maps[STATS], compiled.stat_keys, done)
+                    if applied.get(DENIED) is not compiled.denied_keys and self._denied:
+                        self._delete_stats(maps[DENIED], compiled.denied_keys, done, self._denied, DENIED)
                     continue
                 if name in NEVER_DELETED:
                     continue
@@ -208,13 +224,16 @@ class MapSync:
         except OSError as exc:
             exc.add_note(f"map sync: {done} written before the failure (the next pass resumes)")
             raise
-        self._applied = {**compiled.maps, STATS: compiled.stat_keys}
+        self._applied = {**compiled.maps, STATS: compiled.stat_keys, DENIED: compiled.denied_keys}
         return done
 
-    def _create_stats(self, m: MapLike, keys: frozenset[bytes], done: SyncStats) -> None:
+    def _create_stats(self, m: MapLike, keys: frozenset[bytes], done: SyncStats, held: set[bytes] | None = None,
+                      name: str = STATS) -> None:
         """A zeroed counter for each key that has none; an existing one is never overwritten (it would
-        reset the counters the program has been adding to)."""
-        missing = keys - self._stats
+        reset the counters the program has been adding to). ``held``: the keys the map has (mapping_stats'
+        by default)."""
+        held = self._stats if held is None else held
+        missing = keys - held
         if not missing:
             return
         zero = bytes(percpu_size(m.value_size, self.cpus))
@@ -225,14 +244,16 @@ class MapSync:
                 if exc.errno != errno.EEXIST:
                     raise
             else:
-                done.added[STATS] = done.added.get(STATS, 0) + 1
-            self._stats.add(key)
+                done.added[name] = done.added.get(name, 0) + 1
+            held.add(key)
 
-    def _delete_stats(self, m: MapLike, keys: frozenset[bytes], done: SyncStats) -> None:
-        for key in [k for k in self._stats if k not in keys]:
+    def _delete_stats(self, m: MapLike, keys: frozenset[bytes], done: SyncStats, held: set[bytes] | None = None,
+                      name: str = STATS) -> None:
+        held = self._stats if held is None else held
+        for key in [k for k in held if k not in keys]:
             m.delete(key)
-            self._stats.discard(key)
-            done.deleted[STATS] = done.deleted.get(STATS, 0) + 1
+            held.discard(key)
+            done.deleted[name] = done.deleted.get(name, 0) + 1
 
 
 def _sum(m: MapLike, raw: bytes | None) -> tuple[int, int]:
@@ -251,6 +272,12 @@ def _sum(m: MapLike, raw: bytes | None) -> tuple[int, int]:
 def read_counters(maps: Mapping[str, MapLike], key: MappingKey) -> tuple[int, int]:
     """(packets, bytes) the program delivered through the mapping on this host, summed over the CPUs."""
     m = maps[STATS]
+    return _sum(m, m.lookup(mapping_key(key)))
+
+
+def read_denied(maps: Mapping[str, MapLike], key: MappingKey) -> tuple[int, int]:
+    """(packets, bytes) the mapping's firewall dropped on this host, summed over the CPUs."""
+    m = maps[DENIED]
     return _sum(m, m.lookup(mapping_key(key)))
 
 
