@@ -17,6 +17,9 @@ outage, restarts the member and waits until it has rejoined. Asserted:
   as the writer's longest gap between acknowledgements around the kill; both printed);
 - the killed member is a cluster member again, following the leader.
 
+Both datapaths (the ``datapath`` fixture): nothing asserted reads the switch, and on eBPF hosts
+the data plane (the program and its pinned maps) does not depend on the store either.
+
 Reproduce: ``.venv/bin/python -m pytest -q -s tests/lab/test_store_faults.py`` (figures printed),
 or by hand: ``portmesh lab up --ha; portmesh lab fault kill-store-member leader``.
 """
@@ -41,6 +44,7 @@ import pytest
 from portmesh.lab import faults, ha, services
 from portmesh.lab.network import Lab
 from portmesh.lab.state import LabState
+from tests.lab.conftest import lab_suffix
 from tests.lab.test_faults import ECHO, PPS, PROBE, TCP_PORT, UDP_PORT
 
 pytestmark = [
@@ -138,10 +142,10 @@ def member_mappings(state: LabState, member: int) -> set[tuple[str, str, int]]:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    lab = Lab(f"sf{os.getpid() % 10000}", say=lambda msg: None)
+def lab(datapath: str) -> Iterator[Lab]:
+    lab = Lab(f"sf{os.getpid() % 10000}{lab_suffix(datapath)}", say=lambda msg: None)
     try:
-        state = lab.up(2, ha=True)
+        state = lab.up(2, ha=True, datapath=datapath)
         token = services.token_file(state.dir).read_text().strip()
         with httpx.Client(base_url=state.api_url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as api:
             echo = {"name": "sfe", "host": "h2", "ips": [ECHO_IP], "command": [sys.executable, "-c", ECHO],
