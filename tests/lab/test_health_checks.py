@@ -36,6 +36,7 @@ from portmesh.lab.network import Lab
 from portmesh.lab.state import LabState
 from portmesh.model.entities import MappingKey, Proto
 from portmesh.store.client import Store
+from tests.lab.conftest import lab_suffix
 from tests.lab.test_mapping_e2e import keep_logs
 from tests.lab.test_multihost import wait_for
 
@@ -133,11 +134,11 @@ class HcCloud:
 
 
 @pytest.fixture(scope="module")
-def cloud() -> Iterator[HcCloud]:
-    lab = Lab(f"hc{os.getpid() % 10000}", say=lambda _msg: None)
+def cloud(datapath: str) -> Iterator[HcCloud]:
+    lab = Lab(f"hc{os.getpid() % 10000}{lab_suffix(datapath)}", say=lambda _msg: None)
     c: HcCloud | None = None
     try:
-        state = lab.up(hosts=1)
+        state = lab.up(hosts=1, datapath=datapath)
         assert state.api_url, "the lab came up without an API"
         c = HcCloud(lab, state)
         c.run("w1", IP_TCP, [sys.executable, LB, "serve", "--name", "w1", "--tcp", "80", "--control", str(CONTROL)], 80)
