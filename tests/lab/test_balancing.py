@@ -35,6 +35,7 @@ import pytest
 from portmesh.lab import node, services
 from portmesh.lab.network import INET_IP, Lab
 from portmesh.lab.state import LabState
+from tests.lab.conftest import lab_suffix
 from tests.lab.test_mapping_e2e import keep_logs
 from tests.lab.test_multihost import wait_for
 
@@ -168,11 +169,11 @@ class Held:
 
 
 @pytest.fixture(scope="module")
-def cloud() -> Iterator[LbCloud]:
-    lab = Lab(f"lb{os.getpid() % 10000}", say=lambda _msg: None)
+def cloud(datapath: str) -> Iterator[LbCloud]:
+    lab = Lab(f"lb{os.getpid() % 10000}{lab_suffix(datapath)}", say=lambda _msg: None)
     outside: subprocess.Popen[bytes] | None = None
     try:
-        state = lab.up(hosts=3, tune_rmem=False)
+        state = lab.up(hosts=3, tune_rmem=False, datapath=datapath)
         assert state.api_url, "the lab came up without an API"
         c = LbCloud(lab, state)
         for name, host in PLACES.items():
