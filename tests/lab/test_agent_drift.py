@@ -154,7 +154,7 @@ EBPF_ONLY = {"port-program", "uplink-program"}
 @pytest.mark.parametrize("case", CASES)
 def test_agent_repairs_drift_without_a_restart(cloud: Cloud, datapath: str, case: str) -> None:
     if datapath == "ebpf" and case in OVS_ONLY:
-        pytest.skip(f"eBPF host has no br0: no {OVS_ONLY[case]} to break (ARP and routing are the program's)")
+        pytest.skip(f"OVS only: breaks {OVS_ONLY[case]}; an eBPF host has no br0 (ARP and routing are the program's)")
     if datapath == "ovs" and case in EBPF_ONLY:
         pytest.skip("an OVS host runs no tc datapath program")
     argv, ns, present, cuts = _cases(cloud)[case]
