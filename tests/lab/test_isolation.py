@@ -8,6 +8,8 @@ and none of the spoofed ones. Servers on every address of the host (uplink,
 management, gateway, another link-local address) and on the management network
 must answer the host itself and never a container. Every recorder and server
 says READY before anything is sent; every negative has a positive control beside it.
+Runs on both datapaths; on an eBPF host there is no br0 (the gateway address is the
+program's, not the host's), so what reads br0 reads the eBPF host's links and tc programs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from portmesh.lab import node
 from portmesh.lab.network import UPLINK_IP, Lab, mgmt_ip
 from portmesh.lab.services import CONTROLLER_IP
 from portmesh.model.config import DEFAULT_CONFIG as CFG
+from tests.lab.conftest import lab_suffix
 from tests.lab.test_mapping_e2e import OUTSIDE_IP, Cloud, keep_logs, pytestmark
+from tests.lab.tools import t1_ebpf
 
 __all__ = ["pytestmark"]  # the lab/root/OVS marks of the end-to-end tests apply here too
 
@@ -40,11 +44,11 @@ OTHER_LINK_LOCAL = "169.254.77.7"  # another link-local address the host holds (
 
 
 @pytest.fixture(scope="module")
-def cloud() -> Iterator[Cloud]:
-    lab = Lab(f"iso{os.getpid() % 10000}", say=lambda _msg: None)
+def cloud(datapath: str) -> Iterator[Cloud]:
+    lab = Lab(f"iso{os.getpid() % 10000}{lab_suffix(datapath)}", say=lambda _msg: None)
     try:
-        state = lab.up(hosts=1)
-        c = Cloud(state)
+        state = lab.up(hosts=1, datapath=datapath)
+        c = Cloud(state, datapath)
         c.run_container("iweb1", IP10, "80/tcp")
         c.run_container("iweb2", IP10, "8080/udp")
         c.run_container("iweb3", IP11, "80/tcp")
@@ -176,9 +180,12 @@ def test_host_services_answer_the_host_and_never_a_container(cloud: Cloud, start
         started.start(mgmt, "tcp-serve", "--bind", CONTROLLER_IP, "--port", str(MGMT_PORT))
         started.start(inet, "tcp-serve", "--bind", OUTSIDE_IP, "--port", str(OUTSIDE_TCP))
         host_targets = [f"{ip}:{HOST_PORT}" for ip in (UPLINK_IP, mgmt_ip(1), GW, OTHER_LINK_LOCAL)]
+        # On an eBPF host the gateway address is not the host's (no br0): only the program answers for it
+        # (ping, below), so the host's own positive control leaves it out; the container still tries it.
+        own = [t for t in host_targets if cloud.datapath == "ovs" or not t.startswith(f"{GW}:")]
         mgmt_target = f"{CONTROLLER_IP}:{MGMT_PORT}"
         # Positive controls: the host reaches its own services and the management network; mgmt its own.
-        assert set(_probe(cloud, "h1", (*host_targets, mgmt_target)).values()) == {"connected"}
+        assert set(_probe(cloud, "h1", (*own, mgmt_target)).values()) == {"connected"}
         assert _probe(cloud, "mgmt", (mgmt_target,)) == {mgmt_target: "connected"}
         # A container reaches the outside (positive control), and none of them.
         seen = _probe(cloud, "iweb1", (f"{OUTSIDE_IP}:{OUTSIDE_TCP}", *host_targets, mgmt_target))
@@ -196,6 +203,17 @@ def test_switch_answers_ping_for_gateway_and_public_ips(cloud: Cloud) -> None:
 
 def test_gateway_is_a_slash_32_and_claims_no_link_local_route(cloud: Cloud) -> None:
     h1 = cloud.state.ns("h1")
+    if cloud.datapath == "ebpf":
+        # No br0: the host holds no link-local address and no link-local route at all; the gateway is the
+        # program's (answered on each container port), so nothing the host routes claims 169.254.0.0/16.
+        addrs = json.loads(node.run(["ip", "-j", "-4", "addr", "show"], netns=h1, check=True).stdout)
+        held = [a["local"] for link in addrs for a in link["addr_info"]]
+        assert UPLINK_IP in held and not any(ip.startswith("169.254.") for ip in held), held
+        routes = json.loads(node.run(["ip", "-j", "-4", "route", "show", "table", "all"], netns=h1, check=True).stdout)
+        assert not [r for r in routes if r["dst"].startswith("169.254.")], routes
+        meta = node.run(["ip", "-4", "route", "get", "169.254.169.254"], netns=h1, check=False)
+        assert not any(f" dev {p} " in meta.stdout for p in _ports(cloud)), meta.stdout
+        return
     addrs = json.loads(node.run(["ip", "-j", "-4", "addr", "show", "br0"], netns=h1, check=True).stdout)
     held = [(a["local"], a["prefixlen"]) for a in addrs[0]["addr_info"]]
     assert held == [(GW, 32)], held
@@ -206,9 +224,15 @@ def test_gateway_is_a_slash_32_and_claims_no_link_local_route(cloud: Cloud) -> N
     assert "br0" not in meta.stdout, meta.stdout
 
 
+def _ports(cloud: Cloud) -> set[str]:
+    return {str(cloud.wait_running(n)["port_name"]) for n in ("iweb1", "iweb2", "iweb3")}
+
+
 def test_each_container_port_is_isolated_from_the_host_stack(cloud: Cloud) -> None:
     """The mechanism behind the delivery tests above: one netdev ingress drop chain per container port."""
-    ports = {str(cloud.wait_running(n)["port_name"]) for n in ("iweb1", "iweb2", "iweb3")}
+    ports = _ports(cloud)
+    if cloud.datapath == "ebpf":  # and the container port program in front of it, on every port
+        assert {t1_ebpf.ingress_program(cloud.state.ns("h1"), p) for p in ports} == {"pm_from_container"}
     listing = json.loads(node.run(["nft", "-j", "list", "table", "netdev", "portmesh"], netns=cloud.state.ns("h1"),
                                   check=True).stdout)["nftables"]
     chains = {o["chain"]["name"]: o["chain"] for o in listing if "chain" in o}
@@ -226,8 +250,12 @@ def test_removed_container_leaves_no_chain(cloud: Cloud) -> None:
         return {o["chain"]["name"] for o in json.loads(out)["nftables"] if "chain" in o}
 
     assert port in chains()
+    if cloud.datapath == "ebpf":
+        assert t1_ebpf.ingress_program(h1, port) == "pm_from_container"
     cloud.cli("rm", "itmp")
     deadline = time.monotonic() + 20
     while port in chains():
         assert time.monotonic() < deadline, "the removed container's chain is still there"
         time.sleep(0.2)
+    if cloud.datapath == "ebpf":  # the port (and the program on it) went with the container
+        assert not t1_ebpf.link_exists(h1, port)

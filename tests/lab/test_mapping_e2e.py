@@ -1,9 +1,10 @@
-"""Tier 3, the single-host core end to end: a real lab, real OVS, real clients in `inet`.
+"""Tier 3, the single-host core end to end: a real lab, real clients in `inet`, on both datapaths.
 
-One lab for the module (brought up once, always taken down). Containers are made
-through the CLI, which talks to the API, which writes the store; the agent plumbs
-them and the controller programs the switch. Every assertion is on traffic that
-really crossed the switch, or on the switch's own flow table and counters.
+One lab for the module per datapath (brought up once, always taken down). Containers are
+made through the CLI, which talks to the API, which writes the store; the agent plumbs
+them and the controller programs the switch (OVS) or the agent fills the program's maps
+(eBPF). Every assertion is on traffic that really crossed the datapath, or on the
+datapath's own state: OVS flows and their counters, or the eBPF maps and drop counters.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from portmesh.agent.ebpf.layout import DropReason
 from portmesh.lab import node, services
 from portmesh.lab.network import Lab, ovs_of
 from portmesh.lab.state import LabState
 from portmesh.model.config import DEFAULT_CONFIG as CFG
+from tests.lab.conftest import lab_suffix
+from tests.lab.tools import t1_ebpf
 
 pytestmark = [
     pytest.mark.lab,
@@ -31,6 +35,7 @@ pytestmark = [
 ]
 
 TOOLS = str(Path(__file__).parent / "tools" / "clients.py")
+PROBES = str(Path(__file__).parent / "tools" / "probes.py")
 IP10, IP11 = "203.0.113.10", "203.0.113.11"
 OUTSIDE_IP = "198.51.100.2"
 OUTSIDE_PORT = 7000
@@ -39,8 +44,9 @@ OUTSIDE_PORT = 7000
 class Cloud:
     """The lab plus the CLI pointed at its API."""
 
-    def __init__(self, state: LabState) -> None:
+    def __init__(self, state: LabState, datapath: str = "ovs") -> None:
         self.state = state
+        self.datapath = datapath
         self.env = dict(
             os.environ,
             PORTMESH_API=state.api_url or "",
@@ -87,6 +93,8 @@ class Cloud:
         return Lab(self.state.name).netns_of(where)
 
     def flows(self) -> list[str]:
+        """OVS: h1's flows as dump-flows prints them. eBPF: see :meth:`mapped` and :meth:`macs`."""
+        assert self.datapath == "ovs", "an eBPF host has no flows; read its maps"
         ovs = ovs_of(self.state, "h1")
         out = node.run(["ovs-ofctl", "-O", "OpenFlow13", "dump-flows", "br0"], netns=ovs.netns,
                        env=ovs.env(), check=True).stdout
@@ -101,12 +109,12 @@ class Cloud:
 
 
 @pytest.fixture(scope="module")
-def cloud() -> Iterator[Cloud]:
-    lab = Lab(f"e{os.getpid() % 100000}", say=lambda _msg: None)
+def cloud(datapath: str) -> Iterator[Cloud]:
+    lab = Lab(f"e{os.getpid() % 100000}{lab_suffix(datapath)}", say=lambda _msg: None)
     outside: subprocess.Popen[bytes] | None = None
     try:
-        state = lab.up(hosts=1)
-        c = Cloud(state)
+        state = lab.up(hosts=1, datapath=datapath)
+        c = Cloud(state, datapath)
         c.run_container("web1", IP10, "80/tcp")
         c.run_container("web2", IP10, "8080/tcp")
         c.run_container("web3", IP11, "80/tcp", "53/udp")
@@ -194,6 +202,9 @@ def test_same_ip_traffic_to_neighbour_and_self(cloud: Cloud) -> None:
 
 
 def test_arp_answered_by_switch_never_by_containers(cloud: Cloud) -> None:
+    if cloud.datapath == "ebpf":
+        arp_answered_by_the_program_never_by_containers(cloud)
+        return
     h1 = cloud.netns("h1")
     sniffers = {
         name: subprocess.Popen(["ip", "netns", "exec", cloud.netns(name), sys.executable, TOOLS, "sniff",
@@ -210,6 +221,47 @@ def test_arp_answered_by_switch_never_by_containers(cloud: Cloud) -> None:
     for name, proc in sniffers.items():
         out, _ = proc.communicate(timeout=20)
         assert json.loads(out)["frames"] == 0, f"ARP reached {name}"
+    ping = node.run(["ping", "-c2", "-W1", IP10], netns=cloud.netns("inet"), check=False)
+    assert ping.returncode == 0, ping.stdout
+
+
+def arp_request(src_mac: str, sender_ip: str, target_ip: str) -> str:
+    from os_ken.lib.packet import arp, ethernet, packet
+
+    pkt = packet.Packet()
+    pkt.add_protocol(ethernet.ethernet(dst="ff:ff:ff:ff:ff:ff", src=src_mac, ethertype=0x0806))
+    pkt.add_protocol(arp.arp(opcode=1, src_mac=src_mac, src_ip=sender_ip, dst_mac="00:00:00:00:00:00", dst_ip=target_ip))
+    pkt.serialize()
+    return bytes(pkt.data).hex()
+
+
+def arp_answered_by_the_program_never_by_containers(cloud: Cloud) -> None:
+    """eBPF: no br0 on h1 (the OVS case ARPs from there); a container's ARP request for a public address
+    (its sharer's, a neighbour's) is answered by the container port program with the virtual MAC, and no
+    ARP frame reaches another container."""
+    web1 = cloud.wait_running("web1")
+    sniffers = {
+        name: subprocess.Popen(["ip", "netns", "exec", cloud.netns(name), sys.executable, TOOLS, "sniff",
+                                "--ethertype", "0x0806", "--seconds", "3"], stdout=subprocess.PIPE, text=True)
+        for name in ("web2", "web3")
+    }
+    recorder = subprocess.Popen(["ip", "netns", "exec", cloud.netns("web1"), sys.executable, PROBES, "arp-record",
+                                 "--ifname", "eth0", "--until-sha", CFG.virtual_mac, "--grace", "0.5"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert recorder.stdout is not None and recorder.stdout.readline().strip() == "READY"
+        time.sleep(0.5)  # the sniffers (no READY line of their own) are bound by now
+        cloud.tool("web1", "raw-send", "--ifname", "eth0", arp_request(str(web1["mac"]), IP10, IP11))
+        out, _ = recorder.communicate(timeout=20)
+        assert json.loads(out)["replies"] == [CFG.virtual_mac], out
+        for name, proc in sniffers.items():
+            out, _ = proc.communicate(timeout=20)
+            assert json.loads(out)["frames"] == 0, f"ARP reached {name}"
+    finally:
+        for proc in (recorder, *sniffers.values()):
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
     ping = node.run(["ping", "-c2", "-W1", IP10], netns=cloud.netns("inet"), check=False)
     assert ping.returncode == 0, ping.stdout
 
@@ -233,6 +285,9 @@ def spoofed_frames(src_mac: str, src_ip: str, src_port: int, dst_mac: str) -> st
 
 
 def drop_count(cloud: Cloud, port_name: str) -> int:
+    if cloud.datapath == "ebpf":  # the program's per-reason counters, for every port security reason
+        drops = t1_ebpf.spoof_drops(cloud.state, "h1")
+        return sum(drops[r] for r in (DropReason.SPOOF_MAC, DropReason.SPOOF_IP, DropReason.SPOOF_PORT))
     ovs = ovs_of(cloud.state, "h1")
     ofport = node.run(["ovs-vsctl", f"--db={ovs.remote}", "get", "interface", port_name, "ofport"],
                       netns=ovs.netns, env=ovs.env(), check=True).stdout.strip()
@@ -255,8 +310,13 @@ def test_port_security_drops_and_counts_spoofing(cloud: Cloud) -> None:
         spoofed_frames(str(web1["mac"]), IP10, 8080, gw),                    # web2's service port
     ]
     before = drop_count(cloud, str(web1["port_name"]))
+    reasons = t1_ebpf.spoof_drops(cloud.state, "h1") if cloud.datapath == "ebpf" else {}
     cloud.tool("web1", "raw-send", "--ifname", "eth0", *frames)
     cloud.wait_for(lambda: drop_count(cloud, str(web1["port_name"])) >= before + len(frames))
+    if cloud.datapath == "ebpf":  # and each frame for its own reason
+        after = t1_ebpf.spoof_drops(cloud.state, "h1")
+        grew = {r: after[r] - reasons[r] for r in (DropReason.SPOOF_MAC, DropReason.SPOOF_IP, DropReason.SPOOF_PORT)}
+        assert grew == {DropReason.SPOOF_MAC: 1, DropReason.SPOOF_IP: 1, DropReason.SPOOF_PORT: 2}, grew
     # And it cannot take over web2's mapping through the API.
     taken = cloud.cli("map", "add", IP10, "8080/tcp", "web1", check=False)
     assert taken.returncode == 1 and "8080" in taken.stderr, taken.stderr
@@ -267,15 +327,26 @@ def test_removing_mapping_and_container_leaves_nothing(cloud: Cloud) -> None:
     cloud.run_container("tmp1", "203.0.113.12", "80/tcp", "8081/tcp")
     info = cloud.wait_running("tmp1")
     assert whoami_from_inet(cloud, "203.0.113.12", 8081)["name"] == "tmp1"
+    if cloud.datapath == "ebpf":  # positive control for the map reads below
+        assert {("203.0.113.12", 80, 6), ("203.0.113.12", 8081, 6)} <= t1_ebpf.mapping_keys(cloud.state, "h1")
+        assert str(info["mac"]) in t1_ebpf.macs(cloud.state, "h1")
     cloud.cli("map", "rm", "203.0.113.12", "8081/tcp")
     refused = cloud.tool("inet", "tcp-refused", "--host", "203.0.113.12", "--port", "8081")
     assert refused["outcome"] == "refused", refused
-    assert not any("nw_dst=203.0.113.12" in f and "tp_dst=8081" in f for f in cloud.flows())
+    if cloud.datapath == "ebpf":
+        assert ("203.0.113.12", 8081, 6) not in t1_ebpf.mapping_keys(cloud.state, "h1")
+    else:
+        assert not any("nw_dst=203.0.113.12" in f and "tp_dst=8081" in f for f in cloud.flows())
     assert whoami_from_inet(cloud, "203.0.113.12", 80)["name"] == "tmp1"
     cloud.cli("rm", "tmp1")
     mac = str(info["mac"])
-    cloud.wait_for(lambda: not any(mac in f for f in cloud.flows()))
-    assert not any("203.0.113.12" in f for f in cloud.flows()), "no flow for a public IP nobody holds"
+    if cloud.datapath == "ebpf":
+        cloud.wait_for(lambda: mac not in t1_ebpf.macs(cloud.state, "h1"))
+        assert not any(k[0] == "203.0.113.12" for k in t1_ebpf.mapping_keys(cloud.state, "h1"))
+        assert "203.0.113.12" not in t1_ebpf.public_ips(cloud.state, "h1"), "no entry for a public IP nobody holds"
+    else:
+        cloud.wait_for(lambda: not any(mac in f for f in cloud.flows()))
+        assert not any("203.0.113.12" in f for f in cloud.flows()), "no flow for a public IP nobody holds"
     refused = cloud.tool("inet", "tcp-refused", "--host", "203.0.113.12", "--port", "80")
     assert refused["outcome"] != "connected", refused
     ns = cloud.state.ns("c-tmp1")
