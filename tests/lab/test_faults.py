@@ -365,11 +365,9 @@ def test_a_change_made_while_the_controller_is_down_lands_as_one_bundle_per_swit
             api.delete(f"/v1/containers/{name}", params={"wait": "true"})
 
 
-@pytest.mark.xfail(raises=faults.FaultError, strict=True,
-                   reason="bug: faults.kill_controller waits for every host's switch to reconnect, eBPF hosts included")
 def test_controller_kill_on_an_ebpf_lab_waits_for_no_switch(lab: Lab, datapath: str) -> None:
     """``lab fault kill-controller`` on eBPF hosts: the controller is restarted and nothing is waited for
-    (no switch there will ever connect); today it waits the whole timeout and fails (FaultError)."""
+    (no switch there will ever connect; it used to wait the whole timeout and fail)."""
     if datapath != "ebpf":
         pytest.skip("on OVS hosts test_controller_restart_loses_nothing_and_changes_no_flow")
     state = lab.state()
