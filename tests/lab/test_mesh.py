@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from portmesh.agent.ebpf.layout import DropReason
 from portmesh.agent.tunnels import pair_vni
 from portmesh.lab import link, node, services
 from portmesh.lab.network import UPLINK_IP, Lab, ovs_of
@@ -35,7 +36,9 @@ from portmesh.lab.state import LabState
 from portmesh.model.config import DEFAULT_CONFIG as CFG
 from portmesh.model.entities import tunnel_port_for
 from portmesh.store.client import Store
+from tests.lab.conftest import lab_suffix
 from tests.lab.test_mapping_e2e import keep_logs, pytestmark
+from tests.lab.tools import t2_ebpf, t4_ebpf
 
 __all__ = ["pytestmark"]
 
@@ -82,8 +85,8 @@ def wait_until(cond: Callable[[], object], timeout: float, what: str) -> float:
 class Mesh:
     """The lab and the views of it the tests compare."""
 
-    def __init__(self, lab: Lab, state: LabState, store: Store) -> None:
-        self.lab, self.state, self.store = lab, state, store
+    def __init__(self, lab: Lab, state: LabState, store: Store, datapath: str = "ovs") -> None:
+        self.lab, self.state, self.store, self.datapath = lab, state, store, datapath
 
     def hosts(self) -> list[str]:
         current = self.lab.state()
@@ -115,10 +118,19 @@ class Mesh:
             for p in hosts if p != host
         }
 
+    def on_ebpf(self, host: str) -> bool:
+        """Per host, as the lab recorded it: a host added to an eBPF lab runs OVS (Lab.add_host has no datapath)."""
+        current = self.lab.state()
+        return (current or self.state).datapath(host) == "ebpf"
+
     def ports(self, host: str) -> set[str]:
+        """br0's ports; on an eBPF host (no br0) the devices whose ingress runs the datapath's program."""
+        if self.on_ebpf(host):
+            return set(t2_ebpf.program_ports(self.ns(host)))
         return set(self.ovs(host, "ovs-vsctl", "list-ports", "br0").split())
 
     def chains(self, host: str) -> str:
+        """The isolation chains (an eBPF host has them too, behind its tunnel program)."""
         return sh(self.ns(host), "nft", "list", "table", "netdev", "portmesh", check=False)
 
     def reported(self, host: str) -> dict[str, str]:
@@ -153,14 +165,14 @@ class Mesh:
 
 
 @pytest.fixture(scope="module")
-def mesh() -> Iterator[Mesh]:
-    lab = Lab(f"ms{os.getpid() % 10000}", say=lambda _msg: None)
+def mesh(datapath: str) -> Iterator[Mesh]:
+    lab = Lab(f"ms{os.getpid() % 10000}{lab_suffix(datapath)}", say=lambda _msg: None)
     store: Store | None = None
     try:
-        state = lab.up(hosts=3)
+        state = lab.up(hosts=3, datapath=datapath)
         store = Store(services.store_remote(state.dir), tables=("Global", "Host"))
         store.start()
-        m = Mesh(lab, state, store)
+        m = Mesh(lab, state, store, datapath)
         wait_until(lambda: m.mesh_is(["h1", "h2", "h3"]), 60, "the 3-host mesh")
         yield m
     finally:
@@ -214,14 +226,24 @@ def test_a_deleted_tunnel_device_is_remade_and_ovs_reads_the_new_one(mesh: Mesh)
     after = json.loads(sh(mesh.ns("h2"), "ip", "-j", "link", "show", dev))[0]["ifindex"]
     assert after != before
     print(f"deleted tunnel device remade and reported up in {took:.1f} s")
-    ofport = int(mesh.ovs("h2", "ovs-vsctl", "get", "Interface", dev, "ofport"))
-    assert ofport > 0
-    # ovs-vswitchd reads the new device, not the deleted one: a frame from h3 reaches h2's datapath.
-    mesh.appctl("h2", "dpctl/del-flows")
+    if mesh.on_ebpf("h2"):
+        # The program is attached to the new device (mesh_is checked it) and reads its frames: the
+        # ARP from h3 (for no local port) is dropped by it as TUNNEL, counted in h2's drops map.
+        assert t2_ebpf.program_ports(mesh.ns("h2")).get(dev) == "pm_from_tunnel"
+        before_drops = t4_ebpf.drops(mesh.state, "h2")[DropReason.TUNNEL]
 
-    def seen() -> bool:
-        mesh.send_vxlan(mesh.ns("h3"), "h2", pair_vni(CFG.vxlan_vni, "h2", "h3"), count=1)
-        return f"in_port({dev})" in mesh.appctl("h2", "dpctl/dump-flows", "--names")
+        def seen() -> bool:
+            mesh.send_vxlan(mesh.ns("h3"), "h2", pair_vni(CFG.vxlan_vni, "h2", "h3"), count=1)
+            return t4_ebpf.drops(mesh.state, "h2")[DropReason.TUNNEL] > before_drops
+    else:
+        ofport = int(mesh.ovs("h2", "ovs-vsctl", "get", "Interface", dev, "ofport"))
+        assert ofport > 0
+        # ovs-vswitchd reads the new device, not the deleted one: a frame from h3 reaches h2's datapath.
+        mesh.appctl("h2", "dpctl/del-flows")
+
+        def seen() -> bool:
+            mesh.send_vxlan(mesh.ns("h3"), "h2", pair_vni(CFG.vxlan_vni, "h2", "h3"), count=1)
+            return f"in_port({dev})" in mesh.appctl("h2", "dpctl/dump-flows", "--names")
 
     wait_until(seen, 10, f"a frame through the remade {dev} in h2's datapath")
     # ... and the remade device is isolated like the first: h2's kernel never processes its frames.
@@ -236,7 +258,15 @@ def test_a_deleted_tunnel_device_is_remade_and_ovs_reads_the_new_one(mesh: Mesh)
 def test_an_agent_restart_remakes_no_tunnel(mesh: Mesh) -> None:
     def identity(host: str) -> dict[str, object]:
         links = {d["ifname"]: d["ifindex"] for d in json.loads(sh(mesh.ns(host), "ip", "-j", "link", "show", "type", "vxlan"))}
-        ofports = {n: mesh.ovs(host, "ovs-vsctl", "get", "Interface", n, "ofport").strip() for n in links}
+        if mesh.on_ebpf(host):
+            # No OpenFlow ports: the tc filter slot (pref, handle, program name) stands for them, and
+            # the pinned maps must be the same kernel maps. The program id is left out: a restarted
+            # agent loads the object again (a new program id) into the same slot, by design
+            # (ebpf-spec: "a reloaded object reuses the pinned maps: traffic never stops").
+            ofports: dict[str, object] = {n: [f[:3] for f in t2_ebpf.ingress_filters(mesh.ns(host), n)] for n in links}
+            ofports["maps"] = t4_ebpf.map_ids(mesh.state, host)
+        else:
+            ofports = {n: mesh.ovs(host, "ovs-vsctl", "get", "Interface", n, "ofport").strip() for n in links}
         chains = {n: line for line in mesh.chains(host).splitlines() for n in links if f"chain {n}" in line}
         handles = json.loads(sh(mesh.ns(host), "nft", "-j", "-a", "list", "table", "netdev", "portmesh"))
         chain_handles = {o["chain"]["name"]: o["chain"]["handle"] for o in handles["nftables"] if "chain" in o}
@@ -338,18 +368,30 @@ def test_a_decapsulated_frame_for_the_host_itself_never_reaches_its_kernel(mesh:
     wait_until(lambda: mesh.rx("h1", dev) >= start + 5, 5, "the frames decapsulated on h1")
     time.sleep(0.2)  # the kernel would have handled them in the same softirq that counted them
     assert not kernel_saw_it(), "h1's kernel processed a decapsulated frame"
-    # Positive control: without the isolation chain h1's kernel does process it (neighbour entry
-    # for the ARP's sender), until the agent's full pass puts the chain back.
-    sh(h1, "nft", "delete", "chain", "netdev", "portmesh", dev)
+    # Positive control: without the isolation chain (eBPF: the tunnel program) h1's kernel does
+    # process it (neighbour entry for the ARP's sender), until the agent's full pass puts it back.
+    ebpf = mesh.on_ebpf("h1")
+
+    def isolated() -> bool:
+        return f"chain {dev}" in mesh.chains("h1") or (ebpf and dev in mesh.ports("h1"))
+
+    def unisolate() -> None:  # on eBPF the tunnel program stands in front of the chain: both go
+        if f"chain {dev}" in mesh.chains("h1"):
+            sh(h1, "nft", "delete", "chain", "netdev", "portmesh", dev)
+        if ebpf and dev in mesh.ports("h1"):
+            sh(h1, "tc", "qdisc", "del", "dev", dev, "clsact")
+
+    unisolate()
 
     def probe() -> bool:
-        if f"chain {dev}" in mesh.chains("h1"):  # the agent's full pass was quicker: again
-            sh(h1, "nft", "delete", "chain", "netdev", "portmesh", dev)
+        if isolated():  # the agent's full pass was quicker: again
+            unisolate()
         mesh.send_vxlan(mesh.ns("h2"), "h1", vni, count=1)
         return kernel_saw_it()
 
     wait_until(probe, 5, "h1's kernel answering without the isolation chain (positive control)")
-    took = wait_until(lambda: f"chain {dev}" in mesh.chains("h1"), 30, "the isolation chain put back")
+    took = wait_until(lambda: f"chain {dev}" in mesh.chains("h1") and (not ebpf or dev in mesh.ports("h1")), 30,
+                      "the isolation chain (and on eBPF the tunnel program) put back")
     print(f"tunnel isolation chain restored by the full pass in {took:.1f} s")
     sh(h1, "ip", "neigh", "flush", "dev", dev)
     start = mesh.rx("h1", dev)
@@ -375,6 +417,9 @@ def public_source_frame(dst_ip: str) -> str:
 
 def test_a_compute_host_forwards_nothing_that_arrives_on_br0(mesh: Mesh) -> None:
     """Defence in depth behind the flows: a frame OVS hands a compute host's kernel is never routed out."""
+    if mesh.on_ebpf("h2"):
+        pytest.skip("OVS only: injects through br0's LOCAL port (packet-out); an eBPF host has no br0, its tunnel "
+                    "program hands no frame to the host kernel (test_a_decapsulated_frame_... asserts that)")
 
     def tx(ns: str, dev: str) -> int:
         return int(json.loads(sh(ns, "ip", "-s", "-j", "link", "show", dev))[0]["stats64"]["tx"]["packets"])
