@@ -21,6 +21,7 @@ import pytest
 from portmesh.lab import node
 from portmesh.lab.network import Lab
 from portmesh.lab.state import LabState
+from tests.lab.conftest import lab_suffix
 
 pytestmark = [
     pytest.mark.lab,
@@ -33,10 +34,10 @@ IP = "203.0.113.77"
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[LabState]:
-    made = Lab(f"cl{os.getpid() % 10000}", say=print)
+def lab(datapath: str) -> Iterator[LabState]:
+    made = Lab(f"cl{os.getpid() % 10000}{lab_suffix(datapath)}", say=print)
     try:
-        yield made.up(hosts=1, tune_rmem=False)
+        yield made.up(hosts=1, tune_rmem=False, datapath=datapath)
     finally:
         made.down()
 
@@ -134,11 +135,20 @@ def test_exec_into_an_image_container_enters_its_filesystem_and_pids(lab: LabSta
         pm("rm", "cli2", env=env, timeout=120)
 
 
-def test_lab_add_host_and_rm_host(lab: LabState) -> None:
-    """A compute host joins the running lab and leaves it again, seen through the product's own `portmesh hosts`."""
+def test_lab_add_host_and_rm_host(lab: LabState, datapath: str, request: pytest.FixtureRequest) -> None:
+    """A compute host joins the running lab and leaves it again, seen through the product's own `portmesh hosts`.
+
+    It joins with the lab's datapath: an eBPF lab's new host runs the eBPF datapath, not OVS.
+    """
+    if datapath == "ebpf":
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="portmesh/lab/network.py Lab.add_host records no datapath for the new host: "
+                                "state.datapath('h2') falls back to 'ovs', so an eBPF lab gains an OVS host"))
     env = lab_env(lab)
     r = pm("lab", "add-host", "--name", lab.name)
     assert r.returncode == 0 and r.stdout == "h2\n", r.stdout + r.stderr
+    joined = Lab(lab.name).state()
+    joined_as = joined.datapath("h2") if joined is not None else "?"
     try:
         hosts = {h["name"]: h for h in json.loads(pm("hosts", "-o", "json", env=env).stdout)}
         assert hosts["h2"]["role"] == "compute" and hosts["h2"]["underlay_ip"] == "198.19.0.12", hosts
@@ -152,3 +162,4 @@ def test_lab_add_host_and_rm_host(lab: LabState) -> None:
     assert r.returncode == 0, r.stderr
     assert [h["name"] for h in json.loads(pm("hosts", "-o", "json", env=env).stdout)] == ["h1"]
     assert not node.exists(lab.ns("h2"))
+    assert joined_as == datapath, f"h2 joined the {datapath} lab running {joined_as}"

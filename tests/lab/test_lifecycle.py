@@ -7,7 +7,8 @@ back the host's generation until every container had a port. Asserted here: a fa
 is refused promptly, naming the field, and leaves nothing behind (no row, no mapping, no
 namespace, no bridge port); broken containers created with ``--no-wait`` stay in error with
 their reason while an unrelated ``run`` on the same host answers promptly and is reachable
-from ``inet``; ``status`` is up to date and lists the broken ones apart.
+from ``inet``; ``status`` is up to date and lists the broken ones apart. On both datapaths:
+on an eBPF host "no bridge port" means no host-side port in h1 at all.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from portmesh.lab.network import Lab, ovs_of
 from portmesh.lab.state import LabState
 from portmesh.model.entities import port_name_for
 from portmesh.runtime import docker as docker_runtime
+from tests.lab.conftest import lab_suffix
+from tests.lab.tools import t1_ebpf
 
 pytestmark = [
     pytest.mark.lab,
@@ -45,8 +48,9 @@ PROMPT = 15.0
 
 
 class Cloud:
-    def __init__(self, state: LabState) -> None:
+    def __init__(self, state: LabState, datapath: str = "ovs") -> None:
         self.state = state
+        self.datapath = datapath
         self.env = dict(os.environ, PORTMESH_API=state.api_url, PORTMESH_TOKEN_FILE=str(services.token_file(state.dir)))
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -80,6 +84,7 @@ class Cloud:
         raise AssertionError(f"{name} never reached {state}: {status}")
 
     def bridge_ports(self) -> set[str]:
+        """OVS: br0's ports. eBPF (no bridge): see :func:`assert_nothing_left`."""
         ovs = ovs_of(self.state, "h1")
         out = node.run(["ovs-vsctl", f"--db={ovs.remote}", "list-ports", "br0"], netns=ovs.netns, env=ovs.env()).stdout
         return set(out.split())
@@ -90,10 +95,10 @@ class Cloud:
 
 
 @pytest.fixture(scope="module")
-def cloud() -> Iterator[Cloud]:
-    lab = Lab(f"lc{os.getpid() % 10000}", say=lambda _msg: None)
+def cloud(datapath: str) -> Iterator[Cloud]:
+    lab = Lab(f"lc{os.getpid() % 10000}{lab_suffix(datapath)}", say=lambda _msg: None)
     try:
-        yield Cloud(lab.up(hosts=1))
+        yield Cloud(lab.up(hosts=1, datapath=datapath), datapath)
     finally:
         after = lab.state()
         if after is not None and (after.dir / "logs").exists():
@@ -111,7 +116,10 @@ def assert_nothing_left(cloud: Cloud, name: str, ip: str) -> None:
     assert name not in cloud.names()
     assert not any(m[0] == ip or m[2] == name for m in cloud.mappings())
     assert cloud.cli("inspect", name).returncode == 1  # no row
-    assert port_name_for(name) not in cloud.bridge_ports()
+    if cloud.datapath == "ebpf":  # no bridge: the host-side port would be a link of h1's
+        assert not t1_ebpf.link_exists(cloud.state.ns("h1"), port_name_for(name))
+    else:
+        assert port_name_for(name) not in cloud.bridge_ports()
     assert not node.exists(cloud.state.ns(f"c-{name}"))
 
 

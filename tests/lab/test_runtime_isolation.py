@@ -26,6 +26,7 @@ from portmesh.lab.network import Lab
 from portmesh.lab.state import LabState
 from portmesh.model.entities import Container, PortBlock, RestartPolicy, RunState
 from portmesh.runtime.light import LightRuntime
+from tests.lab.conftest import lab_suffix
 
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")]
 
@@ -139,13 +140,13 @@ def test_stop_timeout_kills_a_process_that_ignores_sigterm(runtime: tuple[LightR
 
 
 @pytest.fixture(scope="module")
-def cloud() -> Iterator[tuple[LabState, httpx.Client]]:
-    """A real one-host lab (agent, API, OVS), shared by the tests below; always taken down."""
-    if shutil.which("ovs-vswitchd") is None:
+def cloud(datapath: str) -> Iterator[tuple[LabState, httpx.Client]]:
+    """A real one-host lab (agent, API, OVS or eBPF), shared by the tests below; always taken down."""
+    if datapath == "ovs" and shutil.which("ovs-vswitchd") is None:
         pytest.skip("openvswitch-switch is not installed")
-    lab = Lab(TAG, say=lambda _msg: None)
+    lab = Lab(f"{TAG}{lab_suffix(datapath)}", say=lambda _msg: None)
     try:
-        state = lab.up(hosts=1)
+        state = lab.up(hosts=1, datapath=datapath)
         if not state.api_url or state.process("agent:h1") is None:
             pytest.skip("no API or agent in this lab")
         token = services.token_file(state.dir).read_text().strip()
