@@ -21,9 +21,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from portmesh.agent.ebpf.layout import DropReason
 from portmesh.lab import node
 from portmesh.lab.network import INET_IP, Lab
+from tests.lab.conftest import lab_suffix
 from tests.lab.test_mapping_e2e import Cloud, keep_logs
+from tests.lab.tools import t4_ebpf
 
 pytestmark = [
     pytest.mark.lab,
@@ -172,12 +175,12 @@ def stop(proc: subprocess.Popen[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def cloud() -> Iterator[Cloud]:
-    lab = Lab(f"ic{os.getpid() % 10000}", say=lambda _msg: None)
+def cloud(datapath: str) -> Iterator[Cloud]:
+    lab = Lab(f"ic{os.getpid() % 10000}{lab_suffix(datapath)}", say=lambda _msg: None)
     sink: subprocess.Popen[str] | None = None
     try:
-        state = lab.up(hosts=1)
-        c = Cloud(state)
+        state = lab.up(hosts=1, datapath=datapath)
+        c = Cloud(state, datapath)
         c.run_container("pa", IP10, "80/tcp")
         c.run_container("pb", IP10, "8080/tcp")
         sink = spawn_ready(c, "inet", SINK)
@@ -203,9 +206,15 @@ def test_sharers_ping_outside_at_once_and_each_gets_its_replies(cloud: Cloud) ->
 
 
 def test_port_unreachable_and_time_exceeded_reach_the_container(cloud: Cloud) -> None:
+    no_route = t4_ebpf.drops(cloud.state, "h1")[DropReason.NO_ROUTE] if cloud.datapath == "ebpf" else 0
     result = py(cloud, "pa", UDP_ERRORS, INET_IP)
     assert result["refused"] == "ECONNREFUSED", result  # inet's kernel: port unreachable, delivered by the controller
     err = result["errqueue"]
+    if cloud.datapath == "ebpf":
+        # The TTL-1 datagram is dropped by the program's gateway hop and counted, not sent on.
+        assert t4_ebpf.drops(cloud.state, "h1")[DropReason.NO_ROUTE] > no_route, result
+        pytest.skip("eBPF datapath: the gateway hop sends no ICMP time exceeded yet (docs/ebpf.md, 'Not there yet'); "
+                    "port unreachable relayed and the TTL-1 drop counted (asserted)")
     assert isinstance(err, dict), result
     # ICMP (origin 2) time exceeded (11), from the host kernel that would have forwarded it.
     assert err["origin"] == 2 and err["type"] == 11 and err["code"] == 0, result
@@ -229,6 +238,21 @@ def test_fragmentation_needed_teaches_the_container_the_path_mtu(cloud: Cloud) -
     assert "mtu" not in before, before  # nothing learnt yet: the control for the assertions below
     node.run(["ip", "link", "set", UPLINK, "mtu", str(NARROW_MTU)], netns=h1, check=True)
     try:
+        if cloud.datapath == "ebpf":
+            no_route = t4_ebpf.drops(cloud.state, "h1")[DropReason.NO_ROUTE]
+            control = py(cloud, "pb", BULK, INET_IP, str(SINK_PORT), "200", "3")  # fits the narrow hop: passes
+            assert control["reply"] == "200", control
+            # Without TSO/GSO: 1500-byte packets, which the program's fib lookup finds too big for up0:
+            # dropped and counted as NO_ROUTE, and no frag-needed comes back (a black hole).
+            node.run(["ethtool", "-K", "eth0", "tso", "off", "gso", "off"], netns=pb, check=True)
+            try:
+                big = py(cloud, "pb", BULK, INET_IP, str(SINK_PORT), "200000", "3")
+            finally:
+                node.run(["ethtool", "-K", "eth0", "tso", "on", "gso", "on"], netns=pb, check=True)
+            assert big["reply"] != "200000" and "mtu" not in str(big["route"]), big
+            assert t4_ebpf.drops(cloud.state, "h1")[DropReason.NO_ROUTE] > no_route
+            pytest.skip("eBPF datapath: the gateway hop sends no ICMP fragmentation needed yet (docs/ebpf.md, 'Not "
+                         "there yet'): too-big packets are dropped, counted as NO_ROUTE (asserted), the transfer stalls")
         # With offloads on: the frag-needed arrives and the kernel learns, though OVS re-segments (see above).
         learnt = str(py(cloud, "pb", BULK, INET_IP, str(SINK_PORT), "200000", "3")["route"])
         assert re.search(rf"\bmtu {NARROW_MTU}\b", learnt), learnt

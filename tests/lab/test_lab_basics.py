@@ -19,9 +19,11 @@ import httpx
 import pytest
 
 from portmesh.lab import link, node, services, sysctl
-from portmesh.lab.network import Lab, ovs_of
+from portmesh.lab.network import Lab, bpf_dir, ovs_of
 from portmesh.lab.state import LabState, lab_dir
 from portmesh.runtime import procs
+from tests.lab.conftest import lab_suffix
+from tests.lab.tools import t2_ebpf, t4_ebpf
 
 pytestmark = [
     pytest.mark.lab,
@@ -52,11 +54,11 @@ def lab_factory() -> Iterator[list[Lab]]:
 
 
 @pytest.fixture(scope="module")
-def lab2() -> Iterator[LabState]:
+def lab2(datapath: str) -> Iterator[LabState]:
     """One lab with two hosts, shared by the read-only tests of this module."""
-    lab = Lab(unique_name("m"), say=quiet)
+    lab = Lab(unique_name("m") + lab_suffix(datapath), say=quiet)
     try:
-        yield lab.up(hosts=2)
+        yield lab.up(hosts=2, datapath=datapath)
     finally:
         lab.down()
 
@@ -75,11 +77,15 @@ def root_addresses() -> str:
 RMEM = "net.core.rmem_default"
 
 
-def test_up_then_down_leaves_nothing(lab_factory: list[Lab]) -> None:
+def mounts_under(path: Path) -> list[str]:
+    return [line for line in Path("/proc/mounts").read_text().splitlines() if str(path) in line]
+
+
+def test_up_then_down_leaves_nothing(lab_factory: list[Lab], datapath: str) -> None:
     root_before = root_addresses()
-    lab = Lab(unique_name("u"), say=quiet)
+    lab = Lab(unique_name("u") + lab_suffix(datapath), say=quiet)
     lab_factory.append(lab)
-    lab.up(hosts=3)
+    lab.up(hosts=3, datapath=datapath)
     assert lab.add_host() == "h4"  # a host joined later is removed by down like the others
     state = lab.state()
     assert state is not None and state.hosts == ["h1", "h2", "h3", "h4"]
@@ -95,7 +101,11 @@ def test_up_then_down_leaves_nothing(lab_factory: list[Lab]) -> None:
     for line in set(root_addresses().splitlines()) - set(root_before.splitlines()):
         assert not any(r in line for r in LAB_RANGES), line
 
+    if datapath == "ebpf":  # each host's bpffs, mounted by the lab (h4's too): gone with the lab
+        on_ebpf = [h for h in state.hosts if state.datapath(h) == "ebpf"]  # h4 runs OVS: Lab.add_host has no datapath
+        assert on_ebpf and all(mounts_under(bpf_dir(state, h)) for h in on_ebpf), mounts_under(state.dir)
     assert lab.down() == []
+    assert not mounts_under(state.dir), "a bpffs (or any mount) of the lab outlived it"
     assert not [ns for ns in node.names() if ns.startswith(state.prefix)]
     assert not [p.label for p in state.processes if procs.alive(p.ref)]
     assert not lab_dir(state.name).exists()
@@ -135,7 +145,18 @@ def test_down_without_up_is_harmless() -> None:
     assert Lab(unique_name("n"), say=quiet).down() == []
 
 
-def test_each_host_runs_its_own_ovs(lab2: LabState) -> None:
+def test_each_host_runs_its_own_ovs(lab2: LabState, datapath: str) -> None:
+    if datapath == "ebpf":
+        # An eBPF host runs no OVS: its own datapath is the program and maps in its own bpffs.
+        ids: set[int] = set()
+        for host in lab2.hosts:
+            assert lab2.process(f"ovs-vswitchd:{host}") is None
+            assert mounts_under(bpf_dir(lab2, host)) and "bpf" in mounts_under(bpf_dir(lab2, host))[0].split()[2]
+            t2_ebpf.wait_pinned(lab2, host)
+            found = set(t4_ebpf.map_ids(lab2, host).values())
+            assert not found & ids, f"{host} shares a map with another host"
+            ids |= found
+        return
     pids = set()
     for host in lab2.hosts:
         ovs = ovs_of(lab2, host)
@@ -153,9 +174,16 @@ def test_each_host_runs_its_own_ovs(lab2: LabState) -> None:
     assert len(pids) == len(lab2.hosts)
 
 
-def test_agent_makes_br0_reachable_through_its_own_rundir(lab2: LabState) -> None:
+def test_agent_makes_br0_reachable_through_its_own_rundir(lab2: LabState, datapath: str) -> None:
     if lab2.process("agent:h1") is None:
         pytest.skip("no agent in this lab (portmesh.store or portmesh.agent missing)")
+    if datapath == "ebpf":
+        # No br0: the agent's own datapath is ready once its uplink program is on up0 (after the first map sync).
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and t4_ebpf.ingress_program(lab2.ns("h1"), "up0") != "pm_from_uplink":
+            time.sleep(0.5)
+        assert t4_ebpf.ingress_program(lab2.ns("h1"), "up0") == "pm_from_uplink"
+        return
     ovs = ovs_of(lab2, "h1")
     deadline = time.monotonic() + 20
     out = ""
@@ -210,7 +238,7 @@ def test_status_reports_what_is_recorded(lab2: LabState) -> None:
     assert json.loads(json.dumps(status))["namespaces"] == {ns: True for ns in lab2.namespaces}
 
 
-def test_agent_restart_disturbs_nothing(lab2: LabState) -> None:
+def test_agent_restart_disturbs_nothing(lab2: LabState, datapath: str) -> None:
     """A restarted agent adopts plumbing and process: no netlink change, same PID, same flows."""
     if not lab2.api_url or lab2.process("agent:h1") is None:
         pytest.skip("no API or agent in this lab")
@@ -230,6 +258,12 @@ def test_agent_restart_disturbs_nothing(lab2: LabState) -> None:
         time.sleep(1)  # let the controller finish installing
 
         def flows() -> list[str]:
+            if datapath == "ebpf":  # the maps (same kernel ids, same entries) and the programs on the devices
+                h1 = lab2.ns("h1")
+                # The program id is left out: a restarted agent loads the object again into the same
+                # filter slot, by design (the pinned maps, same ids and entries, carry the state).
+                programs = [f"{d}: {[f[:3] for f in t2_ebpf.ingress_filters(h1, d)]}" for d in sorted(t2_ebpf.program_ports(h1))]
+                return [*t4_ebpf.entries(lab2, "h1"), json.dumps(t4_ebpf.map_ids(lab2, "h1"), sort_keys=True), *programs]
             out = run_in(ovs.netns, "ovs-ofctl", "-O", "OpenFlow13", "--no-stats", "dump-flows", "br0", env=ovs.env())
             return sorted(out.splitlines()[1:])
 
