@@ -100,11 +100,35 @@ class Store(Engine):
             return {str(k): str(v) for k, v in Committed(row).backend_health.items()} if row is not None else {}
 
     def mapping_counters(self, key: MappingKey) -> MappingCounters:
-        """What the master controller last wrote of the mapping's counters (zero if nothing yet, or
-        the key is not mapped, or this view does not replicate them: an agent's)."""
+        """The mapping's counters: what the master controller last wrote (summed over the OVS switches)
+        plus what each eBPF host's agent last reported (schema 1.8.0, ``Host.counters``). Each packet
+        is counted once, on the host where it entered the cloud, whichever datapath that host runs.
+        Zero if nothing yet, or the key is not mapped, or this view does not replicate them (an agent's)."""
         with self._lock():
             row = self._mapping(key)
-            return R.counters_from_column(getattr(Committed(row), "counters", {}) if row is not None else {})
+            if row is None:
+                return MappingCounters()
+            total = R.counters_from_column(getattr(Committed(row), "counters", {}))
+            name = str(key)
+            for host in self._rows("Host"):
+                value = (getattr(Committed(host), "counters", None) or {}).get(name)
+                if value is not None:
+                    total = R.add_counters(total, R.host_counters_entry(value))
+            return total
+
+    def host_counters(self, host: str) -> dict[str, MappingCounters]:
+        """What an eBPF host's agent last reported of its counted mappings: key text -> counters."""
+        with self._lock():
+            row = self._host_row(host)
+            have = (getattr(Committed(row), "counters", None) or {}) if row is not None else {}
+            return {str(k): R.host_counters_entry(v) for k, v in have.items()}
+
+    def host_drops(self, host: str) -> dict[str, int]:
+        """What an eBPF host's agent last reported of its program's drops: reason -> packets
+        (empty for an OVS host, an unknown host, or before the first report)."""
+        with self._lock():
+            row = self._host_row(host)
+            return R.host_drops_from_row(Committed(row)) if row is not None else {}
 
     # -- desired-state writes (bump the generation) ----------------------------------------------
 
@@ -423,6 +447,44 @@ class Store(Engine):
             return True
 
         self._write(build, bump=False)
+
+    def report_traffic(
+        self, host: str, counters: MappingABC[MappingKey, MappingCounters], drops: MappingABC[str, int]
+    ) -> bool:
+        """eBPF host's agent: its per-mapping counters (only filtered or balanced mappings: plain ones
+        are not counted, as on OVS, so 100,000 plain mappings never become 100,000 entries) and its
+        program's drops per reason, in its own Host row (schema 1.8.0). A Host column rather than a
+        table: one row per host already exists, only that host's agent writes it, a host removal takes
+        its reports along, and the whole report is one atomic write (mappings gone drop out of it).
+
+        No generation bump, and nothing written when the report equals what this client last wrote or,
+        where the view replicates the columns, what the row says: True if it wrote.
+        """
+        want_counters = R.host_counters_column(counters)
+        want_drops = {str(reason): int(n) for reason, n in drops.items()}
+        want = (want_counters, want_drops)
+
+        def build(txn: Txn) -> bool:
+            row = self._host(host, field="host")
+            if self._reported_traffic.get(row.uuid) == want:
+                return False
+            committed = Committed(row)
+            if "counters" in row._data and "drops" in row._data and (
+                {str(k): str(v) for k, v in committed.counters.items()} == want_counters
+                and R.host_drops_from_row(committed) == want_drops
+            ):
+                self._reported_traffic[row.uuid] = want
+                return False
+            row.counters = want_counters
+            row.drops = want_drops
+            written.append(row.uuid)
+            return True
+
+        written: list[object] = []
+        self._write(build, bump=False)
+        for row_uuid in written[-1:]:
+            self._reported_traffic[row_uuid] = want
+        return bool(written)
 
     def report_health(self, host: str, results: MappingABC[MappingKey, MappingABC[str, str]]) -> None:
         """Agent: its health checks' results, mapping -> backend -> ``up`` or ``down: reason``.

@@ -54,6 +54,10 @@ AGENT_WRITES: dict[str, tuple[str, ...]] = {"Host": ("agent_generation", "tunnel
 # Which rows an agent's view holds: its own host's containers, and the mappings with a health check
 # (schema 1.6.0), so it knows which of its containers to check; a plain mapping never reaches it.
 AGENT_MAPPINGS: list[Any] = [["health", "!=", ["map", []]]]
+# The hosts' traffic reports (schema 1.8.0: an eBPF host's per-mapping counters and drops, rewritten
+# every few seconds while traffic flows): a view made with ``reports=False`` registers them (it may
+# write its own) but does not monitor them, so no host's counters ever wake an eBPF agent.
+REPORT_COLUMNS: dict[str, tuple[str, ...]] = {"Host": ("counters", "drops")}
 
 
 class StoreError(RuntimeError):
@@ -157,7 +161,8 @@ class Engine:
     """Owns the IDL and its thread; :class:`Store` adds the Portmesh operations on top."""
 
     def __init__(
-        self, remote: str, timeout: float = 10.0, tables: Sequence[str] | None = None, host: str | None = None
+        self, remote: str, timeout: float = 10.0, tables: Sequence[str] | None = None, host: str | None = None,
+        reports: bool = True,
     ) -> None:
         """``tables``: replicate only these (default: all). A host agent needs neither the
         Mapping table nor its memory (~340 MB and ~7 s of loading at 100,000 mappings); reads
@@ -171,6 +176,9 @@ class Engine:
         ``backend_health``; Host and Global rows all, but only their desired columns. The Host
         columns the agent writes (:data:`AGENT_WRITES`) are registered but not monitored, so
         other agents' and the controller's reports never wake it, and it can still write them.
+
+        ``reports=False`` (a whole view, an eBPF host's agent): :data:`REPORT_COLUMNS` are registered
+        but not monitored (that agent writes its own, reads nobody's).
         """
         self.remote = remote
         self.timeout = timeout
@@ -186,12 +194,17 @@ class Engine:
                 helper.register_columns(table, [*R.DESIRED_COLUMNS[table], *AGENT_WRITES.get(table, ())])
             else:
                 helper.register_table(table)
-        unmonitored = {} if host is None else AGENT_WRITES
+        unmonitored = dict(AGENT_WRITES if host is not None else {})
+        if not reports:
+            for table, columns in REPORT_COLUMNS.items():
+                unmonitored[table] = (*unmonitored.get(table, ()), *columns)
         where = {} if host is None else {"Container": [["host", "==", host]], "Mapping": AGENT_MAPPINGS}
         self._mirror = Mirror()
         # Host row -> the tunnel report last written through this client (report_tunnels), for an
         # agent's view that does not replicate the column it writes.
         self._reported_tunnels: dict[Any, dict[str, str]] = {}
+        # Host row -> the traffic report (counters, drops) last written through this client (report_traffic).
+        self._reported_traffic: dict[Any, tuple[dict[str, str], dict[str, int]]] = {}
         self._idl = _Idl(remote, helper, self._after_run, self._on_row, self._on_reload, unmonitored, where)
         reconnect = getattr(getattr(self._idl, "_session", None), "reconnect", None)
         if reconnect is not None:

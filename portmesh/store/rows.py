@@ -327,6 +327,35 @@ def counters_column(counters: MappingCounters) -> dict[str, int]:
     return {name: int(getattr(counters, name)) for name in COUNTER_FIELDS}
 
 
+def host_counters_column(counters: MappingABC[MappingKey, MappingCounters]) -> dict[str, str]:
+    """An eBPF host's ``Host.counters`` (schema 1.8.0): mapping key -> its four counters, space-separated
+    in COUNTER_FIELDS order (an OVSDB map's value is one atom, so the four ride in one string)."""
+    return {str(key): " ".join(str(int(getattr(c, name))) for name in COUNTER_FIELDS) for key, c in counters.items()}
+
+
+def host_counters_entry(value: str) -> MappingCounters:
+    """One ``Host.counters`` value as MappingCounters (a malformed value counts as zero, never an error:
+    a report is informative, a reader must not fail on it)."""
+    try:
+        numbers = [int(v) for v in str(value).split()]
+    except ValueError:
+        return MappingCounters()
+    if len(numbers) != len(COUNTER_FIELDS) or min(numbers) < 0:
+        return MappingCounters()
+    return MappingCounters(*numbers)
+
+
+def host_drops_from_row(row: Row) -> dict[str, int]:
+    """An eBPF host's ``Host.drops`` (schema 1.8.0): drop reason -> packets (empty before 1.8.0)."""
+    drops: MappingABC[str, int] = getattr(row, "drops", None) or {}
+    return {str(reason): int(n) for reason, n in drops.items()}
+
+
+def add_counters(a: MappingCounters, b: MappingCounters) -> MappingCounters:
+    """The sum of two counts of one mapping (the switches' and a host's)."""
+    return MappingCounters(*(getattr(a, n) + getattr(b, n) for n in COUNTER_FIELDS))
+
+
 def counters_update(row_uuid: str, counters: MappingCounters) -> dict[str, Any]:
     """A raw ``update`` operation writing one Mapping row's counters (the controller's reader has no IDL)."""
     value = ["map", sorted(counters_column(counters).items())]
