@@ -19,6 +19,7 @@ from pathlib import Path
 import pyroute2.config
 
 from portmesh.agent.bridge import Bridge, parse_controller_targets
+from portmesh.agent.ebpf.counters import TrafficReporter, datapath_maps
 from portmesh.agent.ebpf.host import DEFAULT_PIN_DIR, EbpfDatapath
 from portmesh.agent.health import HealthChecker
 from portmesh.agent.service import Agent, AgentConfig
@@ -106,7 +107,9 @@ async def serve(args: argparse.Namespace) -> None:
     # table only the rows with a health check (issue 15: which of its containers to check), never
     # all of it (at 100,000 mappings that replica would be most of the agent's memory).
     # An eBPF host's maps hold every mapping of the cloud (as an OVS switch's flows do): whole view.
-    store = Store(args.store, host=None if args.datapath == "ebpf" else args.host)
+    # Its own traffic reports and other hosts' are written, never read, by an agent (reports=False:
+    # a host's counters every few seconds must not wake every eBPF agent into a pass).
+    store = Store(args.store, host=None if args.datapath == "ebpf" else args.host, reports=False)
     await asyncio.to_thread(store.start)
     bridge: Bridge | EbpfDatapath = (
         EbpfDatapath(args.bpf_dir, uplink=args.uplink) if args.datapath == "ebpf" else Bridge(args.ovsdb)
@@ -146,6 +149,13 @@ async def serve(args: argparse.Namespace) -> None:
 
     checks = asyncio.ensure_future(health.run(stop))
     checks.add_done_callback(checks_ended)
+    # An eBPF host's per-mapping counters and drops (no switch for the master to read): reported into
+    # its Host row every few seconds, in a worker thread beside the converge loop, never in it.
+    reporter: asyncio.Future[None] | None = None
+    if isinstance(bridge, EbpfDatapath):
+        ebpf = bridge
+        traffic = TrafficReporter(args.host, store, lambda: datapath_maps(ebpf.loaded.map))
+        reporter = asyncio.ensure_future(traffic.run(stop))
     try:
         await agent.run(stop)
         if checks_died:
@@ -161,6 +171,9 @@ async def serve(args: argparse.Namespace) -> None:
     finally:
         checks.cancel()
         await asyncio.gather(checks, return_exceptions=True)
+        if reporter is not None:
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
         stop_events.set()
         if engine is not None:
             engine.unwatch()

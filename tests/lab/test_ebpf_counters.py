@@ -1,0 +1,153 @@
+"""Issue 15's counters on an eBPF host, in a real 1-host lab (h1, the gateway, runs the eBPF datapath).
+
+No switch for the master controller to read: h1's agent reads its maps and reports into its Host
+row (schema 1.8.0), and the API / ``portmesh map inspect`` show the sum. Two outside clients: A
+(inet's own address) and B (198.51.100.78, added to inet's eth0 by this test). Container w1 on h1
+holds 203.0.113.42 and serves UDP:
+
+    .42:55/udp  allow A     filtered: counted; what A and B sent shows exactly in the API and the CLI
+    .42:56/udp  no policy   plain: served, counted in the maps, never reported (as OVS does not count it)
+    .42:57/udp  (unmapped)  refused: the host's drop report counts exactly what was sent
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from portmesh.agent.ebpf import layout, loader
+from portmesh.agent.ebpf import sync as ebpf_sync
+from portmesh.lab import node, services
+from portmesh.lab.network import INET_IP, Lab, bpf_dir
+from portmesh.lab.state import LabState
+from portmesh.model.entities import MappingCounters, MappingKey, Proto
+from portmesh.store.client import Store
+from tests.lab.test_mapping_e2e import keep_logs
+from tests.lab.test_multihost import wait_for
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
+    pytest.mark.skipif(shutil.which("clang") is None, reason="clang is not installed (the eBPF datapath is built)"),
+]
+
+LB = str(Path(__file__).parent / "tools" / "lbtools.py")
+PORTMESH = str(Path(sys.executable).parent / "portmesh")
+VIP = "203.0.113.42"
+A, B = INET_IP, "198.51.100.78"
+SIZE = 100  # payload bytes: each datagram is a 142-byte frame (14 Ethernet + 20 IP + 8 UDP + 100)
+FRAME = 14 + 20 + 8 + SIZE
+FILTERED = MappingKey(IPv4Address(VIP), Proto.UDP, 55)
+PLAIN = MappingKey(IPv4Address(VIP), Proto.UDP, 56)
+
+
+class Cloud:
+    def __init__(self, lab: Lab, state: LabState) -> None:
+        self.lab, self.state = lab, state
+        token = services.token_file(state.dir).read_text().strip()
+        self.api = httpx.Client(base_url=state.api_url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        self.store = Store(services.store_remote(state.dir), timeout=10)
+
+    def ns(self, where: str) -> str:
+        return self.lab.netns_of(where)
+
+    def map(self, port: int, **policy: list[str]) -> None:
+        body = {"public_ip": VIP, "proto": "udp", "port": port, "container": "w1", **policy}
+        reply = self.api.post("/v1/mappings", params={"wait": "true"}, json=body)
+        assert reply.status_code == 201, reply.text
+
+    def stream(self, source: str, port: int, count: int) -> dict[str, Any]:
+        args = ("udp-stream", "--host", VIP, "--port", str(port), "--bind", source, "--count", str(count),
+                "--every", "0.001", "--size", str(SIZE), "--wait", "1")
+        out = node.run([sys.executable, LB, *args], netns=self.ns("inet"), check=True, timeout=60).stdout
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    def maps(self) -> dict[str, loader.BpfMap]:
+        pin = bpf_dir(self.state, "h1")
+        return {name: loader.open_map(pin, name) for name in (ebpf_sync.STATS, ebpf_sync.DENIED, "drops")}
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[Cloud]:
+    lab = Lab(f"ect{os.getpid() % 10000}", say=lambda _msg: None)
+    try:
+        state = lab.up(hosts=1, tune_rmem=False, datapath="ebpf")
+        assert state.api_url, "the lab came up without an API"
+        c = Cloud(lab, state)
+        c.store.start()
+        node.run(["ip", "addr", "add", f"{B}/24", "dev", "eth0"], netns=c.ns("inet"))
+        command = [sys.executable, LB, "serve", "--name", "w1", "--udp", "55", "--udp", "56", "--udp", "57"]
+        body = {"name": "w1", "host": "h1", "ips": [VIP], "ports": [], "command": command}
+        reply = c.api.post("/v1/containers", params={"wait": "true"}, json=body)
+        assert reply.status_code == 201, reply.text
+        wait_for("w1 listening", lambda: node.run(["ss", "-Hlun", "sport = :57"], netns=c.ns("w1")).stdout.strip())
+        c.map(55, allow=[f"{A}/32"])
+        c.map(56)
+        try:
+            yield c
+        finally:
+            c.store.close()
+    finally:
+        keep_logs(lab)
+        lab.down()
+
+
+def test_the_api_and_map_inspect_show_exactly_what_was_sent(cloud: Cloud) -> None:
+    sent_a, sent_b = cloud.stream(A, 55, 300), cloud.stream(B, 55, 120)
+    assert sent_a["answered"] == 300 and sent_b["answered"] == 0, (sent_a, sent_b)  # the policy holds
+    plain = cloud.stream(A, 56, 50)
+    assert plain["answered"] == 50, plain
+    want = {"allowed_packets": 300, "allowed_bytes": 300 * FRAME, "denied_packets": 120, "denied_bytes": 120 * FRAME}
+
+    def counted() -> dict[str, int] | None:
+        got: dict[str, int] = cloud.api.get(f"/v1/mappings/{VIP}/udp/55").json().get("counters") or {}
+        return got if got.get("allowed_packets", 0) >= 300 and got.get("denied_packets", 0) >= 120 else None
+
+    counters = wait_for("h1's counters in the API", counted, timeout=30)
+    print(f"counters in the API: {counters}; sent A 300, B 120 x {FRAME} B")
+    assert counters == want  # exactly: no other packet of this module reaches port 55
+    env = {**os.environ, "PORTMESH_API": str(cloud.state.api_url),
+           "PORTMESH_TOKEN_FILE": str(services.token_file(cloud.state.dir))}
+    shown = subprocess.run([PORTMESH, "map", "inspect", VIP, "55/udp"], env=env, capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    numbers = {int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", shown.stdout)}
+    assert set(want.values()) <= numbers, shown.stdout
+    # The plain mapping: served and counted by the program (the control), but not reported, as on OVS.
+    maps = cloud.maps()
+    try:
+        assert ebpf_sync.read_counters(maps, PLAIN) == (50, 50 * FRAME)
+    finally:
+        for m in maps.values():
+            m.close()
+    reported = cloud.store.host_counters("h1")
+    assert reported[str(FILTERED)] == MappingCounters(**want) and str(PLAIN) not in reported, reported
+    assert cloud.api.get(f"/v1/mappings/{VIP}/udp/56").json().get("counters") == {
+        "allowed_packets": 0, "allowed_bytes": 0, "denied_packets": 0, "denied_bytes": 0}
+
+
+def test_the_hosts_drop_report_counts_the_refused_packets(cloud: Cloud) -> None:
+    maps = cloud.maps()
+    try:
+        before = ebpf_sync.read_drops(maps)[layout.DropReason.REFUSED][0]
+    finally:
+        for m in maps.values():
+            m.close()
+    # The report catches up with the maps first (they may hold refusals from before this test).
+    wait_for("the report at the maps' count", lambda: cloud.store.host_drops("h1").get("refused", 0) == before, timeout=30)
+    sent = cloud.stream(A, 57, 40)  # w1 listens on 57, but nothing maps it: refused by the program
+    assert sent["answered"] == 0, sent
+    wait_for("40 more refused in h1's report",
+             lambda: cloud.store.host_drops("h1").get("refused", 0) >= before + 40, timeout=30)
+    assert cloud.store.host_drops("h1")["refused"] == before + 40
