@@ -142,9 +142,14 @@ class HostOut(BaseModel):
     containers: int = Field(default=0, description="containers placed on it")
     tunnels: list[TunnelOut] = Field(default_factory=list, description="to its peers, as its agent last reported")
     status: HostStatusOut | None = None
+    drops: dict[str, int] = Field(
+        default_factory=dict,
+        description="an eBPF host's datapath drops by reason (packets), as its agent last reported; empty on OVS",
+    )
 
     @classmethod
-    def of(cls, host: Host, status: HostStatus | None = None, containers: int = 0) -> HostOut:
+    def of(cls, host: Host, status: HostStatus | None = None, containers: int = 0,
+           drops: dict[str, int] | None = None) -> HostOut:
         tunnels = [TunnelOut(peer=peer, up=state == "up", state=state) for peer, state in (status.tunnels if status else ())]
         return cls(
             name=host.name,
@@ -154,6 +159,7 @@ class HostOut(BaseModel):
             containers=containers,
             tunnels=tunnels,
             status=HostStatusOut.of(status) if status is not None else None,
+            drops=dict(drops or {}),
         )
 
 

@@ -511,7 +511,8 @@ class Service:
             count = {name: 0 for name in state.hosts}
             for c in state.containers.values():
                 count[c.host] = count.get(c.host, 0) + 1
-            return [HostOut.of(h, self.store.host_status(h.name), count[h.name]) for _, h in sorted(state.hosts.items())]
+            return [HostOut.of(h, self.store.host_status(h.name), count[h.name], self.store.host_drops(h.name))
+                    for _, h in sorted(state.hosts.items())]
 
         return await self.call(read)
 
@@ -521,7 +522,7 @@ class Service:
             host = state.hosts.get(name)
             if host is None:
                 raise NotFound("name", f"host {name!r} does not exist")
-            return HostOut.of(host, self.store.host_status(name), len(state.containers_on(name)))
+            return HostOut.of(host, self.store.host_status(name), len(state.containers_on(name)), self.store.host_drops(name))
 
         return await self.call(read)
 

@@ -187,7 +187,9 @@ def tunnels(items: list[Json]) -> str:
 
 
 def hosts(console: Console, items: list[Json]) -> None:
-    table = _new_table("NAME", "ROLE", "DATAPATH ID", "UNDERLAY", "TUNNELS", "CONNECTED", "CONTAINERS", "SWITCH", "AGENT")
+    drops = any(h.get("drops") for h in items)  # an eBPF host's datapath drops: a column only when one reports them
+    heads = ("NAME", "ROLE", "DATAPATH ID", "UNDERLAY", "TUNNELS", "CONNECTED", "CONTAINERS", "SWITCH", "AGENT")
+    table = _new_table(*heads, *(("DROPS",) if drops else ()))
     for h in items:
         st = h.get("status") or {}
         table.add_row(
@@ -201,9 +203,16 @@ def hosts(console: Console, items: list[Json]) -> None:
                 str(h.get("containers", "-")),
                 str(st.get("switch_generation", "-")),
                 str(st.get("agent_generation", "-")),
+                *((drop_counts(h.get("drops") or {}),) if drops else ()),
             )
         )
     _print(console, table)
+
+
+def drop_counts(drops: Json) -> str:
+    """``refused=40 fence=2``: an eBPF host's drops by reason, most first; ``-`` for none."""
+    ranked = sorted(drops.items(), key=lambda kv: (-int(kv[1]), kv[0]))
+    return " ".join(f"{reason}={n}" for reason, n in ranked) or "-"
 
 
 def pools(console: Console, items: list[Json]) -> None:

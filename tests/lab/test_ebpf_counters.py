@@ -151,3 +151,9 @@ def test_the_hosts_drop_report_counts_the_refused_packets(cloud: Cloud) -> None:
     wait_for("40 more refused in h1's report",
              lambda: cloud.store.host_drops("h1").get("refused", 0) >= before + 40, timeout=30)
     assert cloud.store.host_drops("h1")["refused"] == before + 40
+    assert cloud.api.get("/v1/hosts/h1").json()["drops"]["refused"] == before + 40  # the API shows it
+    env = {**os.environ, "PORTMESH_API": str(cloud.state.api_url),
+           "PORTMESH_TOKEN_FILE": str(services.token_file(cloud.state.dir))}
+    shown = subprocess.run([PORTMESH, "hosts"], env=env, capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    assert f"refused={before + 40}" in shown.stdout, shown.stdout

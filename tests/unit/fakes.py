@@ -40,6 +40,7 @@ class FakeStore:
         self.down: set[str] = set()  # hosts auto_converge leaves alone (a dead machine)
         self.health: dict[MappingKey, dict[str, str]] = {}  # as agents report it (backend_health)
         self.counters: dict[MappingKey, MappingCounters] = {}  # as the master controller writes them
+        self.drops: dict[str, dict[str, int]] = {}  # host -> reason -> packets, as an eBPF agent reports them
 
     # --- lifecycle ---
 
@@ -243,6 +244,10 @@ class FakeStore:
     def host_status(self, host: str) -> HostStatus:
         with self._lock:
             return self._hosts.get(host, HostStatus())
+
+    def host_drops(self, host: str) -> dict[str, int]:
+        with self._lock:
+            return dict(self.drops.get(host, {}))
 
     def _report_containers(self) -> None:
         """As agents would: each container running (or exited, if stopped) unless a test set its status."""

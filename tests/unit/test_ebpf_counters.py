@@ -9,13 +9,20 @@ round neither stops the loop nor delays the next.
 from __future__ import annotations
 
 import asyncio
+import io
 import struct
 from collections.abc import Mapping as MappingABC
+
+from fastapi.testclient import TestClient
+from rich.console import Console
 
 from portmesh.agent.ebpf import counters as ecount
 from portmesh.agent.ebpf import layout, sync
 from portmesh.agent.ebpf.compile import mapping_key
+from portmesh.api.app import create_app
+from portmesh.cli import render
 from portmesh.model.entities import DesiredState, MappingCounters, MappingKey, Proto
+from tests.unit.fakes import FakeStore as ApiStore
 from tests.unit.test_ebpf_compile import IP10, IP11, STATE
 from tests.unit.test_ebpf_sync import CPUS, FakeMap, fake_maps
 
@@ -125,3 +132,28 @@ def test_the_reported_maps_are_the_datapaths_stat_maps() -> None:
 
     assert set(ecount.datapath_maps(map_of)) == {sync.STATS, sync.DENIED, "drops"} == set(asked)
     assert set(asked) <= set(layout.STAT_MAPS)
+
+
+def test_the_hosts_listing_shows_an_ebpf_hosts_drops() -> None:
+    """``GET /v1/hosts`` (and one host) carries what the agent reported; ``portmesh hosts`` prints a DROPS
+    column only when some host reports drops (an all-OVS cloud's table is unchanged)."""
+    store = ApiStore()
+    auth = {"Authorization": "Bearer t0ken-for-drops"}
+    with TestClient(create_app(store, "t0ken-for-drops", wait_timeout=2.0), headers=auth) as client:
+        for name in ("h1", "h2"):
+            assert client.post("/v1/hosts", json={"name": name}).status_code == 201
+        plain = client.get("/v1/hosts").json()
+        assert [h["drops"] for h in plain] == [{}, {}]
+        store.drops["h2"] = {"refused": 40, "fence": 2}
+        items = client.get("/v1/hosts").json()
+        assert [h["drops"] for h in items] == [{}, {"refused": 40, "fence": 2}]
+        assert client.get("/v1/hosts/h2").json()["drops"] == {"refused": 40, "fence": 2}
+
+    def shown(hosts: list[dict[str, object]]) -> str:
+        buf = io.StringIO()
+        render.hosts(Console(file=buf, width=300), hosts)
+        return buf.getvalue()
+
+    assert "DROPS" not in shown(plain)
+    table = shown(items)
+    assert "DROPS" in table and "refused=40 fence=2" in table
