@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.text import Text
 
 from portmesh.lab import faults, node, services
-from portmesh.lab.datapaths import parse_datapaths
+from portmesh.lab.datapaths import DATAPATHS, parse_datapaths
 from portmesh.lab.network import Lab
 from portmesh.lab.state import LAB_NAME_RE, LabState
 from portmesh.model.validation import NAME_RE
@@ -136,13 +136,21 @@ def down(name: NameOpt = "lab") -> None:
 
 
 @app.command("add-host")
-def add_host(name: NameOpt = "lab") -> None:
-    """Add a compute host to a running lab as a real one joins: links, OVS, `host add`, its agent (prints its name)."""
+def add_host(
+    name: NameOpt = "lab",
+    datapath: Annotated[
+        str | None, typer.Option(help="ovs or ebpf (default: the lab's, when all its hosts run the same one; else ovs)")
+    ] = None,
+) -> None:
+    """Add a compute host to a running lab as a real one joins: links, datapath, `host add`, its agent (prints its name)."""
     _need_root()
     _state(name)
+    if datapath is not None and datapath not in DATAPATHS:
+        typer.echo(f"lab add-host: --datapath {datapath!r}: expected {' or '.join(DATAPATHS)}", err=True)
+        raise typer.Exit(2)
     try:
         with progress(f"lab {name}: adding a host") as say:
-            host = Lab(name, say=say).add_host()
+            host = Lab(name, say=say).add_host(datapath)
     except Exception as exc:
         typer.echo(f"lab add-host failed: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 
 from portmesh.lab import ha, link, node, services, sysctl
-from portmesh.lab.datapaths import parse_datapaths
+from portmesh.lab.datapaths import DATAPATHS, parse_datapaths
 from portmesh.lab.ovs import OvsInstance, wait_unix_socket
 from portmesh.lab.state import LAB_NAME_RE, LabState, Process, lab_dir
 from portmesh.model.config import DEFAULT_CONFIG, NetworkConfig
@@ -347,17 +347,25 @@ class Lab:
 
     # -- hosts joining and leaving a running lab ----------------------------------
 
-    def add_host(self) -> str:
-        """A new compute host in a running lab, made as a real one joins: links, OVS, ``host add``, its agent.
+    def add_host(self, datapath: str | None = None) -> str:
+        """A new compute host in a running lab, made as a real one joins: links, its datapath, ``host add``, its agent.
 
-        Returns its name (the next free number). A failure half-way leaves what was made
-        recorded, so ``down`` (or :meth:`remove_host`) still removes it.
+        ``datapath``: ``ovs`` or ``ebpf``; by default the lab's own when all its hosts run the
+        same one, else OVS. Returns its name (the next free number). A failure half-way leaves
+        what was made recorded, so ``down`` (or :meth:`remove_host`) still removes it.
         """
         state = self.state()
         if state is None:
             raise LookupError(f"lab {self.name} is not up")
+        if datapath is None:
+            kinds = {state.datapath(h) for h in state.hosts}
+            datapath = kinds.pop() if len(kinds) == 1 else "ovs"
+        if datapath not in DATAPATHS:
+            raise ValueError(f"datapath {datapath!r}: expected {' or '.join(DATAPATHS)}")
         host = f"h{max(host_index(h) for h in state.hosts) + 1}"
         state.hosts.append(host)
+        if datapath != "ovs":
+            state.datapaths[host] = datapath
         state.save()
         self._host_links(state, host)
         self._host_datapath(state, host)
@@ -412,8 +420,17 @@ class Lab:
             state.namespaces.remove(ns)
         except Exception as exc:
             problems.append(f"remove namespace {ns}: {exc}")
+        where = str(bpf_dir(state, host))
+        if where in state.mounts:
+            try:
+                if Path(where).is_mount():
+                    node.run(["umount", where], check=True)
+                state.mounts.remove(where)
+            except Exception as exc:
+                problems.append(f"unmount {where}: {exc}")
         if not problems:
             state.hosts.remove(host)
+            state.datapaths.pop(host, None)
             if state_dir in state.agent_state_dirs:
                 state.agent_state_dirs.remove(state_dir)
             shutil.rmtree(state.dir / host, ignore_errors=True)

@@ -140,10 +140,6 @@ def test_lab_add_host_and_rm_host(lab: LabState, datapath: str, request: pytest.
 
     It joins with the lab's datapath: an eBPF lab's new host runs the eBPF datapath, not OVS.
     """
-    if datapath == "ebpf":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="portmesh/lab/network.py Lab.add_host records no datapath for the new host: "
-                                "state.datapath('h2') falls back to 'ovs', so an eBPF lab gains an OVS host"))
     env = lab_env(lab)
     r = pm("lab", "add-host", "--name", lab.name)
     assert r.returncode == 0 and r.stdout == "h2\n", r.stdout + r.stderr
