@@ -12,6 +12,7 @@ import asyncio
 import io
 import struct
 from collections.abc import Mapping as MappingABC
+from dataclasses import replace
 
 from fastapi.testclient import TestClient
 from rich.console import Console
@@ -92,6 +93,16 @@ def test_an_unchanged_report_is_not_written_again_and_a_change_is() -> None:
     maps["mapping_stats"].data[mapping_key(BALANCED)] = per_cpu((3, 300), (4, 400), (1, 100))
     assert reporter.once()
     assert store.rows["h1"][0][BALANCED] == MappingCounters(8, 800, 0, 0)
+
+
+def test_the_counted_mappings_follow_the_desired_state() -> None:
+    store = FakeStore(STATE)
+    reporter = ecount.TrafficReporter("h1", store, maps_with_traffic)
+    assert reporter.once() and set(store.rows["h1"][0]) == {BALANCED, FILTERED}
+    gone = dict(STATE.mappings)
+    del gone[FILTERED]
+    store.state = replace(STATE, generation=STATE.generation + 1, mappings=gone)
+    assert reporter.once() and set(store.rows["h1"][0]) == {BALANCED}  # a removed mapping leaves the report
 
 
 def test_a_mapping_without_entries_yet_counts_zero_and_an_unknown_host_writes_nothing() -> None:
