@@ -281,6 +281,10 @@ def test_tso_segments_never_cross_a_narrower_hop_unchecked(cloud: Cloud, request
             "1448-byte segments is redirected out of up0 (MTU 1200) unchecked; no frag-needed, no drop")))
     h1, pa = cloud.netns("h1"), cloud.netns("pa")
     node.run(["ip", "route", "flush", "cache"], netns=pa, check=True)
+    # Control: the sink answers (it serves one connection at a time; a transfer stalled by an earlier
+    # test holds it for up to its 30 s timeout), so "did not get through" below is the hop's doing.
+    control = py(cloud, "pa", BULK, INET_IP, str(SINK_PORT), "200", "40")
+    assert control["reply"] == "200", control
     node.run(["ip", "link", "set", UPLINK, "mtu", str(NARROW_MTU)], netns=h1, check=True)
     try:
         result = py(cloud, "pa", BULK, INET_IP, str(SINK_PORT), "200000", "3")
