@@ -8,6 +8,7 @@ holds 203.0.113.42 and serves UDP:
     .42:55/udp  allow A     filtered: counted; what A and B sent shows exactly in the API and the CLI
     .42:56/udp  no policy   plain: served, counted in the maps, never reported (as OVS does not count it)
     .42:57/udp  (unmapped)  refused: the host's drop report counts exactly what was sent
+    .42:58/udp  w1 + w2     balanced (w2 on h1 too): counted and reported exactly
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ SIZE = 100  # payload bytes: each datagram is a 142-byte frame (14 Ethernet + 20
 FRAME = 14 + 20 + 8 + SIZE
 FILTERED = MappingKey(IPv4Address(VIP), Proto.UDP, 55)
 PLAIN = MappingKey(IPv4Address(VIP), Proto.UDP, 56)
+ZERO = {"allowed_packets": 0, "allowed_bytes": 0, "denied_packets": 0, "denied_bytes": 0}
 
 
 class Cloud:
@@ -88,13 +90,17 @@ def cloud() -> Iterator[Cloud]:
         c = Cloud(lab, state)
         c.store.start()
         node.run(["ip", "addr", "add", f"{B}/24", "dev", "eth0"], netns=c.ns("inet"))
-        command = [sys.executable, LB, "serve", "--name", "w1", "--udp", "55", "--udp", "56", "--udp", "57"]
-        body = {"name": "w1", "host": "h1", "ips": [VIP], "ports": [], "command": command}
-        reply = c.api.post("/v1/containers", params={"wait": "true"}, json=body)
-        assert reply.status_code == 201, reply.text
-        wait_for("w1 listening", lambda: node.run(["ss", "-Hlun", "sport = :57"], netns=c.ns("w1")).stdout.strip())
+        for name, ports in (("w1", ("55", "56", "57", "58")), ("w2", ("58",))):
+            command = [sys.executable, LB, "serve", "--name", name, *(a for p in ports for a in ("--udp", p))]
+            body = {"name": name, "host": "h1", "ips": [VIP], "ports": [], "command": command}
+            reply = c.api.post("/v1/containers", params={"wait": "true"}, json=body)
+            assert reply.status_code == 201, reply.text
+            wait_for(f"{name} listening", lambda n=name: node.run(["ss", "-Hlun", "sport = :58"], netns=c.ns(n)).stdout.strip())
         c.map(55, allow=[f"{A}/32"])
         c.map(56)
+        reply = c.api.post("/v1/mappings", params={"wait": "true"},
+                           json={"public_ip": VIP, "proto": "udp", "port": 58, "backends": ["w1", "w2"]})
+        assert reply.status_code == 201, reply.text
         try:
             yield c
         finally:
@@ -133,8 +139,20 @@ def test_the_api_and_map_inspect_show_exactly_what_was_sent(cloud: Cloud) -> Non
             m.close()
     reported = cloud.store.host_counters("h1")
     assert reported[str(FILTERED)] == MappingCounters(**want) and str(PLAIN) not in reported, reported
-    assert cloud.api.get(f"/v1/mappings/{VIP}/udp/56").json().get("counters") == {
-        "allowed_packets": 0, "allowed_bytes": 0, "denied_packets": 0, "denied_bytes": 0}
+    assert cloud.api.get(f"/v1/mappings/{VIP}/udp/56").json().get("counters") == ZERO
+
+
+def test_a_balanced_mappings_counters_reach_the_api_exactly(cloud: Cloud) -> None:
+    assert cloud.api.get(f"/v1/mappings/{VIP}/udp/58").json().get("counters") == ZERO  # nothing sent yet
+    sent = cloud.stream(A, 58, 200)
+    assert sent["answered"] == 200, sent
+    want = {**ZERO, "allowed_packets": 200, "allowed_bytes": 200 * FRAME}
+
+    def counted() -> dict[str, int] | None:
+        got: dict[str, int] = cloud.api.get(f"/v1/mappings/{VIP}/udp/58").json().get("counters") or {}
+        return got if got.get("allowed_packets", 0) >= 200 else None
+
+    assert wait_for("the balanced mapping's counters in the API", counted, timeout=30) == want
 
 
 def test_the_hosts_drop_report_counts_the_refused_packets(cloud: Cloud) -> None:
