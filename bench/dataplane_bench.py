@@ -15,6 +15,9 @@ Paths:
                mapped by conntrack DNAT flows (ct(nat)), as an OVN load balancer does;
   portmesh     the product: ``python -m portmesh.lab up``, ``portmesh run``, traffic
                from the lab's inet namespace to the container's public IP, no NAT.
+  portmesh_ebpf  the same on a lab whose host runs the eBPF datapath (``lab up --datapath
+               ebpf``; bench/dataplane_ebpf.py); ``targets`` in the JSON: eBPF and OVS
+               against bridge_dnat and direct.
   portmesh_open  the same product with its host isolation taken away after set-up
                (agent stopped, nftables tables ``portmesh`` deleted in the host
                namespace): the "before" of issue 11, to price the isolation.
@@ -24,6 +27,7 @@ Paths:
                a container on the gateway host and on a compute host, throughput and RTT,
                always built and measured together; ``cross_host`` in the JSON holds the
                cross/same ratios (target >= 0.8). Not in the default set.
+  mh_ebpf_*    the same four on a 3-host eBPF lab (``--paths multihost_ebpf``).
   lb_*         load balancing (``--paths balancing``; bench/dataplane_balancing.py): one
                one-host lab, new connections/s and RTT through a mapping of 3 backends
                (lb_three) next to a plain one-backend mapping (lb_single), rounds
@@ -70,11 +74,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TOOLS = HERE / "dataplane_tools.py"
 MH_PATHS = ("mh_c2c_same", "mh_c2c_cross", "mh_inet_gw", "mh_inet_compute")  # bench/dataplane_multihost.py
+MH_EBPF_PATHS = tuple(p.replace("mh_", "mh_ebpf_", 1) for p in MH_PATHS)  # the same on eBPF hosts (dataplane_ebpf.py)
 LB_PATHS = ("lb_single", "lb_three")  # bench/dataplane_balancing.py
-PATHS = ("direct", "bridge_dnat", "ovs_ctnat", "portmesh", "portmesh_open", *MH_PATHS, *LB_PATHS)
-DEFAULT_PATHS = PATHS[:4]
-ALIASES = {"multihost": MH_PATHS, "balancing": LB_PATHS}
-GROUPED = (MH_PATHS, LB_PATHS)  # paths that share one lab and are compared with each other: always one group
+PATHS = ("direct", "bridge_dnat", "ovs_ctnat", "portmesh", "portmesh_ebpf", "portmesh_open", *MH_PATHS, *MH_EBPF_PATHS, *LB_PATHS)
+DEFAULT_PATHS = PATHS[:5]
+ALIASES = {"multihost": MH_PATHS, "multihost_ebpf": MH_EBPF_PATHS, "balancing": LB_PATHS}
+GROUPED = (MH_PATHS, MH_EBPF_PATHS, LB_PATHS)  # paths that share one lab and are compared with each other: one group
 RMEM_SYSCTL = Path("/proc/sys/net/core/rmem_default")
 
 CLIENT_IP = "198.51.100.2"
@@ -577,33 +582,21 @@ class Bench:
 
         return PortmeshOpenPath(self).setup()
 
-    def _multihost(self, path: str) -> Target:
-        from dataplane_multihost import shared
+    def path(self, name: str) -> Target:
+        """Build path ``name``: a ``path_<name>`` method here, or a module of its own for the product's lab paths."""
+        if name in MH_PATHS or name in MH_EBPF_PATHS:
+            from dataplane_multihost import shared
 
-        return shared(self).target(path)
+            return shared(self, ebpf=name in MH_EBPF_PATHS).target(name)
+        if name in LB_PATHS:
+            from dataplane_balancing import shared as balancing_lab
 
-    def path_mh_c2c_same(self) -> Target:
-        return self._multihost("mh_c2c_same")
+            return balancing_lab(self).target(name)
+        if name == "portmesh_ebpf":
+            from dataplane_ebpf import EbpfPath
 
-    def path_mh_c2c_cross(self) -> Target:
-        return self._multihost("mh_c2c_cross")
-
-    def path_mh_inet_gw(self) -> Target:
-        return self._multihost("mh_inet_gw")
-
-    def path_mh_inet_compute(self) -> Target:
-        return self._multihost("mh_inet_compute")
-
-    def _balancing(self, path: str) -> Target:
-        from dataplane_balancing import shared
-
-        return shared(self).target(path)
-
-    def path_lb_single(self) -> Target:
-        return self._balancing("lb_single")
-
-    def path_lb_three(self) -> Target:
-        return self._balancing("lb_three")
+            return EbpfPath(self).setup()
+        return getattr(self, f"path_{name}")()  # type: ignore[no-any-return]
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -697,7 +690,7 @@ def run_group(bench: Bench, paths: list[str]) -> dict[str, dict[str, Any]]:
     for path in paths:
         log(f"setting up {path}")
         try:
-            targets[path] = getattr(bench, f"path_{path}")()
+            targets[path] = bench.path(path)
         except BenchError as e:
             log(f"{path}: unavailable: {e}")
             results[path] = {"status": "unavailable", "reason": str(e)}
@@ -734,7 +727,7 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """``"x/y"`` → metric ratio for every measured pair (x after y in PATHS), direct as the base first."""
     # The multihost paths have their own comparison (cross_host): other clients, other MTU.
     # So have the load-balanced ones (balancing): another lab, no throughput.
-    ok = [p for p in PATHS if p in results and "status" not in results[p] and p not in (*MH_PATHS, *LB_PATHS)]
+    ok = [p for p in PATHS if p in results and "status" not in results[p] and p not in (*MH_PATHS, *MH_EBPF_PATHS, *LB_PATHS)]
     out: dict[str, dict[str, float]] = {}
     for base, other in itertools.combinations(ok, 2):
         r: dict[str, float] = {}
@@ -772,7 +765,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--paths",
         default=",".join(DEFAULT_PATHS),
-        help=f"comma-separated subset of {','.join(PATHS)}; 'multihost' = every mh_* path, 'balancing' = lb_*",
+        help=f"comma-separated subset of {','.join(PATHS)}; 'multihost' = mh_* on OVS, 'multihost_ebpf' = on eBPF, "
+        "'balancing' = lb_*",
     )
     p.add_argument("--prefix", default="pmb-", help="namespace prefix; the PID is appended (default pmb-)")
     p.add_argument("--rounds", type=int, default=3, help="measure every path this many times; medians")
@@ -873,11 +867,15 @@ def main(argv: list[str] | None = None) -> int:
     rat = ratios(results)
     print_table(results, rat)
     cross: dict[str, Any] = {}
-    if any(p in results for p in MH_PATHS):
+    if any(p in results for p in (*MH_PATHS, *MH_EBPF_PATHS)):
         from dataplane_multihost import cross_host, print_cross_host
 
-        cross = cross_host(results)
+        cross = {**cross_host(results), **cross_host(results, ebpf=True)}
         print_cross_host(cross)
+    from dataplane_ebpf import print_targets, targets
+
+    goals = targets(results)
+    print_targets(goals)
     lb: dict[str, Any] = {}
     if any(p in results for p in LB_PATHS):
         from dataplane_balancing import balancing, print_balancing
@@ -891,6 +889,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": rat,
         **({"cross_host": cross} if cross else {}),
         **({"balancing": lb} if lb else {}),
+        **({"targets": goals} if goals else {}),
         "rmem_default": bench.rmem_used,
         "seconds": round(time.monotonic() - t0, 1),
         "loadavg_1m": {"before": load_before, "after": round(os.getloadavg()[0], 2)},

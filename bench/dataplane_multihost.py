@@ -72,7 +72,8 @@ class MultiHostLab(PortmeshPath):
         self.bench.cleanup_hooks.append(self.lab_down)
         t0 = time.monotonic()
         p = self._py(
-            ["-m", "portmesh.lab", "up", "--name", self.lab, "--hosts", str(len(HOSTS)), *self.rmem_flag()],
+            ["-m", "portmesh.lab", "up", "--name", self.lab, "--hosts", str(len(HOSTS)), *self.rmem_flag(),
+             *self.datapath_flags()],
             timeout=self.bench.args.lab_timeout * 3,
             check=False,
         )
@@ -154,7 +155,7 @@ class MultiHostLab(PortmeshPath):
     def target(self, path: str) -> Target:
         if not self.up_done:
             self.setup_all()
-        client, host = ROUTES[path]
+        client, host = ROUTES[path.replace("mh_ebpf_", "mh_", 1)]
         ns = self.prefix + "inet" if client == "inet" else self.container_ns(client)
         mtu = int(self.mtu) if self.mtu.isdigit() else None
 
@@ -191,20 +192,30 @@ class MultiHostLab(PortmeshPath):
         return out
 
 
-def shared(bench: Bench) -> MultiHostLab:
-    """The run's one multihost lab (made on first use; forgotten when the group's resources are released)."""
-    lab: MultiHostLab | None = getattr(bench, "multihost", None)
+def shared(bench: Bench, ebpf: bool = False) -> MultiHostLab:
+    """The run's one multihost lab per datapath (made on first use; forgotten when the group's resources are released)."""
+    attr = "multihost_ebpf" if ebpf else "multihost"
+    lab: MultiHostLab | None = getattr(bench, attr, None)
     if lab is None:
-        lab = MultiHostLab(bench)
-        bench.multihost = lab  # type: ignore[attr-defined]
-        bench.cleanup_hooks.append(lambda: setattr(bench, "multihost", None))
+        if ebpf:
+            from dataplane_ebpf import EbpfMultiHostLab
+
+            lab = EbpfMultiHostLab(bench)
+        else:
+            lab = MultiHostLab(bench)
+        setattr(bench, attr, lab)
+        bench.cleanup_hooks.append(lambda: setattr(bench, attr, None))
     return lab
 
 
-def cross_host(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Cross-host / same-host ratios (throughput: higher is better; RTT given as same/cross so higher is better too)."""
+def cross_host(results: dict[str, dict[str, Any]], ebpf: bool = False) -> dict[str, Any]:
+    """Cross-host / same-host ratios (throughput: higher is better; RTT given as same/cross so higher is better too).
+
+    ``ebpf``: of the mh_ebpf_* paths, keyed ``ebpf_c2c`` / ``ebpf_inet``."""
     out: dict[str, Any] = {}
     for key, (cross, same) in CROSS_PAIRS.items():
+        if ebpf:
+            key, cross, same = f"ebpf_{key}", cross.replace("mh_", "mh_ebpf_", 1), same.replace("mh_", "mh_ebpf_", 1)
         c, s = results.get(cross, {}), results.get(same, {})
         if "gbps" not in c or "gbps" not in s or not s["gbps"] or not c.get("rtt_ms_p50"):
             continue

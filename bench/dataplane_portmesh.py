@@ -72,7 +72,8 @@ class PortmeshPath:
         self.bench.cleanup_hooks.append(self.lab_down)
         t0 = time.monotonic()
         p = self._py(
-            ["-m", "portmesh.lab", "up", "--name", self.lab, *self.rmem_flag()], timeout=self.bench.args.lab_timeout, check=False
+            ["-m", "portmesh.lab", "up", "--name", self.lab, *self.rmem_flag(), *self.datapath_flags()],
+            timeout=self.bench.args.lab_timeout, check=False
         )
         if p.returncode != 0:
             raise BenchError(f"lab up failed (rc {p.returncode}): {(p.stderr or p.stdout).strip()[-400:]}")
@@ -91,6 +92,10 @@ class PortmeshPath:
     def rmem_flag(self) -> list[str]:
         """The bench owns net.core.rmem_default (it reports the value); the lab must leave it alone."""
         return ["--no-tune-rmem"] if "--no-tune-rmem" in self.up_help else []
+
+    def datapath_flags(self) -> list[str]:
+        """``lab up`` flags choosing what forwards on the hosts: the default (OVS) here; eBPF in dataplane_ebpf.py."""
+        return []
 
     def lab_down(self) -> None:
         p = self._py(["-m", "portmesh.lab", "down", "--name", self.lab], timeout=60, check=False)

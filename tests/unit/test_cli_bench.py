@@ -52,8 +52,28 @@ def test_dataplane_multihost_alias_names_the_four_cross_host_paths() -> None:
     args = bench.parse_args(["--paths", "portmesh,multihost"])
     assert args.paths == ["portmesh", *multihost.MH_PATHS]
     assert tuple(bench.MH_PATHS) == multihost.MH_PATHS
-    # Each of them is a path the benchmark can build (a path_<name> method).
-    assert all(callable(getattr(bench.Bench, f"path_{p}", None)) for p in multihost.MH_PATHS)
+    # Each of them is a path the benchmark can build (Bench.path dispatches them to dataplane_multihost).
+    assert set(multihost.MH_PATHS) <= set(bench.PATHS)
+
+
+def test_dataplane_ebpf_paths_and_targets() -> None:
+    bench, _multihost = _dataplane_modules()
+    import dataplane_ebpf
+
+    assert bench.DEFAULT_PATHS == ("direct", "bridge_dnat", "ovs_ctnat", "portmesh", "portmesh_ebpf")
+    args = bench.parse_args(["--paths", "multihost_ebpf"])
+    assert args.paths == ["mh_ebpf_c2c_same", "mh_ebpf_c2c_cross", "mh_ebpf_inet_gw", "mh_ebpf_inet_compute"]
+    results: dict[str, dict[str, Any]] = {
+        "direct": {"gbps": 10.0, "conn_per_s": 1000.0, "rtt_ms_p50": 0.10},
+        "bridge_dnat": {"gbps": 8.0, "conn_per_s": 800.0, "rtt_ms_p50": 0.10},
+        "portmesh": {"gbps": 6.0, "conn_per_s": 700.0, "rtt_ms_p50": 0.20},
+        "portmesh_ebpf": {"gbps": 9.5, "conn_per_s": 850.0, "rtt_ms_p50": 0.10},
+    }
+    goals = dataplane_ebpf.targets(results)
+    assert goals["portmesh_ebpf/bridge_dnat"]["gbps"] == {"ratio": 1.188, "met": True}
+    assert goals["portmesh_ebpf/direct"]["conn_per_s"] == {"ratio": 0.85, "met": False}
+    assert goals["portmesh/bridge_dnat"]["rtt_ms_p50"] == {"ratio": 0.5, "met": False}
+    assert "portmesh_ebpf/bridge_dnat" in bench.ratios(results)
 
 
 def test_dataplane_cross_host_ratios() -> None:
