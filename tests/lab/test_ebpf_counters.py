@@ -9,6 +9,9 @@ holds 203.0.113.42 and serves UDP:
     .42:56/udp  no policy   plain: served, counted in the maps, never reported (as OVS does not count it)
     .42:57/udp  (unmapped)  refused: the host's drop report counts exactly what was sent
     .42:58/udp  w1 + w2     balanced (w2 on h1 too): counted and reported exactly
+
+And a mixed 2-host lab (h1 OVS gateway, h2 eBPF): what enters at h1 (the master's OVS count) and
+what a container on h2 sends to the public address (h2's report) add up exactly in the API.
 """
 
 from __future__ import annotations
@@ -175,3 +178,55 @@ def test_the_hosts_drop_report_counts_the_refused_packets(cloud: Cloud) -> None:
     shown = subprocess.run([PORTMESH, "hosts"], env=env, capture_output=True, text=True, timeout=30)
     assert shown.returncode == 0, shown.stderr
     assert f"refused={before + 40}" in shown.stdout, shown.stdout
+
+
+@pytest.fixture(scope="module")
+def mixed() -> Iterator[Cloud]:
+    """h1 (the gateway) on OVS, h2 on eBPF: w1, w2 on h1 behind .42:58/udp; client c2 on h2 (.43)."""
+    if shutil.which("ovs-vswitchd") is None:
+        pytest.skip("openvswitch-switch is not installed")
+    lab = Lab(f"ecm{os.getpid() % 10000}", say=lambda _msg: None)
+    try:
+        state = lab.up(hosts=2, tune_rmem=False, datapath="h2=ebpf")
+        assert state.api_url, "the lab came up without an API"
+        c = Cloud(lab, state)
+        c.store.start()
+        for name, host, ip in (("w1", "h1", VIP), ("w2", "h1", VIP), ("c2", "h2", "203.0.113.43")):
+            command = [sys.executable, LB, "serve", "--name", name, "--udp", "58"]
+            body = {"name": name, "host": host, "ips": [ip], "ports": [], "command": command}
+            reply = c.api.post("/v1/containers", params={"wait": "true"}, json=body)
+            assert reply.status_code == 201, reply.text
+            wait_for(f"{name} listening", lambda n=name: node.run(["ss", "-Hlun", "sport = :58"], netns=c.ns(n)).stdout.strip())
+        reply = c.api.post("/v1/mappings", params={"wait": "true"},
+                           json={"public_ip": VIP, "proto": "udp", "port": 58, "backends": ["w1", "w2"]})
+        assert reply.status_code == 201, reply.text
+        try:
+            yield c
+        finally:
+            c.store.close()
+    finally:
+        keep_logs(lab)
+        lab.down()
+
+
+def test_a_mixed_cloud_shows_the_switches_and_the_ebpf_hosts_counts_summed(mixed: Cloud) -> None:
+    """200 datagrams enter at h1 (OVS: the master counts them from the switch), 100 at h2 (eBPF: c2 to
+    the public address, counted by h2's program, then tunnelled to h1 and not counted again)."""
+    from_inet = mixed.stream(A, 58, 200)
+    assert from_inet["answered"] == 200, from_inet
+    args = ("udp-stream", "--host", VIP, "--port", "58", "--count", "100", "--every", "0.001",
+            "--size", str(SIZE), "--wait", "1")
+    out = node.run([sys.executable, LB, *args], netns=mixed.ns("c2"), check=True, timeout=60).stdout
+    from_c2 = json.loads(out)
+    assert from_c2["answered"] == 100, from_c2
+    key = MappingKey(IPv4Address(VIP), Proto.UDP, 58)
+    want = {**ZERO, "allowed_packets": 300, "allowed_bytes": 300 * FRAME}
+
+    def counted() -> dict[str, int] | None:
+        got: dict[str, int] = mixed.api.get(f"/v1/mappings/{VIP}/udp/58").json().get("counters") or {}
+        return got if got.get("allowed_packets", 0) >= 300 else None
+
+    counters = wait_for("both halves in the API", counted, timeout=30)
+    print(f"mixed cloud: API {counters}; h2's report {mixed.store.host_counters('h2').get(str(key))}")
+    assert counters == want
+    assert mixed.store.host_counters("h2")[str(key)] == MappingCounters(100, 100 * FRAME, 0, 0)  # h2's half
