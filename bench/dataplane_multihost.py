@@ -263,8 +263,12 @@ def print_cross_host(summary: dict[str, Any]) -> None:
         print(
             f"cross-host {key}: {r['gbps_cross']:.2f} vs {r['gbps_same']:.2f} Gbit/s same-host = x{r['gbps_ratio']:.3f} "
             f"(target >= {r['target']}: {'met' if r['throughput_meets_target'] else 'NOT met'}); "
-            f"rtt p50 {r['rtt_ms_p50_cross']:.3f} vs {r['rtt_ms_p50_same']:.3f} ms; "
-            f"switch CPU {r.get('switch_cpu_ms_per_gb_cross')} vs {r.get('switch_cpu_ms_per_gb_same')} ms/GB"
+            f"rtt p50 {r['rtt_ms_p50_cross']:.3f} vs {r['rtt_ms_p50_same']:.3f} ms"
+            + (
+                f"; switch CPU {r['switch_cpu_ms_per_gb_cross']} vs {r['switch_cpu_ms_per_gb_same']} ms/GB"
+                if r.get("switch_cpu_ms_per_gb_cross") is not None  # none on eBPF: no switch process
+                else ""
+            )
             + (
                 f" (busiest switch {r['busiest_switch_ms_per_gb_cross']} vs {r['busiest_switch_ms_per_gb_same']}: "
                 f"x{r['projected_ratio_own_cpus_per_host']} projected with CPUs of its own per host)"
