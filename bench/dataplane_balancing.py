@@ -79,9 +79,9 @@ class BalancingLab(PortmeshPath):
 
         def extra() -> dict[str, Any]:
             cores = (self.control_cpu_seconds() - cpu0) / max(time.monotonic() - t0, 1e-6)
-            return {"backends": 3 if path == "lb_three" else 1, "control_plane_cpu_cores": round(cores, 2)}
+            return {"backends": 3 if path.endswith("_three") else 1, "control_plane_cpu_cores": round(cores, 2)}
 
-        host = VIP if path == "lb_three" else SINGLE_IP
+        host = VIP if path.endswith("_three") else SINGLE_IP
         return Target(inet, host, HTTP_PORT, 0, extra=extra, iperf=False, switch_work=self.switch_work)
 
     def switch_work(self) -> dict[str, float]:
@@ -102,17 +102,25 @@ class BalancingLab(PortmeshPath):
         return out
 
 
-def shared(bench: Bench) -> BalancingLab:
-    lab: BalancingLab | None = getattr(bench, "balancing", None)
+def shared(bench: Bench, ebpf: bool = False) -> BalancingLab:
+    """The run's one balancing lab per datapath (lb_ebpf_*: dataplane_ebpf.EbpfBalancingLab)."""
+    attr = "balancing_ebpf" if ebpf else "balancing"
+    lab: BalancingLab | None = getattr(bench, attr, None)
     if lab is None:
-        lab = BalancingLab(bench)
-        bench.balancing = lab  # type: ignore[attr-defined]
-        bench.cleanup_hooks.append(lambda: setattr(bench, "balancing", None))
+        if ebpf:
+            from dataplane_ebpf import EbpfBalancingLab
+
+            lab = EbpfBalancingLab(bench)
+        else:
+            lab = BalancingLab(bench)
+        setattr(bench, attr, lab)
+        bench.cleanup_hooks.append(lambda: setattr(bench, attr, None))
     return lab
 
 
-def balancing(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    one, three = results.get("lb_single", {}), results.get("lb_three", {})
+def balancing(results: dict[str, dict[str, Any]], prefix: str = "lb_") -> dict[str, Any]:
+    """lb_three / lb_single (``prefix`` "lb_ebpf_": the same on eBPF)."""
+    one, three = results.get(f"{prefix}single", {}), results.get(f"{prefix}three", {})
     if not one.get("conn_per_s") or "conn_per_s" not in three:
         return {}
     ratio = three["conn_per_s"] / one["conn_per_s"]
@@ -140,10 +148,10 @@ def balancing(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def print_balancing(summary: dict[str, Any]) -> None:
+def print_balancing(summary: dict[str, Any], label: str = "balancing") -> None:
     if summary:
         print(
-            f"balancing: {summary['conn_per_s_three']:.0f} conn/s through 3 backends vs {summary['conn_per_s_single']:.0f} "
+            f"{label}: {summary['conn_per_s_three']:.0f} conn/s through 3 backends vs {summary['conn_per_s_single']:.0f} "
             f"through one = x{summary['conn_ratio']:.3f}, rounds {summary['conn_ratio_per_round']} "
             f"(target >= {summary['target']}: "
             f"{'met' if summary['meets_target'] else 'NOT met'}); rtt p50 {summary['rtt_ms_p50_three']} vs "

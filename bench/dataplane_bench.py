@@ -76,10 +76,11 @@ TOOLS = HERE / "dataplane_tools.py"
 MH_PATHS = ("mh_c2c_same", "mh_c2c_cross", "mh_inet_gw", "mh_inet_compute")  # bench/dataplane_multihost.py
 MH_EBPF_PATHS = tuple(p.replace("mh_", "mh_ebpf_", 1) for p in MH_PATHS)  # the same on eBPF hosts (dataplane_ebpf.py)
 LB_PATHS = ("lb_single", "lb_three")  # bench/dataplane_balancing.py
-PATHS = ("direct", "bridge_dnat", "ovs_ctnat", "portmesh", "portmesh_ebpf", "portmesh_open", *MH_PATHS, *MH_EBPF_PATHS, *LB_PATHS)
+LB_EBPF_PATHS = ("lb_ebpf_single", "lb_ebpf_three")  # the same on eBPF (dataplane_ebpf.py)
+GROUPED = (MH_PATHS, MH_EBPF_PATHS, LB_PATHS, LB_EBPF_PATHS)  # share one lab, compared with each other: one group
+PATHS = ("direct", "bridge_dnat", "ovs_ctnat", "portmesh", "portmesh_ebpf", "portmesh_open", *sum(GROUPED, ()))
 DEFAULT_PATHS = PATHS[:5]
-ALIASES = {"multihost": MH_PATHS, "multihost_ebpf": MH_EBPF_PATHS, "balancing": LB_PATHS}
-GROUPED = (MH_PATHS, MH_EBPF_PATHS, LB_PATHS)  # paths that share one lab and are compared with each other: one group
+ALIASES = {"multihost": MH_PATHS, "multihost_ebpf": MH_EBPF_PATHS, "balancing": LB_PATHS, "balancing_ebpf": LB_EBPF_PATHS}
 RMEM_SYSCTL = Path("/proc/sys/net/core/rmem_default")
 
 CLIENT_IP = "198.51.100.2"
@@ -588,10 +589,10 @@ class Bench:
             from dataplane_multihost import shared
 
             return shared(self, ebpf=name in MH_EBPF_PATHS).target(name)
-        if name in LB_PATHS:
+        if name in LB_PATHS or name in LB_EBPF_PATHS:
             from dataplane_balancing import shared as balancing_lab
 
-            return balancing_lab(self).target(name)
+            return balancing_lab(self, ebpf=name in LB_EBPF_PATHS).target(name)
         if name == "portmesh_ebpf":
             from dataplane_ebpf import EbpfPath
 
@@ -727,7 +728,7 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """``"x/y"`` → metric ratio for every measured pair (x after y in PATHS), direct as the base first."""
     # The multihost paths have their own comparison (cross_host): other clients, other MTU.
     # So have the load-balanced ones (balancing): another lab, no throughput.
-    ok = [p for p in PATHS if p in results and "status" not in results[p] and p not in (*MH_PATHS, *MH_EBPF_PATHS, *LB_PATHS)]
+    ok = [p for p in PATHS if p in results and "status" not in results[p] and not any(p in g for g in GROUPED)]
     out: dict[str, dict[str, float]] = {}
     for base, other in itertools.combinations(ok, 2):
         r: dict[str, float] = {}
@@ -766,7 +767,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--paths",
         default=",".join(DEFAULT_PATHS),
         help=f"comma-separated subset of {','.join(PATHS)}; 'multihost' = mh_* on OVS, 'multihost_ebpf' = on eBPF, "
-        "'balancing' = lb_*",
+        "'balancing' / 'balancing_ebpf' = lb_* on OVS / eBPF",
     )
     p.add_argument("--prefix", default="pmb-", help="namespace prefix; the PID is appended (default pmb-)")
     p.add_argument("--rounds", type=int, default=3, help="measure every path this many times; medians")
@@ -877,11 +878,13 @@ def main(argv: list[str] | None = None) -> int:
     goals = targets(results)
     print_targets(goals)
     lb: dict[str, Any] = {}
-    if any(p in results for p in LB_PATHS):
+    lb_ebpf: dict[str, Any] = {}
+    if any(p in results for p in (*LB_PATHS, *LB_EBPF_PATHS)):
         from dataplane_balancing import balancing, print_balancing
 
-        lb = balancing(results)
+        lb, lb_ebpf = balancing(results), balancing(results, "lb_ebpf_")
         print_balancing(lb)
+        print_balancing(lb_ebpf, "balancing on eBPF")
     for note in bench.notes:
         print(f"note: {note}")
     summary: dict[str, Any] = {
@@ -889,6 +892,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": rat,
         **({"cross_host": cross} if cross else {}),
         **({"balancing": lb} if lb else {}),
+        **({"balancing_ebpf": lb_ebpf} if lb_ebpf else {}),
         **({"targets": goals} if goals else {}),
         "rmem_default": bench.rmem_used,
         "seconds": round(time.monotonic() - t0, 1),

@@ -12,6 +12,10 @@ side in one JSON (``--paths multihost,multihost_ebpf``: each group still builds,
 and tears down its own lab before the next). No per-GB switch CPU on eBPF: the programs run
 in softirq, charged to whichever process they interrupt, so there is no switch process to read.
 
+``lb_ebpf_single`` / ``lb_ebpf_three`` are the lb_* paths (bench/dataplane_balancing.py) on
+a one-host eBPF lab (``--paths balancing_ebpf``; ``balancing_ebpf`` in the JSON), lab
+``<lab-name>be``: the eBPF datapath balances since issue 15's eBPF half landed.
+
 ``targets`` (issue 14): the product against the two baselines of the same run, medians:
 eBPF >= 1.0x bridge_dnat and >= 0.9x direct, OVS >= 0.85x bridge_dnat, for throughput and
 new connections per second (higher is better) and RTT p50 (given as base/path, so higher
@@ -23,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from dataplane_balancing import BalancingLab
 from dataplane_bench import Target
 from dataplane_multihost import MultiHostLab
 from dataplane_portmesh import PortmeshPath
@@ -65,6 +70,21 @@ class EbpfMultiHostLab(MultiHostLab):
     def target(self, path: str) -> Target:
         # No ovs-vswitchd to read CPU from: leave the per-GB figure out rather than report 0.
         return dataclasses.replace(super().target(path), cpu_seconds=None)
+
+
+class EbpfBalancingLab(BalancingLab):
+    """The lb_* lab (3 backends behind one mapping, and a plain one) on an eBPF host: lb_ebpf_*."""
+
+    def __init__(self, bench: Bench) -> None:
+        super().__init__(bench)
+        self.lab = f"{bench.args.lab_name}be"
+
+    def datapath_flags(self) -> list[str]:
+        return EBPF
+
+    def target(self, path: str) -> Target:
+        # Upcalls and switch CPU are ovs-vswitchd's; an eBPF host has neither.
+        return dataclasses.replace(super().target(path), switch_work=None)
 
 
 def targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:

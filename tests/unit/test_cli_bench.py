@@ -104,3 +104,20 @@ def test_dataplane_cross_host_projection_uses_the_busiest_switch() -> None:
     bare = {"mh_c2c_same": {"gbps": 6.0, "rtt_ms_p50": 0.15}, "mh_c2c_cross": {"gbps": 4.0, "rtt_ms_p50": 0.3}}
     plain = multihost.cross_host(bare)
     assert "projected_ratio_own_cpus_per_host" not in plain["c2c"]
+
+
+def test_dataplane_balancing_on_ebpf_is_its_own_group() -> None:
+    bench, _multihost = _dataplane_modules()
+    import dataplane_balancing
+
+    args = bench.parse_args(["--paths", "balancing,balancing_ebpf"])
+    assert args.paths == ["lb_single", "lb_three", "lb_ebpf_single", "lb_ebpf_three"]
+    results: dict[str, dict[str, Any]] = {
+        "lb_single": {"conn_per_s": 1000.0},
+        "lb_three": {"conn_per_s": 500.0},
+        "lb_ebpf_single": {"conn_per_s": 2000.0},
+        "lb_ebpf_three": {"conn_per_s": 1900.0},
+    }
+    assert dataplane_balancing.balancing(results)["conn_ratio"] == 0.5
+    assert dataplane_balancing.balancing(results, "lb_ebpf_")["conn_ratio"] == 0.95
+    assert bench.ratios(results) == {}
