@@ -274,11 +274,6 @@ def test_tso_segments_never_cross_a_narrower_hop_unchecked(cloud: Cloud, request
     h1's kernel checks each GSO packet's segment size, sends frag-needed) or the bytes do not get
     through -- 1448-byte segments arriving across a 1200-byte link without pa learning anything
     would be a black hole on a real link (a NIC cuts at the segment size the hop cannot carry)."""
-    if cloud.datapath == "ebpf":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "eBPF datapath bug, portmesh/agent/ebpf/route.h:35-40: bpf_fib_lookup with tot_len 0 runs "
-            "is_skb_forwardable(), which passes every GSO skb whatever its gso_size, so a TSO packet of "
-            "1448-byte segments is redirected out of up0 (MTU 1200) unchecked; no frag-needed, no drop")))
     h1, pa = cloud.netns("h1"), cloud.netns("pa")
     node.run(["ip", "route", "flush", "cache"], netns=pa, check=True)
     # Control: the sink answers (it serves one connection at a time; a transfer stalled by an earlier

@@ -16,6 +16,26 @@ static __always_inline void decrease_ttl(struct __sk_buff *skb)
     ip->ttl--;
 }
 
+/* True unless ``skb`` is a GSO packet whose segments (gso_size plus the IP and TCP/UDP headers) are
+ * larger than ``mtu``, the MTU of the device the fib lookup chose. */
+static __always_inline int segment_fits(struct __sk_buff *skb, struct pkt *p, __u32 mtu)
+{
+    __u32 headers = p->ip->ihl * 4;
+
+    if (!skb->gso_size || !mtu)
+        return 1;
+    if (p->ip->protocol == IPPROTO_TCP) {
+        struct tcphdr *tcp = p->l4;
+
+        if ((void *)(tcp + 1) > (void *)(long)skb->data_end)
+            return 0;
+        headers += tcp->doff * 4;
+    } else {
+        headers += sizeof(struct udphdr);
+    }
+    return skb->gso_size + headers <= mtu;
+}
+
 /* A gateway host sends a container's frame out by its own routing; a local destination (the host
  * itself) is fenced: containers never reach the host's sockets. */
 static __always_inline int route_out(struct __sk_buff *skb, struct pkt *p)
@@ -32,8 +52,9 @@ static __always_inline int route_out(struct __sk_buff *skb, struct pkt *p)
     fib.l4_protocol = p->ip->protocol;
     fib.sport = p->sport;
     fib.dport = p->dport;
-    /* tot_len stays 0: the helper then checks the skb against the MTU itself, GSO-aware. Given the
-     * IP length, a 64 KB TSO packet from a container would be FRAG_NEEDED and bulk uploads stall. */
+    /* tot_len stays 0: given the IP length, a 64 KB TSO packet from a container would be FRAG_NEEDED
+     * and bulk uploads stall. The helper then checks only a non-GSO skb against the MTU (it passes
+     * every GSO skb whatever its segment size): segment_fits() checks those. */
     fib.ipv4_src = p->ip->saddr;
     fib.ipv4_dst = p->ip->daddr;
     fib.ifindex = skb->ifindex;
@@ -46,6 +67,10 @@ static __always_inline int route_out(struct __sk_buff *skb, struct pkt *p)
         return count_drop(skb, PM_DROP_NO_ROUTE);
     if (fib.ifindex == skb->ifindex)
         return count_drop(skb, PM_DROP_NO_ROUTE); /* never back into the port it came from */
+    /* A TSO packet whose segments the next hop cannot carry: dropped and counted, as FRAG_NEEDED is
+     * (no ICMP from here yet); never sent on to be cut where the container learns nothing. */
+    if (rc == BPF_FIB_LKUP_RET_SUCCESS && !segment_fits(skb, p, fib.mtu_result))
+        return count_drop(skb, PM_DROP_NO_ROUTE);
     decrease_ttl(skb);
     if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
         return bpf_redirect_neigh(fib.ifindex, 0, 0, 0); /* the kernel resolves the next hop */
