@@ -885,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         lb, lb_ebpf = balancing(results), balancing(results, "lb_ebpf_")
         print_balancing(lb)
         print_balancing(lb_ebpf, "balancing on eBPF")
-    for note in bench.notes:
+    for note in dict.fromkeys(bench.notes):  # once each (both portmesh paths note the MTU)
         print(f"note: {note}")
     summary: dict[str, Any] = {
         **results,
