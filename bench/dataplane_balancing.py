@@ -155,7 +155,12 @@ def print_balancing(summary: dict[str, Any], label: str = "balancing") -> None:
             f"through one = x{summary['conn_ratio']:.3f}, rounds {summary['conn_ratio_per_round']} "
             f"(target >= {summary['target']}: "
             f"{'met' if summary['meets_target'] else 'NOT met'}); rtt p50 {summary['rtt_ms_p50_three']} vs "
-            f"{summary['rtt_ms_p50_single']} ms; per connection h1's switch: "
-            f"{summary['upcalls_per_conn_three']} vs {summary['upcalls_per_conn_single']} upcalls, "
-            f"{summary['switch_cpu_us_per_conn_three']} vs {summary['switch_cpu_us_per_conn_single']} us CPU"
+            f"{summary['rtt_ms_p50_single']} ms"
+            + (
+                f"; per connection h1's switch: "
+                f"{summary['upcalls_per_conn_three']} vs {summary['upcalls_per_conn_single']} upcalls, "
+                f"{summary['switch_cpu_us_per_conn_three']} vs {summary['switch_cpu_us_per_conn_single']} us CPU"
+                if summary.get("upcalls_per_conn_three") is not None  # none on eBPF: no ovs-vswitchd
+                else ""
+            )
         )
