@@ -46,6 +46,7 @@ class Switch:
         self.conn = conn
         self.cache = cache
         self.ports: dict[str, int] = {}
+        self._statuses: list[Any] | None = None  # port-status messages seen while read_ports waits
         self.installed: set[int] = set()
         # What the last successful sync was computed from: a store generation and a version of
         # ``ports``. A port change during a sync bumps ports_version, so the next pass syncs again
@@ -72,14 +73,31 @@ class Switch:
         return self.conn.datapath_id
 
     async def read_ports(self) -> dict[str, int]:
-        """Port name → OpenFlow port number, from a port-description request."""
-        replies = await self.conn.request(parser.OFPPortDescStatsRequest(DP, 0))
-        self.ports = {p.name.decode(): p.port_no for r in replies for p in r.body if p.port_no < ofp.OFPP_MAX}
+        """Port name → OpenFlow port number, from a port-description request.
+
+        Port-status messages that arrive while the request is out are applied again, in order,
+        on top of the reply: the connection reads a status sent right after the reply before
+        this coroutine resumes, so assigning the reply alone lost a port added at that moment
+        (seen: a gateway's uplink added as the switch connected never got its flows).
+        """
+        self._statuses = []
+        try:
+            replies = await self.conn.request(parser.OFPPortDescStatsRequest(DP, 0))
+            self.ports = {p.name.decode(): p.port_no for r in replies for p in r.body if p.port_no < ofp.OFPP_MAX}
+            for msg in self._statuses:
+                self._apply_status(msg)
+        finally:
+            self._statuses = None
         self.ports_version += 1
         return self.ports
 
     def port_status(self, msg: Any) -> bool:
         """Apply a port-status message; True if the name → number map changed."""
+        if self._statuses is not None:
+            self._statuses.append(msg)
+        return self._apply_status(msg)
+
+    def _apply_status(self, msg: Any) -> bool:
         desc = msg.desc
         name = desc.name.decode()
         before = dict(self.ports)
