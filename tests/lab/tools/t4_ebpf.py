@@ -19,6 +19,7 @@ from portmesh.agent.ebpf import layout, loader, sync
 from portmesh.lab.network import bpf_dir
 from portmesh.lab.state import LabState
 from portmesh.model.entities import MappingKey
+from tests.lab.tools.t1_ebpf import ingress_program as ingress_program  # one reader of the attached tc program for every lab tool
 
 CONFIG_MAPS = tuple(name for name in layout.MAPS if name not in layout.STAT_MAPS)
 ALL_MAPS = tuple(dict.fromkeys((*layout.MAPS, *layout.STAT_MAPS)))
@@ -63,19 +64,6 @@ def mapping_packets(state: LabState, host: str, key: MappingKey) -> int:
     """Packets the program delivered through ``key`` on ``host``."""
     with loader.open_map(bpf_dir(state, host), "mapping_stats") as m:
         return sync.read_counters({"mapping_stats": m}, key)[0]
-
-
-def ingress_program(netns: str, dev: str) -> str:
-    """The name of the tc program at ``dev``'s ingress in ``netns`` ("" if none): which one the agent attached."""
-    done = subprocess.run(["ip", "netns", "exec", netns, "tc", "-j", "filter", "show", "dev", dev, "ingress"],
-                          capture_output=True, text=True, timeout=30)
-    if done.returncode or not done.stdout.strip():
-        return ""
-    for f in json.loads(done.stdout):
-        name = (f.get("options") or {}).get("bpf_name", "")
-        if name:
-            return str(name).split(":")[0]
-    return ""
 
 
 def entries(state: LabState, host: str) -> list[str]:
