@@ -12,8 +12,6 @@ from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Mapping as MappingABC
 from functools import partial
 from ipaddress import IPv4Address
-from itertools import compress, count, islice
-from operator import is_not, or_
 
 from portmesh.controller.balancing import Present
 from portmesh.controller.balancing import mapping_flows as special_mapping_flows
@@ -35,6 +33,7 @@ from portmesh.controller.rules import (
 )
 from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import Container, DesiredState, Mapping, MappingKey, Proto
+from portmesh.model.snapshots import changed_keys
 
 __all__ = ["OFPP_CONTROLLER", "CommonFlows", "compile_switch"]
 
@@ -366,70 +365,6 @@ class SwitchCompiler:
         changed.update(inputs.keys() - last.keys())
         self._owners, self._container_inputs = used, inputs
         return changed
-
-
-def changed_keys(prev: MappingABC[MappingKey, Mapping], new: MappingABC[MappingKey, Mapping]) -> set[MappingKey]:
-    """Keys added, removed or mapped to another object between two snapshots of the mappings.
-
-    Two snapshots are copies of one dict kept by the store's mirror, so they hold the
-    very same key and value objects in the same order, but for the few rows that
-    changed (added rows at the end, removed ones missing, changed ones with another
-    value). :func:`_aligned_changes` walks both in order comparing identities at C
-    speed, with no hashing (a MappingKey hashes through Python: 100,000 lookups cost
-    ~30 ms, the most of a change); it gives up on an unexpected order, and then
-    every key is looked up.
-    """
-    if isinstance(prev, dict) and isinstance(new, dict):
-        found = _aligned_changes(prev, new)
-        if found is not None:
-            return found
-    dirty = {key for key, mapping in new.items() if prev.get(key) is not mapping}
-    # Keys that went away: only worth a second pass over 100,000 keys when some did.
-    fresh = sum(1 for key in dirty if key not in prev)
-    if len(prev) != len(new) - fresh:
-        dirty.update(prev.keys() - new.keys())
-    return dirty
-
-
-ALIGN_GIVE_UP = 32  # differences after which walking two orders is no cheaper than looking every key up
-
-
-def _aligned_changes(prev: dict[MappingKey, Mapping], new: dict[MappingKey, Mapping]) -> set[MappingKey] | None:
-    """:func:`changed_keys` for two dicts of (mostly) the same objects in the same order, or None.
-
-    Iterates the dicts themselves (islice skips at C speed): no copy into lists, no hashing
-    but of the few keys that differ.
-    """
-    dirty: set[MappingKey] = set()
-    i = j = 0
-    lp, ln = len(prev), len(new)
-    while i < lp and j < ln:
-        # The first position from (i, j) on where the keys or the values are other objects.
-        keys = map(is_not, islice(prev, i, None), islice(new, j, None))
-        values = map(is_not, islice(prev.values(), i, None), islice(new.values(), j, None))
-        step = next(compress(count(), map(or_, keys, values)), None)
-        if step is None:
-            n = min(lp - i, ln - j)
-            i, j = i + n, j + n
-            break
-        i, j = i + step, j + step
-        if len(dirty) >= ALIGN_GIVE_UP:
-            return None
-        pkey, nkey = next(islice(prev, i, None)), next(islice(new, j, None))
-        if pkey is nkey:  # the same key, another value: a changed mapping
-            dirty.add(nkey)
-            i, j = i + 1, j + 1
-        elif pkey not in new:  # a removed key
-            dirty.add(pkey)
-            i += 1
-        else:
-            return None  # something moved: not two copies of one dict
-    gone, added = list(islice(prev, i, None)), list(islice(new, j, None))
-    if any(key in new for key in gone) or any(key in prev for key in added):
-        return None  # moved, not gone or added
-    dirty.update(gone)
-    dirty.update(added)
-    return dirty
 
 
 def check_unique(flows: Iterable[Flow]) -> dict[int, Flow]:

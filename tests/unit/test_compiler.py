@@ -252,35 +252,3 @@ def test_only_the_gateway_mac_leads_to_local() -> None:
     flows = compile_switch(state, CFG, "h1", {c.port_name: i for i, c in enumerate(state.containers.values(), 1)})
     to_local = [f for f in flows.values() if Output(OFPP_LOCAL) in f.actions]
     assert [(f.table, dict(f.match)) for f in to_local] == [(Table.L2, {"eth_dst": CFG.gateway_mac})]
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    size=st.integers(0, 40),
-    edits=st.lists(st.tuples(st.sampled_from(["add", "remove", "change", "readd"]), st.integers(0, 60)), max_size=12),
-)
-def test_changed_keys_equals_looking_every_key_up(size: int, edits: list[tuple[str, int]]) -> None:
-    """The ordered identity walk finds exactly the keys a lookup of every key finds, whatever the edits."""
-    from portmesh.controller.compiler import changed_keys
-    from portmesh.model.entities import Mapping
-
-    def key(n: int) -> MappingKey:
-        return MappingKey(IP10, Proto.TCP, 1 + n)
-
-    mirror = {key(n): Mapping(key(n), "c") for n in range(size)}
-    prev = dict(mirror)
-    for op, n in edits:
-        k = key(n)
-        if op == "add" and k not in mirror:
-            mirror[k] = Mapping(k, "c")
-        elif op == "remove":
-            mirror.pop(k, None)
-        elif op == "change" and k in mirror:
-            mirror[k] = Mapping(k, "d")
-        elif op == "readd" and k in mirror:  # removed and added again: same key, now at the end
-            del mirror[k]
-            mirror[key(n)] = Mapping(k, "c")
-    new = dict(mirror)
-    naive = {k for k in prev.keys() | new.keys() if prev.get(k) is not new.get(k)}
-    assert changed_keys(prev, new) == naive
-    assert changed_keys(new, prev) == naive

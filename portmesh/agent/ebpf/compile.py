@@ -24,13 +24,12 @@ import zlib
 from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from itertools import compress, count, islice
-from operator import is_not, or_
 
 from portmesh.agent.ebpf import layout
 from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import Container, DesiredState, Mapping, MappingKey, Proto, tunnel_port_for
 from portmesh.model.slots import slots
+from portmesh.model.snapshots import changed_keys
 
 LINK_LOCAL = IPv4Network("169.254.0.0/16")
 IPPROTO = {Proto.TCP: layout.IPPROTO_TCP, Proto.UDP: layout.IPPROTO_UDP}
@@ -275,11 +274,13 @@ class MapCompiler:
         moved = {name for name, d in dests.items() if self._dests.get(name, b"") != d}
         moved.update(self._dests.keys() - dests.keys())
         self._dests = dests
-        dirty = changed_keys(self._mappings, mappings, len(mappings) // FULL_SHARE + 1)
+        prev, limit = self._mappings, len(mappings) // FULL_SHARE + 1
+        # Nothing compiled yet (prev empty): every key would be new, compile afresh.
+        dirty = changed_keys(prev, mappings, limit) if prev or prev is mappings else None
         if dirty is not None:
             for name in moved:
                 dirty.update(self._by_owner.get(name, ()))
-        if dirty is None or len(dirty) > len(mappings) // FULL_SHARE + 1:
+        if dirty is None or len(dirty) > limit:
             self._full(mappings, dests)
         elif dirty:
             self._update(mappings, dests, dirty)
@@ -399,54 +400,6 @@ class MapCompiler:
 
 def _same(a: Container, b: Container) -> bool:
     return a is b or a == b
-
-
-def changed_keys(
-    prev: MappingABC[MappingKey, Mapping], new: MappingABC[MappingKey, Mapping], limit: int
-) -> set[MappingKey] | None:
-    """Keys added, removed or bound to another object between two snapshots; None if more than ``limit``.
-
-    The store's mirror hands out copies of one dict: the same key and value objects in the same
-    order, but for the rows that changed. Walking both in order comparing identities runs at C
-    speed with no hashing (a MappingKey hashes through Python). Anything else (another order,
-    many changes) answers None: compile afresh. Re-derived from the controller's ``changed_keys``
-    (the agent may not import the controller); it belongs in the model.
-    """
-    if prev is new:
-        return set()
-    if not prev or not isinstance(prev, dict) or not isinstance(new, dict):
-        return None
-    dirty: set[MappingKey] = set()
-    i = j = 0
-    lp, ln = len(prev), len(new)
-    while i < lp and j < ln:
-        keys = map(is_not, islice(prev, i, None), islice(new, j, None))
-        values = map(is_not, islice(prev.values(), i, None), islice(new.values(), j, None))
-        step = next(compress(count(), map(or_, keys, values)), None)
-        if step is None:
-            n = min(lp - i, ln - j)
-            i, j = i + n, j + n
-            break
-        i, j = i + step, j + step
-        if len(dirty) > limit:
-            return None
-        pkey, nkey = next(islice(prev, i, None)), next(islice(new, j, None))
-        if pkey is nkey:
-            dirty.add(nkey)
-            i, j = i + 1, j + 1
-        elif pkey not in new:
-            dirty.add(pkey)
-            i += 1
-        else:
-            return None
-    gone, added = list(islice(prev, i, None)), list(islice(new, j, None))
-    if len(dirty) + len(gone) + len(added) > limit:
-        return None
-    if any(key in new for key in gone) or any(key in prev for key in added):
-        return None
-    dirty.update(gone)
-    dirty.update(added)
-    return dirty
 
 
 _compilers: dict[str, MapCompiler] = {}
