@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dataplane_bench import HTTP_PORT, TOOLS, BenchError, Target, python_exe
+from dataplane_common import HTTP_PORT, TOOLS, BenchError, Target, python_exe
 from dataplane_portmesh import LAB_ROOT, PortmeshPath
 
 if TYPE_CHECKING:

@@ -54,76 +54,41 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dataplane_common import (
+    DEFAULT_PATHS,
+    GROUPED,
+    HTTP_PORT,
+    IPERF_PORT,
+    LB_EBPF_PATHS,
+    LB_PATHS,
+    MH_EBPF_PATHS,
+    MH_PATHS,
+    PATHS,
+    TOOLS,
+    BenchError,
+    Target,
+    log,
+    python_exe,
+)
+from dataplane_measure import aggregate, measure, print_table, ratios
+from dataplane_reference import REFERENCE
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-TOOLS = HERE / "dataplane_tools.py"
-MH_PATHS = ("mh_c2c_same", "mh_c2c_cross", "mh_inet_gw", "mh_inet_compute")  # bench/dataplane_multihost.py
-MH_EBPF_PATHS = tuple(p.replace("mh_", "mh_ebpf_", 1) for p in MH_PATHS)  # the same on eBPF hosts (dataplane_ebpf.py)
-LB_PATHS = ("lb_single", "lb_three")  # bench/dataplane_balancing.py
-LB_EBPF_PATHS = ("lb_ebpf_single", "lb_ebpf_three")  # the same on eBPF (dataplane_ebpf.py)
-GROUPED = (MH_PATHS, MH_EBPF_PATHS, LB_PATHS, LB_EBPF_PATHS)  # share one lab, compared with each other: one group
-PATHS = ("direct", "bridge_dnat", "ovs_ctnat", "portmesh", "portmesh_ebpf", "portmesh_open", *sum(GROUPED, ()))
-DEFAULT_PATHS = PATHS[:5]
 ALIASES = {"multihost": MH_PATHS, "multihost_ebpf": MH_EBPF_PATHS, "balancing": LB_PATHS, "balancing_ebpf": LB_EBPF_PATHS}
 RMEM_SYSCTL = Path("/proc/sys/net/core/rmem_default")
-
-CLIENT_IP = "198.51.100.2"
-OUTSIDE_GW = "198.51.100.1"
-PUBLIC_IP = "203.0.113.10"
-PRIVATE_GW = "198.18.0.1"
-PRIVATE_IP = "198.18.0.2"
-HTTP_PORT = 80
-IPERF_PORT = 5201
-PUBLISHED_HTTP = 8080  # docker run -p 8080:80
-GW_MAC = "0a:50:4d:42:00:01"
-CLI_MAC = "0a:50:4d:42:00:02"
-SRV_MAC = "0a:50:4d:42:00:03"
-
-
-@dataclass
-class Target:
-    """Where a path is measured from and to, once it is built; ``extra`` adds path-specific facts at the end."""
-
-    client_ns: str
-    host: str
-    http_port: int
-    iperf_port: int
-    extra: Callable[[], dict[str, Any]] = field(default=lambda: {})
-    cps: bool = True  # measure new connections/s (a container client's few source ports cannot)
-    tunnel_bytes: Callable[[], int] | None = None  # bytes through the hosts' tunnels so far (multihost)
-    cpu_seconds: Callable[[], dict[str, float]] | None = None  # CPU used so far by each host's switch (multihost)
-    iperf: bool = True  # measure throughput (a load-balanced mapping cannot: iperf3's two connections may split)
-    switch_work: Callable[[], dict[str, float]] | None = None  # the switch's datapath misses and CPU seconds so far
-
-
-class BenchError(RuntimeError):
-    """A path could not be set up or measured; the message says why."""
-
-
-def log(msg: str) -> None:
-    print(f"[dataplane] {msg}", file=sys.stderr, flush=True)
-
-
-def python_exe() -> str:
-    """The project venv's interpreter (it has portmesh); the current one otherwise."""
-    venv = REPO / ".venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
 
 
 class Bench:
@@ -223,368 +188,9 @@ class Bench:
         self.sysctl(ns, "net.ipv4.tcp_tw_reuse", "1")
         return ns
 
-    # -- measurements -----------------------------------------------------------
-
-    def measure(self, path: str, t: Target) -> dict[str, Any]:
-        """One round of the three figures over one path."""
-        ns, host, http_port, iperf_port = t.client_ns, t.host, t.http_port, t.iperf_port
-        a = self.args
-        out: dict[str, Any] = {}
-        tunnel0 = t.tunnel_bytes() if t.tunnel_bytes else 0
-        # Latency first, on an idle path.
-        rr = self._tool_json(
-            ns,
-            ["rr", "--host", host, "--port", str(http_port), "--count", str(a.rr_count), "--seconds", str(a.rr_seconds)],
-            timeout=a.rr_seconds + 10,
-        )
-        out["rtt_ms_p50"] = rr["rtt_ms_p50"]
-        out["rtt_ms_p99"] = rr["rtt_ms_p99"]
-        out["rtt_samples"] = rr["samples"]
-        work0 = t.switch_work() if t.switch_work and t.cps else {}
-        cps = self._cps(ns, host, http_port) if t.cps else None
-        if cps is not None:
-            out["conn_per_s"] = cps["conn_per_s"]
-            out["conn_failed"] = cps["failed"]
-        if cps is not None and t.switch_work and cps.get("connections"):
-            # What each new connection cost the switch: upcalls (datapath misses) and CPU.
-            work1, conns = t.switch_work(), int(cps["connections"])
-            for key, value in work1.items():
-                per = (value - work0.get(key, value)) / conns
-                out[f"{key}_per_conn"] = round(per * 1e6, 1) if key.endswith("cpu_s") else round(per, 2)
-        cpu0 = t.cpu_seconds() if t.cpu_seconds else {}
-        if not t.iperf:
-            log(f"  {path}: rtt p50 {out['rtt_ms_p50']:.3f} ms p99 {out['rtt_ms_p99']:.3f} ms"
-                + (f", {out['conn_per_s']:.0f} conn/s ({out['conn_failed']} failed)" if cps is not None else ""))
-            return out
-        out["gbps"], out["tcp_retransmits"] = self._iperf(ns, host, iperf_port)
-        if t.cpu_seconds:
-            # CPU per GB moved: on one 2-core machine every "host" shares the CPUs, so a path that needs
-            # more switch work per byte is slower here for that reason alone. -O 1: the omitted first
-            # second carries traffic too, hence seconds + 1 (approximate, the same for every path).
-            cpu1 = t.cpu_seconds()
-            gbytes = out["gbps"] / 8 * (self.args.iperf_seconds + 1)
-            for name, secs in sorted(cpu1.items()):
-                out[f"switch_cpu_ms_per_gb_{name}"] = round((secs - cpu0.get(name, secs)) * 1000 / gbytes, 1) if gbytes else 0.0
-            out["switch_cpu_ms_per_gb"] = round(sum(v for k, v in out.items() if k.startswith("switch_cpu_ms_per_gb_")), 1)
-        if t.tunnel_bytes:
-            out["tunnel_mbytes"] = round((t.tunnel_bytes() - tunnel0) / 1e6, 1)
-        log(
-            f"  {path}: {out['gbps']:.2f} Gbit/s, rtt p50 {out['rtt_ms_p50']:.3f} ms p99 {out['rtt_ms_p99']:.3f} ms, "
-            + (f"{out['conn_per_s']:.0f} conn/s ({out['conn_failed']} failed), " if cps is not None else "")
-            + f"{out['tcp_retransmits']} retransmits"
-            + (f", {out['tunnel_mbytes']} MB sent into tunnels" if t.tunnel_bytes else "")
-            + (f", switches {out['switch_cpu_ms_per_gb']} ms CPU/GB" if t.cpu_seconds else "")
-        )
-        return out
-
-    def _cps(self, ns: str, host: str, http_port: int) -> dict[str, Any]:
-        a = self.args
-        return self._tool_json(
-            ns,
-            [
-                "cps",
-                "--host",
-                host,
-                "--port",
-                str(http_port),
-                "--count",
-                str(a.cps_count),
-                "--seconds",
-                str(a.cps_seconds),
-                "--concurrency",
-                str(a.cps_concurrency),
-            ],
-            timeout=a.cps_seconds + 15,
-        )
-
-    def _tool_json(self, ns: str, argv: list[str], timeout: float) -> dict[str, Any]:
-        p = self.run([python_exe(), str(TOOLS), *argv], ns=ns, timeout=timeout)
-        return dict(json.loads(p.stdout.strip().splitlines()[-1]))
-
-    def _iperf(self, ns: str, host: str, port: int) -> tuple[float, int]:
-        secs = self.args.iperf_seconds
-        cmd = ["iperf3", "-c", host, "-p", str(port), "-t", str(secs), "-O", "1", "-J", "--connect-timeout", "3000"]
-        last = ""
-        for _ in range(3):  # a server that just started may refuse the first attempt
-            p = self.run(cmd, ns=ns, check=False, timeout=secs + 20)
-            try:
-                data = json.loads(p.stdout)
-            except json.JSONDecodeError:
-                data = {"error": (p.stderr or p.stdout).strip()[:300]}
-            if "error" not in data:
-                end = data["end"]
-                gbps = end["sum_received"]["bits_per_second"] / 1e9
-                return round(gbps, 3), int(end.get("sum_sent", {}).get("retransmits", 0))
-            last = str(data["error"])
-            time.sleep(1.0)
-        raise BenchError(f"iperf3 to {host}:{port} failed: {last}")
-
-    # -- the four paths ---------------------------------------------------------
-
-    def path_direct(self) -> Target:
-        cli = self.client_ns("a-cli")
-        srv = self.ns("a-srv")
-        self.veth(cli, "eth0", srv, "eth0")
-        self.addr(cli, "eth0", f"{CLIENT_IP}/24")
-        self.addr(srv, "eth0", f"{OUTSIDE_GW}/24")
-        self.start_servers(srv, "a")
-        return Target(cli, OUTSIDE_GW, HTTP_PORT, IPERF_PORT)
-
-    def path_bridge_dnat(self) -> Target:
-        cli = self.client_ns("b-cli")
-        host = self.ns("b-host")
-        srv = self.ns("b-srv")
-        self.veth(cli, "eth0", host, "up0")
-        self.addr(cli, "eth0", f"{CLIENT_IP}/24")
-        self.run(["ip", "-n", cli, "route", "add", "203.0.113.0/24", "via", OUTSIDE_GW])
-        self.addr(host, "up0", f"{OUTSIDE_GW}/24")
-        self.addr(host, "up0", f"{PUBLIC_IP}/32")  # the host's public address, where -p publishes
-        self.run(["ip", "-n", host, "link", "add", "br0", "type", "bridge"])
-        self.run(["ip", "-n", host, "link", "set", "br0", "up"])
-        self.addr(host, "br0", f"{PRIVATE_GW}/24")
-        self.veth(host, "vethsrv", srv, "eth0")
-        self.run(["ip", "-n", host, "link", "set", "vethsrv", "master", "br0"])
-        self.addr(srv, "eth0", f"{PRIVATE_IP}/24")
-        self.run(["ip", "-n", srv, "route", "add", "default", "via", PRIVATE_GW])
-        self.sysctl(host, "net.ipv4.ip_forward", "1")
-        # What dockerd writes for `docker run -p 8080:80 -p 5201:5201` on bridge br0 (iptables backend).
-        rules = [
-            ["-t", "nat", "-N", "DOCKER"],
-            ["-t", "nat", "-A", "PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "DOCKER"],
-            ["-t", "nat", "-A", "POSTROUTING", "-s", "198.18.0.0/24", "!", "-o", "br0", "-j", "MASQUERADE"],
-            ["-t", "nat", "-A", "DOCKER", "-i", "br0", "-j", "RETURN"],
-            [
-                "-t",
-                "nat",
-                "-A",
-                "DOCKER",
-                "!",
-                "-i",
-                "br0",
-                "-p",
-                "tcp",
-                "--dport",
-                str(PUBLISHED_HTTP),
-                "-j",
-                "DNAT",
-                "--to-destination",
-                f"{PRIVATE_IP}:{HTTP_PORT}",
-            ],
-            [
-                "-t",
-                "nat",
-                "-A",
-                "DOCKER",
-                "!",
-                "-i",
-                "br0",
-                "-p",
-                "tcp",
-                "--dport",
-                str(IPERF_PORT),
-                "-j",
-                "DNAT",
-                "--to-destination",
-                f"{PRIVATE_IP}:{IPERF_PORT}",
-            ],
-            ["-N", "DOCKER"],
-            ["-P", "FORWARD", "DROP"],
-            ["-A", "FORWARD", "-o", "br0", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"],
-            ["-A", "FORWARD", "-o", "br0", "-j", "DOCKER"],
-            ["-A", "FORWARD", "-i", "br0", "!", "-o", "br0", "-j", "ACCEPT"],
-            ["-A", "FORWARD", "-i", "br0", "-o", "br0", "-j", "ACCEPT"],
-            [
-                "-A",
-                "DOCKER",
-                "-d",
-                PRIVATE_IP,
-                "!",
-                "-i",
-                "br0",
-                "-o",
-                "br0",
-                "-p",
-                "tcp",
-                "--dport",
-                str(HTTP_PORT),
-                "-j",
-                "ACCEPT",
-            ],
-            [
-                "-A",
-                "DOCKER",
-                "-d",
-                PRIVATE_IP,
-                "!",
-                "-i",
-                "br0",
-                "-o",
-                "br0",
-                "-p",
-                "tcp",
-                "--dport",
-                str(IPERF_PORT),
-                "-j",
-                "ACCEPT",
-            ],
-        ]
-        for r in rules:
-            self.run(["iptables", "-w", *r], ns=host)
-        self.start_servers(srv, "b")
-        return Target(cli, PUBLIC_IP, PUBLISHED_HTTP, IPERF_PORT)
-
-    def path_ovs_ctnat(self) -> Target:
-        cli = self.client_ns("c-cli")
-        host = self.ns("c-host")
-        srv = self.ns("c-srv")
-        self.veth(cli, "eth0", host, "pcli", mac_a=CLI_MAC)
-        self.veth(srv, "eth0", host, "psrv", mac_a=SRV_MAC)
-        # Static next hops: the benchmark is about the TCP path, not ARP.
-        self.addr(cli, "eth0", f"{CLIENT_IP}/24")
-        self.run(["ip", "-n", cli, "neigh", "replace", OUTSIDE_GW, "lladdr", GW_MAC, "dev", "eth0", "nud", "permanent"])
-        self.run(["ip", "-n", cli, "route", "add", "203.0.113.0/24", "via", OUTSIDE_GW])
-        self.addr(srv, "eth0", f"{PRIVATE_IP}/24")
-        self.run(["ip", "-n", srv, "neigh", "replace", PRIVATE_GW, "lladdr", GW_MAC, "dev", "eth0", "nud", "permanent"])
-        self.run(["ip", "-n", srv, "route", "add", "default", "via", PRIVATE_GW])
-        self.start_servers(srv, "c")
-
-        rundir = self.tmp / "ovs"
-        rundir.mkdir()
-        env = dict(os.environ, OVS_RUNDIR=str(rundir), OVS_DBDIR=str(rundir), OVS_LOGDIR=str(rundir))
-        db = rundir / "conf.db"
-        sock = f"unix:{rundir}/db.sock"
-        schema = "/usr/share/openvswitch/vswitch.ovsschema"
-        self.run(["ovsdb-tool", "create", str(db), schema], env=env)
-        self.spawn(
-            "c-ovsdb",
-            [
-                "ovsdb-server",
-                str(db),
-                f"--remote=p{sock}",
-                f"--pidfile={rundir}/ovsdb-server.pid",
-                f"--unixctl={rundir}/ovsdb-server.ctl",
-                f"--log-file={rundir}/ovsdb-server.log",
-            ],
-            ns=host,
-            env=env,
-        )
-        vsctl = ["ovs-vsctl", f"--db={sock}", "--timeout=10"]
-        self._retry(lambda: self.run([*vsctl, "--no-wait", "init"], ns=host, env=env, check=True))
-        # Read once at start: must be set before ovs-vswitchd runs.
-        self.run([*vsctl, "--no-wait", "set", "Open_vSwitch", ".", "other_config:userspace-tso-enable=true"], ns=host, env=env)
-        self.spawn(
-            "c-vswitchd",
-            [
-                "ovs-vswitchd",
-                sock,
-                f"--pidfile={rundir}/ovs-vswitchd.pid",
-                f"--unixctl={rundir}/ovs-vswitchd.ctl",
-                f"--log-file={rundir}/ovs-vswitchd.log",
-            ],
-            ns=host,
-            env=env,
-        )
-        self.run(
-            [
-                *vsctl,
-                "add-br",
-                "br0",
-                "--",
-                "set",
-                "Bridge",
-                "br0",
-                "datapath_type=netdev",
-                "fail_mode=secure",
-                "protocols=OpenFlow13",
-                "--",
-                "add-port",
-                "br0",
-                "pcli",
-                "--",
-                "set",
-                "Interface",
-                "pcli",
-                "ofport_request=1",
-                "--",
-                "add-port",
-                "br0",
-                "psrv",
-                "--",
-                "set",
-                "Interface",
-                "psrv",
-                "ofport_request=2",
-            ],
-            ns=host,
-            env=env,
-        )
-        # The OVN load-balancer shape: every IP packet through conntrack (zone 1) with nat; a new
-        # connection to VIP:port is committed with nat(dst=backend) (OVN's ct_lb); established
-        # traffic is un-/re-NATed by ct(nat) and routed by destination.
-        flows = [
-            "table=0,priority=100,ip,in_port=1,actions=ct(zone=1,nat,table=1)",
-            "table=0,priority=100,ip,in_port=2,actions=ct(zone=1,nat,table=2)",
-            "table=0,priority=0,actions=drop",
-            *(
-                f"table=1,priority=100,ct_state=+new+trk,tcp,nw_dst={PUBLIC_IP},tp_dst={port},"
-                f"actions=ct(commit,zone=1,nat(dst={PRIVATE_IP}:{port}),table=3)"
-                for port in (HTTP_PORT, IPERF_PORT)
-            ),
-            "table=1,priority=90,ct_state=+est+trk,ip,actions=goto_table:3",
-            "table=1,priority=90,ct_state=+rel+trk,ip,actions=goto_table:3",
-            "table=1,priority=0,actions=drop",
-            "table=2,priority=90,ct_state=+est+trk,ip,actions=goto_table:3",
-            "table=2,priority=90,ct_state=+rel+trk,ip,actions=goto_table:3",
-            "table=2,priority=0,actions=drop",
-            f"table=3,priority=100,ip,nw_dst={PRIVATE_IP},"
-            f"actions=set_field:{GW_MAC}->eth_src,set_field:{SRV_MAC}->eth_dst,output:2",
-            f"table=3,priority=100,ip,nw_dst={CLIENT_IP},"
-            f"actions=set_field:{GW_MAC}->eth_src,set_field:{CLI_MAC}->eth_dst,output:1",
-            "table=3,priority=0,actions=drop",
-        ]
-        (rundir / "flows.txt").write_text("\n".join(flows) + "\n")
-        self.run(["ovs-ofctl", "-O", "OpenFlow13", "add-flows", "br0", str(rundir / "flows.txt")], ns=host, env=env)
-        tso = self.run(
-            [*vsctl, "get", "Open_vSwitch", ".", "other_config:userspace-tso-enable"], ns=host, env=env, check=False
-        ).stdout.strip()
-        return Target(
-            cli,
-            PUBLIC_IP,
-            HTTP_PORT,
-            IPERF_PORT,
-            extra=lambda: {"userspace_tso": tso.strip('"') == "true", "socket_drops": self._packet_socket_drops(host)},
-        )
-
-    def _packet_socket_drops(self, ns: str) -> int:
-        """Drops on OVS's packet sockets (skmem d<N>), which OVS's own counters never show."""
-        out = self.run(["ss", "-0", "-m", "-a"], ns=ns, check=False).stdout
-        return sum(int(m) for m in re.findall(r"\bd(\d+)\)", out))
-
-    @staticmethod
-    def _retry(fn: Callable[[], object], tries: int = 50, delay: float = 0.1) -> None:
-        for i in range(tries):
-            try:
-                fn()
-                return
-            except BenchError:
-                if i == tries - 1:
-                    raise
-                time.sleep(delay)
-
-    # -- portmesh ---------------------------------------------------------------
-
-    def path_portmesh(self) -> Target:
-        from dataplane_portmesh import PortmeshPath  # local helper; keeps the product-specific glue apart
-
-        return PortmeshPath(self).setup()
-
-    def path_portmesh_open(self) -> Target:
-        from dataplane_portmesh import PortmeshOpenPath
-
-        return PortmeshOpenPath(self).setup()
-
     def path(self, name: str) -> Target:
-        """Build path ``name``: a ``path_<name>`` method here, or a module of its own for the product's lab paths."""
+        """Build path ``name``: a reference path (dataplane_reference.py), or a module of its own for the
+        product's lab paths."""
         if name in MH_PATHS or name in MH_EBPF_PATHS:
             from dataplane_multihost import shared
 
@@ -597,7 +203,15 @@ class Bench:
             from dataplane_ebpf import EbpfPath
 
             return EbpfPath(self).setup()
-        return getattr(self, f"path_{name}")()  # type: ignore[no-any-return]
+        if name == "portmesh":
+            from dataplane_portmesh import PortmeshPath  # local helper; keeps the product-specific glue apart
+
+            return PortmeshPath(self).setup()
+        if name == "portmesh_open":
+            from dataplane_portmesh import PortmeshOpenPath
+
+            return PortmeshOpenPath(self).setup()
+        return REFERENCE[name](self)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -651,16 +265,6 @@ class Bench:
             log(f"logs kept in {self.tmp}")
 
 
-# -- reporting -------------------------------------------------------------------
-
-METRICS = (
-    ("gbps", "Gbit/s", True),
-    ("rtt_ms_p50", "rtt p50 ms", False),
-    ("rtt_ms_p99", "rtt p99 ms", False),
-    ("conn_per_s", "conn/s", True),
-)
-
-
 def cleanup_stale(prefix: str, lab_name: str) -> None:
     """Remove what an earlier run killed with SIGKILL left: ``<prefix><pid>-*`` namespaces whose run is
     gone (their processes by PID first) and the lab ``lab_name`` if it still exists."""
@@ -700,7 +304,7 @@ def run_group(bench: Bench, paths: list[str]) -> dict[str, dict[str, Any]]:
         for path, target in list(targets.items()):
             log(f"{path}: round {r + 1}/{bench.args.rounds}")
             try:
-                rounds[path].append(bench.measure(path, target))
+                rounds[path].append(measure(bench, path, target))
             except BenchError as e:
                 log(f"{path}: unavailable: {e}")
                 results[path] = {"status": "unavailable", "reason": f"measurement failed: {e}"}
@@ -711,54 +315,6 @@ def run_group(bench: Bench, paths: list[str]) -> dict[str, dict[str, Any]]:
             results[path].update(target.extra())
     return results
 
-
-def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median of each figure over the rounds (p99 too: the median round's tail), plus every round's value."""
-    out: dict[str, Any] = {}
-    for key in rounds[0]:
-        values = [r[key] for r in rounds]
-        out[key] = round(statistics.median(values), 4) if key not in ("rtt_samples", "conn_failed") else sum(values)
-        if key in ("gbps", "rtt_ms_p50", "rtt_ms_p99", "conn_per_s"):
-            out.setdefault("per_round", {})[key] = values
-    out["rounds"] = len(rounds)
-    return out
-
-
-def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """``"x/y"`` → metric ratio for every measured pair (x after y in PATHS), direct as the base first."""
-    # The multihost paths have their own comparison (cross_host): other clients, other MTU.
-    # So have the load-balanced ones (balancing): another lab, no throughput.
-    ok = [p for p in PATHS if p in results and "status" not in results[p] and not any(p in g for g in GROUPED)]
-    out: dict[str, dict[str, float]] = {}
-    for base, other in itertools.combinations(ok, 2):
-        r: dict[str, float] = {}
-        for key, _label, _hib in METRICS:
-            b, o = results[base].get(key), results[other].get(key)
-            if isinstance(b, int | float) and isinstance(o, int | float) and b:
-                r[key] = round(o / b, 3)
-        out[f"{other}/{base}"] = r
-    return out
-
-
-def print_table(results: dict[str, dict[str, Any]], rat: dict[str, dict[str, float]]) -> None:
-    width = max([12, *(len(p) for p in results)])
-    print(f"{'path':<{width}} " + " ".join(f"{label:>12}" for _k, label, _h in METRICS))
-    for p in PATHS:
-        r = results.get(p, {})
-        if not r:
-            continue
-        if "status" in r:
-            print(f"{p:<{width}} {r['status']}: {r['reason']}")
-            continue
-        cells = []
-        for k, _l, _h in METRICS:
-            v = r.get(k)
-            cells.append(f"{'-':>12}" if v is None else f"{v:>12.0f}" if k == "conn_per_s" else f"{v:>12.3f}")
-        print(f"{p:<{width}} " + " ".join(cells))
-    if rat:
-        print("ratios (throughput and conn/s: higher is better; rtt: lower is better)")
-    for pair, r in rat.items():
-        print(f"  {pair:<24} " + "  ".join(f"{k} x{v:.3f}" for k, v in r.items()))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -33,7 +33,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from dataplane_balancing import BalancingLab
-from dataplane_bench import Target
+from dataplane_common import Target
 from dataplane_multihost import MultiHostLab
 from dataplane_portmesh import PortmeshPath
 

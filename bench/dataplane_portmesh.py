@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dataplane_bench import HTTP_PORT, IPERF_PORT, PUBLIC_IP, REPO, TOOLS, BenchError, Target, log, python_exe
+from dataplane_common import HTTP_PORT, IPERF_PORT, PUBLIC_IP, REPO, TOOLS, BenchError, Target, log, python_exe
 
 if TYPE_CHECKING:
     from dataplane_bench import Bench
