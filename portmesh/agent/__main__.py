@@ -22,6 +22,7 @@ from portmesh.agent.bridge import Bridge, parse_controller_targets
 from portmesh.agent.ebpf.counters import TrafficReporter, datapath_maps
 from portmesh.agent.ebpf.host import DEFAULT_PIN_DIR, EbpfDatapath
 from portmesh.agent.health import HealthChecker
+from portmesh.agent.heartbeat import DEFAULT_INTERVAL, Heartbeat
 from portmesh.agent.service import Agent, AgentConfig
 from portmesh.runtime import docker as docker_runtime
 from portmesh.runtime.light import LightRuntime
@@ -36,6 +37,17 @@ def _controllers(text: str) -> str:
         return ",".join(parse_controller_targets(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_seconds(text: str) -> float:
+    """argparse type for --heartbeat-interval: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite number of seconds")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,6 +98,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Docker Engine API for image containers: a Docker daemon or Podman's service, e.g. unix:///PATH "
         "(default: /var/run/docker.sock if it exists; 'none' for light containers only)",
+    )
+    ap.add_argument(
+        "--heartbeat-interval",
+        type=_positive_seconds,
+        default=DEFAULT_INTERVAL,
+        help="seconds between this agent's heartbeats in its Host row: the API counts an eBPF host down once "
+        "they stop for its --agent-lease (default 3 beats); on OVS a stopped heartbeat is only reported "
+        f"(default {DEFAULT_INTERVAL:g})",
     )
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
@@ -156,6 +176,8 @@ async def serve(args: argparse.Namespace) -> None:
         ebpf = bridge
         traffic = TrafficReporter(args.host, store, lambda: datapath_maps(ebpf.loaded.map))
         reporter = asyncio.ensure_future(traffic.run(stop))
+    # The lease (schema 1.9.0): beats beside the converge loop, never in it (agent/heartbeat.py).
+    beats = asyncio.ensure_future(Heartbeat(args.host, store, args.datapath, args.heartbeat_interval).run(stop))
     try:
         await agent.run(stop)
         if checks_died:
@@ -170,7 +192,8 @@ async def serve(args: argparse.Namespace) -> None:
         log.error("agent for host %s: main task died: %s: %s", args.host, type(exc).__name__, exc, exc_info=exc)
     finally:
         checks.cancel()
-        await asyncio.gather(checks, return_exceptions=True)
+        beats.cancel()
+        await asyncio.gather(checks, beats, return_exceptions=True)
         if reporter is not None:
             reporter.cancel()
             await asyncio.gather(reporter, return_exceptions=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import uvicorn
 
 from portmesh.api.app import create_app
-from portmesh.api.progress import AGENT_SILENCE
+from portmesh.api.progress import AGENT_LEASE, AGENT_SILENCE
 from portmesh.api.token import DEFAULT_TOKEN_FILE, load_or_create_token
 
 log = logging.getLogger("portmesh.api")
@@ -27,6 +27,17 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def positive_seconds(value: str) -> float:
+    """argparse type for --agent-lease: a positive, finite number of seconds."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} must be a positive, finite number of seconds")
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         default=AGENT_SILENCE,
         help="seconds a host's agent may stay behind without progress before writes stop waiting for it "
         "(unless they concern its host) and name it as lagging",
+    )
+    parser.add_argument(
+        "--agent-lease",
+        type=positive_seconds,
+        default=AGENT_LEASE,
+        help="seconds without a heartbeat from a host's agent before it counts as dead: an eBPF host is then "
+        "down (writes stop waiting for it, as for a disconnected switch); on OVS it is only reported "
+        f"(default {AGENT_LEASE:g}: 3 of the agents' default --heartbeat-interval)",
     )
     parser.add_argument(
         "--log-dir",
@@ -68,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             token,
             wait_timeout=args.wait_timeout,
             agent_silence=args.agent_silence,
+            agent_lease=args.agent_lease,
             unavailable=(StoreError,),
             log_dirs=args.log_dir,
         )

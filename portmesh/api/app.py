@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from portmesh.api.progress import AGENT_SILENCE
+from portmesh.api.progress import AGENT_LEASE, AGENT_SILENCE
 from portmesh.api.routes import router
 from portmesh.api.service import Service, StoreAPI, WaitTimeout
 from portmesh.model.errors import Conflict, InvalidInput, ModelError, NotFound
@@ -114,6 +114,7 @@ def create_app(
     *,
     wait_timeout: float = 30.0,
     agent_silence: float = AGENT_SILENCE,
+    agent_lease: float = AGENT_LEASE,
     unavailable: tuple[type[Exception], ...] = (),
     log_dirs: Sequence[str] = (),
 ) -> FastAPI:
@@ -123,11 +124,12 @@ def create_app(
     answered 503 (retry later) rather than 500; passed in so this module needs no store import.
     ``log_dirs`` adds directories (besides :data:`portmesh.api.logs.LOG_DIRS`) whose ``*.log``
     files the logs endpoint may read. ``agent_silence``: seconds an agent may stay behind without
-    progress before it counts as down (progress.py). The network config is the store's (``state.config``).
+    progress before it counts as down; ``agent_lease``: seconds without a heartbeat before an agent counts
+    as dead, and an eBPF host as down (progress.py). The network config is the store's (``state.config``).
     """
     if not token:
         raise ValueError("an API token is required")
-    service = Service(store, None, wait_timeout, agent_silence)
+    service = Service(store, None, wait_timeout, agent_silence, agent_lease)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -34,6 +34,12 @@ from portmesh.model.entities import (
 # An agent behind the store and not moving for this long counts as down (it reports every
 # generation it realises, within milliseconds when alive; a full pass takes a few seconds).
 AGENT_SILENCE = 10.0
+# An agent whose heartbeat (schema 1.9.0, agent/heartbeat.py: a counter bumped every second by
+# default) has not moved for this long is dead. On an eBPF host that makes the host down (the agent
+# is what programs its datapath); on an OVS host it is only reported (the controller programs the
+# switch, which still forwards): see :meth:`Liveness.agent_dead`.
+AGENT_LEASE = 3.0
+EBPF = "ebpf"
 
 
 class StoreAPI(Protocol):
@@ -61,21 +67,71 @@ class StoreAPI(Protocol):
 
 
 class Liveness:
-    """Which hosts are down, as this API sees them: switch not connected, or agent silent.
+    """Which hosts are down, as this API sees them: switch not connected, agent silent, or (an eBPF
+    host) its agent's lease expired.
 
-    The store holds no report times, so silence is measured here: the first time a host's agent
-    is seen behind the store at some generation starts its clock, any progress resets it. Thread-safe
-    (statuses are computed in worker threads).
+    The store holds no report times, so time is measured here, with this process's monotonic clock:
+    the first time a host's agent is seen behind the store at some generation starts its silence
+    clock, any progress resets it; the first time a host is seen, or its heartbeat seen to move
+    (:meth:`beat`, fed by the store's row notices, and every :meth:`down`), starts its lease clock.
+    A host never seen to beat since this API started (an older agent, one not started yet) is thus
+    given a whole lease before it can count as dead. Thread-safe (statuses are computed in worker
+    threads, beats arrive in the store's thread).
     """
 
-    def __init__(self, silence: float = AGENT_SILENCE, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, silence: float = AGENT_SILENCE, clock: Callable[[], float] = time.monotonic, lease: float = AGENT_LEASE
+    ) -> None:
         self.silence = silence
+        self.lease = lease
         self.clock = clock
         self._lock = threading.Lock()
         self._behind: dict[str, tuple[int, float]] = {}  # host -> (agent generation, first seen behind at it)
+        self._beats: dict[str, tuple[int, float]] = {}  # host -> (heartbeat, when first seen at that value)
+
+    def beat(self, host: str, heartbeat: int) -> None:
+        """The store says ``host``'s heartbeat is ``heartbeat`` now: a new value restarts its lease."""
+        now = self.clock()
+        with self._lock:
+            self._see_beat(host, heartbeat, now)
+
+    def _see_beat(self, host: str, heartbeat: int, now: float) -> float:
+        """Record a sighting (lock held); the seconds since the heartbeat last moved (or was first seen)."""
+        seen = self._beats.get(host)
+        if seen is None or seen[0] != heartbeat:
+            seen = self._beats[host] = (heartbeat, now)
+        return now - seen[1]
+
+    def agent_dead(self, host: str, hs: HostStatus) -> str | None:
+        """Why ``host``'s agent counts as dead (its lease expired), or None; on either datapath.
+
+        Only an agent that has said its datapath (schema 1.9.0) holds a lease: one from before it never
+        beats and is judged by the silence rule alone, as it always was."""
+        now = self.clock()
+        with self._lock:
+            quiet = self._see_beat(host, hs.heartbeat, now)
+        if hs.datapath is None or quiet <= self.lease:
+            return None
+        return f"agent lease expired (no heartbeat for {quiet:.0f}s)"
+
+    def forget(self, hosts: Collection[str]) -> None:
+        """Drop what is known of hosts no longer in the store (a host added again starts afresh)."""
+        with self._lock:
+            for host in [h for h in self._beats if h not in hosts]:
+                del self._beats[host]
+            for host in [h for h in self._behind if h not in hosts]:
+                del self._behind[host]
 
     def down(self, host: str, hs: HostStatus, current: int) -> str | None:
-        """Why ``host`` counts as down against the store's ``current`` generation, or None."""
+        """Why ``host`` counts as down against the store's ``current`` generation, or None.
+
+        Down: its switch disconnected; or, on an eBPF host, its agent's lease expired (no switch to
+        lose: the agent programs the datapath and reports it connected itself); or its agent silent
+        (behind and not moving for :attr:`silence`). An OVS host whose agent's lease expired is not
+        down for that (the controller programs its switch and it still forwards): :meth:`agent_dead`
+        says so apart, and the silence rule still applies to its agent generation.
+        """
+        dead = self.agent_dead(host, hs)
         now = self.clock()
         with self._lock:
             if hs.agent_generation >= current:
@@ -88,6 +144,8 @@ class Liveness:
                 silent = now - seen[1]
         if not hs.switch_connected:
             return "switch disconnected"
+        if dead is not None and hs.datapath == EBPF:
+            return dead
         if silent > self.silence:
             return f"agent silent for {silent:.0f}s at generation {hs.agent_generation}"
         return None
@@ -177,6 +235,8 @@ def compute_status(
         homes = {c.host for n in names if (c := state.containers.get(n)) is not None}
         concerned = concerned_hosts(state, homes | set(anchors)) - set(exempt)
     live = liveness or Liveness()
+    if containers is None:
+        live.forget(state.hosts)
     hosts, lagging = [], []
     caught_up = True
     for name in sorted(state.hosts):
@@ -201,6 +261,7 @@ def compute_status(
                 converged=at_goal and not starting,
                 waiting=starting,
                 down=down,
+                agent_dead=live.agent_dead(name, hs),
             )
         )
     if containers is not None:  # a concerned host down is waited for: it is not "lagging" but the news

@@ -146,10 +146,13 @@ class HostOut(BaseModel):
         default_factory=dict,
         description="an eBPF host's datapath drops by reason (packets), as its agent last reported; empty on OVS",
     )
+    datapath: str | None = Field(default=None, description="ovs or ebpf, as the host's agent says; null: not said")
+    down: str | None = Field(default=None, description="why the host counts as down (as in /v1/status); null if not")
+    agent_dead: str | None = Field(default=None, description="why its agent counts as dead (no heartbeat); null if alive")
 
     @classmethod
     def of(cls, host: Host, status: HostStatus | None = None, containers: int = 0,
-           drops: dict[str, int] | None = None) -> HostOut:
+           drops: dict[str, int] | None = None, down: str | None = None, agent_dead: str | None = None) -> HostOut:
         tunnels = [TunnelOut(peer=peer, up=state == "up", state=state) for peer, state in (status.tunnels if status else ())]
         return cls(
             name=host.name,
@@ -160,6 +163,9 @@ class HostOut(BaseModel):
             tunnels=tunnels,
             status=HostStatusOut.of(status) if status is not None else None,
             drops=dict(drops or {}),
+            datapath=status.datapath if status is not None else None,
+            down=down,
+            agent_dead=agent_dead,
         )
 
 
@@ -458,8 +464,9 @@ class HostProgress(BaseModel):
     converged: bool
     waiting: list[str] = Field(default_factory=list, description="containers starting: their flows wait for their port")
     down: str | None = Field(
-        default=None, description="why the host counts as down (switch disconnected, agent silent); null if it is not"
+        default=None, description="why the host counts as down (switch disconnected, agent silent or, eBPF, dead); null if not"
     )
+    agent_dead: str | None = Field(default=None, description="why its agent counts as dead (no heartbeat); OVS: not down")
 
 
 class ContainerProblem(BaseModel):

@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from portmesh.api.balancing import Change, plan_backend_add, plan_backend_remove, plan_mapping, plan_patch
 from portmesh.api.progress import (
+    AGENT_LEASE,
     AGENT_SILENCE,
     Liveness,
     StoreAPI,
@@ -221,13 +222,14 @@ class Service:
         config: NetworkConfig | None = None,
         wait_timeout: float = 30.0,
         agent_silence: float = AGENT_SILENCE,
+        agent_lease: float = AGENT_LEASE,
     ) -> None:
         """``config`` is accepted for callers of the one-host API and ignored: every check reads the
         store's (``state.config``, the Global row), so API instances never disagree on it."""
         del config
         self.store = store
         self.wait_timeout = wait_timeout
-        self.liveness = Liveness(agent_silence)
+        self.liveness = Liveness(agent_silence, lease=agent_lease)
         self.write_lock = asyncio.Lock()
         self._claiming: set[tuple[PortBlock, str]] = set()  # (block, IP) of this loop's creates in flight
         self._mapping: set[tuple[str, int]] = set()  # (IP, port) of this loop's add_mapping in flight
@@ -239,6 +241,11 @@ class Service:
         self._loop = loop
         self._changed = asyncio.Event()
         self.store.subscribe(self._on_change)
+        # The agents' beats, timed as they arrive (a store without the verb, a test's fake, leaves the
+        # lease to the sightings every status makes).
+        watch = getattr(self.store, "watch_heartbeats", None)
+        if watch is not None:
+            watch(self.liveness.beat)
 
     def detach(self) -> None:
         """Stop waking the loop (the store has no unsubscribe; the callback becomes a no-op)."""
@@ -511,8 +518,8 @@ class Service:
             count = {name: 0 for name in state.hosts}
             for c in state.containers.values():
                 count[c.host] = count.get(c.host, 0) + 1
-            return [HostOut.of(h, self.store.host_status(h.name), count[h.name], self.store.host_drops(h.name))
-                    for _, h in sorted(state.hosts.items())]
+            self.liveness.forget(state.hosts)
+            return [self._host_out(state, h, count[h.name]) for _, h in sorted(state.hosts.items())]
 
         return await self.call(read)
 
@@ -522,9 +529,16 @@ class Service:
             host = state.hosts.get(name)
             if host is None:
                 raise NotFound("name", f"host {name!r} does not exist")
-            return HostOut.of(host, self.store.host_status(name), len(state.containers_on(name)), self.store.host_drops(name))
+            return self._host_out(state, host, len(state.containers_on(name)))
 
         return await self.call(read)
+
+    def _host_out(self, state: DesiredState, host: Host, containers: int) -> HostOut:
+        """A host as listed: its status with whether it counts as down and its agent as dead. Blocking."""
+        hs = self.store.host_status(host.name)
+        down = self.liveness.down(host.name, hs, state.generation)
+        dead = self.liveness.agent_dead(host.name, hs)
+        return HostOut.of(host, hs, containers, self.store.host_drops(host.name), down, dead)
 
     async def containers(self) -> list[ContainerOut]:
         def read() -> list[ContainerOut]:

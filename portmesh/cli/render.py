@@ -188,9 +188,11 @@ def tunnels(items: list[Json]) -> str:
 
 def hosts(console: Console, items: list[Json]) -> None:
     drops = any(h.get("drops") for h in items)  # an eBPF host's datapath drops: a column only when one reports them
+    # Why a host is down or its agent dead (lease expired): a column only when one is, as DROPS.
+    downs = [host_down(h) for h in items]
     heads = ("NAME", "ROLE", "DATAPATH ID", "UNDERLAY", "TUNNELS", "CONNECTED", "CONTAINERS", "SWITCH", "AGENT")
-    table = _new_table(*heads, *(("DROPS",) if drops else ()))
-    for h in items:
+    table = _new_table(*heads, *(("DROPS",) if drops else ()), *(("DOWN",) if any(downs) else ()))
+    for h, down in zip(items, downs, strict=True):
         st = h.get("status") or {}
         table.add_row(
             *_row(
@@ -204,9 +206,18 @@ def hosts(console: Console, items: list[Json]) -> None:
                 str(st.get("switch_generation", "-")),
                 str(st.get("agent_generation", "-")),
                 *((drop_counts(h.get("drops") or {}),) if drops else ()),
+                *((down or "-",) if any(downs) else ()),
             )
         )
     _print(console, table)
+
+
+def host_down(host: Json) -> str:
+    """``agent lease expired (no heartbeat for 4s)``: why a host counts as down, else why its agent counts
+    as dead while the host does not (an OVS switch forwards on: ``agent dead: ...``); empty if neither."""
+    if host.get("down"):
+        return str(host["down"])
+    return f"agent dead: {host['agent_dead']}" if host.get("agent_dead") else ""
 
 
 def drop_counts(drops: Json) -> str:

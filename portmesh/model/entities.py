@@ -396,3 +396,7 @@ class HostStatus:
     switch_connected: bool = False
     switch_waiting: frozenset[str] = frozenset()
     tunnels: tuple[tuple[str, str], ...] = ()  # (peer host, "up" | "down: reason"), reported by the agent
+    # The agent's lease (schema 1.9.0): a counter it bumps every --heartbeat-interval, whatever its
+    # work; readers time its moves with their own clock (no clock is shared between machines).
+    heartbeat: int = 0
+    datapath: str | None = None  # "ovs" | "ebpf", as the agent says; None: never said (an older agent)

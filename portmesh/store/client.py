@@ -432,6 +432,28 @@ class Store(Engine):
         for row_uuid in written[-1:]:
             self._reported_tunnels[row_uuid] = want
 
+    def report_heartbeat(self, host: str, beat: int, datapath: str | None = None) -> None:
+        """Agent: its lease (schema 1.9.0), ``beat`` being a counter it bumps every heartbeat interval.
+
+        One column of one row per beat, no generation bump: only the API monitors the column (it times
+        the moves with its own clock, see api/progress.py ``Liveness``); agents' views and the
+        controller's reader never hear of it. ``datapath`` (``ovs`` | ``ebpf``) is written with the
+        first beat through this client and again only if it changes, so a beat stays one column.
+        """
+
+        def build(txn: Txn) -> bool:
+            row = self._host(host, field="host")
+            row.heartbeat = beat
+            if datapath is not None and self._reported_datapath.get(row.uuid) != datapath:
+                row.datapath = [datapath]
+                written.append(row.uuid)
+            return True
+
+        written: list[object] = []
+        self._write(build, bump=False)
+        for row_uuid in written[-1:]:
+            self._reported_datapath[row_uuid] = str(datapath)
+
     def report_uplink(self, host: str, uplink: str | None) -> None:
         """Agent: the interface it made a port of its bridge for inbound traffic (``--uplink``), or None.
 

@@ -31,7 +31,7 @@ with warnings.catch_warnings():
 from portmesh.model.config import DEFAULT_CONFIG  # only to initialise a database without a Global row
 from portmesh.store import rows as R
 from portmesh.store.jsonstream import install as install_stream_parser
-from portmesh.store.mirror import Mirror
+from portmesh.store.mirror import Committed, Mirror
 
 LOG = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ Build = Callable[[Txn], bool]
 # What a host agent's view replicates (Store(remote, host=NAME)), and the Host columns it writes
 # without replicating them (its reports; see Engine.__init__).
 AGENT_VIEW_TABLES = ("Global", "Host", "Container", "Mapping")
-AGENT_WRITES: dict[str, tuple[str, ...]] = {"Host": ("agent_generation", "tunnels")}
+AGENT_WRITES: dict[str, tuple[str, ...]] = {"Host": ("agent_generation", "tunnels", *("heartbeat", "datapath"))}
 # Which rows an agent's view holds: its own host's containers, and the mappings with a health check
 # (schema 1.6.0), so it knows which of its containers to check; a plain mapping never reaches it.
 AGENT_MAPPINGS: list[Any] = [["health", "!=", ["map", []]]]
@@ -58,6 +58,11 @@ AGENT_MAPPINGS: list[Any] = [["health", "!=", ["map", []]]]
 # every few seconds while traffic flows): a view made with ``reports=False`` registers them (it may
 # write its own) but does not monitor them, so no host's counters ever wake an eBPF agent.
 REPORT_COLUMNS: dict[str, tuple[str, ...]] = {"Host": ("counters", "drops")}
+# The agents' leases (schema 1.9.0): every agent bumps its Host row's ``heartbeat`` every second or so.
+# Only the API reads them; an agent's view (either kind) registers them to write its own but monitors
+# none, and the controller's reader monitors only the desired columns, so a beat never wakes either
+# into a pass or a compile.
+HEARTBEAT_COLUMNS: dict[str, tuple[str, ...]] = {"Host": ("heartbeat", "datapath")}
 
 
 class StoreError(RuntimeError):
@@ -177,8 +182,8 @@ class Engine:
         columns the agent writes (:data:`AGENT_WRITES`) are registered but not monitored, so
         other agents' and the controller's reports never wake it, and it can still write them.
 
-        ``reports=False`` (a whole view, an eBPF host's agent): :data:`REPORT_COLUMNS` are registered
-        but not monitored (that agent writes its own, reads nobody's).
+        ``reports=False`` (a whole view, an eBPF host's agent): :data:`REPORT_COLUMNS` and
+        :data:`HEARTBEAT_COLUMNS` are registered but not monitored (that agent writes its own, reads nobody's).
         """
         self.remote = remote
         self.timeout = timeout
@@ -196,8 +201,8 @@ class Engine:
                 helper.register_table(table)
         unmonitored = dict(AGENT_WRITES if host is not None else {})
         if not reports:
-            for table, columns in REPORT_COLUMNS.items():
-                unmonitored[table] = (*unmonitored.get(table, ()), *columns)
+            for table, columns in (*REPORT_COLUMNS.items(), *HEARTBEAT_COLUMNS.items()):
+                unmonitored[table] = tuple(dict.fromkeys((*unmonitored.get(table, ()), *columns)))
         where = {} if host is None else {"Container": [["host", "==", host]], "Mapping": AGENT_MAPPINGS}
         self._mirror = Mirror()
         # Host row -> the tunnel report last written through this client (report_tunnels), for an
@@ -205,12 +210,15 @@ class Engine:
         self._reported_tunnels: dict[Any, dict[str, str]] = {}
         # Host row -> the traffic report (counters, drops) last written through this client (report_traffic).
         self._reported_traffic: dict[Any, tuple[dict[str, str], dict[str, int]]] = {}
+        # Host row -> the datapath last written through this client with a heartbeat (report_heartbeat).
+        self._reported_datapath: dict[Any, str] = {}
         self._idl = _Idl(remote, helper, self._after_run, self._on_row, self._on_reload, unmonitored, where)
         reconnect = getattr(getattr(self._idl, "_session", None), "reconnect", None)
         if reconnect is not None:
             reconnect.set_backoff(RECONNECT_BACKOFF_MS, RECONNECT_BACKOFF_MS)
         self._conn: ovs_conn.Connection | None = None
         self._callbacks: list[Callable[[], None]] = []
+        self._beat_watchers: list[Callable[[str, int], None]] = []
         self._notify_ready = False  # subscribers are told only from the connection thread, once started
         self._pending = False  # a change arrived that subscribers have not been told about
         self._in_txn = False  # never notify mid-commit: the cache then holds uncommitted rows
@@ -255,6 +263,13 @@ class Engine:
         batches that only carried status reports.
         """
         self._callbacks.append(callback)
+
+    def watch_heartbeats(self, callback: Callable[[str, int], None]) -> None:
+        """Call ``callback(host, heartbeat)`` from the IDL thread on every notice of a Host row that holds a
+        heartbeat (schema 1.9.0), and for every such row after a reload: the moment a beat arrives, so a
+        reader times the agents' leases with its own clock. Only a view that monitors the column (the
+        API's) ever calls it. Keep it short, as :meth:`subscribe`'s callbacks."""
+        self._beat_watchers.append(callback)
 
     # -- internals: cache access (call with the connection lock held) ----------------------------
 
@@ -305,9 +320,27 @@ class Engine:
 
     def _on_row(self, event: str, row: Any) -> None:
         self._mirror.apply(event, row._table.name, row)
+        if self._beat_watchers and row._table.name == "Host" and event != "delete":
+            self._tell_beat(row)
 
     def _on_reload(self) -> None:
         self._mirror.rebuild({name: list(table.rows.values()) for name, table in self._idl.tables.items()})
+        if self._beat_watchers:
+            for row in self._rows("Host"):
+                self._tell_beat(row)
+
+    def _tell_beat(self, row: Any) -> None:
+        """Hand a Host row's heartbeat to the watchers (every notice of the row: they keep the last value)."""
+        data = row._data
+        if data is None or dict.get(data, "heartbeat") is None:
+            return  # not replicated by this view (dict.get: the IDL's dict makes up defaults otherwise)
+        committed = Committed(row)
+        name, beat = str(committed.name), int(committed.heartbeat)
+        for watch in list(self._beat_watchers):
+            try:
+                watch(name, beat)
+            except Exception:
+                LOG.exception("heartbeat watcher %r failed", watch)
 
     # -- internals: notification and commit (connection thread) ----------------------------------
 

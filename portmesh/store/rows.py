@@ -179,7 +179,16 @@ def host_status_from_row(row: Row) -> HostStatus:
         switch_connected=row.switch_connected,
         switch_waiting=frozenset(getattr(row, "switch_waiting", ())),  # absent before schema 1.2.0
         tunnels=tunnels_from_row(row),
+        heartbeat=int(getattr(row, "heartbeat", 0) or 0),  # absent before schema 1.9.0, or not replicated
+        datapath=datapath_from_row(row),
     )
+
+
+def datapath_from_row(row: Row) -> str | None:
+    """What the host's agent said its datapath is (schema 1.9.0): ``ovs`` or ``ebpf``; None if it never
+    said (an agent from before 1.9.0, or one not started yet)."""
+    value = _optional(getattr(row, "datapath", None) or [])
+    return str(value) if value else None
 
 
 def tunnels_from_row(row: Row) -> tuple[tuple[str, str], ...]:
