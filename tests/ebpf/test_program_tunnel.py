@@ -140,3 +140,32 @@ def test_bulk_both_ways_through_the_tunnel(twohost: Twohost) -> None:
         out = json.loads(twohost.x(c.ns, "iperf3", "-c", INET, "-p", "5302", "-t", "1", "-J", *reverse, timeout=30))
         assert out["end"]["sum_received"]["bytes"] > 10_000_000, (reverse, out["end"]["sum_received"])
     twohost.stop(server)
+
+
+def test_compute_hosts_container_gets_the_gateway_hops_errors(twohost: Twohost) -> None:
+    """c's TTL-1 probe is answered by h1's gateway hop back through the tunnel (time exceeded from
+    169.254.1.1, checksums valid); with h1's uplink narrowed, c's DF probe gets fragmentation needed
+    and a TCP upload (TSO, GRO'd again by h1's VXLAN device) learns the path MTU and completes."""
+    from .test_program_icmp_errors import BULK, NARROW_MTU, SINK, check_error, first_error, probe
+
+    c = twohost.c
+    assert probe(twohost, c.ns, "--ttl", "2")["replies"] == 1  # control: one hop to spare
+    before = twohost.drops()
+    result = probe(twohost, c.ns, "--ttl", "1")
+    assert result["errors"] == 1 and result["replies"] == 0, result
+    src, data = first_error(result)
+    assert src == "169.254.1.1" and check_error(data, 11, 0, 1, int(str(result["sport"])), 9000) == 0
+    assert twohost.drops()[D.TTL_EXCEEDED] - before[D.TTL_EXCEEDED] == 1
+    sink = twohost.start(twohost.inet, PY, "-u", "-c", SINK, ready="ready")
+    twohost.x(twohost.host, "ip", "link", "set", "up0", "mtu", str(NARROW_MTU))
+    try:
+        big = probe(twohost, c.ns, "--df", "--size", "1300")
+        assert big["errors"] == 1 and big["replies"] == 0, big
+        assert check_error(first_error(big)[1], 3, 4, 64, int(str(big["sport"])), 9000) == NARROW_MTU
+        twohost.x(c.ns, "ip", "route", "flush", "cache")
+        upload = json.loads(twohost.x(c.ns, PY, "-c", BULK, "200000", timeout=30))
+    finally:
+        twohost.x(twohost.host, "ip", "link", "set", "up0", "mtu", "1500")
+        twohost.x(c.ns, "ip", "route", "flush", "cache")
+        twohost.stop(sink)
+    assert upload["reply"] == "200000" and f"mtu {NARROW_MTU}" in upload["route"], upload

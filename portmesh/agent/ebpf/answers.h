@@ -1,4 +1,4 @@
-/* portmesh eBPF datapath: answers built here: echo reply, TCP reset, ICMP port unreachable.
+/* portmesh eBPF datapath: answers built here: echo reply, TCP reset, ICMP errors (rate-limited).
  * Included by datapath.bpf.c only, in order (each header uses the ones before it). */
 #ifndef PM_ANSWERS_H
 #define PM_ANSWERS_H
@@ -100,7 +100,7 @@ static __always_inline int answer_rst(struct __sk_buff *skb, struct pkt *p)
     return bpf_redirect(skb->ifindex, 0);
 }
 
-struct unreach_frame {
+struct icmp_error_frame {
     __u8 align[2];
     struct ethhdr eth;
     struct iphdr ip;
@@ -109,28 +109,86 @@ struct unreach_frame {
     __u8 quoted_l4[8];
 };
 
-/* ICMP port unreachable for a UDP datagram, quoting its IP header and 8 bytes, sent from the
- * address the datagram was for. */
-static __always_inline int answer_port_unreachable(struct __sk_buff *skb, struct pkt *p)
+#define PM_NSEC 1000000000ULL
+/* After this long without errors the bucket is full whatever it held (and (now - stamp) * rate
+ * below cannot overflow). */
+#define PM_ICMP_FILL_NS (PM_NSEC / PM_ICMP_RATE * PM_ICMP_BURST)
+
+/* Take a token from the ICMP errors' bucket (icmp_limit): 1 if an error may be sent now. Refilled at
+ * PM_ICMP_RATE per second up to PM_ICMP_BURST, as Linux's icmp_global_allow; the stamp advances by
+ * whole tokens only, so a steady rate just under the limit never loses a fraction. */
+static __always_inline int icmp_error_allowed(void)
+{
+    __u32 zero = 0;
+    struct pm_icmp_limit *b = bpf_map_lookup_elem(&icmp_limit, &zero);
+    __u64 now = bpf_ktime_get_ns();
+    __u64 delta, incr;
+    int ok;
+
+    if (!b)
+        return 0;
+    bpf_spin_lock(&b->lock);
+    delta = now - b->stamp;
+    if (delta >= PM_ICMP_FILL_NS) {
+        b->tokens = PM_ICMP_BURST;
+        b->stamp = now;
+    } else {
+        incr = delta * PM_ICMP_RATE / PM_NSEC;
+        if (incr) {
+            b->tokens = b->tokens + incr > PM_ICMP_BURST ? PM_ICMP_BURST : b->tokens + incr;
+            b->stamp += incr * PM_NSEC / PM_ICMP_RATE;
+        }
+    }
+    ok = b->tokens > 0;
+    if (ok)
+        b->tokens--;
+    bpf_spin_unlock(&b->lock);
+    return ok;
+}
+
+/* An ICMP error about the frame in ``skb``, built in place and sent back where the frame came from
+ * (the container's port, the uplink, or the tunnel to the sender's host): the frame's IP header and
+ * 8 bytes quoted, from ``saddr``, MACs swapped. ``rest`` is the header's second word (the next-hop
+ * MTU of fragmentation needed, else 0). The frame is counted under ``reason``; over the rate limit
+ * nothing is sent and it is counted as ICMP_LIMIT instead. */
+static __always_inline int answer_icmp_error(struct __sk_buff *skb, struct pkt *p, __u32 reason, __u8 type,
+                                             __u8 code, __be32 rest, __be32 saddr)
 {
     void *data_end = (void *)(long)skb->data_end;
-    struct unreach_frame f = {};
+    struct icmp_error_frame f = {};
 
     if (p->l4 + 8 > data_end)
-        return TC_ACT_SHOT;
+        return count_drop(skb, reason); /* nothing to quote (an ICMP header is parsed, 8 bytes are not) */
+    if (!icmp_error_allowed())
+        return count_drop(skb, PM_DROP_ICMP_LIMIT);
+    count_drop(skb, reason);
     mac_copy(f.eth.h_dest, p->eth->h_source);
     mac_copy(f.eth.h_source, p->eth->h_dest);
     f.eth.h_proto = bpf_htons(ETH_P_IP);
     __builtin_memcpy(&f.quoted_ip, p->ip, sizeof(f.quoted_ip));
     __builtin_memcpy(f.quoted_l4, p->l4, 8);
-    f.icmp.type = ICMP_DEST_UNREACH;
-    f.icmp.code = ICMP_PORT_UNREACH;
+    f.icmp.type = type;
+    f.icmp.code = code;
+    f.icmp.un.gateway = rest;
     f.icmp.checksum = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&f.icmp, 8 + sizeof(struct iphdr) + 8, 0));
-    ip_reply_header(&f.ip, p->ip->daddr, p->ip->saddr, IPPROTO_ICMP, FRAME_LEN(f) - sizeof(f.eth));
+    ip_reply_header(&f.ip, saddr, p->ip->saddr, IPPROTO_ICMP, FRAME_LEN(f) - sizeof(f.eth));
     if (bpf_skb_change_tail(skb, FRAME_LEN(f), 0) ||
         bpf_skb_store_bytes(skb, 0, &f.eth, FRAME_LEN(f), 0))
         return TC_ACT_SHOT;
     return bpf_redirect(skb->ifindex, 0);
+}
+
+/* An unmapped port on a public IP: TCP is reset, anything else gets port unreachable from the
+ * address it was sent to. TCP resets share no rate limit, as the kernel's for a closed port: a
+ * reset is never larger than the segment it answers (no amplification), and a UDP flood must not
+ * silence the refusals of TCP connections. Counted as REFUSED (or ICMP_LIMIT). */
+static __always_inline int refuse(struct __sk_buff *skb, struct pkt *p)
+{
+    if (p->ip->protocol == IPPROTO_TCP) {
+        count_drop(skb, PM_DROP_REFUSED);
+        return answer_rst(skb, p);
+    }
+    return answer_icmp_error(skb, p, PM_DROP_REFUSED, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, p->ip->daddr);
 }
 
 #endif

@@ -116,8 +116,7 @@ static __always_inline int deliver_balanced(struct __sk_buff *skb, struct pkt *p
     struct pm_dest *dest;
 
     if (n == 0 || n > PM_MAX_SLOTS) {
-        count_drop(skb, PM_DROP_REFUSED);
-        return mkey.proto == IPPROTO_TCP ? answer_rst(skb, p) : answer_port_unreachable(skb, p);
+        return refuse(skb, p);
     }
     if ((flags & PM_DEST_FILTERED) && !policy_permits(&mkey, version, flags, p->ip->saddr)) {
         count_denied(skb, &mkey);

@@ -11,13 +11,16 @@
  *
  * The parts live in headers beside this file, one job each, included in this order: maps.h (the
  * map declarations), packet.h (parsing, drop counters, checksums), lookup.h (map lookups, sending),
- * answers.h (echo / RST / port unreachable built here), balance.h (firewall and backend choice of
+ * answers.h (echo / RST / ICMP errors built here, rate-limited), balance.h (firewall and backend choice of
  * balanced / filtered mappings), deliver.h (delivery by mapping), route.h
  * (the outside world). This file keeps the three programs.
  *
- * Checksums: frames built here (RST, port unreachable) carry a full checksum. A frame from a local
- * container may still be CHECKSUM_PARTIAL; such an answer only goes back into that container, where
- * the kernel trusts it without checking, so that is harmless.
+ * Checksums: frames built here (RST, ICMP errors) carry a full checksum. The frame answered may still
+ * be CHECKSUM_PARTIAL (a local container's, or one GRO'd by a VXLAN device; a tc program cannot clear
+ * that); the answer only goes back where it came from: into that container, where the kernel trusts
+ * it without checking, or into the tunnel to the sender's host, which delivers it the same way
+ * (tested over the lab's VXLAN: the quote arrives intact). A device that completed the inner
+ * checksum on the way would write into the answer's body.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -37,8 +40,11 @@
 #define ICMP_ECHOREPLY 0
 #define ICMP_DEST_UNREACH 3
 #define ICMP_PORT_UNREACH 3
+#define ICMP_FRAG_NEEDED 4
 #define ICMP_ECHO 8
 #define ICMP_TIME_EXCEEDED 11
+#define ICMP_EXC_TTL 0
+#define IP_DF 0x4000
 struct icmphdr {
     __u8 type;
     __u8 code;
@@ -305,7 +311,7 @@ static __always_inline int from_tunnel(struct __sk_buff *skb)
     icmp = icmp_of(skb, &p);
     if (icmp && icmp->type == ICMP_ECHO)
         remember_echo(&p, icmp, eth->h_source, PM_DEST_TUNNEL, skb->ifindex, 0);
-    return route_out(skb, &p);
+    return route_out(skb, &p, cfg);
 }
 
 SEC("tc")

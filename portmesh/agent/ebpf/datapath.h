@@ -10,6 +10,7 @@
 #define PORTMESH_DATAPATH_H
 
 #include <linux/types.h>
+#include <linux/bpf.h> /* struct bpf_spin_lock */
 
 #define PM_MAX_PORTS 65536      /* container ports per host */
 #define PM_MAX_MAPPINGS 262144
@@ -106,7 +107,10 @@ enum pm_drop_reason {
     PM_DROP_ICMP = 8,         /* ICMP type a container may not send / nobody to deliver to */
     PM_DROP_REFUSED = 9,      /* unmapped port on a public IP: answered with RST / port unreachable */
     PM_DROP_NO_ROUTE = 10,    /* fib lookup found no way out */
-    PM_DROP_MAX = 11,
+    PM_DROP_TTL_EXCEEDED = 11, /* TTL <= 1 at the gateway hop: answered with ICMP time exceeded */
+    PM_DROP_TOO_BIG = 12,     /* DF and larger than the next hop's MTU: answered with fragmentation needed */
+    PM_DROP_ICMP_LIMIT = 13,  /* would be answered with an ICMP error, but over the rate limit: silent */
+    PM_DROP_MAX = 14,
 };
 
 /* echo (LRU_HASH pm_echo_key -> pm_dest): a container's ICMP echo requests, so the reply finds it. */
@@ -176,5 +180,17 @@ struct pm_affinity_key {
 
 /* mapping_denied (PERCPU_HASH pm_mapping_key -> pm_counter): packets/bytes a filtered mapping's
  * policy dropped; created by the agent with the mapping, like mapping_stats. */
+
+/* icmp_limit (ARRAY, one entry, key 0): the token bucket every ICMP error built here draws from
+ * (port unreachable, time exceeded, fragmentation needed; not echo replies, not TCP resets), as
+ * Linux's icmp_msgs_per_sec / icmp_msgs_burst (defaults 1000 and 50). Global, not per CPU: the limit
+ * holds whatever CPU a sender's frames land on. Compile-time constants (the agent does not fill them). */
+#define PM_ICMP_RATE 1000 /* errors per second */
+#define PM_ICMP_BURST 50
+struct pm_icmp_limit {
+    struct bpf_spin_lock lock;
+    __u32 tokens;  /* errors that may be sent now (<= PM_ICMP_BURST) */
+    __u64 stamp;   /* bpf_ktime_get_ns() the tokens were counted up to; 0: never used (a full bucket) */
+};
 
 #endif

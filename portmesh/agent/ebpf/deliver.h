@@ -97,8 +97,7 @@ static __always_inline int deliver_pool(struct __sk_buff *skb, struct pkt *p, st
             count_mapping(skb, p->ip->daddr, p->dport, proto);
         return send_to(skb, dest, cfg);
     }
-    count_drop(skb, PM_DROP_REFUSED);
-    return proto == IPPROTO_TCP ? answer_rst(skb, p) : answer_port_unreachable(skb, p);
+    return refuse(skb, p);
 }
 
 #endif

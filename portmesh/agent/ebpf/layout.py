@@ -41,6 +41,9 @@ NET_POOL = 1
 NET_PROTECTED = 2
 NET_LINK_LOCAL = 3
 
+ICMP_RATE = 1000  # ICMP errors per second the program sends at most (datapath.h PM_ICMP_RATE)
+ICMP_BURST = 50  # ... after a quiet period (PM_ICMP_BURST)
+
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 
@@ -61,6 +64,9 @@ class DropReason(enum.IntEnum):
     ICMP = 8
     REFUSED = 9
     NO_ROUTE = 10
+    TTL_EXCEEDED = 11  # answered with ICMP time exceeded
+    TOO_BIG = 12  # answered with ICMP fragmentation needed
+    ICMP_LIMIT = 13  # an ICMP error not sent: over the rate limit
 
 
 DROP_MAX = len(DropReason)
@@ -197,6 +203,16 @@ class AffinityKey(ctypes.Structure):
     ]
 
 
+class IcmpLimit(ctypes.Structure):
+    """``struct pm_icmp_limit``: the one entry of ``icmp_limit``, the ICMP errors' token bucket."""
+
+    _fields_ = [
+        ("lock", ctypes.c_uint32),  # struct bpf_spin_lock
+        ("tokens", ctypes.c_uint32),
+        ("stamp", ctypes.c_uint64),
+    ]
+
+
 # The maps the agent fills, with their key and value types; ``public_ips`` and ``owned_ips`` hold 1.
 CType: TypeAlias = "type[ctypes._SimpleCData[int]] | type[ctypes.Structure]"
 MAPS: dict[str, tuple[CType, CType]] = {
@@ -213,7 +229,7 @@ MAPS: dict[str, tuple[CType, CType]] = {
     "policy": (PolicyKey, ctypes.c_uint32),
 }
 # Maps the program writes and the agent reads (per-CPU counters) or leaves alone (echo).
-STAT_MAPS = ("mapping_stats", "drops", "echo", "mapping_denied", "affinity")
+STAT_MAPS = ("mapping_stats", "drops", "echo", "mapping_denied", "affinity", "icmp_limit")
 
 # Structs whose size a test checks against the object's BTF (C name -> Python mirror).
 STRUCTS: dict[str, type[ctypes.Structure]] = {
@@ -231,4 +247,5 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "pm_backend_key": BackendKey,
     "pm_policy_key": PolicyKey,
     "pm_affinity_key": AffinityKey,
+    "pm_icmp_limit": IcmpLimit,
 }

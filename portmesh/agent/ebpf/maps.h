@@ -143,4 +143,13 @@ struct {
     __uint(pinning, LIBBPF_PIN_BY_NAME);
 } mapping_denied SEC(".maps");
 
+/* The ICMP errors' token bucket (answers.h). */
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct pm_icmp_limit);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} icmp_limit SEC(".maps");
+
 #endif
