@@ -3,18 +3,25 @@ backends next to the single-backend figure, same lab, same run, rounds interleav
 
 ``python -m portmesh.lab up`` (one host), then through the CLI only: three containers
 ``pmb-lb-1..3`` holding 203.0.113.30, each running the benchmark's HTTP server on :80, behind
-one mapping ``portmesh map add 203.0.113.30 80/tcp pmb-lb-1 pmb-lb-2 pmb-lb-3``; and one
-container ``pmb-lb-0`` holding 203.0.113.31 with a plain mapping of :80 (``run -p 80/tcp``),
-compiled exactly as before issue 15. Two paths, measured from inet:
+one mapping ``portmesh map add 203.0.113.30 80/tcp pmb-lb-1 pmb-lb-2 pmb-lb-3``; each of the three
+also holds an address of its own (203.0.113.32..34) with a plain mapping of :80; and one container
+``pmb-lb-0`` holding 203.0.113.31 with a plain mapping of :80 (``run -p 80/tcp``), compiled exactly
+as before issue 15. Three paths, measured from inet:
 
   lb_single  inet -> 203.0.113.31:80, one backend (the baseline);
   lb_three   inet -> 203.0.113.30:80, three backends: per new connection the switch picks a
-             backend by weight and remembers the choice, so the figure prices exactly that.
+             backend by weight and remembers the choice;
+  lb_spread  inet -> 203.0.113.32..34:80 in turn, plain mappings: the same three server processes
+             sharing the same load, with no balancing in the switch (the control).
+
+lb_three / lb_single is the issue's figure. It also holds a cost that is not the switch's: three
+server processes sharing the connections on a 2-core machine (each wakes for fewer connections, so
+more wake-ups in all). lb_three / lb_spread separates the two: the price of the balancing itself.
 
 Every backend on the one host: the only difference between the paths is the balancing, not a
 tunnel. Connection rate and RTT only: iperf3's control and data connections are two
 connections and may land on two backends (each backend would need its own iperf3 session).
-``balancing`` in the JSON holds the ratio lb_three / lb_single (target >= 0.9: within 10 %).
+``balancing`` in the JSON holds the ratios (target for lb_three / lb_single >= 0.9: within 10 %).
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ from dataplane_portmesh import LAB_ROOT, PortmeshPath
 if TYPE_CHECKING:
     from dataplane_bench import Bench
 
-LB_PATHS = ("lb_single", "lb_three")
 VIP, SINGLE_IP = "203.0.113.30", "203.0.113.31"
+OWN_IPS = ("203.0.113.32", "203.0.113.33", "203.0.113.34")  # one per backend, plain mappings: lb_spread
 BACKENDS = ("pmb-lb-1", "pmb-lb-2", "pmb-lb-3")
 SINGLE = "pmb-lb-0"
 TARGET_RATIO = 0.9
@@ -48,9 +55,10 @@ class BalancingLab(PortmeshPath):
         self.lab = f"{bench.args.lab_name}b"
         self.built = False
 
-    def start(self, name: str, ip: str, ports: list[str]) -> None:
+    def start(self, name: str, ips: list[str], ports: list[str]) -> None:
         server = [python_exe(), str(TOOLS), "server", "--port", str(HTTP_PORT)]
-        argv = ["run", name, "--host", "h1", "--ip", ip, *(a for p in ports for a in ("--port", p)), "--wait"]
+        argv = ["run", name, "--host", "h1", *(a for ip in ips for a in ("--ip", ip)),
+                *(a for p in ports for a in ("--port", p)), "--wait"]  # fmt: skip
         self._cli([*argv, "--", *server], timeout=self.bench.args.lab_timeout)
 
     def build(self) -> None:
@@ -59,9 +67,9 @@ class BalancingLab(PortmeshPath):
         if helps.returncode != 0 or "--weight" not in helps.stdout:
             raise BenchError("`portmesh map add` takes no several backends yet (no --weight in its help)")
         self.lab_up()
-        for name in BACKENDS:
-            self.start(name, VIP, [])
-        self.start(SINGLE, SINGLE_IP, [f"{HTTP_PORT}/tcp"])
+        for name, own in zip(BACKENDS, OWN_IPS, strict=True):
+            self.start(name, [VIP, own], [f"{own}:{HTTP_PORT}/tcp"])
+        self.start(SINGLE, [SINGLE_IP], [f"{HTTP_PORT}/tcp"])
         self._cli(["map", "add", VIP, f"{HTTP_PORT}/tcp", *BACKENDS, "--wait"], timeout=self.bench.args.lab_timeout)
         for name in (*BACKENDS, SINGLE):
             self.wait_listening(name, HTTP_PORT)
@@ -79,9 +87,9 @@ class BalancingLab(PortmeshPath):
 
         def extra() -> dict[str, Any]:
             cores = (self.control_cpu_seconds() - cpu0) / max(time.monotonic() - t0, 1e-6)
-            return {"backends": 3 if path.endswith("_three") else 1, "control_plane_cpu_cores": round(cores, 2)}
+            return {"backends": 1 if path.endswith("_single") else 3, "control_plane_cpu_cores": round(cores, 2)}
 
-        host = VIP if path.endswith("_three") else SINGLE_IP
+        host = {"three": VIP, "spread": ",".join(OWN_IPS)}.get(path.rsplit("_", 1)[1], SINGLE_IP)
         return Target(inet, host, HTTP_PORT, 0, extra=extra, iperf=False, switch_work=self.switch_work)
 
     def switch_work(self) -> dict[str, float]:
@@ -118,17 +126,33 @@ def shared(bench: Bench, ebpf: bool = False) -> BalancingLab:
     return lab
 
 
+def per_round_ratios(num: dict[str, Any], den: dict[str, Any]) -> list[float]:
+    """num / den round by round: the paths alternate, so each pair ran under about the same load."""
+    nums = num.get("per_round", {}).get("conn_per_s") or []
+    dens = den.get("per_round", {}).get("conn_per_s") or []
+    return [round(n / d, 3) for d, n in zip(dens, nums, strict=False) if d]
+
+
 def balancing(results: dict[str, dict[str, Any]], prefix: str = "lb_") -> dict[str, Any]:
-    """lb_three / lb_single (``prefix`` "lb_ebpf_": the same on eBPF)."""
+    """lb_three / lb_single, and lb_spread beside them (``prefix`` "lb_ebpf_": the same on eBPF)."""
     one, three = results.get(f"{prefix}single", {}), results.get(f"{prefix}three", {})
+    spread = results.get(f"{prefix}spread", {})
     if not one.get("conn_per_s") or "conn_per_s" not in three:
         return {}
     ratio = three["conn_per_s"] / one["conn_per_s"]
-    # Round by round too: the two paths alternate, so each pair ran under about the same load.
-    singles = one.get("per_round", {}).get("conn_per_s") or []
-    threes = three.get("per_round", {}).get("conn_per_s") or []
-    pairs = zip(singles, threes, strict=False)
-    per_round = [round(t / o, 3) for o, t in pairs if o]
+    per_round = per_round_ratios(three, one)
+    control: dict[str, Any] = {}
+    if spread.get("conn_per_s"):
+        cost = per_round_ratios(three, spread)
+        control = {
+            "conn_per_s_spread": spread["conn_per_s"],
+            # the price of the balancing itself: the same three servers, with and without it
+            "conn_ratio_three_vs_spread": round(three["conn_per_s"] / spread["conn_per_s"], 3),
+            "conn_ratio_three_vs_spread_per_round": cost,
+            # what three server processes cost on this machine without any balancing
+            "conn_ratio_spread_vs_single": round(spread["conn_per_s"] / one["conn_per_s"], 3),
+            "conn_ratio_spread_vs_single_per_round": per_round_ratios(spread, one),
+        }
     return {
         "conn_per_s_single": one["conn_per_s"],
         "conn_per_s_three": three["conn_per_s"],
@@ -143,6 +167,7 @@ def balancing(results: dict[str, dict[str, Any]], prefix: str = "lb_") -> dict[s
         "upcalls_per_conn_three": three.get("upcalls_per_conn"),
         "switch_cpu_us_per_conn_single": one.get("switch_cpu_s_per_conn"),
         "switch_cpu_us_per_conn_three": three.get("switch_cpu_s_per_conn"),
+        **control,
         "target": TARGET_RATIO,
         "meets_target": ratio >= TARGET_RATIO,
     }
@@ -156,6 +181,14 @@ def print_balancing(summary: dict[str, Any], label: str = "balancing") -> None:
             f"(target >= {summary['target']}: "
             f"{'met' if summary['meets_target'] else 'NOT met'}); rtt p50 {summary['rtt_ms_p50_three']} vs "
             f"{summary['rtt_ms_p50_single']} ms"
+            + (
+                f"; control: {summary['conn_per_s_spread']:.0f} conn/s to the same 3 servers by plain mappings: "
+                f"3 backends vs that x{summary['conn_ratio_three_vs_spread']:.3f} (the balancing itself, rounds "
+                f"{summary['conn_ratio_three_vs_spread_per_round']}), "
+                f"3 servers vs 1 x{summary['conn_ratio_spread_vs_single']:.3f}"
+                if "conn_per_s_spread" in summary
+                else ""
+            )
             + (
                 f"; per connection h1's switch: "
                 f"{summary['upcalls_per_conn_three']} vs {summary['upcalls_per_conn_single']} upcalls, "

@@ -10,6 +10,9 @@ so the script runs with any Python 3.11 inside any namespace.
   python dataplane_tools.py rr  --host H --port P [--count N --seconds S]   # latency
   python dataplane_tools.py cps --host H --port P [--count N --seconds S]   # new conns/s
 
+``--host`` may list several addresses (``H1,H2,H3``): cps opens its connections to them in turn,
+rr uses the first.
+
 Each client prints one JSON object on stdout.
 """
 
@@ -127,7 +130,7 @@ class _OneShot(asyncio.Protocol):
             self.done.set_result(self.buf.startswith(b"HTTP/1.1 200"))
 
 
-async def _cps(host: str, port: int, count: int, seconds: float, concurrency: int) -> dict[str, object]:
+async def _cps(hosts: list[str], port: int, count: int, seconds: float, concurrency: int) -> dict[str, object]:
     loop = asyncio.get_running_loop()
     ok = 0
     failed = 0
@@ -137,6 +140,7 @@ async def _cps(host: str, port: int, count: int, seconds: float, concurrency: in
     async def worker() -> None:
         nonlocal ok, failed, started
         while started < count and time.monotonic() < deadline:
+            host = hosts[started % len(hosts)]  # in turn: each of several targets gets an equal share
             started += 1
             done: asyncio.Future[bool] = loop.create_future()
             transport = None
@@ -183,10 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve(a.port))
         return 0
+    hosts = a.host.split(",")
     if a.mode == "rr":
-        out = run_rr(a.host, a.port, a.count, a.seconds)
+        out = run_rr(hosts[0], a.port, a.count, a.seconds)
     else:
-        out = asyncio.run(_cps(a.host, a.port, a.count, a.seconds, a.concurrency))
+        out = asyncio.run(_cps(hosts, a.port, a.count, a.seconds, a.concurrency))
     print(json.dumps(out))
     return 0
 
