@@ -2,9 +2,10 @@
 
 - Two containers sharing one public IP ping `inet` at the same time; each gets its own replies.
 - ICMP errors about a container's connection reach it: port unreachable (a connected UDP socket
-  gets ECONNREFUSED), time exceeded (the host kernel, a router, drops a TTL-1 datagram; the socket's
-  error queue says so), fragmentation needed (the host's uplink MTU is lowered; the container's
-  kernel learns the path MTU and the transfer completes).
+  gets ECONNREFUSED), time exceeded (the gateway hop, a router, drops a TTL-1 datagram and answers
+  from 169.254.1.1; the socket's error queue says so), fragmentation needed (the host's uplink MTU is
+  lowered; the container's kernel learns the path MTU and the transfer completes). On OVS the host
+  kernel is that router; on eBPF the program's gateway hop answers the same (docs/ebpf.md).
 - A container's own ICMP error passes when it quotes one of its ports, never when it quotes a
   sharer's: a recorder in `inet` hears the control and not the forgery.
 """
@@ -18,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +38,7 @@ pytestmark = [
 
 IP10 = "203.0.113.10"
 SINK_PORT = 7100
+GATEWAY_IP = "169.254.1.1"  # the containers' gateway (config.gateway_ip): the source of the gateway hop's errors
 UPLINK = "up0"  # the host's interface towards inet: the router hop whose MTU is lowered
 
 # A TCP sink in inet: reads to EOF, answers with the byte count.
@@ -206,18 +209,45 @@ def test_sharers_ping_outside_at_once_and_each_gets_its_replies(cloud: Cloud) ->
 
 
 def test_port_unreachable_and_time_exceeded_reach_the_container(cloud: Cloud) -> None:
-    no_route = t4_ebpf.drops(cloud.state, "h1")[DropReason.NO_ROUTE] if cloud.datapath == "ebpf" else 0
+    before = drops(cloud)
     result = py(cloud, "pa", UDP_ERRORS, INET_IP)
-    assert result["refused"] == "ECONNREFUSED", result  # inet's kernel: port unreachable, delivered by the controller
+    assert result["refused"] == "ECONNREFUSED", result  # inet's kernel: port unreachable, delivered to pa
     err = result["errqueue"]
-    if cloud.datapath == "ebpf":
-        # The TTL-1 datagram is dropped by the program's gateway hop and counted, not sent on.
-        assert t4_ebpf.drops(cloud.state, "h1")[DropReason.NO_ROUTE] > no_route, result
-        pytest.skip("eBPF datapath: the gateway hop sends no ICMP time exceeded yet (docs/ebpf.md, 'Not there yet'); "
-                    "port unreachable relayed and the TTL-1 drop counted (asserted)")
     assert isinstance(err, dict), result
-    # ICMP (origin 2) time exceeded (11), from the host kernel that would have forwarded it.
+    # ICMP (origin 2) time exceeded (11) from the gateway address: on OVS the host kernel that would have
+    # forwarded it (its source, measured: 169.254.1.1), on eBPF the program's gateway hop, alike.
     assert err["origin"] == 2 and err["type"] == 11 and err["code"] == 0, result
+    assert err["from"] == GATEWAY_IP, result
+    if cloud.datapath == "ebpf":
+        assert drops(cloud)[DropReason.TTL_EXCEEDED] > before[DropReason.TTL_EXCEEDED], result
+
+
+def drops(cloud: Cloud) -> dict[DropReason, int]:
+    """The eBPF gateway host's drop counters (all zero on OVS, which counts none of these)."""
+    if cloud.datapath != "ebpf":
+        return dict.fromkeys(DropReason, 0)
+    return t4_ebpf.drops(cloud.state, "h1")
+
+
+PROBE = str(Path(__file__).resolve().parents[1] / "ebpf" / "icmp_probe.py")
+
+
+def test_the_gateways_icmp_errors_are_rate_limited(cloud: Cloud) -> None:
+    """2000 TTL-1 probes from pa at once: the gateway hop answers at most a burst of 50 plus 1000 a
+    second (OVS: the host kernel's icmp_msgs_per_sec/burst, and its per-destination limit below that;
+    eBPF: the program's bucket, every unanswered probe counted as ICMP_LIMIT). Control: the first
+    probes are answered, from 169.254.1.1."""
+    before = drops(cloud)
+    done = node.run([sys.executable, PROBE, INET_IP, "33434", "--ttl", "1", "--count", "2000", "--wait", "2"],
+                    netns=cloud.netns("pa"), check=True, timeout=60)
+    flood = json.loads(done.stdout)
+    answered, elapsed = int(flood["errors"]), float(flood["last_error"])
+    print(f"{cloud.datapath}: {answered} of {flood['sent']} TTL-1 probes answered in {elapsed:.3f} s")
+    assert flood["sent"] == 2000 and answered >= 1 and flood["kept"][0]["src"] == GATEWAY_IP, flood
+    assert answered <= 50 + 1000 * elapsed + 2, (answered, elapsed)
+    if cloud.datapath == "ebpf":
+        after = drops(cloud)
+        assert after[DropReason.ICMP_LIMIT] - before[DropReason.ICMP_LIMIT] == 2000 - answered
 
 
 NARROW_MTU = 1200  # below the 1280 of br0 (config.egress_mtu)
@@ -238,22 +268,9 @@ def test_fragmentation_needed_teaches_the_container_the_path_mtu(cloud: Cloud) -
     assert "mtu" not in before, before  # nothing learnt yet: the control for the assertions below
     node.run(["ip", "link", "set", UPLINK, "mtu", str(NARROW_MTU)], netns=h1, check=True)
     try:
-        if cloud.datapath == "ebpf":
-            no_route = t4_ebpf.drops(cloud.state, "h1")[DropReason.NO_ROUTE]
-            control = py(cloud, "pb", BULK, INET_IP, str(SINK_PORT), "200", "3")  # fits the narrow hop: passes
-            assert control["reply"] == "200", control
-            # Without TSO/GSO: 1500-byte packets, which the program's fib lookup finds too big for up0:
-            # dropped and counted as NO_ROUTE, and no frag-needed comes back (a black hole).
-            node.run(["ethtool", "-K", "eth0", "tso", "off", "gso", "off"], netns=pb, check=True)
-            try:
-                big = py(cloud, "pb", BULK, INET_IP, str(SINK_PORT), "200000", "3")
-            finally:
-                node.run(["ethtool", "-K", "eth0", "tso", "on", "gso", "on"], netns=pb, check=True)
-            assert big["reply"] != "200000" and "mtu" not in str(big["route"]), big
-            assert t4_ebpf.drops(cloud.state, "h1")[DropReason.NO_ROUTE] > no_route
-            pytest.skip("eBPF datapath: the gateway hop sends no ICMP fragmentation needed yet (docs/ebpf.md, 'Not "
-                         "there yet'): too-big packets are dropped, counted as NO_ROUTE (asserted), the transfer stalls")
-        # With offloads on: the frag-needed arrives and the kernel learns, though OVS re-segments (see above).
+        counted = drops(cloud)
+        # With offloads on: the frag-needed arrives and the kernel learns, though OVS re-segments (see above);
+        # on eBPF the program checks the GSO packet's segments against the hop, as h1's kernel does.
         learnt = str(py(cloud, "pb", BULK, INET_IP, str(SINK_PORT), "200000", "3")["route"])
         assert re.search(rf"\bmtu {NARROW_MTU}\b", learnt), learnt
         node.run(["ip", "route", "flush", "cache"], netns=pb, check=True)
@@ -267,6 +284,8 @@ def test_fragmentation_needed_teaches_the_container_the_path_mtu(cloud: Cloud) -
     assert result["reply"] == "2000000", result  # no black hole: every byte got through the narrow hop
     route = str(result["route"])
     assert re.search(rf"\bmtu {NARROW_MTU}\b", route), route  # learnt again, from this transfer's frag-needed
+    if cloud.datapath == "ebpf":  # answered by the program's gateway hop (not dropped as NO_ROUTE, as before)
+        assert drops(cloud)[DropReason.TOO_BIG] > counted[DropReason.TOO_BIG]
 
 
 def test_tso_segments_never_cross_a_narrower_hop_unchecked(cloud: Cloud, request: pytest.FixtureRequest) -> None:
