@@ -257,7 +257,7 @@ def status(console: Console, st: Json) -> None:
                 str(h["agent_generation"]),
                 "yes" if h["switch_connected"] else "no",
                 "yes" if h["converged"] else "no",
-                h.get("down") or "-",
+                host_down(h) or "-",  # an OVS host's dead agent too ("agent dead: ..."), though not down
             )
         )
     _print(console, table)
