@@ -11,6 +11,8 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -246,3 +248,31 @@ def test_a_write_elsewhere_waits_for_a_dead_agent_only_on_ovs(datapath: str) -> 
         status = client.get("/v1/status").json()
         h3 = next(h for h in status["hosts"] if h["name"] == "h3")
         assert h3["agent_dead"].startswith("agent lease expired") and h3["down"] is not None
+
+
+def test_the_hosts_and_status_tables_show_a_down_column_only_when_one_is() -> None:
+    import io
+
+    from rich.console import Console
+
+    from portmesh.cli import render
+
+    def table(draw: Callable[[Console, Any], None], data: Any) -> str:
+        out = io.StringIO()
+        draw(Console(file=out, width=250, color_system=None), data)
+        return out.getvalue()
+
+    status = {"switch_generation": 3, "agent_generation": 3, "switch_connected": True}
+    up = {"name": "h1", "datapath_id": 1, "underlay_ip": None, "status": status, "down": None, "agent_dead": None}
+    assert "DOWN" not in table(render.hosts, [up])  # control: an all-up cloud's table is as it was
+    dead = {**up, "name": "h3", "down": "agent lease expired (no heartbeat for 4s)",
+            "agent_dead": "agent lease expired (no heartbeat for 4s)"}
+    ovs = {**up, "name": "h2", "agent_dead": "agent lease expired (no heartbeat for 5s)"}
+    text = table(render.hosts, [up, ovs, dead])
+    assert "DOWN" in text.splitlines()[0]
+    assert text.splitlines()[2].endswith("agent dead: agent lease expired (no heartbeat for 5s)")
+    assert text.splitlines()[3].endswith("  agent lease expired (no heartbeat for 4s)")
+    progress = {"switch_generation": 3, "agent_generation": 3, "switch_connected": True, "converged": True}
+    st = {"generation": 3, "converged": True, "problems": [], "lagging": [],
+          "hosts": [{**progress, "name": "h2", "down": None, "agent_dead": "agent lease expired (no heartbeat for 5s)"}]}
+    assert table(render.status, st).splitlines()[-1].endswith("agent dead: agent lease expired (no heartbeat for 5s)")
