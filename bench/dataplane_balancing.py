@@ -68,7 +68,9 @@ class BalancingLab(PortmeshPath):
             raise BenchError("`portmesh map add` takes no several backends yet (no --weight in its help)")
         self.lab_up()
         for name, own in zip(BACKENDS, OWN_IPS, strict=True):
-            self.start(name, [VIP, own], [f"{own}:{HTTP_PORT}/tcp"])
+            self.start(name, [VIP, own], [])
+            # a mapping of one of its IPs only (`run -p` maps a port on every IP the container holds)
+            self._cli(["map", "add", own, f"{HTTP_PORT}/tcp", name, "--wait"], timeout=self.bench.args.lab_timeout)
         self.start(SINGLE, [SINGLE_IP], [f"{HTTP_PORT}/tcp"])
         self._cli(["map", "add", VIP, f"{HTTP_PORT}/tcp", *BACKENDS, "--wait"], timeout=self.bench.args.lab_timeout)
         for name in (*BACKENDS, SINGLE):
