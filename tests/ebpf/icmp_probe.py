@@ -1,8 +1,8 @@
 """``python tests/ebpf/icmp_probe.py DST PORT [options]``: UDP probes, and the ICMP errors they earn.
 
 Run inside a namespace (a container or ``inet``): sends ``--count`` datagrams of ``--size`` bytes
-to DST:PORT with ``--ttl`` (and DF with ``--df``), ``--interval`` seconds apart (0: as fast as the
-loop goes), from one socket, and listens on a raw ICMP socket for the errors that quote them
+to DST:PORT with ``--ttl`` (and DF with ``--df``), at least ``--interval`` seconds apart (0: as fast
+as the loop goes), from one socket, and listens on a raw ICMP socket for the errors that quote them
 (same ports). Collection stops when every probe is accounted for (answered by DST or quoted in an
 error) or ``--wait`` seconds after the last send. Prints one JSON line: probes sent, the seconds the
 sending took, replies from DST, the errors (count, seconds from the first send to the last one heard,
@@ -62,7 +62,7 @@ def main() -> None:
     start = time.monotonic()
     for i in range(a.count):
         if a.interval and i:
-            time.sleep(max(0.0, start + i * a.interval - time.monotonic()))
+            time.sleep(a.interval)  # at least this far apart: a late wake-up never sends a catch-up burst
         try:
             udp.sendto(payload, (a.dst, a.port))
             sent += 1
