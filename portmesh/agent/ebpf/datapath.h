@@ -106,7 +106,7 @@ enum pm_drop_reason {
     PM_DROP_TUNNEL = 7,       /* from a tunnel, for no local container and not for this gateway */
     PM_DROP_ICMP = 8,         /* ICMP type a container may not send / nobody to deliver to */
     PM_DROP_REFUSED = 9,      /* unmapped port on a public IP: answered with RST / port unreachable */
-    PM_DROP_NO_ROUTE = 10,    /* fib lookup found no way out */
+    PM_DROP_NO_ROUTE = 10,    /* fib lookup found no way out; or too big without DF (nothing fragments) */
     PM_DROP_TTL_EXCEEDED = 11, /* TTL <= 1 at the gateway hop: answered with ICMP time exceeded */
     PM_DROP_TOO_BIG = 12,     /* DF and larger than the next hop's MTU: answered with fragmentation needed */
     PM_DROP_ICMP_LIMIT = 13,  /* would be answered with an ICMP error, but over the rate limit: silent */
