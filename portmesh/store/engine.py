@@ -50,7 +50,7 @@ Build = Callable[[Txn], bool]
 # What a host agent's view replicates (Store(remote, host=NAME)), and the Host columns it writes
 # without replicating them (its reports; see Engine.__init__).
 AGENT_VIEW_TABLES = ("Global", "Host", "Container", "Mapping")
-AGENT_WRITES: dict[str, tuple[str, ...]] = {"Host": ("agent_generation", "tunnels", *("heartbeat", "datapath"))}
+AGENT_WRITES: dict[str, tuple[str, ...]] = {"Host": ("agent_generation", "tunnels", "heartbeat", "datapath")}
 # Which rows an agent's view holds: its own host's containers, and the mappings with a health check
 # (schema 1.6.0), so it knows which of its containers to check; a plain mapping never reaches it.
 AGENT_MAPPINGS: list[Any] = [["health", "!=", ["map", []]]]
