@@ -53,6 +53,11 @@ class EbpfDatapath:
         obj = build.object_path(self.cache_dir)
         loader.ensure_bpffs(self.pin_dir)
         self._loaded = loader.load(obj, self.pin_dir)
+        if self._loaded.replaced:
+            # Another version pinned these with another definition: they start empty (the next pass
+            # refills state maps from the store; counters restart at zero).
+            log.warning("eBPF maps pinned with another definition, created afresh: %s", ", ".join(self._loaded.replaced))
+            self._sync.forget()
         log.info("eBPF datapath %s loaded, maps pinned in %s", obj.name, self.pin_dir)
 
     def close(self) -> None:

@@ -93,6 +93,13 @@ class _Lib:
             "bpf_object__find_map_by_name": (vp, [vp, cp]),
             "bpf_program__fd": (i, [vp]),
             "bpf_map__fd": (i, [vp]),
+            "bpf_object__next_map": (vp, [vp, vp]),
+            "bpf_map__name": (cp, [vp]),
+            "bpf_map__type": (i, [vp]),
+            "bpf_map__key_size": (ctypes.c_uint32, [vp]),
+            "bpf_map__value_size": (ctypes.c_uint32, [vp]),
+            "bpf_map__max_entries": (ctypes.c_uint32, [vp]),
+            "bpf_map__map_flags": (ctypes.c_uint32, [vp]),
             "bpf_obj_get": (i, [cp]),
             "bpf_map_update_elem": (i, [i, vp, vp, ctypes.c_uint64]),
             "bpf_map_lookup_elem": (i, [i, vp, vp]),
@@ -301,6 +308,7 @@ class Loaded:
     """A loaded object: its programs' fds (valid until ``close``) and its maps."""
 
     def __init__(self, obj: int, path: Path) -> None:
+        self.replaced: list[str] = []  # maps pinned with another definition, created afresh by this load
         self._obj: int | None = obj
         self.path = path
         self._maps: dict[str, BpfMap] = {}
@@ -348,8 +356,11 @@ class Loaded:
 def load(obj: Path, pin_dir: Path) -> Loaded:
     """Open and load ``obj``; its pinned maps are reused from ``pin_dir/maps`` or created and pinned there.
 
-    ``pin_dir`` must lie on a bpffs (``ensure_bpffs``). A map pinned with another definition
-    (a changed size, say) fails the load: libbpf names it in the error.
+    ``pin_dir`` must lie on a bpffs (``ensure_bpffs``). A map pinned by another version of the
+    program with another definition (a table grown by a new drop reason, say) cannot be reused:
+    its pin is removed first, so the load creates and pins it afresh, and ``Loaded.replaced``
+    names it (the caller refills state maps from the store; a counter map restarts at zero).
+    The old program keeps its own reference to the old map until the new one replaces it.
     """
     b = _libbpf()
     maps_dir = pin_dir / "maps"
@@ -361,11 +372,59 @@ def load(obj: Path, pin_dir: Path) -> Loaded:
         if not handle:
             code = ctypes.get_errno() or errno.EINVAL
             raise OSError(code, f"open eBPF object {obj}: {os.strerror(code)}\n{''.join(b.log).strip()}")
+        try:
+            replaced = _unpin_incompatible(b, handle, maps_dir)
+        except OSError:
+            b.lib.bpf_object__close(handle)
+            raise
         ret = b.lib.bpf_object__load(handle)
         if ret < 0:
             b.lib.bpf_object__close(handle)
             raise OSError(-ret, f"load eBPF object {obj}: {os.strerror(-ret)}\n{''.join(b.log).strip()}")
-    return Loaded(handle, obj)
+    loaded = Loaded(handle, obj)
+    loaded.replaced = replaced
+    return loaded
+
+
+def _definition(b: _Lib, m: int) -> tuple[int, int, int, int, int]:
+    """What libbpf requires of a pinned map to reuse it (its map_is_reuse_compat): type, key and
+    value sizes, entries, flags."""
+    lib = b.lib
+    return (lib.bpf_map__type(m), lib.bpf_map__key_size(m), lib.bpf_map__value_size(m),
+            lib.bpf_map__max_entries(m), lib.bpf_map__map_flags(m))  # fmt: skip
+
+
+def _pinned_definition(b: _Lib, path: Path) -> tuple[int, int, int, int, int] | None:
+    """The definition of the map pinned at ``path``, or None if nothing is pinned there."""
+    fd = b.lib.bpf_obj_get(str(path).encode())
+    if fd < 0:
+        code = ctypes.get_errno()
+        if code == errno.ENOENT:
+            return None
+        raise OSError(code, f"open pinned map {path}: {os.strerror(code)}")
+    try:
+        info = _MapInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        _check(b.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), f"read map info of {path}")
+        return (info.type, info.key_size, info.value_size, info.max_entries, info.map_flags)
+    finally:
+        os.close(fd)
+
+
+def _unpin_incompatible(b: _Lib, handle: int, maps_dir: Path) -> list[str]:
+    """Remove the pins of maps whose pinned definition differs from the object's; their names."""
+    replaced: list[str] = []
+    m = b.lib.bpf_object__next_map(handle, None)
+    while m:
+        name = (b.lib.bpf_map__name(m) or b"").decode()
+        path = maps_dir / name
+        if name and not name.startswith(".") and path.exists():
+            pinned = _pinned_definition(b, path)
+            if pinned is not None and pinned != _definition(b, m):
+                path.unlink()
+                replaced.append(name)
+        m = b.lib.bpf_object__next_map(handle, m)
+    return replaced
 
 
 def program_id(prog_fd: int) -> int:
