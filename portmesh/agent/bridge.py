@@ -31,24 +31,16 @@ CONTROLLER_MAX_BACKOFF_MS = 1000
 POKE_KEY = "portmesh-reconfigure"  # Controller external_ids key written to make OVS apply max_backoff again
 STATUS_LAG_S = 15.0  # OVS refreshes Controller is_connected/status every ~5 s: after this, they are current
 # The AFFINITY table (the controller's Table.AFFINITY, pinned equal by tests/switch/test_affinity_limit.py:
-# the agent does not import the controller): the connection table of balanced mappings, filled by the
-# switch's own ``learn`` actions, one flow per new 5-tuple, so a SYN flood could fill it without bound.
-# Its Flow_Table row caps it and makes OVS evict instead of refusing: the flow that expires soonest
-# goes (the least recently used at equal idle timeout), so a connection that keeps sending outlives
-# flood entries that never saw a second packet. No ``groups``: one eviction group. Grouping by source
-# address would shield others from a single-source flood but, under a spoofed one (every source new),
-# make the clients with the most connections the largest group and thus the first victims. Only
-# learned flows (all with idle timeouts) are in this table; OVS never evicts flows without a timeout,
-# and the controller's pinned flows live in other tables anyway. An evicted connection is not lost
-# while the backend set is unchanged: multipath's hash sends its next packet to the same backend.
+# the agent does not import the controller). It used to hold one learned flow per balanced connection and
+# its Flow_Table row capped it (flow_limit=100000, overflow_policy=evict). Connections now live in conntrack
+# zone 2 and AFFINITY holds only the controller's flows (a pin per backend and 256 buckets per balanced
+# mapping, none with a timeout, so none evictable): a cap there would refuse the controller's adds past
+# ~390 balanced mappings. The row keeps only the table's name, and the agent clears an older agent's cap.
+# The SYN-flood bound is now conntrack's: OVS 3.1's schema has CT_Zone (timeout_policy) but no
+# CT_Zone.limit, so zone 2 shares the datapath's connection limit (userspace: ct-set-maxconns, default
+# 3,000,000) with OVS's default timeouts (docs/pipeline.md, AFFINITY).
 AFFINITY_TABLE = 7
 AFFINITY_TABLE_NAME = "AFFINITY"
-# Default cap: 100,000 live balanced connections per switch (BridgeSpec.affinity_flow_limit to change
-# it). Measured on the dummy datapath (docs/components.md): a learned flow costs ovs-vswitchd ~1 KB
-# (~95 MB at the cap) and, with eviction on, OVS re-ranks every flow of the table once a second: 2-3 %
-# of a core while idle at 33-50k flows (1.1 % at 27k without eviction), so ~6 % at the cap. OVS itself
-# logs "Table 7 has an excessive number of rules" above 100,000, so the cap stays at that threshold.
-AFFINITY_FLOW_LIMIT = 100_000
 
 
 def parse_controller_targets(text: str) -> tuple[str, ...]:
@@ -91,13 +83,6 @@ class BridgeSpec:
     datapath_type: str = ""
     name: str = BRIDGE
     local_mtu: int | None = None  # the bridge's own port (NetworkConfig.egress_mtu); None: OVS's choice
-    affinity_flow_limit: int = AFFINITY_FLOW_LIMIT  # learned connections AFFINITY holds before OVS evicts
-
-    def __post_init__(self) -> None:
-        # 0 would make every learn fail (a full table with nothing to evict): connections would lose
-        # their affinity silently. Refused here rather than written to OVSDB.
-        if self.affinity_flow_limit < 1:
-            raise ValueError(f"affinity_flow_limit: {self.affinity_flow_limit} is not a positive number of flows")
 
     @property
     def dpid_hex(self) -> str:
@@ -187,20 +172,20 @@ class Bridge:
         return self._ensure_controller_limits(spec) or changed
 
     def _ensure_affinity_table(self, spec: BridgeSpec) -> bool:
-        """br0's Flow_Table row for AFFINITY: its name, ``flow_limit`` and ``overflow_policy=evict``.
+        """br0's Flow_Table row for AFFINITY: its name, and no cap (see AFFINITY_TABLE above).
 
         Read first, like every column here: an unchanged row means no transaction. A row that differs
-        is updated in place (another Flow_Table entry of the bridge, if any, is left as it is); a
-        missing one is created and put in ``flow_tables`` under key 7 in one transaction. Lowering the
-        limit below the number of flows present makes OVS evict at once, down to the new limit.
+        (an older agent's ``flow_limit``/``overflow_policy=evict``) is updated in place; another
+        Flow_Table entry of the bridge, if any, is left as it is; a missing one is created and put in
+        ``flow_tables`` under key 7 in one transaction.
         """
         row = self._bridge_row(spec.name)
         if row is None:
             return False
         wanted: list[tuple[str, Any]] = [
             ("name", AFFINITY_TABLE_NAME),
-            ("flow_limit", spec.affinity_flow_limit),
-            ("overflow_policy", "evict"),
+            ("flow_limit", []),
+            ("overflow_policy", []),
             ("groups", []),
         ]
         table = dict(row.flow_tables).get(AFFINITY_TABLE)
@@ -213,7 +198,7 @@ class Bridge:
             self.api.db_set("Flow_Table", table.uuid, *stale).execute(check_error=True)
             return True
         with self.api.transaction(check_error=True) as txn:
-            new = txn.add(self.api.db_create("Flow_Table", **dict(wanted)))
+            new = txn.add(self.api.db_create("Flow_Table", name=AFFINITY_TABLE_NAME))
             txn.add(self.api.db_set("Bridge", spec.name, ("flow_tables", {AFFINITY_TABLE: new})))
         return True
 

@@ -25,7 +25,6 @@ from typing import Any
 from os_ken.ofproto import ofproto_parser
 
 from portmesh.controller.encoding import DP, bundle_ctrl, ofp, parser, serialize
-from portmesh.controller.pipeline import Table
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +52,9 @@ class FlowCookies:
     cookies: list[int]
 
 
-# Learned flows (the switch's own, see pipeline.AFFINITY) are never the controller's to diff: they carry
-# the cookie of their mapping's pinned BALANCE flow, so deleting that deletes them, but they are left
-# out of reads so a restart or failover compares only what the controller programs.
-UNREAD_TABLES = frozenset({Table.AFFINITY.number})
+# Tables whose flows are the switch's own and never the controller's to diff. None since AFFINITY's
+# connections moved into conntrack (balancing.py): the controller programs every table it reads.
+UNREAD_TABLES: frozenset[int] = frozenset()
 
 
 def flow_cookies(data: bytes, xid: int) -> FlowCookies:

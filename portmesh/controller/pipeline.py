@@ -86,12 +86,11 @@ class Table(enum.Enum):
             "public IP goes to the controller (meter ICMP_IN), which finds the owner of the address and port the "
             "error quotes (mappings, then port blocks) and sends it on to L2 with eth_dst set to the owner's MAC. "
             "Other destinations pass to L2. A mapping with a firewall policy goes to POLICY instead of being "
-            "rewritten here; a balanced one (several backends) looks its connection up in AFFINITY (resubmit), "
-            "picks a slot with multipath and goes to BALANCE. Plain mappings (one backend, no policy) are "
+            "rewritten here; a balanced one (several backends) goes to BALANCE. Plain mappings (one backend, no policy) are "
             "rewritten here as before and never pass POLICY, BALANCE or AFFINITY."
         ),
         match_fields=frozenset({"eth_type", "ipv4_dst", "ip_proto", "tcp_dst", "udp_dst", "icmpv4_type", "ct_state"}),
-        next_tables=("L2", "POLICY", "BALANCE", "AFFINITY"),
+        next_tables=("L2", "POLICY", "BALANCE"),
         miss="goto L2",
     )
     L2 = TableSpec(
@@ -133,48 +132,52 @@ class Table(enum.Enum):
             "A filtered mapping's firewall, keyed by (ipv4_dst, ip_proto, tp_dst) and the source network: deny "
             "networks drop (highest priority, so a deny inside an allow wins), allow networks continue, and the "
             "mapping's default continues if it has no allow list, else drops. Continuing is what the mapping "
-            "would do in MAPPING (rewrite eth_dst and go to L2, or AFFINITY + multipath + BALANCE). A denied "
+            "would do in MAPPING (rewrite eth_dst and go to L2, or go to BALANCE). A denied "
             "TCP SYN gets no answer: a reset would confirm to a scanner that the port is served and would let "
             "spoofed sources aim resets at third parties; an unmapped port still answers with a reset. The "
             "flows' packet and byte counters are the mapping's allowed/denied counters."
         ),
         match_fields=frozenset({"eth_type", "ipv4_dst", "ipv4_src", "ip_proto", "tcp_dst", "udp_dst"}),
-        next_tables=("L2", "BALANCE", "AFFINITY"),
+        next_tables=("L2", "BALANCE"),
         miss="drop",
     )
     BALANCE = TableSpec(
         number=6,
         purpose=(
-            "Backend choice for a balanced mapping (direct server return: only eth_dst changes). A packet whose "
-            "connection AFFINITY knew (reg0 bit 0 set) goes to L2 with the MAC AFFINITY loaded, unless it is a "
-            "TCP SYN (no ACK bit): a new connection is always balanced afresh, so a client port reused right "
-            "after a refused attempt is not held to that attempt's backend. Otherwise reg1 "
-            "holds the slot multipath chose (a symmetric hash of IPs, protocol and ports, no Ethernet address; "
-            "HRW rendezvous hashing over the serving "
-            "backends' weight-expanded slots, so a connection whose learned flow expired finds the same backend "
-            "while the set is unchanged): the slot's flow sets eth_dst to that backend's MAC, learns the "
-            "connection into AFFINITY (5-tuple -> that MAC; idle and FIN idle timeouts; the learned flows carry "
-            "the cookie of the mapping's pinned flow here, so deleting the mapping deletes them) and goes to L2."
+            "Entry of a balanced mapping (direct server return: only eth_dst changes): one flow per mapping, "
+            "keyed by (ipv4_dst, ip_proto, tp_dst), sends the packet through conntrack zone 2 (balanced mappings "
+            "only; ICMP has zone 1) and resumes it in AFFINITY. Without a policy its counters are the mapping's "
+            "allowed counters."
         ),
-        match_fields=frozenset({"eth_type", "ipv4_dst", "ip_proto", "tcp_dst", "udp_dst", "reg0", "reg1",
-                                "tcp_flags"}),
-        next_tables=("L2", "AFFINITY"),
+        match_fields=frozenset({"eth_type", "ipv4_dst", "ip_proto", "tcp_dst", "udp_dst"}),
+        next_tables=("AFFINITY",),
         miss="drop",
     )
     AFFINITY = TableSpec(
         number=7,
         purpose=(
-            "The connection table of balanced mappings, filled by the switch alone (learn actions in "
-            "BALANCE): one flow per live connection matching its 5-tuple, loading the chosen backend's MAC "
-            "into eth_dst and setting reg0 bit 0. Entered only by resubmit, so a miss just returns. The "
-            "controller never programs this table and leaves it out of its reads: learned flows survive "
-            "controller restarts and failovers and never count as differences. They pin a connection to its "
-            "backend when backends are added, removed or go down."
+            "Backend choice of balanced mappings; the connection table is conntrack zone 2, whose ct_label holds "
+            "each connection's backend MAC in its low 48 bits. Pinned flows (one per serving backend: the "
+            "mapping's (ipv4_dst, ip_proto, tp_dst), ct_state +trk, ct_label = the MAC, and for TCP only segments "
+            "with ACK) set eth_dst to that MAC and go to L2 (resubmit: OpenFlow's goto only goes forward). "
+            "Everything else of the mapping (a TCP SYN, which is always balanced afresh, so a client port reused "
+            "right after a refused attempt is not held to it; a new UDP flow; a connection whose backend stopped "
+            "serving or was removed, whose pinned flow is gone) falls to 256 bucket flows keyed by bits 1-8 of "
+            "the source port (mask 0x1fe; Linux's connect() prefers even ports, so bit 0 says little), each "
+            "filled Maglev-style from the serving backends' weight-expanded slots (portmesh/model/buckets.py: "
+            "even by weight, few buckets move when a backend comes or goes): it commits the connection with the "
+            "chosen MAC in ct_label, sets eth_dst and goes to L2. Packets conntrack flags +inv are not dropped: "
+            "the switch sees only the client's half of a connection, and OVS's userspace conntrack fails its "
+            "sequence check on many of them, but they carry their entry's label all the same. A pin lives as "
+            "long as its conntrack entry: zone 2 has OVS's default timeouts (a client-only TCP entry stays "
+            "SYN_SENT, 30 s from its last packet, or CLOSING, 15 min, once a FIN passed; UDP 60 s), so a connection "
+            "quiet for longer is re-chosen from its bucket, the same backend while the serving set is unchanged. "
+            "Controller-programmed (the mapping owns every flow, so deleting it deletes them); nothing is learned."
         ),
-        match_fields=frozenset({"eth_type", "ipv4_src", "ipv4_dst", "ip_proto", "tcp_src", "tcp_dst", "udp_src",
-                                "udp_dst"}),
-        next_tables=(),
-        miss="return (entered by resubmit only)",
+        match_fields=frozenset({"eth_type", "ipv4_dst", "ip_proto", "tcp_src", "tcp_dst", "udp_src", "udp_dst",
+                                "ct_state", "ct_label", "tcp_flags"}),
+        next_tables=("L2",),
+        miss="drop",
     )
 
     def __repr__(self) -> str:

@@ -1,10 +1,13 @@
 """Tier 2: balanced and filtered mappings compiled by the real controller into a dummy-datapath OVS.
 
-Packets are injected with ``netdev-dummy/receive`` (so the switch really runs its learn actions) and
-checked with ``ofproto/trace`` (which shows where the next packet of a 5-tuple would go)."""
+Packets are injected with ``netdev-dummy/receive`` (so the switch really runs conntrack: its zone-2
+entries and their labels are read back with ``dpctl/dump-conntrack``) and checked with ``ofproto/trace``
+(``--ct-next`` resumes the recirculated packet: a SYN as a new connection, a later segment as an
+established one carrying the label conntrack really holds for its 5-tuple)."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
@@ -53,64 +56,77 @@ def send(ovs: DummyOVS, src: str, sport: int, dport: int = 80) -> None:
 
 def backend_of(ovs: DummyOVS, ports: dict[str, int], src: str, sport: int, dport: int = 80, flags: str = "0x02") -> str | None:
     """Where the switch sends a segment: a SYN (the default) is balanced afresh, a later segment (``flags``
-    with ACK, 0x10) follows what AFFINITY learned."""
-    outs = of_outputs(ovs.trace("br0", packet(src, sport, dport, flags)))
+    with ACK, 0x10) follows the backend conntrack remembers for its 5-tuple (none: a new connection)."""
+    label = labels(ovs).get((src, sport, dport)) if flags != "0x02" else None
+    spec = packet(src, sport, dport, flags) + (f",ct_label={label:#x}" if label else "")
+    outs = of_outputs(ovs.appctl("ofproto/trace", "br0", spec, "--ct-next", "trk,est" if label else "trk,new"))
     by_port = {str(p): n for n, p in ports.items()}
     return by_port.get(outs[0]) if len(outs) == 1 else None
 
 
-def learned(ovs: DummyOVS) -> list[str]:
-    return [f for f in ovs.dump_flows("br0") if f", table={Table.AFFINITY.number}, " in f]
+def labels(ovs: DummyOVS) -> dict[tuple[str, int, int], int]:
+    """Conntrack zone 2 (balanced mappings): (client IP, client port, mapped port) -> ct_label."""
+    out = {}
+    for line in ovs.appctl("dpctl/dump-conntrack", "zone=2").splitlines():
+        m = re.search(r"orig=\(src=([\d.]+),dst=[\d.]+,sport=(\d+),dport=(\d+)\).*labels=(0x[0-9a-f]+)", line)
+        if m:
+            out[(m[1], int(m[2]), int(m[3]))] = int(m[4], 16)
+    return out
 
 
-def wait_learned(ovs: DummyOVS, n: int, timeout: float = 5.0) -> list[str]:
+def wait_labels(ovs: DummyOVS, n: int, timeout: float = 5.0) -> dict[tuple[str, int, int], int]:
     deadline = time.monotonic() + timeout
     while True:
-        flows = learned(ovs)
-        if len(flows) >= n or time.monotonic() > deadline:
-            return flows
+        got = labels(ovs)
+        if len(got) >= n or time.monotonic() > deadline:
+            return got
         time.sleep(0.05)
 
 
-def test_balancing_learns_and_pins_connections(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
+def affinity(ovs: DummyOVS) -> list[str]:
+    return [f for f in ovs.dump_flows("br0") if f", table={Table.AFFINITY.number}, " in f]
+
+
+def test_balancing_pins_connections_by_conntrack(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
     state = build_state()
     source, ctl, ports = setup(dummy_ovs, tmp_path, state)
     try:
         source.wait_realized("h1")
         chosen = {}
-        for sport in range(41000, 41060):
+        for sport in range(41000, 41120, 2):
             chosen[sport] = backend_of(dummy_ovs, ports, "198.51.100.50", sport)
         assert set(chosen.values()) <= {"web-a", "web-b", "web-c"} and len(set(chosen.values())) == 3, chosen
-        for sport in range(41000, 41060):
+        for sport in chosen:
             send(dummy_ovs, "198.51.100.50", sport)
-        flows = wait_learned(dummy_ovs, 60)
-        assert len(flows) == 60, flows
-        mac_c = int(state.containers["web-c"].mac.replace(":", ""), 16)
-        assert any(f"load:{mac_c:#x}->NXM_OF_ETH_DST[]" in f for f in flows), flows
-        # Add web-d with a big weight: the learned connections stay where they are.
+        pins = wait_labels(dummy_ovs, 60)
+        assert len(pins) == 60, pins
+        mac_of = {n: int(c.mac.replace(":", ""), 16) for n, c in state.containers.items()}
+        assert {s: pins[("198.51.100.50", s, 80)] for s in chosen} == {s: mac_of[n] for s, n in chosen.items()}
+        assert {backend_of(dummy_ovs, ports, "198.51.100.50", s, flags=ACK) for s in chosen} == set(chosen.values())
+        # Add web-d with a big weight: the pinned connections stay where they are.
         lb = with_backend(state, state.mappings[KEY], "web-d", 10)
         state2 = replace(state, mappings={**state.mappings, KEY: lb})
         gen = source.publish(state2)
         source.wait_realized("h1", gen)
         after = {sport: backend_of(dummy_ovs, ports, "198.51.100.50", sport, flags=ACK) for sport in chosen}
         assert after == chosen
-        fresh = {backend_of(dummy_ovs, ports, "198.51.100.51", s) for s in range(42000, 42040)}
+        fresh = {backend_of(dummy_ovs, ports, "198.51.100.51", s) for s in range(42000, 42080, 2)}
         assert "web-d" in fresh  # positive control: new connections do reach the new backend
-        # web-a goes down: no new 5-tuple reaches it, pinned ones stay.
+        # web-a goes down: no new connection reaches it, its own are chosen afresh, the others stay.
         lb3 = replace(lb, down=frozenset({"web-a"}))
         state3 = replace(state2, mappings={**state2.mappings, KEY: lb3})
         gen = source.publish(state3)
         source.wait_realized("h1", gen)
-        fresh = {backend_of(dummy_ovs, ports, "198.51.100.52", s) for s in range(43000, 43100)}
+        fresh = {backend_of(dummy_ovs, ports, "198.51.100.52", s) for s in range(43000, 43200, 2)}
         assert "web-a" not in fresh and fresh <= {"web-b", "web-c", "web-d"}, fresh
-        assert {backend_of(dummy_ovs, ports, "198.51.100.50", s, flags=ACK) for s in chosen} == set(chosen.values())
-        # A SYN is balanced afresh even on a learned 5-tuple (a client port reused after a refusal):
-        # web-a is down, so none of its pinned ports' new SYNs reaches it.
+        now = {s: backend_of(dummy_ovs, ports, "198.51.100.50", s, flags=ACK) for s in chosen}
+        assert {s: b for s, b in now.items() if chosen[s] != "web-a"} == {s: b for s, b in chosen.items() if b != "web-a"}
+        assert "web-a" in chosen.values() and all(now[s] in {"web-b", "web-c", "web-d"} for s in chosen)
+        # A SYN is balanced afresh even on a pinned 5-tuple (a client port reused after a refusal).
         assert all(backend_of(dummy_ovs, ports, "198.51.100.50", s) != "web-a" for s in chosen)
-        assert len(learned(dummy_ovs)) == 60
     finally:
         ctl.stop()
-    # A restarted controller: learned flows stay, nothing is sent.
+    # A restarted controller: AFFINITY is the controller's own now, read back and found equal.
     (tmp_path / "ctl.sock").unlink()
     source2 = MemoryState(state3)
     ctl2 = ControllerThread(source2, tmp_path / "ctl.sock").start()
@@ -118,15 +134,38 @@ def test_balancing_learns_and_pins_connections(dummy_ovs: DummyOVS, tmp_path: Pa
         source2.wait_realized("h1", 0, timeout=20)
         assert ctl2.controller is not None
         assert ctl2.controller.flow_mods == 0
-        assert len(learned(dummy_ovs)) == 60
-        # Removing the mapping removes its learned flows too (they carry its pinned flow's cookie).
+        assert len(labels(dummy_ovs)) == 60
+        assert affinity(dummy_ovs)  # positive control for the removal below
+        # Removing the mapping removes its AFFINITY flows (its owner's cookies).
         gone = replace(state3, mappings={k: m for k, m in state3.mappings.items() if k != KEY})
         gen = source2.publish(gone)
         source2.wait_realized("h1", gen)
-        assert learned(dummy_ovs) == []
+        assert affinity(dummy_ovs) == []
         assert not any("tp_dst=80 " in f or "tp_dst=80," in f for f in dummy_ovs.dump_flows("br0"))
     finally:
         ctl2.stop()
+
+
+def test_udp_pins_and_buckets(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
+    """UDP: no flags; the first datagram takes its bucket, later ones follow the label."""
+    state = build_state()
+    dns = new_mapping(state, MappingKey(VIP, Proto.UDP, 53), ["web-a", "web-b"])
+    state = replace(state, mappings={**state.mappings, dns.key: dns})
+    source, ctl, ports = setup(dummy_ovs, tmp_path, state)
+    by_port = {str(p): n for n, p in ports.items()}
+    udp = (f"in_port=LOCAL,dl_src={CFG.gateway_mac},dl_dst={CFG.virtual_mac},udp,nw_src=198.51.100.70,"
+           f"nw_dst={VIP},nw_ttl=64,udp_dst=53")
+    try:
+        source.wait_realized("h1")
+        first = {s: by_port.get(of_outputs(dummy_ovs.appctl("ofproto/trace", "br0", f"{udp},udp_src={s}", "--ct-next",
+                                                             "trk,new"))[0]) for s in range(50000, 50064, 2)}
+        assert set(first.values()) == {"web-a", "web-b"}, first
+        mac_b = state.containers["web-b"].mac.replace(":", "")
+        for s in first:  # whatever its bucket says, a datagram labelled web-b goes to web-b
+            out = dummy_ovs.appctl("ofproto/trace", "br0", f"{udp},udp_src={s},ct_label=0x{mac_b}", "--ct-next", "trk,est")
+            assert of_outputs(out) == [str(ports["web-b"])], out
+    finally:
+        ctl.stop()
 
 
 def test_counters_allowed_and_denied(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
@@ -150,7 +189,7 @@ def test_counters_allowed_and_denied(dummy_ovs: DummyOVS, tmp_path: Path) -> Non
             send(dummy_ovs, "198.51.100.7" if sport % 2 else "198.51.100.200", sport, 22)
         for sport in range(46000, 46004):  # 4 balanced
             send(dummy_ovs, "198.51.100.50", sport)
-        send(dummy_ovs, "198.51.100.50", 46000)  # the same connection again: through its learned flow
+        send(dummy_ovs, "198.51.100.50", 46000)  # the same connection again: one more packet counted
         reporter = CounterReporter(ctl.controller)
         # The switch folds datapath statistics into its flows' counters every ~0.5 s: poll for them.
         deadline = time.monotonic() + 10
@@ -229,7 +268,7 @@ def test_balanced_across_hosts_and_direct_server_return(tmp_path: Path) -> None:
 
 def test_learn_cost_measurement(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
     """Opt-in (PORTMESH_LEARN_BENCH=N): ovs-vswitchd CPU per new connection, N SYNs of distinct 5-tuples
-    to a plain mapping (one megaflow serves them all) and to a balanced one (an upcall and a learn each)."""
+    to a plain mapping (one megaflow serves them all) and to a balanced one (conntrack; megaflows per bucket)."""
     import os
     import re
 
@@ -270,7 +309,7 @@ def test_learn_cost_measurement(dummy_ovs: DummyOVS, tmp_path: Path) -> None:
             figures[name] = used / got * 1e6
             print(f"{name}: {got} new connections, {upcalls} upcalls, ovs-vswitchd CPU {used:.2f} s "
                   f"= {figures[name]:.0f} us per connection")
-        print(f"learned flows: {len(learned(dummy_ovs))}; flows on the switch: {len(dummy_ovs.dump_flows('br0'))}")
+        print(f"zone 2 entries: {len(labels(dummy_ovs))}; flows on the switch: {len(dummy_ovs.dump_flows('br0'))}")
         assert figures["balanced"] > 0
     finally:
         ctl.stop()

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 
-from portmesh.controller.balancing import MAX_SLOTS, counted_flows, is_plain, slots
+from portmesh.controller.balancing import LABEL_MASK, LB_ZONE, MAX_SLOTS, N_BUCKETS, counted_flows, is_plain, mac_int, slots
 from portmesh.controller.compiler import compile_switch
 from portmesh.controller.counters import CookieIndex, totals
 from portmesh.controller.encoding import encode_add
-from portmesh.controller.flows import Flow, Learn, Multipath, Resubmit, SetField
+from portmesh.controller.flows import Ct, Flow, Resubmit, SetField
 from portmesh.controller.pipeline import Table
 from portmesh.controller.templates import TemplateEncoder
 from portmesh.model.config import DEFAULT_CONFIG as CFG
@@ -60,44 +60,89 @@ def test_plain_mapping_unchanged_by_a_balanced_neighbour() -> None:
     assert is_plain(state.mappings[PLAIN])
 
 
+def pinned_of(flows: list[Flow]) -> dict[int, Flow]:
+    """AFFINITY's pinned flows by the MAC (as an int) their ct_label match names."""
+    out = {}
+    for f in flows:
+        label = dict(f.match).get("ct_label")
+        if f.table is Table.AFFINITY and label is not None:
+            assert isinstance(label, tuple) and label[1] == LABEL_MASK
+            out[int(label[0])] = f
+    return out
+
+
+def buckets_of(flows: list[Flow]) -> dict[int, str]:
+    """AFFINITY's bucket flows: bucket number -> the MAC they choose."""
+    out = {}
+    for f in flows:
+        m = dict(f.match)
+        src = m.get("tcp_src", m.get("udp_src"))
+        if f.table is Table.AFFINITY and src is not None:
+            assert isinstance(src, tuple) and src[1] == 0x1FE
+            mac = next(a.value for a in f.actions if isinstance(a, SetField))
+            assert isinstance(mac, str) and f.actions[1] == Ct(LB_ZONE, commit=True, label_from="eth_dst")
+            out[int(src[0]) >> 1] = mac
+    return out
+
+
 def test_balanced_mapping_flows() -> None:
     state = with_mapping(base(), container=["a", "b", "c"], weights={"c": 2})
     flows = mine(compile_switch(state, CFG, "h1", ports(state, "h1")))
     entry = [f for f in flows if f.table is Table.MAPPING]
-    assert len(entry) == 1 and entry[0].goto is Table.BALANCE
-    assert entry[0].actions == (Resubmit(Table.AFFINITY), Multipath(4))
+    assert len(entry) == 1 and entry[0].goto is Table.BALANCE and entry[0].actions == ()
     balance = [f for f in flows if f.table is Table.BALANCE]
-    pinned = [f for f in balance if "reg0" in dict(f.match)]
-    assert len(pinned) == 1 and pinned[0].actions == (Resubmit(Table.L2),)
-    by_slot = {dict(f.match)["reg1"]: f for f in balance if "reg1" in dict(f.match)}
+    assert len(balance) == 1 and balance[0].actions == (Ct(LB_ZONE, Table.AFFINITY),) and balance[0].goto is None
     macs = {n: state.containers[n].mac for n in "abc"}
-    assert [next(a.value for a in f.actions if isinstance(a, SetField)) for _, f in sorted(by_slot.items())] == [
-        macs["a"], macs["b"], macs["c"], macs["c"]]
-    learns = {a for f in by_slot.values() for a in f.actions if isinstance(a, Learn)}
-    assert learns == {Learn(Table.AFFINITY, 6, pinned[0].cookie, 300, 5, 100)}
+    pinned = pinned_of(flows)
+    assert set(pinned) == {mac_int(m) for m in macs.values()}
+    for mac in macs.values():
+        f = pinned[mac_int(mac)]
+        assert f.actions == (SetField("eth_dst", mac), Resubmit(Table.L2))
+        assert dict(f.match)["tcp_flags"] == (0x10, 0x10) and dict(f.match)["ct_state"] == (0x20, 0x20)
+    chosen = buckets_of(flows)
+    assert sorted(chosen) == list(range(N_BUCKETS))
+    # Weights 1:1:2 over 256 buckets: 64, 64, 128 (within one slot count; tests/unit/test_buckets.py).
+    counts = {n: list(chosen.values()).count(macs[n]) for n in "abc"}
+    assert all(abs(counts[n] - want) <= 2 for n, want in (("a", 64), ("b", 64), ("c", 128))), counts
     # Allowances: on h1 for its local backends a and c (b is on h2), none on h2 for them.
     allow = [f for f in flows if f.table is Table.CLASSIFY]
     assert {dict(f.match)["eth_src"] for f in allow} == {macs["a"], macs["c"]}
-    assert not any(f.table is Table.AFFINITY for f in flows), "AFFINITY is the switch's own"
+    assert len(flows) == 1 + 1 + 3 + N_BUCKETS + 2
 
 
-def test_serving_changes_move_only_slots() -> None:
+def test_udp_buckets_have_no_flags() -> None:
+    state = base()
+    udp = new_mapping(state, MappingKey(VIP, Proto.UDP, 53), ["b", "d"])
+    state = replace(state, mappings={**state.mappings, udp.key: udp})
+    flows = mine(compile_switch(state, CFG, "h1", ports(state, "h1")), udp.key)
+    assert len(buckets_of(flows)) == N_BUCKETS and len(pinned_of(flows)) == 2
+    assert not any("tcp_flags" in dict(f.match) or "tcp_src" in dict(f.match) for f in flows)
+
+
+def test_serving_changes_move_only_their_buckets_and_pins() -> None:
     state = with_mapping(base(), container=["a", "b", "c"])
+    macs = {n: c.mac for n, c in state.containers.items()}
     one = mine(compile_switch(state, CFG, "h1", ports(state, "h1")))
     m = replace(state.mappings[KEY], down=frozenset({"b"}))
     two = mine(compile_switch(replace(state, mappings={**state.mappings, KEY: m}), CFG, "h1", ports(state, "h1")))
-    pinned = {f.cookie for f in one if "reg0" in dict(f.match)}
-    assert pinned == {f.cookie for f in two if "reg0" in dict(f.match)}, "the pinned flow (learned cookie) stays"
-    assert state.containers["b"].mac not in str([f.actions for f in two if f.table is Table.BALANCE])
+    # b's pin goes (its connections are re-chosen); a's and c's pins stay the very same flows.
+    assert set(pinned_of(two)) == {mac_int(macs["a"]), mac_int(macs["c"])}
+    assert {pinned_of(one)[mac_int(macs[n])].cookie for n in "ac"} == {f.cookie for f in pinned_of(two).values()}
+    b1, b2 = buckets_of(one), buckets_of(two)
+    assert macs["b"] not in b2.values()
+    others = [i for i in range(N_BUCKETS) if b1[i] != macs["b"] and b2[i] != b1[i]]
+    assert len(others) <= N_BUCKETS / 3 / 2, "mostly b's buckets move (Maglev: bounds in test_buckets.py)"
     # Every backend down: only allowances remain (refused like an unmapped port).
     m = replace(m, down=frozenset({"a", "b", "c"}))
     none = mine(compile_switch(replace(state, mappings={**state.mappings, KEY: m}), CFG, "h1", ports(state, "h1")))
     assert none and all(f.table is Table.CLASSIFY for f in none)
-    # Adding a backend keeps the pinned flow too.
-    added = with_backend(state, state.mappings[KEY], "d", 3)
+    # Adding a backend keeps every pin, and moves about a quarter of the buckets, all to d.
+    added = with_backend(state, state.mappings[KEY], "d", 1)
     three = mine(compile_switch(replace(state, mappings={**state.mappings, KEY: added}), CFG, "h1", ports(state, "h1")))
-    assert pinned == {f.cookie for f in three if "reg0" in dict(f.match)}
-    assert len([f for f in three if "reg1" in dict(f.match)]) == 6
+    assert {f.cookie for f in pinned_of(one).values()} < {f.cookie for f in pinned_of(three).values()}
+    b3 = buckets_of(three)
+    moved = [i for i in range(N_BUCKETS) if b3[i] != b1[i]]
+    assert 50 <= len(moved) <= 96 and sum(b3[i] == macs["d"] for i in moved) >= len(moved) * 0.9
 
 
 def test_filtered_single_backend_policy() -> None:
@@ -125,9 +170,10 @@ def test_filtered_single_backend_policy() -> None:
 def test_filtered_and_balanced_continue_to_balance() -> None:
     state = with_mapping(base(), container=["a", "b"], allow=(IPv4Network("198.51.100.0/24"),))
     flows = mine(compile_switch(state, CFG, "h2", ports(state, "h2")))
-    permit = [f for f in flows if f.table is Table.POLICY and f.actions]
+    permit = [f for f in flows if f.table is Table.POLICY and f.goto is not None]
     assert len(permit) == 1 and permit[0].goto is Table.BALANCE
-    assert permit[0].actions == (Resubmit(Table.AFFINITY), Multipath(2))
+    assert permit[0].actions == ()
+    assert [f.actions for f in flows if f.table is Table.BALANCE] == [(Ct(LB_ZONE, Table.AFFINITY),)]
 
 
 def test_new_shapes_encode_through_os_ken_and_templates_agree() -> None:
@@ -145,8 +191,8 @@ def test_counter_index_and_totals() -> None:
     index = CookieIndex().update(state)
     flows = mine(compile_switch(state, CFG, "h1", ports(state, "h1")))
     assert PLAIN not in {k for k, _ in index.values()}
-    deny = next(f for f in flows if f.table is Table.POLICY and not f.actions)
-    ok = next(f for f in flows if f.table is Table.POLICY and f.actions)
+    deny = next(f for f in flows if f.table is Table.POLICY and not f.actions and f.goto is None)
+    ok = next(f for f in flows if f.table is Table.POLICY and (f.actions or f.goto))
     got = totals(index, [[(deny.cookie, 2, 120), (ok.cookie, 5, 300)], [(ok.cookie, 1, 60), (12345, 9, 9)]])
     assert got[KEY] == type(got[KEY])(6, 360, 2, 120)
 
