@@ -169,8 +169,8 @@ class Table(enum.Enum):
             "chosen MAC in ct_label, sets eth_dst and goes to L2. Packets conntrack flags +inv are not dropped: "
             "the switch sees only the client's half of a connection, and OVS's userspace conntrack fails its "
             "sequence check on many of them, but they carry their entry's label all the same. A pin lives as "
-            "long as its conntrack entry: zone 2 has OVS's default timeouts (a client-only TCP entry stays "
-            "SYN_SENT, 30 s from its last packet, or CLOSING, 15 min, once a FIN passed; UDP 60 s), so a connection "
+            "long as its conntrack entry: zone 2 has OVS's default timeouts (the server's half is never seen, so a "
+            "TCP entry expires 30 s after its last packet, a FIN included; UDP 60 s), so a connection "
             "quiet for longer is re-chosen from its bucket, the same backend while the serving set is unchanged. "
             "Controller-programmed (the mapping owns every flow, so deleting it deletes them); nothing is learned."
         ),
