@@ -97,7 +97,17 @@ async def main():
     seq, t0, ready_seq = 0, time.monotonic(), None
     async def tcp(ip):
         try:
-            r, w = await asyncio.wait_for(asyncio.open_connection(ip, TCP), 20)
+            # The echo servers may still be starting (a 201 means the container runs, not that its
+            # program listens yet): a refused connect is tried again, for at most 20 s.
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    r, w = await asyncio.wait_for(asyncio.open_connection(ip, TCP), 20)
+                    break
+                except ConnectionRefusedError:
+                    if stop.is_set() or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
             while not stop.is_set():
                 w.write(LINE); await w.drain()
                 if await asyncio.wait_for(r.readline(), 15) != LINE:
