@@ -8,9 +8,6 @@ agent's view nor the controller's reader (a beat every second must cost them not
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,8 +17,7 @@ import pytest
 from portmesh.model.entities import Host, HostStatus
 from portmesh.store.client import Store
 from portmesh.store.reader import StateReader
-from portmesh.store.rows import schema_path
-from portmesh.store.server import create_db, start_server, stop_server
+from tests.switch.old_schemas import older_schema, upgraded_store
 from tests.switch.test_store import container, server
 from tests.switch.test_store_mirror import wait_until
 
@@ -30,34 +26,12 @@ __all__ = ["server"]  # the fixture, re-used
 pytestmark = pytest.mark.switch
 
 
-def schema_1_8_0(tmp_path: Path) -> Path:
-    """The Portmesh schema as 1.8.0 had it: no Host.heartbeat, Host.datapath."""
-    schema = json.loads(schema_path().read_text())
-    schema["version"] = "1.8.0"
-    del schema["tables"]["Host"]["columns"]["heartbeat"]
-    del schema["tables"]["Host"]["columns"]["datapath"]
-    path = tmp_path / "1.8.0.ovsschema"
-    path.write_text(json.dumps(schema))
-    return path
-
-
 def test_a_1_8_0_database_is_upgraded_in_place_and_its_hosts_have_not_beaten(tmp_path: Path) -> None:
-    db = create_db(tmp_path / "store.db", schema_1_8_0(tmp_path))
-    ops = ["Portmesh", {"op": "insert", "table": "Host", "row": {"name": "h1", "datapath_id": 1}}]
-    subprocess.run(["ovsdb-tool", "transact", str(db), json.dumps(ops)], check=True, capture_output=True)
-    cmd = [sys.executable, "-m", "portmesh.store", "upgrade", str(db)]
-    assert subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip() == "converted"
-    version = subprocess.run(["ovsdb-tool", "db-version", str(db)], check=True, capture_output=True, text=True)
-    assert version.stdout.strip() == json.loads(schema_path().read_text())["version"]
-    pid = start_server(db, tmp_path / "store.sock", create=False)
-    try:
-        with Store(f"unix:{tmp_path / 'store.sock'}", timeout=10) as store:
-            hs = store.host_status("h1")
-            assert (hs.heartbeat, hs.datapath) == (0, None)
-            store.report_heartbeat("h1", 5, "ebpf")  # the new columns take a beat
-            wait_until(lambda: (store.host_status("h1").heartbeat, store.host_status("h1").datapath) == (5, "ebpf"))
-    finally:
-        stop_server(pid)
+    with upgraded_store(tmp_path, older_schema(tmp_path, "1.8.0", "heartbeat", "datapath")) as store:
+        hs = store.host_status("h1")
+        assert (hs.heartbeat, hs.datapath) == (0, None)
+        store.report_heartbeat("h1", 5, "ebpf")  # the new columns take a beat
+        wait_until(lambda: (store.host_status("h1").heartbeat, store.host_status("h1").datapath) == (5, "ebpf"))
 
 
 def test_beats_reach_the_api_and_wake_no_agent_nor_the_controller(server: str) -> None:

@@ -8,9 +8,6 @@ with ``reports=False`` (an eBPF agent's) writes its report but is never woken by
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +17,7 @@ import pytest
 from portmesh.model.entities import Backend, Host, Mapping, MappingCounters, MappingKey, Proto
 from portmesh.store.client import Store
 from portmesh.store.reader import StateReader
-from portmesh.store.rows import schema_path
-from portmesh.store.server import create_db, start_server, stop_server
+from tests.switch.old_schemas import older_schema, upgraded_store
 from tests.switch.test_store import IP1, container, server
 from tests.switch.test_store_mirror import wait_until
 
@@ -31,17 +27,6 @@ pytestmark = pytest.mark.switch
 
 KEY = MappingKey(IP1, Proto.TCP, 80)
 LOCK = "portmesh_test_host_counters"
-
-
-def schema_1_7_0(tmp_path: Path) -> Path:
-    """The Portmesh schema as 1.7.0 had it: no Host.counters, Host.drops."""
-    schema = json.loads(schema_path().read_text())
-    schema["version"] = "1.7.0"
-    del schema["tables"]["Host"]["columns"]["counters"]
-    del schema["tables"]["Host"]["columns"]["drops"]
-    path = tmp_path / "1.7.0.ovsschema"
-    path.write_text(json.dumps(schema))
-    return path
 
 
 @pytest.fixture
@@ -57,21 +42,10 @@ def api(server: str) -> Iterator[Store]:
 
 
 def test_a_1_7_0_database_is_upgraded_in_place_and_its_hosts_report_nothing(tmp_path: Path) -> None:
-    db = create_db(tmp_path / "store.db", schema_1_7_0(tmp_path))
-    ops = ["Portmesh", {"op": "insert", "table": "Host", "row": {"name": "h1", "datapath_id": 1}}]
-    subprocess.run(["ovsdb-tool", "transact", str(db), json.dumps(ops)], check=True, capture_output=True)
-    cmd = [sys.executable, "-m", "portmesh.store", "upgrade", str(db)]
-    assert subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip() == "converted"
-    version = subprocess.run(["ovsdb-tool", "db-version", str(db)], check=True, capture_output=True, text=True)
-    assert version.stdout.strip() == json.loads(schema_path().read_text())["version"]
-    pid = start_server(db, tmp_path / "store.sock", create=False)
-    try:
-        with Store(f"unix:{tmp_path / 'store.sock'}", timeout=10) as store:
-            assert store.host_drops("h1") == {} and store.host_counters("h1") == {}
-            assert store.report_traffic("h1", {}, {"fence": 3})  # the new columns take a report
-            wait_until(lambda: store.host_drops("h1") == {"fence": 3})
-    finally:
-        stop_server(pid)
+    with upgraded_store(tmp_path, older_schema(tmp_path, "1.7.0", "counters", "drops")) as store:
+        assert store.host_drops("h1") == {} and store.host_counters("h1") == {}
+        assert store.report_traffic("h1", {}, {"fence": 3})  # the new columns take a report
+        wait_until(lambda: store.host_drops("h1") == {"fence": 3})
 
 
 def test_the_api_reads_the_switches_sum_plus_every_hosts_report(api: Store, server: str) -> None:

@@ -18,18 +18,14 @@ from portmesh.model.entities import HostRole, HostStatus
 from portmesh.store.client import Store
 from portmesh.store.rows import CONFIG_COLUMNS, schema_path
 from portmesh.store.server import create_db, start_server, stop_server, upgrade_db
+from tests.switch.old_schemas import older_schema
 
 pytestmark = pytest.mark.skipif(shutil.which("ovsdb-server") is None, reason="openvswitch is not installed")
 
 
 def old_schema(tmp_path: Path) -> Path:
     """The Portmesh schema as 1.1.0 had it: no Host.switch_waiting."""
-    schema = json.loads(schema_path().read_text())
-    schema["version"] = "1.1.0"
-    del schema["tables"]["Host"]["columns"]["switch_waiting"]
-    path = tmp_path / "old.ovsschema"
-    path.write_text(json.dumps(schema))
-    return path
+    return older_schema(tmp_path, "1.1.0", "switch_waiting")
 
 
 def test_old_database_is_converted_on_start_and_keeps_its_rows(tmp_path: Path) -> None:
