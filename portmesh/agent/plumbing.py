@@ -240,6 +240,13 @@ def host_firewall(
     )
 
 
+def link_mtu(name: str) -> int | None:
+    """The MTU of device ``name`` in this namespace, None if there is no such device."""
+    with IPRoute() as ipr:
+        index = _index(ipr, name)
+        return None if index is None else int(_link(ipr, index).get("mtu") or 0) or None
+
+
 def ensure_uplink(uplink: str, config: NetworkConfig) -> bool:
     """The kernel's copy of inbound pool traffic on ``uplink`` dropped at ingress (isolation.ensure_uplink);
     True if written. Call once ``uplink`` is a br0 port: from then on the switch maps that traffic."""
@@ -283,7 +290,7 @@ def container_sysctls(container: Container) -> dict[str, str]:
     }
 
 
-def plumb_container(container: Container, netns: str, config: NetworkConfig) -> bool:
+def plumb_container(container: Container, netns: str, config: NetworkConfig, outside_mtu: int | None = None) -> bool:
     """Connect ``container`` (already in namespace ``netns``, a name or a path) to the host; idempotent.
 
     Returns True if the veth was (re)made: a bridge port of that name must then be
@@ -296,12 +303,15 @@ def plumb_container(container: Container, netns: str, config: NetworkConfig) -> 
     it to br0); container end ``eth0`` gets the MAC, MTU, /32 public IPs, the
     gateway routes, and the policy-routing rule that sends traffic to its own
     public IP out through the switch while arriving traffic is still delivered.
+    ``outside_mtu`` (the uplink's, on a host with one) sets eth0's MTU and adds
+    routes to the pools with the tunnels' MTU (:meth:`NetworkConfig.container_mtus`).
     A host end whose peer is not ``eth0`` in ``netns`` (left from the namespace a
     restarted container had) is replaced.
     """
     if not os.path.exists(netns_path(netns)):
         raise PlumbingError(f"network namespace {netns} does not exist")
     host_if = container.port_name
+    eth_mtu = config.container_mtus(outside_mtu)[0]
     with IPRoute() as ipr:
         index = _index(ipr, host_if)
         if index is not None and not _peer_is_eth0(ipr, index, netns):
@@ -313,7 +323,7 @@ def plumb_container(container: Container, netns: str, config: NetworkConfig) -> 
                 "add",
                 ifname=host_if,
                 kind="veth",
-                peer={"ifname": CONTAINER_IF, "net_ns_fd": netns, "address": container.mac, "mtu": config.container_mtu},
+                peer={"ifname": CONTAINER_IF, "net_ns_fd": netns, "address": container.mac, "mtu": eth_mtu},
             )
             index = _index(ipr, host_if)
             if index is None:
@@ -328,7 +338,7 @@ def plumb_container(container: Container, netns: str, config: NetworkConfig) -> 
     # Disabling IPv6 first keeps eth0 from ever sending router solicitations or DAD probes.
     write_sysctls(container_sysctls(container), netns)
     with IPRoute(netns=netns, flags=0) as ipr:
-        _plumb_inside(ipr, container, config)
+        _plumb_inside(ipr, container, config, outside_mtu)
     return made
 
 
@@ -340,7 +350,7 @@ def _peer_is_eth0(ipr: IPRoute, host_index: int, netns: str) -> bool:
         return eth is not None and eth == peer_index and _link(inner, eth).get("link") == host_index
 
 
-def _plumb_inside(ipr: IPRoute, container: Container, config: NetworkConfig) -> None:
+def _plumb_inside(ipr: IPRoute, container: Container, config: NetworkConfig, outside_mtu: int | None) -> None:
     lo = _index(ipr, "lo")
     if lo is not None:
         _ensure_up(ipr, lo)
@@ -351,8 +361,9 @@ def _plumb_inside(ipr: IPRoute, container: Container, config: NetworkConfig) -> 
     if str(link.get("address")).lower() != container.mac.lower():
         ipr.link("set", index=eth, state="down")
         ipr.link("set", index=eth, address=container.mac)
-    if link.get("mtu") != config.container_mtu:
-        ipr.link("set", index=eth, mtu=config.container_mtu)
+    eth_mtu, pool_mtu = config.container_mtus(outside_mtu)
+    if link.get("mtu") != eth_mtu:
+        ipr.link("set", index=eth, mtu=eth_mtu)
     _ensure_up(ipr, eth)
 
     wanted = {(str(ip), 32) for ip in container.ips}
@@ -365,8 +376,24 @@ def _plumb_inside(ipr: IPRoute, container: Container, config: NetworkConfig) -> 
     gw = str(config.gateway_ip)
     _ensure_route(ipr, TABLE_MAIN, gw, 32, eth)
     _ensure_route(ipr, TABLE_MAIN, "0.0.0.0", 0, eth, scope=SCOPE_UNIVERSE, gateway=gw, flags=RTNH_F_ONLINK)
+    pools = _pool_routes(config, pool_mtu)
+    for dst, dst_len in pools:
+        _ensure_route(ipr, TABLE_MAIN, dst, dst_len, eth, scope=SCOPE_UNIVERSE, gateway=gw, flags=RTNH_F_ONLINK,
+                      mtu=pool_mtu)
+    # A pool route no longer wanted (the host lost its uplink, a pool went) goes; the default route stays.
+    for r in _routes(ipr, TABLE_MAIN):
+        to = (str(r.get("dst") or "0.0.0.0"), int(r["dst_len"]))
+        if r.get("oif") == eth and r.get("gateway") == gw and to[1] > 0 and to not in pools:
+            ipr.route("del", dst=f"{to[0]}/{to[1]}", oif=eth, gateway=gw, table=TABLE_MAIN)
     _move_local_routes(ipr, container.ips, eth)
     _ensure_rule(ipr)
+
+
+def _pool_routes(config: NetworkConfig, pool_mtu: int | None) -> set[tuple[str, int]]:
+    """The (dst, dst_len) of the routes to the public pools a container needs: none without ``pool_mtu``."""
+    if pool_mtu is None:
+        return set()
+    return {(str(p.network_address), p.prefixlen) for p in config.public_pools}
 
 
 def _move_local_routes(ipr: IPRoute, ips: Iterable[IPv4Address], eth: int) -> None:
@@ -430,7 +457,7 @@ class NsView:
 
     links: dict[str, tuple[int, int, str, int, int | None]]  # name -> (index, flags, mac, mtu, peer index)
     addrs: set[tuple[int, str, int]]  # (index, address, prefixlen)
-    routes: set[tuple[int, str, int, int, int | None, str | None]]  # (table, dst, dst_len, type, oif, gateway)
+    routes: set[tuple[int, str, int, int, int | None, str | None, int | None]]  # (table, dst, dst_len, type, oif, gateway, mtu)
     rules: set[tuple[int | None, str | None, int | None]]  # (priority, iifname, table)
 
 
@@ -446,7 +473,7 @@ def _view(ipr: IPRoute) -> NsView:
     }
     routes = {
         (int(r.get("table") or 0), str(r.get("dst") or "0.0.0.0"), int(r["dst_len"]), int(r["type"]),
-         r.get("oif"), r.get("gateway"))
+         r.get("oif"), r.get("gateway"), r.get_nested("RTA_METRICS", "RTAX_MTU"))
         for r in ipr.route("dump", family=socket.AF_INET)
     }
     rules = {(r.get("priority"), r.get("iifname"), r.get("table")) for r in ipr.rule("dump", family=socket.AF_INET)}
@@ -486,7 +513,9 @@ def read_namespaces(netnses: Iterable[str], budget: float | None = None) -> dict
     return out
 
 
-def container_drift(container: Container, config: NetworkConfig, host: NsView, inside: NsView) -> list[str]:
+def container_drift(
+    container: Container, config: NetworkConfig, host: NsView, inside: NsView, outside_mtu: int | None = None
+) -> list[str]:
     """What differs from what :func:`plumb_container` builds (sysctls aside); empty when nothing does."""
     host_if = host.links.get(container.port_name)
     if host_if is None:
@@ -505,7 +534,8 @@ def container_drift(container: Container, config: NetworkConfig, host: NsView, i
     index, flags, mac, mtu, _ = eth
     if mac != container.mac.lower():
         problems.append(f"MAC {mac}")
-    if mtu != config.container_mtu:
+    eth_mtu, pool_mtu = config.container_mtus(outside_mtu)
+    if mtu != eth_mtu:
         problems.append(f"MTU {mtu}")
     if not flags & IFF_UP:
         problems.append(f"{CONTAINER_IF} is down")
@@ -514,10 +544,17 @@ def container_drift(container: Container, config: NetworkConfig, host: NsView, i
     if have != wanted:
         problems.append(f"addresses {sorted(a[1:] for a in have)}")
     gw = str(config.gateway_ip)
-    needed = {(TABLE_MAIN, gw, 32, RTN_UNICAST, index, None), (TABLE_MAIN, "0.0.0.0", 0, RTN_UNICAST, index, gw)}
-    needed |= {(LOCAL_COPY_TABLE, str(ip), 32, RTN_LOCAL, index, None) for ip in container.ips}
-    for route in sorted(needed - inside.routes, key=str):
-        problems.append(f"route {route[1]}/{route[2]} table {route[0]} is missing")
+    Route = tuple[int, str, int, int, int | None, str | None, int | None]
+    pools: set[Route] = {(TABLE_MAIN, dst, n, RTN_UNICAST, index, gw, pool_mtu) for dst, n in _pool_routes(config, pool_mtu)}
+    needed: set[Route] = {
+        (TABLE_MAIN, gw, 32, RTN_UNICAST, index, None, None), (TABLE_MAIN, "0.0.0.0", 0, RTN_UNICAST, index, gw, None)
+    }
+    needed |= {(LOCAL_COPY_TABLE, str(ip), 32, RTN_LOCAL, index, None, None) for ip in container.ips}
+    for route in sorted((needed | pools) - inside.routes, key=str):
+        problems.append(f"route {route[1]}/{route[2]} table {route[0]} (MTU {route[6]}) is missing")
+    for route in sorted((r for r in inside.routes if r[0] == TABLE_MAIN and r[5] == gw and r[2] > 0 and r not in pools),
+                        key=str):
+        problems.append(f"route {route[1]}/{route[2]} via the gateway is not wanted")
     ips = {str(ip) for ip in container.ips}
     if any(r[0] == TABLE_LOCAL and r[3] == RTN_LOCAL and r[2] == 32 and r[1] in ips for r in inside.routes):
         problems.append("a public IP's local route is back in table local")

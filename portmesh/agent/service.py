@@ -128,6 +128,9 @@ class Agent:
         self._reported_tunnels: dict[str, str] | None = None
         self._tunnel_devices: set[str] = set()  # the tunnel devices found or made by the last tunnel pass
         self._uplink_ok: tuple[str | None, object] | None = None  # (uplink, pools) last converged
+        # The uplink's MTU as last read (None: no uplink, or not read yet); containers' eth0 follows it.
+        self._outside_mtu: int | None = None
+        self._outside_read = False
 
     def notify(self) -> None:
         """Store callback (called from the store's IDL thread): converge soon."""
@@ -179,10 +182,11 @@ class Agent:
             self._plumbed.clear()
             self._settled.clear()
             self._bridge_ok = None
+        full = time.monotonic() >= self._next_full
+        self._check_outside_mtu(host, full)
         controllers = parse_controller_targets(self.cfg.controller) if self.cfg.controller else ()
         spec = BridgeSpec(host.datapath_id, self.network.gateway_mac, controllers,
                           local_mtu=self.network.bridge_port_mtu)
-        full = time.monotonic() >= self._next_full
         specs = tunnels.plan(state, self.cfg.host, self.cfg.underlay_dev) if self.cfg.underlay_dev else {}
         self._firewall = (frozenset((s.remote, s.vni) for s in specs.values()), host.role is HostRole.COMPUTE)
         # Both read first (the bridge from the IDL's memory, the gateway with two netlink dumps), so a
@@ -255,6 +259,25 @@ class Agent:
             log.exception("eBPF maps of %s could not be converged; retrying", self.cfg.host)
             return False
         return True
+
+    def _check_outside_mtu(self, host: Host, full: bool) -> None:
+        """The uplink's MTU, read on the first and every full pass: the containers of a gateway host with
+        an uplink get it on eth0 (NetworkConfig.container_mtus); a change re-plumbs them all."""
+        if self._outside_read and not full:
+            return
+        mtu = None
+        if self.cfg.uplink and host.role is HostRole.GATEWAY:
+            try:
+                mtu = plumbing.link_mtu(self.cfg.uplink)
+            except Exception:
+                log.exception("MTU of uplink %s unreadable; containers keep the tunnels' MTU", self.cfg.uplink)
+        self._outside_read = True
+        if mtu != self._outside_mtu:
+            if self._plumbed:
+                log.info("uplink MTU %s (was %s); re-plumbing %d containers", mtu, self._outside_mtu, len(self._plumbed))
+            self._outside_mtu = mtu
+            self._plumbed.clear()
+            self._settled.clear()
 
     def _converge_uplink(self, host: Host) -> None:
         """The uplink as a br0 port for inbound pool traffic (``--uplink``), or no more of it.
@@ -431,7 +454,7 @@ class Agent:
                 if isinstance(view, Exception):
                     problems = [f"namespace unreadable: {view}"]
                 else:
-                    problems = plumbing.container_drift(c, self.network, host, view)
+                    problems = plumbing.container_drift(c, self.network, host, view, self._outside_mtu)
                 if chains is not None and c.port_name not in chains:
                     problems.append("its isolation chain is missing")
                 if not self.bridge.has_port(c.port_name):
@@ -463,7 +486,7 @@ class Agent:
                 ident = plumbing.netns_identity(netns)
                 if self._plumbed.get(c.name) == (c, ident):
                     continue
-                if plumbing.plumb_container(c, netns, self.network):
+                if plumbing.plumb_container(c, netns, self.network, self._outside_mtu):
                     made.append(c.port_name)
             except Exception as exc:
                 log.warning("container %s: plumbing deferred to its own step: %s", c.name, exc)
@@ -524,7 +547,7 @@ class Agent:
         before = self._plumbed.get(c.name)
         if before == (c, ident):
             return
-        if plumbing.plumb_container(c, netns, self.network):
+        if plumbing.plumb_container(c, netns, self.network, self._outside_mtu):
             self.bridge.reattach_ports([c.port_name])  # a new veth under a name the bridge may hold
         else:
             self.bridge.ensure_port(c.port_name)

@@ -55,6 +55,21 @@ class NetworkConfig:
         """The MTU the host's bridge port (br0) gets: see ``egress_mtu``."""
         return min(self.egress_mtu, self.container_mtu)
 
+    def container_mtus(self, outside_mtu: int | None) -> tuple[int, int | None]:
+        """(eth0's MTU, the MTU of the container's routes to the public pools, or None for no such routes).
+
+        ``outside_mtu`` is the MTU of the host's way out when that is a local uplink (a gateway
+        host's ``--uplink``), else None. Only traffic that may cross a VXLAN tunnel needs
+        ``container_mtu``: the containers of a host with an uplink reach the outside, and are
+        reached from it, without one. There eth0 takes the uplink's MTU (when larger) and only the
+        routes to the pools (containers that may live on other hosts) keep ``container_mtu``.
+        That is worth about 10 % of inbound throughput through the userspace switch: a client's
+        1448-byte segments instead of 1398 (issue 14, docs/deploy.md).
+        """
+        if outside_mtu is None or outside_mtu <= self.container_mtu:
+            return self.container_mtu, None
+        return outside_mtu, self.container_mtu
+
     def in_pools(self, ip: IPv4Address) -> bool:
         """True if ``ip`` belongs to one of the configured public pools."""
         return any(ip in pool for pool in self.public_pools)

@@ -119,6 +119,11 @@ def _cases(cloud: Cloud) -> dict[str, tuple[list[str], str, Callable[[], bool], 
         "container-gateway-route": (["ip", "route", "del", f"{GW}/32", "dev", "eth0"], cns,
                                     has(cns, ["ip", "route"], f"\n{GW} dev eth0"), False),
         "container-rule": (["ip", "rule", "del", "pref", "1"], cns, has(cns, ["ip", "rule"], "lookup 100"), False),
+        # h1 has an uplink: eth0 takes its MTU, the route to the pools keeps the tunnels' (NetworkConfig.container_mtus).
+        "container-mtu": (["ip", "link", "set", "eth0", "mtu", "1400"], cns,
+                          has(cns, ["ip", "link", "show", "eth0"], "mtu 1500 "), False),
+        "container-pool-route": (["ip", "route", "del", POOL], cns,
+                                 has(cns, ["ip", "route"], f"\n{POOL} via {GW} dev eth0 proto static onlink mtu 1450"), False),
         "container-table100": (["ip", "route", "del", "local", IP, "dev", "eth0", "table", "100"], cns,
                                has(cns, ["ip", "route", "show", "table", "100"], f"local {IP}"), False),
         # Since h1's uplink up0 is a br0 port (agent --uplink), traffic from inet no longer crosses h1's
@@ -144,6 +149,7 @@ def _cases(cloud: Cloud) -> dict[str, tuple[list[str], str, Callable[[], bool], 
 
 
 CASES = ["container-address", "container-default-route", "container-gateway-route", "container-rule", "container-table100",
+         "container-mtu", "container-pool-route",
          "host-gateway-address", "host-pool-route", "host-nft-netdev", "host-nft-inet", "bridge-port", "veth",
          "port-program", "uplink-program"]
 OVS_ONLY = {"host-gateway-address": "br0's gateway address", "host-pool-route": "the pool route via br0",
