@@ -198,8 +198,10 @@ class PortmeshOpenPath(PortmeshPath):
         host_ns = f"{self.prefix}{hosts[0]}"
         for family in ("inet", "netdev"):
             self.bench.run(["nft", "delete", "table", family, "portmesh"], ns=host_ns, check=False)
+        # Table netdev portmesh_uplink stays: it is not isolation but the uplink's (the kernel must not route
+        # pool traffic the switch already took, docs/deploy.md).
         left = self.bench.run(["nft", "list", "tables"], ns=host_ns, check=False).stdout
-        if "portmesh" in left:
+        if {"table inet portmesh", "table netdev portmesh"} & set(left.splitlines()):
             raise BenchError(f"could not remove the isolation tables in {host_ns}: {left.strip()}")
         from portmesh.model.config import DEFAULT_CONFIG
 
