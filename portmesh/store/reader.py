@@ -29,19 +29,9 @@ the last state seen. Updates then come as ``update3`` diffs, applied through
 (before 2.12) gets plain ``monitor`` and a full load on every reconnection.
 
 Leader election (controller high availability): given a ``lock`` name, the reader
-also asks the server for that OVSDB lock (RFC 7047 §4.1.8) on every connection,
-right after it knows the server is the one to talk to, and watches
-``Global.controller_epoch``/``controller_master``. The lock lives on the same
-session as the status writes on purpose: each write then asserts the lock in its
-own transaction, so a controller that lost it (its connection dropped, or a
-``stolen`` notification) cannot write status or claim an epoch any more, even if
-it has not noticed yet. In a Raft cluster a lock is held on the member the
-client is connected to and is not replicated (checked with ovsdb-server 3.1:
-two clients on two members both get the same lock), which is one more reason the
-reader talks to the leader only; the epoch is unique regardless, because its
-increment is a Raft transaction (two increments from the same value conflict).
-ovsdb-server releases a lock when its holder's connection dies, so a ``kill -9``
-of the holder hands the lock to the next waiter at once.
+also takes that OVSDB lock on its session and watches ``Global.controller_epoch``/
+``controller_master``, through the :class:`portmesh.store.election.Election` it owns
+(see that module for why the lock shares the session with the status writes).
 """
 
 from __future__ import annotations
@@ -68,6 +58,7 @@ from portmesh.model.entities import DesiredState, MappingCounters, MappingKey
 from portmesh.model.errors import NotFound
 from portmesh.store import rows as R
 from portmesh.store.columns import ATOM, MAP, SET, JsonColumns, TupleColumns, column_kinds, decode
+from portmesh.store.election import Election
 from portmesh.store.engine import RECONNECT_BACKOFF_MS, StoreError
 from portmesh.store.jsonstream import install as install_stream_parser
 from portmesh.store.mirror import Mirror
@@ -82,9 +73,6 @@ log = logging.getLogger(__name__)
 UNKNOWN_METHOD = "unknown method"
 SERVER_MONITOR = "server"
 DESIRED_MONITOR = "desired"
-LEADER_MONITOR = "leader"
-# The Global columns naming the current controller master (schema 1.5.0).
-LEADER_COLUMNS = ("controller_epoch", "controller_master")
 # How often the thread looks at request deadlines when nothing else happens.
 TICK_MS = 200
 
@@ -150,18 +138,12 @@ class StateReader:
         self._monitor_id: Any = None
         self._sent: dict[Any, _Request] = {}
         self._outbox: list[_Request] = []
-        # Leader election (see the module docstring): the lock's name, whether we hold it, the ids of
-        # the lock request and of the leader monitor in flight, the (epoch, master) last seen in
-        # Global, and who to tell when either changes. ``_relock``: give the lock up and queue again.
-        self.lock = lock
-        self._lock_held = False
-        self._lock_id: Any = None
-        self._leader_id: Any = None
-        self._leader: tuple[int, str] = (0, "")
-        self._relock = False
-        # report_counters: what this reader last wrote, by mapping (written only when it changes).
+        # report_counters: what this reader last wrote, by mapping (written only when it changes;
+        # forgotten when the lock changes hands: another master may have written counters meanwhile).
         self._counters_written: dict[MappingKey, MappingCounters] = {}
-        self._election_callbacks: list[Callable[[], None]] = []
+        # Leader election (see the module docstring): the lock's name, and the rest in its own object.
+        self.lock = lock
+        self._election = Election(lock, self._transact, self._wake, self._forget_counters)
         self._thread = threading.Thread(target=self._run, name="portmesh-store-reader", daemon=True)
 
     # -- caller side ------------------------------------------------------------------------------
@@ -212,54 +194,24 @@ class StateReader:
     def on_election(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` from the reader thread when the lock is won or lost, or Global's
         controller epoch/master changes; it then reads :meth:`lock_held` and :meth:`leader`."""
-        self._election_callbacks.append(callback)
+        self._election.subscribe(callback)
 
     def lock_held(self) -> bool:
         """Whether the server has granted us the lock on the current connection."""
-        return self._lock_held
+        return self._election.held()
 
     def leader(self) -> tuple[int, str]:
         """``(controller_epoch, controller_master)`` as the store last said."""
-        return self._leader
+        return self._election.leader()
 
     def claim_epoch(self, name: str, above: int = 0) -> int:
-        """Increment ``Global.controller_epoch`` (to more than ``above``, if given) and name ``name``
-        master, asserting the lock, in one transaction; return the new epoch. Raises StoreError when
-        the lock is not ours (any more).
-
-        ``above``: a generation id a switch has seen that the store's epoch does not exceed (the
-        store was restored or recreated while the switches kept running): then the epoch jumps past
-        it, guarded by a ``wait`` on the value read, so it still only grows and is never shared.
-        """
-        if self.lock is None:
-            raise StoreError("claim_epoch needs a reader made with a lock")
-        select = {"op": "select", "table": "Global", "where": [], "columns": ["controller_epoch"]}
-        if above > 0:
-            (found,) = self._transact([select])
-            current = int(found["rows"][0]["controller_epoch"]) if found.get("rows") else 0
-            change: list[dict[str, Any]] = [
-                {"op": "wait", "table": "Global", "where": [], "columns": ["controller_epoch"], "until": "==",
-                 "rows": [{"controller_epoch": current}], "timeout": 0},
-                {"op": "update", "table": "Global", "where": [], "row": {"controller_epoch": max(current, above) + 1}},
-            ]
-        else:
-            change = [{"op": "mutate", "table": "Global", "where": [], "mutations": [["controller_epoch", "+=", 1]]}]
-        ops: list[dict[str, Any]] = [
-            {"op": "assert", "lock": self.lock},
-            *change,
-            {"op": "update", "table": "Global", "where": [], "row": {"controller_master": name}},
-            select,
-        ]
-        results = self._transact(ops)
-        rows = results[-1].get("rows", [])
-        if results[-3].get("count", 0) != 1 or len(rows) != 1:
-            raise StoreError("the store has no Global row to hold the controller epoch")
-        return int(rows[0]["controller_epoch"])
+        """Increment ``Global.controller_epoch`` (past ``above``, if given) and name ``name`` master,
+        asserting the lock; the new epoch. StoreError if the lock is not ours: see :meth:`Election.claim_epoch`."""
+        return self._election.claim_epoch(name, above)
 
     def relinquish(self) -> None:
         """Give the lock up (if held) and queue for it again: a master that found a newer one."""
-        self._relock = True
-        self._wake()
+        self._election.relinquish()
 
     def report_switch(self, host: str, generation: int, connected: bool, waiting: Collection[str] = ()) -> None:
         """Controller: the generation the host's switch has realised, whether it is connected, and the
@@ -345,9 +297,7 @@ class StateReader:
                 if changed:
                     self._notify()
                 self._take_requests()
-                if self._relock:
-                    self._relock = False
-                    self._requeue_lock(session)
+                self._election.requeue_if_asked(session, self._ready)
                 self._send_outbox(session)
                 self._expire()
                 poller = ovs.poller.Poller()
@@ -363,7 +313,7 @@ class StateReader:
             self._failure = exc
             self._notify()
         finally:
-            self._set_lock_held(False)
+            self._election.set_held(False)
             session.close()
             for request in [*self._sent.values(), *self._outbox, *self._drain_requests()]:
                 request.error = "store reader stopped"
@@ -374,8 +324,7 @@ class StateReader:
         self._ready = False
         self._outbox[:0] = self._sent.values()  # unanswered on the old connection: send again
         self._sent.clear()
-        self._lock_id = self._leader_id = None
-        self._set_lock_held(False)  # a lock belongs to a connection: a new one starts without it
+        self._election.new_connection()
         if session.is_connected():
             request = ovs.jsonrpc.Message.create_request(
                 "monitor", ["_Server", SERVER_MONITOR, {"Database": {"columns": ["name", "model", "connected", "leader"]}}]
@@ -386,14 +335,10 @@ class StateReader:
     def _handle(self, session: Any, msg: Any) -> bool:
         """One message; True if the desired state changed."""
         Message = ovs.jsonrpc.Message
-        if msg.type == Message.T_NOTIFY and msg.method in ("locked", "stolen") and msg.params == [self.lock]:
-            self._set_lock_held(msg.method == "locked")
+        if self._election.handle(session, msg):
             return False
         if msg.type == Message.T_NOTIFY and msg.method == "update" and len(msg.params) == 2:
             monitor, updates = msg.params
-            if monitor == LEADER_MONITOR:
-                self._leader_update(updates)
-                return False
             if monitor == SERVER_MONITOR:
                 if self._usable(updates) is False:  # None: this update is about another database
                     log.info("store %s: no longer the connected leader, moving on", session.reconnect.get_name())
@@ -422,21 +367,6 @@ class StateReader:
                 session.force_reconnect()
                 return False
             self._send_monitor(session)
-            return False
-        if self._lock_id is not None and msg.id == self._lock_id:
-            self._lock_id = None
-            if msg.type == Message.T_ERROR:
-                log.error("store %s refused the lock %r: %s", session.reconnect.get_name(), self.lock, msg.error)
-            else:
-                self._set_lock_held(bool(msg.result.get("locked")))
-            return False
-        if self._leader_id is not None and msg.id == self._leader_id:
-            self._leader_id = None
-            if msg.type == Message.T_ERROR:
-                log.error("store %s refused the leader monitor (schema older than 1.5.0? run `python -m "
-                          "portmesh.store upgrade`): %s", session.reconnect.get_name(), msg.error)
-            else:
-                self._leader_update(msg.result)
             return False
         if msg.id == self._monitor_id:
             self._monitor_id = None
@@ -504,54 +434,11 @@ class StateReader:
         self._monitor_id = request.id
         self._monitor_sent = time.monotonic()
         session.send(request)
-        if self.lock is not None:
-            # Only once the server is known to be the one to talk to (the Raft leader): a lock
-            # taken on a follower would be a second, independent lock (see the module docstring).
-            leader = ovs.jsonrpc.Message.create_request(
-                "monitor", [R.SCHEMA_NAME, LEADER_MONITOR, {"Global": {"columns": list(LEADER_COLUMNS)}}]
-            )
-            self._leader_id = leader.id
-            session.send(leader)
-            lock = ovs.jsonrpc.Message.create_request("lock", [self.lock])
-            self._lock_id = lock.id
-            session.send(lock)
+        self._election.request(session)
 
-    def _requeue_lock(self, session: Any) -> None:
-        """Unlock and lock again: the server hands the lock to the next waiter and queues us behind."""
-        if self.lock is None or not session.is_connected() or not self._ready:
-            return
-        session.send(ovs.jsonrpc.Message.create_request("unlock", [self.lock]))
-        self._set_lock_held(False)
-        lock = ovs.jsonrpc.Message.create_request("lock", [self.lock])
-        self._lock_id = lock.id
-        session.send(lock)
-
-    def _set_lock_held(self, held: bool) -> None:
-        if held != self._lock_held:
-            self._lock_held = held
-            self._counters_written = {}  # another master may have written counters meanwhile
-            log.info("store lock %r %s", self.lock, "acquired" if held else "not held")
-            self._notify_election()
-
-    def _leader_update(self, updates: dict[str, Any]) -> None:
-        """Global's controller epoch and master, from the leader monitor's (initial) update."""
-        for change in updates.get("Global", {}).values():
-            row = change.get("new")
-            if row is None:
-                continue
-            epoch = int(row.get("controller_epoch", self._leader[0]))
-            master = decode(row.get("controller_master", ["set", []]), SET)
-            leader = (epoch, str(master[0]) if master else "")
-            if leader != self._leader:
-                self._leader = leader
-                self._notify_election()
-
-    def _notify_election(self) -> None:
-        for callback in list(self._election_callbacks):
-            try:
-                callback()
-            except Exception:
-                log.exception("election subscriber %r failed", callback)
+    def _forget_counters(self) -> None:
+        """The lock changed hands: another master may have written counters meanwhile."""
+        self._counters_written = {}
 
     def _apply2(self, updates: dict[str, Any]) -> None:
         """Apply ``table-updates2`` (initial/insert/modify/delete) through the row cache.
