@@ -20,15 +20,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from portmesh.api.config_schemas import ConfigOut, ConfigPatch, ConfigWriteOut, PoolIn, PoolOut, PoolWriteOut
 from portmesh.api.logs import read_log
 from portmesh.api.schemas import (
     IP_DOC,
     NAME_DOC,
     PROTO_DOC,
     BackendIn,
-    ConfigOut,
-    ConfigPatch,
-    ConfigWriteOut,
     ContainerIn,
     ContainerOut,
     ContainerWriteOut,
@@ -42,9 +40,6 @@ from portmesh.api.schemas import (
     MappingOut,
     MappingPatch,
     MappingWriteOut,
-    PoolIn,
-    PoolOut,
-    PoolWriteOut,
     StatusOut,
     WriteOut,
 )

@@ -24,6 +24,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import TypeVar
 
 from portmesh.api.balancing import Change, plan_backend_add, plan_backend_remove, plan_mapping, plan_patch
+from portmesh.api.config_schemas import ConfigPatch
 from portmesh.api.progress import (
     AGENT_LEASE,
     AGENT_SILENCE,
@@ -35,7 +36,6 @@ from portmesh.api.progress import (
 )
 from portmesh.api.schemas import (
     BackendIn,
-    ConfigPatch,
     ContainerIn,
     ContainerOut,
     HostIn,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from ipaddress import AddressValueError, IPv4Network, NetmaskValueError
 
-from portmesh.api.schemas import ConfigPatch, PoolOut
+from portmesh.api.config_schemas import ConfigPatch, PoolOut
 from portmesh.model.config import NetworkConfig
 from portmesh.model.entities import DesiredState
 from portmesh.model.errors import Conflict, InvalidInput, NotFound

@@ -279,7 +279,7 @@ def test_config_and_pool_writes_wait_out_a_create_in_flight() -> None:
     """Creates take no lock: a config change or pool removal while one is being written would strand it."""
     import asyncio
 
-    from portmesh.api.schemas import ConfigPatch
+    from portmesh.api.config_schemas import ConfigPatch
     from portmesh.api.service import Service
     from portmesh.model.entities import PortBlock
     from portmesh.model.errors import Conflict
