@@ -36,6 +36,7 @@ RTN_UNICAST, RTN_LOCAL = 1, 2
 SCOPE_UNIVERSE, SCOPE_LINK, SCOPE_HOST = 0, 253, 254
 RTPROT_STATIC = 4
 RTNH_F_ONLINK = 4
+RTM_F_CLONED = 0x200  # a route dump's cached entries (learnt path MTUs): the kernel's, not configuration
 IFF_UP = 1
 
 
@@ -383,8 +384,9 @@ def _plumb_inside(ipr: IPRoute, container: Container, config: NetworkConfig, out
     # A pool route no longer wanted (the host lost its uplink, a pool went) goes; the default route stays.
     for r in _routes(ipr, TABLE_MAIN):
         to = (str(r.get("dst") or "0.0.0.0"), int(r["dst_len"]))
-        if r.get("oif") == eth and r.get("gateway") == gw and to[1] > 0 and to not in pools:
-            ipr.route("del", dst=f"{to[0]}/{to[1]}", oif=eth, gateway=gw, table=TABLE_MAIN)
+        if (r.get("oif") == eth and r.get("gateway") == gw and to[1] > 0 and to not in pools
+                and not r["flags"] & RTM_F_CLONED):
+            ipr.route("del", dst=f"{to[0]}/{to[1]}", oif=eth, gateway=gw, table=TABLE_MAIN, proto=r["proto"])
     _move_local_routes(ipr, container.ips, eth)
     _ensure_rule(ipr)
 
@@ -475,6 +477,7 @@ def _view(ipr: IPRoute) -> NsView:
         (int(r.get("table") or 0), str(r.get("dst") or "0.0.0.0"), int(r["dst_len"]), int(r["type"]),
          r.get("oif"), r.get("gateway"), r.get_nested("RTA_METRICS", "RTAX_MTU"))
         for r in ipr.route("dump", family=socket.AF_INET)
+        if not r["flags"] & RTM_F_CLONED
     }
     rules = {(r.get("priority"), r.get("iifname"), r.get("table")) for r in ipr.rule("dump", family=socket.AF_INET)}
     return NsView(links, addrs, routes, rules)

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import pytest
 from portmesh.agent.ebpf.layout import DropReason
 from portmesh.lab import node
 from portmesh.lab.network import INET_IP, Lab
+from portmesh.model.config import NetworkConfig
 from tests.lab.conftest import lab_suffix
 from tests.lab.test_mapping_e2e import Cloud, keep_logs
 from tests.lab.tools import t4_ebpf
@@ -253,6 +255,24 @@ def test_the_gateways_icmp_errors_are_rate_limited(cloud: Cloud) -> None:
 NARROW_MTU = 1200  # below the 1280 of br0 (config.egress_mtu)
 
 
+def set_uplink_mtu(cloud: Cloud, mtu: int) -> None:
+    """Set h1's uplink MTU and wait until the agent has given pa's and pb's eth0 the MTU that follows from it
+    (the uplink's when larger than the tunnels', NetworkConfig.container_mtus; read on its full passes).
+
+    A transfer must not straddle that re-plumb: eth0's MTU changing under it is not what these tests follow."""
+    node.run(["ip", "link", "set", UPLINK, "mtu", str(mtu)], netns=cloud.netns("h1"), check=True)
+    want = NetworkConfig().container_mtus(mtu)[0]
+
+    def eth0_mtus() -> set[int]:
+        return {int(json.loads(node.run(["ip", "-j", "link", "show", "eth0"], netns=cloud.netns(c), check=True).stdout)[0]["mtu"])
+                for c in ("pa", "pb")}
+
+    deadline = time.monotonic() + 20
+    while eth0_mtus() != {want}:
+        assert time.monotonic() < deadline, f"eth0 of pa/pb not at MTU {want} within 20 s of up0 at {mtu}: {eth0_mtus()}"
+        time.sleep(0.1)
+
+
 def test_fragmentation_needed_teaches_the_container_the_path_mtu(cloud: Cloud) -> None:
     """The host's uplink (a router hop) drops to MTU 1200; its frag-needed reaches pb, which sends smaller.
 
@@ -262,11 +282,11 @@ def test_fragmentation_needed_teaches_the_container_the_path_mtu(cloud: Cloud) -
     need the frag-needed this test follows. pb sends without TSO/GSO in the second phase: with
     offload, pb's kernel learns the MTU (the first phase) but the transfer would stall below 1280.
     """
-    h1, pb = cloud.netns("h1"), cloud.netns("pb")
+    pb = cloud.netns("pb")
     node.run(["ip", "route", "flush", "cache"], netns=pb, check=True)
     before = node.run(["ip", "route", "get", INET_IP], netns=pb, check=True).stdout
     assert "mtu" not in before, before  # nothing learnt yet: the control for the assertions below
-    node.run(["ip", "link", "set", UPLINK, "mtu", str(NARROW_MTU)], netns=h1, check=True)
+    set_uplink_mtu(cloud, NARROW_MTU)
     try:
         counted = drops(cloud)
         # With offloads on: the frag-needed arrives and the kernel learns, though OVS re-segments (see above);
@@ -280,7 +300,7 @@ def test_fragmentation_needed_teaches_the_container_the_path_mtu(cloud: Cloud) -
         finally:
             node.run(["ethtool", "-K", "eth0", "tso", "on", "gso", "on"], netns=pb, check=True)
     finally:
-        node.run(["ip", "link", "set", UPLINK, "mtu", "1500"], netns=h1, check=True)
+        set_uplink_mtu(cloud, 1500)
     assert result["reply"] == "2000000", result  # no black hole: every byte got through the narrow hop
     route = str(result["route"])
     assert re.search(rf"\bmtu {NARROW_MTU}\b", route), route  # learnt again, from this transfer's frag-needed
@@ -293,17 +313,17 @@ def test_tso_segments_never_cross_a_narrower_hop_unchecked(cloud: Cloud, request
     h1's kernel checks each GSO packet's segment size, sends frag-needed) or the bytes do not get
     through -- 1448-byte segments arriving across a 1200-byte link without pa learning anything
     would be a black hole on a real link (a NIC cuts at the segment size the hop cannot carry)."""
-    h1, pa = cloud.netns("h1"), cloud.netns("pa")
+    pa = cloud.netns("pa")
     node.run(["ip", "route", "flush", "cache"], netns=pa, check=True)
     # Control: the sink answers (it serves one connection at a time; a transfer stalled by an earlier
     # test holds it for up to its 30 s timeout), so "did not get through" below is the hop's doing.
     control = py(cloud, "pa", BULK, INET_IP, str(SINK_PORT), "200", "40")
     assert control["reply"] == "200", control
-    node.run(["ip", "link", "set", UPLINK, "mtu", str(NARROW_MTU)], netns=h1, check=True)
+    set_uplink_mtu(cloud, NARROW_MTU)
     try:
         result = py(cloud, "pa", BULK, INET_IP, str(SINK_PORT), "200000", "3")
     finally:
-        node.run(["ip", "link", "set", UPLINK, "mtu", "1500"], netns=h1, check=True)
+        set_uplink_mtu(cloud, 1500)
         node.run(["ip", "route", "flush", "cache"], netns=pa, check=True)
     crossed = result["reply"] == "200000"
     assert not crossed or re.search(rf"\bmtu {NARROW_MTU}\b", str(result["route"])), result

@@ -348,6 +348,9 @@ def test_client_behind_a_smaller_mtu_completes_a_large_transfer(cloud: Cloud) ->
         cloud.sh("inet", "ip", "link", "set", "eth0", "mtu", "1500")
         cloud.sh("h1", "ip", "link", "set", "up0", "mtu", "1500")
         cloud.sh("b3", "ip", "route", "flush", "cache", check=False)
+        # c1 (h1) followed the uplink down to the tunnels' MTU; the next tests want it back at the uplink's.
+        wait_for("c1's eth0 back at the uplink's MTU",
+                 lambda: '"mtu":1500,' in cloud.sh("c1", "ip", "-j", "link", "show", "eth0"))
 
 
 # 4 -----------------------------------------------------------------------------------------
