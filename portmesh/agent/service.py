@@ -270,7 +270,9 @@ class Agent:
             try:
                 mtu = plumbing.link_mtu(self.cfg.uplink)
             except Exception:
-                log.exception("MTU of uplink %s unreadable; containers keep the tunnels' MTU", self.cfg.uplink)
+                # Kept as it was (no re-plumb on a passing error); read again on the next full pass.
+                log.exception("MTU of uplink %s unreadable; containers keep %s", self.cfg.uplink, self._outside_mtu)
+                return
         self._outside_read = True
         if mtu != self._outside_mtu:
             if self._plumbed:
